@@ -1,0 +1,249 @@
+"""Every malformed input: check-data exits non-zero, names the file, the line or record and the expectation,
+prints no traceback and writes nothing. One test per case, each on a fresh copy of the tiny synthetic releases."""
+import json, os, subprocess, sys, zipfile
+from pathlib import Path
+
+import pytest
+
+from clinical_repro.cli import main
+from clinical_repro.core import DataError
+from clinical_repro.data import load_task
+from conftest import find, tree_state
+
+BIN = Path(sys.executable).parent
+
+
+def _lines(p):
+    return p.read_text().splitlines()
+
+
+def _write_lines(p, lines):
+    p.write_text("\n".join(lines) + "\n")
+
+
+def _edit_jsonl(release, name, lineno, fn):
+    p = find(release, name)
+    lines = _lines(p)
+    obj = json.loads(lines[lineno - 1])
+    lines[lineno - 1] = fn(obj)
+    _write_lines(p, lines)
+    return p
+
+
+def _edit_json(release, name, fn):
+    p = find(release, name)
+    obj = json.loads(p.read_text())
+    fn(obj)
+    p.write_text(json.dumps(obj, indent=1))
+    return p
+
+
+def _qas(obj):
+    return [qa for art in obj["data"] for par in art["paragraphs"] for qa in par["qas"]]
+
+
+def _first(obj, answerable):
+    return next(qa for qa in _qas(obj) if qa["is_impossible"] != answerable)
+
+
+def _csv_rows(release):
+    p = find(release, "sentence_level.csv")
+    return p, _lines(p)
+
+
+# ---- MedNLI -------------------------------------------------------------------------------------------------
+
+def m_invalid_json(r):
+    p = find(r, "mli_dev_v1.jsonl"); ls = _lines(p); ls[2] = ls[2][:-5]; _write_lines(p, ls)
+    return "mednli", p.name, "line 3", "a JSON object per line"
+
+def m_missing_field(r):
+    p = _edit_jsonl(r, "mli_train_v1.jsonl", 4, lambda o: json.dumps({k: v for k, v in o.items() if k != "sentence2"}))
+    return "mednli", p.name, "line 4", "missing sentence2"
+
+def m_unknown_field(r):
+    p = _edit_jsonl(r, "mli_test_v1.jsonl", 2, lambda o: json.dumps({**o, "annotator": "x"}))
+    return "mednli", p.name, "line 2", "unknown annotator"
+
+def m_unknown_label(r):
+    p = _edit_jsonl(r, "mli_dev_v1.jsonl", 5, lambda o: json.dumps({**o, "gold_label": "-"}))
+    return "mednli", p.name, "line 5", "gold_label one of entailment, neutral, contradiction"
+
+def m_duplicate_id(r):
+    dev = find(r, "mli_dev_v1.jsonl"); first_dev = json.loads(_lines(dev)[0])["pairID"]
+    p = _edit_jsonl(r, "mli_test_v1.jsonl", 3, lambda o: json.dumps({**o, "pairID": first_dev}))
+    return "mednli", p.name, f"pairID {first_dev}", "unique pairIDs across splits"
+
+def m_empty_split(r):
+    p = find(r, "mli_test_v1.jsonl"); p.write_text("")
+    return "mednli", p.name, "", "the file is empty"
+
+def m_missing_split(r):
+    p = find(r, "mli_dev_v1.jsonl"); p.unlink()
+    return "mednli", "mednli", "", "missing mli_dev_v1.jsonl"
+
+def m_bad_zip(r):
+    folder = find(r, "mli_dev_v1.jsonl").parent
+    for f in folder.iterdir(): f.unlink()
+    folder.rmdir()
+    z = r / "mednli" / "mednli-a-natural-language-inference-dataset-for-the-clinical-domain-1.0.0.zip"
+    z.write_bytes(b"PK\x03\x04 this is not really a zip")
+    return "mednli", z.name, "", "not a valid zip"
+
+# ---- RadQA --------------------------------------------------------------------------------------------------
+
+def r_invalid_json(r):
+    p = find(r, "dev.json"); t = p.read_text(); p.write_text(t[: len(t) // 2])
+    return "radqa", p.name, "line ", "valid JSON"
+
+def r_offset_mismatch(r):
+    holder = {}
+    def f(o):
+        qa = _first(o, True); qa["answers"][0]["answer_start"] += 3; holder["id"] = qa["id"]
+    p = _edit_json(r, "train.json", f)
+    return "radqa", p.name, holder["id"], "equal to the answer text"
+
+def r_unanswerable_with_answers(r):
+    holder = {}
+    def f(o):
+        qa = _first(o, False); qa["answers"] = [{"text": "x", "answer_start": 0}]; holder["id"] = qa["id"]
+    p = _edit_json(r, "test.json", f)
+    return "radqa", p.name, holder["id"], "no answers for an unanswerable question"
+
+def r_answerable_without_answers(r):
+    holder = {}
+    def f(o):
+        qa = _first(o, True); qa["answers"] = []; holder["id"] = qa["id"]
+    p = _edit_json(r, "dev.json", f)
+    return "radqa", p.name, holder["id"], "at least one answer for an answerable question"
+
+def r_missing_field(r):
+    holder = {}
+    def f(o):
+        qa = _first(o, True); del qa["is_impossible"]; holder["id"] = qa["id"]
+    p = _edit_json(r, "dev.json", f)
+    return "radqa", p.name, holder["id"], "missing is_impossible"
+
+def r_unknown_field(r):
+    holder = {}
+    def f(o):
+        qa = _first(o, False); qa["difficulty"] = 3; holder["id"] = qa["id"]
+    p = _edit_json(r, "train.json", f)
+    return "radqa", p.name, holder["id"], "unknown difficulty"
+
+def r_duplicate_id(r):
+    holder = {}
+    def f(o):
+        a, b = _qas(o)[:2]; b["id"] = a["id"]; holder["id"] = a["id"]
+    p = _edit_json(r, "train.json", f)
+    return "radqa", p.name, holder["id"], "unique question ids"
+
+def r_missing_split(r):
+    find(r, "test.json").unlink()
+    return "radqa", "radqa", "", "missing test.json"
+
+def r_wrong_shape(r):
+    p = find(r, "dev.json"); p.write_text(json.dumps([{"context": "x"}]))
+    return "radqa", p.name, "top level", '"data"'
+
+# ---- CLIP ---------------------------------------------------------------------------------------------------
+
+def c_bad_header(r):
+    p, ls = _csv_rows(r); ls[0] = "doc_id,sent_index,text,labels"; _write_lines(p, ls)
+    return "clip", p.name, "line 1", "the header doc_id,sent_index,sentence,labels"
+
+def c_wrong_columns(r):
+    p, ls = _csv_rows(r); ls[3] = ls[3] + ",extra"; _write_lines(p, ls)
+    return "clip", p.name, "line 4", "4 columns"
+
+def c_unparsable_tokens(r):
+    p, ls = _csv_rows(r)
+    doc, idx = ls[5].split(",")[:2]
+    ls[5] = f'{doc},{idx},"[\'Follow\', \'up\'",[]'
+    _write_lines(p, ls)
+    return "clip", p.name, f"line 6 (doc {doc}, sentence {idx})", "Python-literal list of strings"
+
+def c_unparsable_labels(r):
+    p, ls = _csv_rows(r)
+    doc, idx = ls[2].split(",")[:2]
+    ls[2] = f'{doc},{idx},"[\'Call\', \'us\']","I-Appointment-related followup"'
+    _write_lines(p, ls)
+    return "clip", p.name, f"line 3 (doc {doc}, sentence {idx})", "labels as a Python-literal list"
+
+def c_unknown_label(r):
+    p, ls = _csv_rows(r)
+    doc, idx = ls[7].split(",")[:2]
+    ls[7] = f'{doc},{idx},"[\'Eat\', \'less\']","[\'I-Diet-related followup\']"'
+    _write_lines(p, ls)
+    return "clip", p.name, f"line 8 (doc {doc}, sentence {idx})", "among the 7 CLIP labels"
+
+def c_duplicate_row(r):
+    p, ls = _csv_rows(r); ls.insert(3, ls[2]); _write_lines(p, ls)
+    return "clip", p.name, "line 4", "one row per (doc_id, sent_index)"
+
+def c_split_header(r):
+    p = find(r, "train_ids.csv"); p.write_text("doc_id\n" + p.read_text())
+    return "clip", p.name, "line 1", "no header"
+
+def c_split_unknown_doc(r):
+    p = find(r, "val_ids.csv"); p.write_text(p.read_text() + "999999991\n")
+    return "clip", p.name, "doc 999999991", "a doc_id present in sentence_level.csv"
+
+def c_doc_in_two_splits(r):
+    tr = find(r, "train_ids.csv"); doc = _lines(tr)[0].strip()
+    p = find(r, "test_ids.csv"); p.write_text(p.read_text() + doc + "\n")
+    return "clip", p.name, f"doc {doc}", "each note in one split only"
+
+def c_empty_split(r):
+    p = find(r, "test_ids.csv"); p.write_text("")
+    return "clip", p.name, "", "the file is empty"
+
+def c_missing_split(r):
+    find(r, "val_ids.csv").unlink()
+    return "clip", "clip", "", "missing val_ids.csv"
+
+def c_sentence_gap(r):
+    p, ls = _csv_rows(r)
+    doc = ls[1].split(",")[0]
+    del ls[2]  # the note's sentence 1
+    _write_lines(p, ls)
+    return "clip", p.name, f"doc {doc}", "without gaps"
+
+CASES = [m_invalid_json, m_missing_field, m_unknown_field, m_unknown_label, m_duplicate_id, m_empty_split,
+         m_missing_split, m_bad_zip, r_invalid_json, r_offset_mismatch, r_unanswerable_with_answers,
+         r_answerable_without_answers, r_missing_field, r_unknown_field, r_duplicate_id, r_missing_split, r_wrong_shape,
+         c_bad_header, c_wrong_columns, c_unparsable_tokens, c_unparsable_labels, c_unknown_label, c_duplicate_row,
+         c_split_header, c_split_unknown_doc, c_doc_in_two_splits, c_empty_split, c_missing_split, c_sentence_gap]
+
+
+@pytest.mark.parametrize("mutate", CASES, ids=[c.__name__ for c in CASES])
+def test_bad_input_is_reported_clearly(release, mutate, capsys):
+    task, fname, where, expected = mutate(release)
+    before = tree_state(release)
+    rc = main(["check-data", "--data-dir", str(release), "--json"])
+    out = capsys.readouterr()
+    assert rc == 1
+    assert "Traceback" not in out.out + out.err
+    report = json.loads(out.out)
+    assert report[task]["status"] == "invalid"
+    others = [t for t in report if t != task]
+    assert all(report[t]["status"] == "ok" for t in others)  # one bad task leaves the others reported as valid
+    hits = [e for e in report[task]["errors"] if fname in e and where in e and expected in e]
+    assert hits, f"no error names {fname!r}, {where!r}, {expected!r}: {report[task]['errors']}"
+    assert tree_state(release) == before  # nothing written
+    with pytest.raises(DataError):
+        load_task(release, task)
+
+
+def test_console_script_prints_no_traceback(release):
+    c_unknown_label(release)
+    r = subprocess.run([str(BIN / "clinical-repro"), "check-data", "--data-dir", str(release)], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stdout + r.stderr
+    assert "sentence_level.csv: line 8" in r.stdout and "among the 7 CLIP labels" in r.stdout
+
+
+def test_not_a_folder_is_a_usage_error(tmp_path, capsys):
+    rc = main(["check-data", "--data-dir", str(tmp_path / "nope")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "expected a folder holding mednli/, radqa/ and clip/" in err and "Traceback" not in err

@@ -1,0 +1,191 @@
+"""The synthetic releases: exact PhysioNet layouts and fields, counts as returned, determinism per seed,
+RadQA offsets and unanswerable share, CLIP label names, safety of --out, and learnable-but-not-trivial data."""
+import ast, csv, hashlib, json, re, uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from clinical_repro.core import CLIP_LABELS, MEDNLI_LABELS, SPLITS, UserError
+from clinical_repro.synthetic import (CLIP_ID_FILES, CLIP_RELEASE, DEMO_MARKER, DEMO_SIZES, MEDNLI_FILES, MEDNLI_RELEASE,
+                                      RADQA_FILES, RADQA_RELEASE, bag_of_words_baselines, tokenize, write_demo_data)
+
+SNLI_FIELDS = {"pairID", "gold_label", "sentence1", "sentence2", "sentence1_parse", "sentence2_parse",
+               "sentence1_binary_parse", "sentence2_binary_parse"}
+
+
+def _files(root) -> dict:
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _mednli(root, split):
+    return [json.loads(l) for l in (Path(root)/MEDNLI_RELEASE/MEDNLI_FILES[split]).read_text(encoding="utf-8").splitlines()]
+
+
+def _radqa(root, split):
+    return json.loads((Path(root)/RADQA_RELEASE/RADQA_FILES[split]).read_text(encoding="utf-8"))
+
+
+def _qas(obj):
+    return [(par["context"], qa) for art in obj["data"] for par in art["paragraphs"] for qa in par["qas"]]
+
+
+def _clip_rows(root):
+    with open(Path(root)/CLIP_RELEASE/"sentence_level.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    return rows[0], rows[1:]
+
+
+def _clip_ids(root, split):
+    return (Path(root)/CLIP_RELEASE/CLIP_ID_FILES[split]).read_text().splitlines()
+
+
+def test_exactly_the_released_files(tiny_release):
+    root, _ = tiny_release
+    expected = {DEMO_MARKER} | {f"{MEDNLI_RELEASE}/{f}" for f in MEDNLI_FILES.values()} \
+        | {f"{RADQA_RELEASE}/{f}" for f in RADQA_FILES.values()} \
+        | {f"{CLIP_RELEASE}/{f}" for f in (*CLIP_ID_FILES.values(), "sentence_level.csv")}
+    assert set(_files(root)) == expected
+    assert MEDNLI_RELEASE.endswith("mednli-a-natural-language-inference-dataset-for-the-clinical-domain-1.0.0")
+    assert set(MEDNLI_FILES.values()) == {"mli_train_v1.jsonl", "mli_dev_v1.jsonl", "mli_test_v1.jsonl"}
+    assert set(CLIP_ID_FILES.values()) == {"train_ids.csv", "val_ids.csv", "test_ids.csv"}
+    assert "SYNTHETIC" in json.loads((root/DEMO_MARKER).read_text())["note"]
+
+
+def test_mednli_has_all_eight_snli_fields(tiny_release):
+    root, _ = tiny_release
+    ids = []
+    for split in SPLITS:
+        recs = _mednli(root, split)
+        for r in recs:
+            assert set(r) == SNLI_FIELDS
+            assert r["gold_label"] in MEDNLI_LABELS and r["sentence1"].strip() and r["sentence2"].strip()
+            uuid.UUID(r["pairID"])
+            for k in ("sentence1_parse", "sentence2_parse"):
+                assert r[k].startswith("(ROOT (S ") and r[k].count("(") == r[k].count(")")
+            for k in ("1", "2"):
+                b = r[f"sentence{k}_binary_parse"]
+                assert b.count("(") == b.count(")")
+                leaves = [t for t in b.split() if t not in "()"]
+                assert leaves == [{"(": "-LRB-", ")": "-RRB-"}.get(t, t) for t in tokenize(r[f"sentence{k}"])]
+        counts = Counter(r["gold_label"] for r in recs)
+        assert max(counts.values()) - min(counts.values()) <= 1  # balanced, as released
+        ids += [r["pairID"] for r in recs]
+    assert len(set(ids)) == len(ids)
+
+
+def test_radqa_is_squad2_with_exact_offsets(tiny_release):
+    root, _ = tiny_release
+    all_qas, ids = [], []
+    for split in SPLITS:
+        obj = _radqa(root, split)
+        assert set(obj) == {"version", "data"} and obj["version"] == "v2.0"
+        for art in obj["data"]:
+            assert set(art) == {"title", "paragraphs"} and isinstance(art["title"], str)
+            for par in art["paragraphs"]:
+                assert set(par) == {"context", "qas"}
+                assert all(h in par["context"] for h in ("EXAMINATION:", "INDICATION:", "FINDINGS:", "IMPRESSION:"))
+                for qa in par["qas"]:
+                    assert set(qa) == {"id", "question", "is_impossible", "answers"}
+                    if qa["is_impossible"]: assert qa["answers"] == []
+                    else:
+                        [a] = qa["answers"]
+                        assert set(a) == {"text", "answer_start"} and a["text"]
+                        assert par["context"][a["answer_start"]:a["answer_start"] + len(a["text"])] == a["text"]
+        all_qas += _qas(obj); ids += [qa["id"] for _, qa in _qas(obj)]
+    assert len(set(ids)) == len(ids)  # unique across splits
+    share = sum(qa["is_impossible"] for _, qa in all_qas) / len(all_qas)
+    assert abs(share - 0.28) <= 0.03
+    answers = [qa["answers"][0]["text"] for _, qa in all_qas if not qa["is_impossible"]]
+    assert 0.03 <= sum("\n" in t for t in answers) / len(answers) <= 0.35   # some answers span a line break
+    assert max(len(t.split()) for t in answers) >= 15                        # and some are long
+
+
+def test_radqa_unanswerable_questions_are_about_unmentioned_things(tiny_release):
+    root, _ = tiny_release
+    topics = {"pleural effusion": "effusion", "pneumothorax": "pneumothorax", "nodule": "nodule",
+              "endotracheal tube": "endotracheal", "rib fractures": "fracture"}
+    checked = 0
+    for ctx, qa in _qas(_radqa(root, "train")):
+        for phrase, word in topics.items():
+            if qa["is_impossible"] and phrase in qa["question"]:
+                assert word not in ctx.lower(); checked += 1
+    assert checked
+
+
+def test_clip_csv_and_split_files(tiny_release):
+    root, _ = tiny_release
+    assert (root/CLIP_RELEASE/"sentence_level.csv").read_text().splitlines()[0] == "doc_id,sent_index,sentence,labels"
+    header, rows = _clip_rows(root)
+    by_doc, labels = {}, []
+    for doc, idx, sent, labs in rows:
+        toks, ls = ast.literal_eval(sent), ast.literal_eval(labs)
+        assert isinstance(toks, list) and toks and all(isinstance(t, str) and t and " " not in t for t in toks)
+        assert isinstance(ls, list) and all(l.startswith("I-") and l[2:] in CLIP_LABELS for l in ls)
+        by_doc.setdefault(int(doc), []).append(int(idx)); labels.append(ls)
+    assert all(ix == list(range(len(ix))) for ix in by_doc.values())
+    lo, hi = DEMO_SIZES["tiny"].clip_sentences
+    assert all(lo <= len(ix) <= hi for ix in by_doc.values())
+    assert {l[2:] for ls in labels for l in ls} == set(CLIP_LABELS)
+    assert 0.72 <= sum(not ls for ls in labels) / len(labels) <= 0.88   # most sentences carry no label
+    assert any(len(ls) == 2 for ls in labels)
+    ids = {s: _clip_ids(root, s) for s in SPLITS}
+    assert all(line.isdigit() for s in SPLITS for line in ids[s])    # no header
+    flat = [int(d) for s in SPLITS for d in ids[s]]
+    assert len(flat) == len(set(flat)) and set(flat) == set(by_doc)  # disjoint, covering every note
+
+
+def test_returned_counts_are_what_is_on_disk(tiny_release):
+    root, written = tiny_release
+    spec = DEMO_SIZES["tiny"]
+    _, rows = _clip_rows(root)
+    for i, split in enumerate(SPLITS):
+        recs = _mednli(root, split)
+        assert written["mednli"][split] == {"items": len(recs), "labels": {l: sum(r["gold_label"] == l for r in recs) for l in MEDNLI_LABELS}}
+        assert len(recs) == spec.mednli_pairs[i]
+        qas = _qas(_radqa(root, split)); un = sum(qa["is_impossible"] for _, qa in qas)
+        assert written["radqa"][split] == {"items": len(qas), "answerable": len(qas) - un, "unanswerable": un}
+        assert len(qas) == spec.radqa_questions[i]
+        docs = set(_clip_ids(root, split))
+        mine = [ast.literal_eval(labs) for doc, _, _, labs in rows if doc in docs]
+        counts = Counter(l[2:] for ls in mine for l in ls)
+        assert written["clip"][split] == {"notes": len(docs), "items": len(mine), "labels": {l: counts[l] for l in CLIP_LABELS}}
+        assert len(docs) == spec.clip_notes[i]
+
+
+def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
+    a, b, c = (write_demo_data(tmp_path/n, seed=s) for n, s in (("a", 5), ("b", 5), ("c", 6)))
+    assert a == b
+    fa, fb, fc = _files(tmp_path/"a"), _files(tmp_path/"b"), _files(tmp_path/"c")
+    assert fa == fb
+    assert all(fa[k] != fc[k] for k in fa if k != DEMO_MARKER)
+
+
+def test_sizes_and_errors(tmp_path):
+    assert set(DEMO_SIZES) == {"tiny", "demo"}
+    with pytest.raises(UserError, match="expected one of tiny, demo"): write_demo_data(tmp_path/"x", size="huge")
+    f = tmp_path/"file"; f.write_text("x")
+    with pytest.raises(UserError, match="expected a folder"): write_demo_data(f)
+    assert f.read_text() == "x" and not (tmp_path/"x").exists()
+
+
+def test_out_may_hold_other_things_but_never_a_foreign_release(tmp_path):
+    (tmp_path/"notes.txt").write_text("mine")
+    write_demo_data(tmp_path, seed=1)
+    first = _files(tmp_path)
+    write_demo_data(tmp_path, seed=2)                       # a previous demo dir may be overwritten
+    assert _files(tmp_path) != first and (tmp_path/"notes.txt").read_text() == "mine"
+    other = tmp_path/"other"
+    real = other/MEDNLI_RELEASE/MEDNLI_FILES["train"]
+    real.parent.mkdir(parents=True); real.write_text("real data\n")
+    with pytest.raises(UserError, match="not written by demo-data"): write_demo_data(other)
+    assert real.read_text() == "real data\n" and not (other/DEMO_MARKER).exists()
+    assert not list(other.rglob(".*.tmp"))                 # nothing half-written left behind
+
+
+def test_demo_data_is_learnable_but_not_trivial(tmp_path):
+    write_demo_data(tmp_path, seed=0, size="demo")
+    b = bag_of_words_baselines(tmp_path)
+    assert b["mednli_chance"] + 0.12 <= b["mednli_accuracy"] <= 0.97
+    assert b["clip_chance_f1"] + 0.2 <= b["clip_any_label_f1"] <= 0.97
