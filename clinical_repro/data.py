@@ -23,7 +23,7 @@ __all__ = ['MEDNLI_FILES', 'RADQA_FILES', 'CLIP_FILES', 'LOADERS', 'NLIRecord', 
            'check_data', 'stratified_order', 'fraction_size', 'fraction_subsets', 'subsets_path', 'load_subsets',
            'ensure_subsets', 'select_fraction']
 
-# %% ../nbs/20_data.ipynb #88f54efc
+# %% ../nbs/20_data.ipynb #4cf9f121
 @dataclass(frozen=True)
 class NLIRecord:
     "One MedNLI pair."
@@ -67,6 +67,11 @@ class CLIPNote:
     @property
     def text(self) -> str: return " ".join(s.text for s in self.sentences)
 
+    def window(self, i:int, budget:int=256) -> tuple[str, str, str]:
+        "Left context, sentence `i` and right context within `budget` word tokens (see `cut_window`)."
+        left, centre, right = cut_window([s.tokens for s in self.sentences], i, budget)
+        return " ".join(left), " ".join(centre), " ".join(right)
+
 # %% ../nbs/20_data.ipynb #5c879a59
 def cut_window(sent_tokens:list[list], i:int, budget:int) -> tuple[list, list, list]:
     "Split a note, given as per-sentence token lists, into (left, sentence, right) with at most `budget` tokens."
@@ -80,7 +85,7 @@ def cut_window(sent_tokens:list[list], i:int, budget:int) -> tuple[list, list, l
     n_left = min(len(left_all), rest - n_right)  # give the right side's unused share back to the left
     return (left_all[len(left_all)-n_left:] if n_left else []), centre, right_all[:n_right]
 
-# %% ../nbs/20_data.ipynb #4afc6a60
+# %% ../nbs/20_data.ipynb #4fc92618
 class MissingTaskError(UserError):
     "A task's folder or release files are absent: says where to get them."
     def __init__(self, task, where):
@@ -97,6 +102,11 @@ def _find_one(root:Path, name:str, task:str) -> Path|None:
     return hits[0] if hits else None
 
 def _rel(p:Path, root:Path) -> str: return p.relative_to(root).as_posix()
+
+def _decode(data:bytes, name:str) -> str:
+    "UTF-8 text of a release file, or a `DataError` naming the first bad byte."
+    try: return data.decode("utf-8")
+    except UnicodeDecodeError as e: raise DataError([Problem(name, f"byte {e.start}", "UTF-8 text")])
 
 def _find_release(root:Path, names:dict[str, str], task:str, what:str, missing_ok:bool=False) -> dict[str, Path|None]:
     "The release files `names` under `root`: all of them, or none (`MissingTaskError`, or Nones if `missing_ok`)."
@@ -152,12 +162,12 @@ def parse_mednli_lines(lines:Iterable[str], file:str) -> list[NLIRecord]:
     pc.raise_if_any()
     return out
 
-# %% ../nbs/20_data.ipynb #7eb67421
+# %% ../nbs/20_data.ipynb #5145901e
 def _mednli_sources(root:Path) -> tuple[dict[str, tuple[str, callable]], dict[str, str]]:
     "Per split, a display name and a reader of its lines, from extracted files or the release zip."
     found = _find_release(root, MEDNLI_FILES, "mednli", "all three split files", missing_ok=True)
     if any(found.values()):
-        srcs = {s: (str(p), (lambda p=p: p.read_text(encoding="utf-8").splitlines())) for s, p in found.items()}
+        srcs = {s: (str(p), (lambda p=p: _decode(p.read_bytes(), str(p)).splitlines())) for s, p in found.items()}
         return srcs, {_rel(p, root): sha256_file(p) for p in found.values()}
     zips = sorted(p for p in root.rglob("*.zip") if p.is_file())
     if not zips: raise MissingTaskError("mednli", root)
@@ -172,7 +182,7 @@ def _mednli_sources(root:Path) -> tuple[dict[str, tuple[str, callable]], dict[st
         if len(m) != 1: raise DataError([Problem(str(z), "", f"exactly one member named {f}, found {len(m)}")])
         members[s] = m[0]
     def reader(member):
-        with zipfile.ZipFile(z) as zf: return zf.read(member).decode("utf-8").splitlines()
+        with zipfile.ZipFile(z) as zf: return _decode(zf.read(member), f"{z}!{member}").splitlines()
     srcs = {s: (f"{z}!{m}", (lambda m=m: reader(m))) for s, m in members.items()}
     return srcs, {_rel(z, root): sha256_file(z)}
 
@@ -190,7 +200,7 @@ def load_mednli(root) -> TaskData:
     if problems: raise DataError(problems)
     return TaskData("mednli", root, splits, files)
 
-# %% ../nbs/20_data.ipynb #71e6b1c1
+# %% ../nbs/20_data.ipynb #a5ee397b
 RADQA_FILES = {"train": "train.json", "dev": "dev.json", "test": "test.json"}
 _QA_KEYS = {"id", "question", "is_impossible", "answers"}
 _QA_OPTIONAL = {"plausible_answers"}  # SQuAD 2.0 carries these on some unanswerable questions; ignored
@@ -247,9 +257,8 @@ def parse_radqa(obj, file:str) -> list[QARecord]:
 
 def _read_json(path:Path):
     "Parse a JSON file; a syntax error becomes a `DataError` with line and column."
-    try: return json.loads(path.read_text(encoding="utf-8"))
+    try: return json.loads(_decode(path.read_bytes(), str(path)))
     except json.JSONDecodeError as e: raise DataError([Problem(str(path), f"line {e.lineno} column {e.colno}", f"valid JSON ({e.msg})")])
-    except UnicodeDecodeError as e: raise DataError([Problem(str(path), f"byte {e.start}", "UTF-8 text")])
 
 def load_radqa(root) -> TaskData:
     "Load and validate RadQA from a folder holding the extracted release."
@@ -325,14 +334,12 @@ def parse_id_file(text:str, file:str) -> list[str]:
     pc.raise_if_any()
     return ids
 
-# %% ../nbs/20_data.ipynb #9438a77f
+# %% ../nbs/20_data.ipynb #7172df5d
 def load_clip(root) -> TaskData:
     "Load and validate CLIP from a folder holding the extracted release."
     root = Path(root)
     found = _find_release(root, CLIP_FILES, "clip", "sentence_level.csv and the three split files")
-    def read(p):
-        try: return p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e: raise DataError([Problem(str(p), f"byte {e.start}", "UTF-8 text")])
+    def read(p): return _decode(p.read_bytes(), str(p))
     problems, ids = [], {}
     try: notes = parse_clip_sentences(read(found["sentences"]), str(found["sentences"]))
     except DataError as e: problems += e.problems; notes = None

@@ -82,6 +82,10 @@ def m_missing_split(r):
     p = find(r, "mli_dev_v1.jsonl"); p.unlink()
     return "mednli", "mednli", "", "missing mli_dev_v1.jsonl"
 
+def m_not_utf8(r):
+    p = find(r, "mli_train_v1.jsonl"); p.write_bytes(p.read_bytes()[:40] + b"\xff\xfe" + p.read_bytes()[40:])
+    return "mednli", p.name, "byte 40", "UTF-8 text"
+
 def m_bad_zip(r):
     folder = find(r, "mli_dev_v1.jsonl").parent
     for f in folder.iterdir(): f.unlink()
@@ -210,7 +214,7 @@ def c_sentence_gap(r):
     return "clip", p.name, f"doc {doc}", "without gaps"
 
 CASES = [m_invalid_json, m_missing_field, m_unknown_field, m_unknown_label, m_duplicate_id, m_empty_split,
-         m_missing_split, m_bad_zip, r_invalid_json, r_offset_mismatch, r_unanswerable_with_answers,
+         m_missing_split, m_not_utf8, m_bad_zip, r_invalid_json, r_offset_mismatch, r_unanswerable_with_answers,
          r_answerable_without_answers, r_missing_field, r_unknown_field, r_duplicate_id, r_missing_split, r_wrong_shape,
          c_bad_header, c_wrong_columns, c_unparsable_tokens, c_unparsable_labels, c_unknown_label, c_duplicate_row,
          c_split_header, c_split_unknown_doc, c_doc_in_two_splits, c_empty_split, c_missing_split, c_sentence_gap]
