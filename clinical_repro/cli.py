@@ -18,7 +18,7 @@ from . import metrics, synthetic
 
 # %% auto #0
 __all__ = ['cmd_demo_data', 'cmd_check_data', 'score_mednli', 'score_radqa', 'score_clip', 'cmd_score', 'cmd_subsets',
-           'build_parser', 'main']
+           'cmd_finetune', 'build_parser', 'main']
 
 # %% ../nbs/99_cli.ipynb #f3dfb724
 def cmd_demo_data(args) -> int:
@@ -153,7 +153,22 @@ def cmd_subsets(args) -> int:
         print(f"{task}: {obj['unit']}s per fraction {sizes}  (content hash {obj['content_hash'][:12]})")
     return 0
 
-# %% ../nbs/99_cli.ipynb #17d79a7d
+# %% ../nbs/99_cli.ipynb #9bf494e7
+def cmd_finetune(args) -> int:
+    "Fine-tune one unit and write its results file."
+    from clinical_repro.experiment import run_unit
+    over = {"max_steps": args.max_steps} if args.max_steps else {}
+    if args.epochs: over["epochs"] = args.epochs
+    res = run_unit(args.task, args.model, args.data_dir, args.out, seed=args.seed, fraction=args.fraction, train_overrides=over)
+    m, key = res["metrics"], res["dev_metric"]
+    if args.json: print(json.dumps({k: res[k] for k in ("run_id", "status", "task", "model", "seed", "fraction", "metrics", "thresholds", "cost")}, indent=1, default=str))
+    else:
+        print(f"{res['task']} / {res['model']} seed {res['seed']} fraction {res['fraction']:g}: dev {key} {m['dev'][key]:.4f}, test {key} {m['test'][key]:.4f}")
+        print(f"results: {Path(args.out)/(res['run_id'] + '.json')}  ({res['cost']['train_seconds']:.1f} s training, {res['cost']['optimizer_steps']} optimizer steps, precision {res['provenance']['precision']})")
+        if res.get("synthetic_demo"): print("Demo model: not a reproduction of the paper.")
+    return 0
+
+# %% ../nbs/99_cli.ipynb #4f15bb8d
 def build_parser() -> argparse.ArgumentParser:
     "The `clinical-repro` argument parser."
     p = argparse.ArgumentParser(prog="clinical-repro", description="Do we still need clinical language models? A reproducible study.")
@@ -180,6 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="folder for the subset index files")
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(func=cmd_subsets)
+    t = sub.add_parser("finetune", help="fine-tune one (task, model, seed, fraction) unit and write its results file")
+    t.add_argument("--task", required=True, choices=TASKS)
+    t.add_argument("--model", required=True, help="a name from params/models.yaml (offline demo: minilm-demo, t5-tiny-demo)")
+    t.add_argument("--data-dir", required=True)
+    t.add_argument("--out", required=True, help="folder for <run_id>.json, predictions, logs and checkpoints")
+    t.add_argument("--fraction", type=float, default=1.0, help="share of train, one of the shared subsets (0.01 0.05 0.1 0.25 1)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-steps", type=int, help="stop after N optimizer steps (smoke tests)")
+    t.add_argument("--epochs", type=float, help="override the number of epochs")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_finetune)
     return p
 
 def main(argv=None) -> int:
