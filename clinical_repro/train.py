@@ -173,7 +173,7 @@ def training_arguments(spec:TrainSpec, plan:BatchPlan, work_dir:Path, seed:int, 
         generation_max_length=gen.get("max_length"), disable_tqdm=False,
     )
 
-# %% ../nbs/70_train.ipynb #4100fb93
+# %% ../nbs/70_train.ipynb #e3980f78
 @dataclass
 class FitResult:
     "What fine-tuning produced and what it cost."
@@ -219,7 +219,8 @@ def fit(model_factory:Callable, tokenizer, train_ds, dev_ds, spec:TrainSpec, *, 
             phase = trainer.oom_phase or "train"
             step = trainer.state.global_step
             new = plan.halve_eval() if phase == "eval" else plan.halve_train()
-            retries.append({"phase": phase, "step": step, "from": asdict(plan), "to": asdict(new), "resumed_from": ckpt and Path(ckpt).name,
+            last = get_last_checkpoint(str(work_dir))
+            retries.append({"phase": phase, "step": step, "from": asdict(plan), "to": asdict(new), "resumed_from": last and Path(last).name,
                             "error": str(e).splitlines()[0][:200]})
             log.warning(f"out of memory in {phase} at step {step}: per-device batch {plan.per_device}->{new.per_device}, "
                         f"accumulation {plan.accumulation}->{new.accumulation}, eval batch {plan.eval_batch}->{new.eval_batch}; resuming from the last checkpoint")

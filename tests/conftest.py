@@ -38,3 +38,10 @@ def find(root, name) -> Path:
     hits = list(Path(root).rglob(name))
     assert len(hits) == 1, hits
     return hits[0]
+
+
+def pytest_configure(config):
+    "Under pytest-xdist each worker gets one thread: two workers with two threads each on two cores thrash."
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+        torch.set_num_threads(1)

@@ -1,0 +1,202 @@
+"""Fine-tuning units end to end on the tiny synthetic releases with the offline demo models: results files, OOM
+recovery in training and evaluation, interrupt-and-resume, caching, and test labels kept out of reach."""
+import json, subprocess, sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from clinical_repro import experiment
+from clinical_repro.core import CLIP_LABELS, MEDNLI_LABELS, UserError
+from clinical_repro.data import CLIPNote, CLIPSentence, NLIRecord, load_task
+
+BIN = Path(sys.executable).parent
+# Small, fast units: a small effective batch and a few steps, evaluated (and checkpointed) every 2 steps.
+FAST = {"effective_batch": 16, "max_steps": 6, "eval_steps": 2}
+CLIP_FAST = {"window_tokens": 48}
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def unit(data, out, task="mednli", model="t5-tiny-demo", train=None, task_params=None, **kw):
+    return experiment.run_unit(task, model, data, out, seed=0, train_overrides={**FAST, **(train or {})},
+                               task_overrides=task_params, **kw)
+
+
+class Fault(TrainerCallback):
+    "Raise `error` once: at the start of training step `step`, or at the `eval_call`-th evaluation batch."
+    def __init__(self, error, step=None, eval_call=None):
+        self.error, self.step, self.eval_call, self.fired, self.evals = error, step, eval_call, False, 0
+    def on_step_begin(self, args, state, control, **kw):
+        if self.step is not None and not self.fired and state.global_step == self.step:
+            self.fired = True; raise self.error
+    def on_prediction_step(self, args, state, control, **kw):
+        self.evals += 1
+        if self.eval_call is not None and not self.fired and self.evals == self.eval_call:
+            self.fired = True; raise self.error
+
+
+def oom():
+    return torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
+
+
+# ---- the results file ------------------------------------------------------------------------------------------------
+
+def test_results_file_has_the_contracted_fields(tiny_release, tmp_path):
+    res = unit(tiny_release[0], tmp_path)
+    path = tmp_path / f"{res['run_id']}.json"
+    on_disk = json.loads(path.read_text())
+    assert on_disk == json.loads(json.dumps(res))
+    for k in ("run_id", "status", "task", "model", "mode", "seed", "fraction", "shots", "draw", "metrics", "thresholds",
+              "counts", "predictions", "config", "provenance", "cost"):
+        assert k in on_disk, k
+    assert on_disk["status"] == "ok" and on_disk["mode"] == "finetune"
+    assert set(on_disk["metrics"]) == {"dev", "test"}
+    assert {"accuracy", "macro_f1", "n", "confusion", "parse_failures"} <= set(on_disk["metrics"]["test"])
+    assert on_disk["counts"]["test"] == on_disk["metrics"]["test"]["n"] == 30
+    prov = on_disk["provenance"]
+    assert prov["precision"] == "fp32" and prov["device"]["type"] == "cpu"
+    assert all(len(h) == 64 for h in prov["data_files"].values()) and prov["packages"]["transformers"]
+    cost = on_disk["cost"]
+    for k in ("wall_seconds", "train_seconds", "eval_seconds", "samples_per_second", "tokens_per_second", "peak_rss_mb",
+              "gpu_hours", "per_device_batch", "accumulation", "effective_batch", "oom_retries", "resumed"):
+        assert k in cost, k
+    assert cost["effective_batch"] == 16 and cost["optimizer_steps"] == 6 and cost["train_samples"] == 90  # one epoch of the 90 tiny pairs, last batch short
+    assert 0 < cost["padding_efficiency"] <= 1
+    assert [r["step"] for r in on_disk["dev_history"]] == [2, 4, 6]   # the per-evaluation dev metrics
+    preds = json.loads((tmp_path / on_disk["predictions"]).read_text())
+    assert len(preds["test"]) == 30 and set(preds["test"].values()) <= set(MEDNLI_LABELS) | {None}
+    assert not list((tmp_path / "work" / res["run_id"]).glob("checkpoint-*"))  # removed at the end
+    assert (tmp_path / "logs" / f"{res['run_id']}.log").read_text().count("done") == 1
+
+
+def test_a_finished_unit_is_never_run_again(tiny_release, tmp_path, monkeypatch):
+    first = unit(tiny_release[0], tmp_path)
+    monkeypatch.setattr(experiment, "fit", lambda *a, **k: pytest.fail("a cached unit was trained again"))
+    assert unit(tiny_release[0], tmp_path) == json.loads(json.dumps(first))
+
+
+# ---- memory and interruptions ----------------------------------------------------------------------------------------
+
+def test_training_oom_halves_the_batch_and_keeps_the_effective_batch(tiny_release, tmp_path):
+    res = unit(tiny_release[0], tmp_path, callbacks=[Fault(oom(), step=3)])
+    cost = res["cost"]
+    assert cost["oom_retries"] == 1
+    r = cost["retries"][0]
+    assert r["phase"] == "train" and r["step"] == 3 and r["resumed_from"] == "checkpoint-2"
+    assert (r["from"]["per_device"], r["from"]["accumulation"]) == (16, 1)
+    assert (r["to"]["per_device"], r["to"]["accumulation"]) == (8, 2)
+    assert (cost["per_device_batch"], cost["accumulation"], cost["effective_batch"]) == (8, 2, 16)
+    assert cost["optimizer_steps"] == 6
+
+
+def test_evaluation_oom_halves_the_eval_batch_and_completes(tiny_release, tmp_path):
+    res = unit(tiny_release[0], tmp_path, callbacks=[Fault(oom(), eval_call=1)])
+    cost = res["cost"]
+    assert cost["oom_retries"] == 1 and cost["retries"][0]["phase"] == "eval"
+    assert cost["retries"][0]["to"]["eval_batch"] == cost["retries"][0]["from"]["eval_batch"] // 2
+    assert cost["effective_batch"] == 16 and cost["optimizer_steps"] == 6
+    assert res["metrics"]["test"]["n"] == 30
+
+
+def test_interrupted_unit_resumes_with_the_same_number_of_steps(tiny_release, tmp_path):
+    straight = unit(tiny_release[0], tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        unit(tiny_release[0], tmp_path / "b", callbacks=[Fault(KeyboardInterrupt(), step=5)])
+    assert not list((tmp_path / "b").glob("*.json"))            # no results file for an unfinished unit
+    assert (tmp_path / "b" / "work" / straight["run_id"] / "checkpoint-4").is_dir()
+    resumed = unit(tiny_release[0], tmp_path / "b")
+    assert resumed["run_id"] == straight["run_id"]
+    assert resumed["cost"]["resumed"] is True and straight["cost"]["resumed"] is False
+    assert resumed["cost"]["optimizer_steps"] == straight["cost"]["optimizer_steps"] == 6
+    assert resumed["metrics"]["test"]["accuracy"] == pytest.approx(straight["metrics"]["test"]["accuracy"])
+
+
+# ---- test labels ------------------------------------------------------------------------------------------------------
+
+class _Phase:
+    scoring = False
+    early_reads = 0
+    reads = 0
+
+
+def _spy(cls, gold_field):
+    class Spy(cls):
+        def __getattribute__(self, name):
+            if name == gold_field:
+                _Phase.reads += 1
+                if not _Phase.scoring: _Phase.early_reads += 1
+            return object.__getattribute__(self, name)
+    return Spy
+
+
+@pytest.mark.parametrize("task", ["mednli", "clip"])
+def test_test_labels_are_read_only_by_the_final_scoring(tiny_release, tmp_path, monkeypatch, task):
+    real_load, real_score = experiment.load_task, experiment.score_test
+    SpyNLI, SpySent = _spy(NLIRecord, "label"), _spy(CLIPSentence, "labels")
+
+    def load(data_dir, t):
+        td = real_load(data_dir, t)
+        if t == "mednli":
+            td.splits["test"] = [SpyNLI(r.id, r.premise, r.hypothesis, r.label) for r in td.splits["test"]]
+        else:
+            td.notes["test"] = [CLIPNote(n.doc_id, tuple(SpySent(s.doc_id, s.sent_index, s.tokens, s.labels) for s in n.sentences))
+                                for n in td.notes["test"]]
+            td.splits["test"] = [s for n in td.notes["test"] for s in n.sentences]
+        return td
+
+    def score(*a, **k):
+        _Phase.scoring = True
+        try: return real_score(*a, **k)
+        finally: _Phase.scoring = False
+
+    _Phase.early_reads = _Phase.reads = 0
+    monkeypatch.setattr(experiment, "load_task", load)
+    monkeypatch.setattr(experiment, "score_test", score)
+    res = unit(tiny_release[0], tmp_path, task=task, model="minilm-demo", train={"max_steps": 2},
+               task_params=CLIP_FAST if task == "clip" else None)
+    assert _Phase.reads > 0                 # the spies work: scoring did read the test labels
+    assert _Phase.early_reads == 0          # and nothing before it did
+    if task == "clip":
+        assert 0 < res["thresholds"]["threshold"] < 1
+
+
+# ---- every task, both demo models -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("task,model", [(t, m) for m in ("minilm-demo", "t5-tiny-demo") for t in ("mednli", "radqa", "clip")])
+def test_every_task_trains_with_both_demo_models(tiny_release, tmp_path, task, model):
+    tp = {"window_tokens": 48} if task == "clip" else {"max_length": 128, "doc_stride": 32} if task == "radqa" and model == "minilm-demo" else None
+    if model == "t5-tiny-demo" and task == "clip": tp = {"window_tokens": 48, "max_source_length": 96, "num_beams": 2}
+    if model == "t5-tiny-demo" and task == "radqa": tp = {"max_source_length": 256, "max_target_length": 48}
+    res = unit(tiny_release[0], tmp_path, task=task, model=model, train={"max_steps": 2, "eval_steps": 2}, task_params=tp)
+    m = res["metrics"]["test"]
+    assert res["status"] == "ok" and res["config"]["family"] == ("encoder" if model == "minilm-demo" else "seq2seq")
+    if task == "radqa":
+        assert {"exact", "f1", "HasAns_f1", "NoAns_f1", "total"} <= set(m) and m["total"] == 20
+        if model == "minilm-demo": assert "no_answer_threshold" in res["thresholds"]
+    if task == "clip":
+        assert {"micro_f1", "macro_f1", "per_label_f1"} <= set(m) and set(m["per_label_f1"]) == set(CLIP_LABELS)
+    if model == "t5-tiny-demo":
+        assert {"n", "failures", "rate"} <= set(m["parse_failures"])   # counted, never mapped to a class
+    assert res["synthetic_demo"] is True
+
+
+def test_finetune_cli(tiny_release, tmp_path):
+    r = subprocess.run([str(BIN / "clinical-repro"), "finetune", "--task", "mednli", "--model", "minilm-demo",
+                        "--data-dir", str(tiny_release[0]), "--out", str(tmp_path), "--max-steps", "2", "--json"],
+                       capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    assert res["status"] == "ok" and (tmp_path / f"{res['run_id']}.json").is_file()
+
+
+def test_unknown_model_is_a_clear_error(tiny_release, tmp_path):
+    r = subprocess.run([str(BIN / "clinical-repro"), "finetune", "--task", "mednli", "--model", "gpt-5",
+                        "--data-dir", str(tiny_release[0]), "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "gpt-5" in r.stderr and "minilm-demo" in r.stderr and "bioclinicalbert" in r.stderr
+    assert not any(tmp_path.iterdir())
