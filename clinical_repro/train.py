@@ -23,8 +23,8 @@ from .core import UserError, get_logger
 from .config import TrainSpec
 
 # %% auto #0
-__all__ = ['is_oom', 'free_memory', 'BatchPlan', 'plan_batches', 'probe_per_device_batch', 'CountingCollator', 'make_collator',
-           'UnitTrainer', 'DevHistory', 'optimizer_name', 'training_arguments', 'FitResult', 'fit', 'predict_safely',
+__all__ = ['is_oom', 'free_memory', 'BatchPlan', 'plan_batches', 'probe_per_device_batch', 'make_collator', 'UnitTrainer',
+           'DevHistory', 'optimizer_name', 'training_arguments', 'FitResult', 'fit', 'predict_safely',
            'remove_checkpoints', 'peak_memory_mb', 'cost_summary']
 
 # %% ../nbs/70_train.ipynb #fbf9f0df
@@ -93,35 +93,29 @@ def probe_per_device_batch(model_factory:Callable, collator, features:list[dict]
     finally:
         del model; free_memory()
 
-# %% ../nbs/70_train.ipynb #4646a1a3
-class CountingCollator:
-    "Wrap a collator and count examples, real tokens and padded tokens that pass through it."
-    def __init__(self, collator): self.collator, self.examples, self.real_tokens, self.padded_tokens = collator, 0, 0, 0
-    def __call__(self, features):
-        batch = self.collator(features)
-        m = batch.get("attention_mask")
-        self.examples += len(features)
-        if m is not None: self.real_tokens += int(m.sum()); self.padded_tokens += int(m.numel())
-        return batch
-
+# %% ../nbs/70_train.ipynb #c340a5f2
 def make_collator(family:str, tokenizer, model=None, pad_to_multiple_of:int=8):
     "Dynamic padding to a small multiple: encoders pad inputs; seq2seq also pads labels with -100."
     if family == "seq2seq":
         return DataCollatorForSeq2Seq(tokenizer, model=model, pad_to_multiple_of=pad_to_multiple_of, label_pad_token_id=-100)
     return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
 
-# %% ../nbs/70_train.ipynb #078de425
+# %% ../nbs/70_train.ipynb #1915d670
 class UnitTrainer(Seq2SeqTrainer):
-    "Seq2SeqTrainer (also used for encoders) with sequential evaluation and OOM phase tagging."
-    oom_phase, eval_collator = None, None
+    "Seq2SeqTrainer (also used for encoders) with sequential evaluation, OOM phase tagging and token counting."
+    oom_phase = None
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.examples, self.padded_tokens, self._real = 0, 0, 0
     def _get_eval_sampler(self, eval_dataset): return SequentialSampler(eval_dataset)
-    def _plain(self, make, ds):
-        "Build an evaluation dataloader with the plain collator, so only training batches are counted."
-        counting, self.data_collator = self.data_collator, self.eval_collator or self.data_collator
-        try: return make(ds)
-        finally: self.data_collator = counting
-    def get_eval_dataloader(self, eval_dataset=None): return self._plain(super().get_eval_dataloader, eval_dataset)
-    def get_test_dataloader(self, test_dataset): return self._plain(super().get_test_dataloader, test_dataset)
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        m = inputs.get("attention_mask")
+        if m is not None: self._real = self._real + m.sum(); self.padded_tokens += m.numel()
+        self.examples += len(inputs["input_ids"])
+        return super().training_step(model, inputs, num_items_in_batch)
+    @property
+    def real_tokens(self) -> int: return int(self._real)
+    def floating_point_ops(self, inputs): return 0
     def evaluation_loop(self, *args, **kwargs):
         try: return super().evaluation_loop(*args, **kwargs)
         except Exception as e:
@@ -139,7 +133,7 @@ class DevHistory(TrainerCallback):
                           "train_seconds": round(self.train_seconds, 3),
                           **{k[5:]: float(v) for k, v in (metrics or {}).items() if k.startswith("eval_") and isinstance(v, (int, float))}})
 
-# %% ../nbs/70_train.ipynb #3db53392
+# %% ../nbs/70_train.ipynb #d3fdda23
 def optimizer_name(optimizer:str, device_type:str) -> str:
     "The Trainer's optimizer name: fused AdamW where the device supports it, Adafactor as in the paper's T5 runs."
     if optimizer == "adafactor": return "adafactor"
@@ -168,12 +162,17 @@ def training_arguments(spec:TrainSpec, plan:BatchPlan, work_dir:Path, seed:int, 
         load_best_model_at_end=True, metric_for_best_model=dev_metric, greater_is_better=True, save_total_limit=1,
         bf16=precision == "bf16", fp16=precision == "fp16",
         train_sampling_strategy="group_by_length" if spec.length_grouped else "random",
-        report_to="none", push_to_hub=False, dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
+        report_to="none", push_to_hub=False,
+        # On a GPU, fetching and collating overlap the device's work; on CPU the workers would compete with compute.
+        dataloader_num_workers=2 if device_type == "cuda" else 0, dataloader_persistent_workers=device_type == "cuda",
+        dataloader_pin_memory=device_type == "cuda",
+        # The default checks the loss for NaN/inf on every micro-batch: a device->host sync that stalls the host.
+        logging_nan_inf_filter=False,
         predict_with_generate=family == "seq2seq", generation_num_beams=gen.get("num_beams"),
         generation_max_length=gen.get("max_length"), disable_tqdm=False,
     )
 
-# %% ../nbs/70_train.ipynb #e3980f78
+# %% ../nbs/70_train.ipynb #40529887
 @dataclass
 class FitResult:
     "What fine-tuning produced and what it cost."
@@ -197,18 +196,16 @@ def fit(model_factory:Callable, tokenizer, train_ds, dev_ds, spec:TrainSpec, *, 
     retries, history = [], DevHistory()
     resumed = get_last_checkpoint(str(work_dir)) is not None if work_dir.exists() else False
     if resumed: log.info(f"resuming from {get_last_checkpoint(str(work_dir))}")
-    counting = None
+    counts = {"examples": 0, "real_tokens": 0, "padded_tokens": 0}
     while True:
         set_seed(seed)
         model = model_factory()
-        base = make_collator(family, tokenizer, model, spec.pad_to_multiple_of)
-        counting = CountingCollator(base)
         args = training_arguments(spec, plan, work_dir, seed, precision, dev_metric, len(train_ds), family, generation)
         cbs = [history] + list(callbacks or [])
         if spec.early_stopping_patience: cbs.append(EarlyStoppingCallback(spec.early_stopping_patience))
         trainer = UnitTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=dev_ds, processing_class=tokenizer,
-                              data_collator=counting, compute_metrics=compute_metrics, callbacks=cbs)
-        trainer.eval_collator = base
+                              data_collator=make_collator(family, tokenizer, model, spec.pad_to_multiple_of),
+                              compute_metrics=compute_metrics, callbacks=cbs)
         ckpt = get_last_checkpoint(str(work_dir))
         try:
             t0 = time.perf_counter()
@@ -216,6 +213,7 @@ def fit(model_factory:Callable, tokenizer, train_ds, dev_ds, spec:TrainSpec, *, 
             break
         except Exception as e:
             if not is_oom(e): raise
+            for k in counts: counts[k] += getattr(trainer, k)  # work done before the OOM was done (and cost time)
             phase = trainer.oom_phase or "train"
             step = trainer.state.global_step
             new = plan.halve_eval() if phase == "eval" else plan.halve_train()
@@ -227,10 +225,11 @@ def fit(model_factory:Callable, tokenizer, train_ds, dev_ds, spec:TrainSpec, *, 
             plan = new
             del trainer, model; free_memory()
     st = trainer.state
+    for k in counts: counts[k] += getattr(trainer, k)
     return FitResult(trainer=trainer, plan=plan, retries=retries, resumed=resumed, optimizer_steps=st.global_step,
                      train_seconds=history.train_seconds, dev_history=history.rows, best_dev=st.best_metric,
                      best_step=_step_of(st.best_model_checkpoint),
-                     counts={"examples": counting.examples, "real_tokens": counting.real_tokens, "padded_tokens": counting.padded_tokens})
+                     counts=counts)
 
 def _step_of(ckpt) -> int|None:
     "Global step of a `checkpoint-N` folder name."
