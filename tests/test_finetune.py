@@ -92,6 +92,7 @@ def test_training_oom_halves_the_batch_and_keeps_the_effective_batch(tiny_releas
     assert (r["to"]["per_device"], r["to"]["accumulation"]) == (8, 2)
     assert (cost["per_device_batch"], cost["accumulation"], cost["effective_batch"]) == (8, 2, 16)
     assert cost["optimizer_steps"] == 6
+    assert [r["step"] for r in res["dev_history"]] == [2, 4, 6]   # one row per evaluation, none repeated
 
 
 def test_evaluation_oom_halves_the_eval_batch_and_completes(tiny_release, tmp_path):
@@ -114,6 +115,8 @@ def test_interrupted_unit_resumes_with_the_same_number_of_steps(tiny_release, tm
     assert resumed["cost"]["resumed"] is True and straight["cost"]["resumed"] is False
     assert resumed["cost"]["optimizer_steps"] == straight["cost"]["optimizer_steps"] == 6
     assert resumed["metrics"]["test"]["accuracy"] == pytest.approx(straight["metrics"]["test"]["accuracy"])
+    assert [r["step"] for r in resumed["dev_history"]] == [2, 4, 6]   # the history survives the interruption
+    assert resumed["dev_history"][0]["accuracy"] == pytest.approx(straight["dev_history"][0]["accuracy"])
 
 
 # ---- test labels ------------------------------------------------------------------------------------------------------
