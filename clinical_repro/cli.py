@@ -19,7 +19,7 @@ from . import metrics, synthetic
 
 # %% auto #0
 __all__ = ['cmd_demo_data', 'cmd_check_data', 'score_mednli', 'score_radqa', 'score_clip', 'cmd_score', 'cmd_subsets',
-           'parse_sets', 'cmd_finetune', 'build_parser', 'main']
+           'parse_sets', 'cmd_finetune', 'cmd_icl', 'build_parser', 'main']
 
 # %% ../nbs/99_cli.ipynb #f3dfb724
 def cmd_demo_data(args) -> int:
@@ -191,7 +191,21 @@ def cmd_finetune(args) -> int:
         if res.get("synthetic_demo"): print("Demo model: not a reproduction of the paper.")
     return 0
 
-# %% ../nbs/99_cli.ipynb #32be530c
+# %% ../nbs/99_cli.ipynb #8513d9b1
+def cmd_icl(args) -> int:
+    "Run one in-context-learning unit and write its results file."
+    from clinical_repro.icl import run_icl_unit
+    with contextlib.redirect_stdout(sys.stderr):
+        res = run_icl_unit(args.task, args.model, args.data_dir, args.out, shots=args.shots, draw=args.draw, seed=args.seed,
+                           limit=args.limit, template=args.template)
+    if args.json: print(json.dumps(res, indent=1, default=str))
+    elif res.get("status") != "ok": print(f"{res['task']} / {res['model']}: {res['status']}: {res.get('reason', '')}")
+    else:
+        print(f"{res['task']} / {res['model']} icl, {res['shots']} shots, draw {res['draw']}: results {Path(args.out)/(res['run_id'] + '.json')}")
+        print(json.dumps(res["metrics"]["test"], default=str)[:2000])
+    return 0
+
+# %% ../nbs/99_cli.ipynb #5d4fa92d
 def build_parser() -> argparse.ArgumentParser:
     "The `clinical-repro` argument parser."
     p = argparse.ArgumentParser(prog="clinical-repro", description="Do we still need clinical language models? A reproducible study.")
@@ -231,6 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a parameter, e.g. --set train.learning_rate=3e-5 --set task.window_tokens=128 (repeatable)")
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_finetune)
+    i = sub.add_parser("icl", help="run one in-context-learning unit with a local model and write its results file")
+    i.add_argument("--task", required=True, choices=TASKS)
+    i.add_argument("--model", required=True, help="a local model from params/models.yaml (offline demo: t5-tiny-demo)")
+    i.add_argument("--data-dir", required=True)
+    i.add_argument("--out", required=True)
+    i.add_argument("--shots", type=int, required=True, help="in-context examples per prompt (the paper: 1-3)")
+    i.add_argument("--draw", type=int, default=0, help="which independent exemplar draw")
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--limit", type=int, help="score only the first N test items (quick runs; recorded)")
+    i.add_argument("--template", help="a template id from params/prompts/<task>.yaml (default: chosen on a dev sample)")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_icl)
     return p
 
 def main(argv=None) -> int:

@@ -168,7 +168,7 @@ class RadQAEncoder(Adapter):
         m = metrics.squad_v2_scores({r.id: r.answer_texts for r in records}, final)
         return m, final
 
-# %% ../nbs/80_experiment.ipynb #3ffb3bcf
+# %% ../nbs/80_experiment.ipynb #00b2e205
 class Text2Text(Adapter):
     "T5 for MedNLI, RadQA and CLIP: generate, parse strictly, count parse failures."
     head = "seq2seq"
@@ -202,7 +202,9 @@ class Text2Text(Adapter):
             m = metrics.squad_v2_scores({r.id: r.answer_texts for r in recs}, {r.id: p for r, p in zip(recs, parsed)})
         else:
             y = np.array([[l in r.labels for l in CLIP_LABELS] for r in recs], dtype=int)
-            yh = np.array([[l in (p or []) for l in CLIP_LABELS] for p in parsed], dtype=int)
+            # A parse failure is scored as wrong on every label (never as the "none" class), and counted.
+            yh = np.array([[l in p for l in CLIP_LABELS] if p is not None else [1 - v for v in row]
+                           for p, row in zip(parsed, y)], dtype=int)
             m = metrics.multilabel_scores(y, yh)
         m["parse_failures"] = fail
         return m
