@@ -84,7 +84,7 @@ class Adapter:
         self.task, self.tok, self.spec, self.gen = task, tok, spec, gen or {}
     def generation(self) -> dict|None: return None
 
-# %% ../nbs/80_experiment.ipynb #927824b3
+# %% ../nbs/80_experiment.ipynb #d836ec81
 class MedNLIEncoder(Adapter):
     "Sentence-pair classification, accuracy on dev."
     head, num_labels = "sequence-classification", 3
@@ -150,7 +150,8 @@ class RadQAEncoder(Adapter):
         return _with_order(f)
     def _post(self, out_preds, ds, records):
         start, end = (_unsort(np.asarray(x), ds) for x in out_preds[:2])
-        feats = {"example_index": ds.sort("position")["example_index"], "offset_mapping": ds.sort("position")["offset_mapping"]}
+        in_order = ds.sort("position")
+        feats = {"example_index": in_order["example_index"], "offset_mapping": in_order["offset_mapping"]}
         return qa.postprocess_qa(records, feats, start, end, n_best=self.spec.n_best, max_answer_tokens=self.max_answer)
     def compute_metrics(self, dev_records, dev_ds):
         golds = {r.id: r.answer_texts for r in dev_records}
