@@ -1,0 +1,157 @@
+"""Grid files: every grid in params/ loads and expands; strict validation names the file and the key."""
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from clinical_repro.core import UserError
+from clinical_repro.grid import GRIDS, expand, grid_path, load_grid, notebook_name, report_path, summary_counts
+from clinical_repro.models import load_registry
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ROOT / "params"
+
+
+def write(tmp_path, obj, name="grid.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(obj, sort_keys=False))
+    return p
+
+
+def demo_obj() -> dict:
+    return yaml.safe_load((PARAMS / "demo.yaml").read_text())
+
+
+def error_of(path) -> str:
+    with pytest.raises(UserError) as e: load_grid(path)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("name", GRIDS)
+def test_every_grid_loads_and_expands(name):
+    g = load_grid(PARAMS / f"{name}.yaml")
+    exps = expand(g)
+    assert g.grid == name and exps and all(e.units for e in exps)
+    # one executed notebook per (task, model, mode): no two experiments share a report path
+    assert len({report_path(e) for e in exps}) == len(exps)
+
+
+def test_grid_files_are_all_listed():
+    on_disk = {p.stem for p in PARAMS.glob("*.yaml")} - {"defaults", "models"}
+    assert on_disk == set(GRIDS)
+
+
+def test_demo_counts_as_documented():
+    # demo.yaml's header: 3 tasks x 2 models fine-tuned; mednli 2 fractions x 2 seeds, radqa/clip 2 seeds;
+    # icl: 3 tasks x t5-tiny-demo x shots {0, 1} -> 9 experiments, 22 units
+    c = summary_counts(load_grid(PARAMS / "demo.yaml"))
+    assert (c["experiments"], c["units"]) == (9, 22)
+    assert (c["finetune_experiments"], c["finetune_units"]) == (6, 2 * (4 + 2 + 2))
+    assert (c["icl_experiments"], c["icl_units"]) == (3, 6)
+
+
+def test_paper_grids_counts():
+    assert summary_counts(load_grid(PARAMS / "paper.yaml"))["units"] == 12 * 3 * 3
+    assert summary_counts(load_grid(PARAMS / "limited-data.yaml"))["units"] == 7 * 3 * 5 * 3
+    # icl: per (task, model) 0 shots once + 3 shot counts x 3 draws
+    assert summary_counts(load_grid(PARAMS / "icl.yaml"))["units"] == 6 * 3 * (1 + 3 * 3)
+    assert summary_counts(load_grid(PARAMS / "colab-t4.yaml"))["units"] == 3 * 2
+
+
+def test_paper_grid_models_and_data():
+    g = load_grid(PARAMS / "paper.yaml")
+    assert set(g.finetune.models) == {"t5-base", "clinical-t5-base", "roberta-large", "bioclinroberta", "gatortron",
+                                      "t5-large", "clinical-t5-large", "pubmedgpt", "t5-3b", "bioclinicalbert",
+                                      "clinical-t5-base-ckpt", "scifive"}
+    assert g.finetune.seeds == [0, 1, 2] and g.finetune.fractions == [1.0] and g.data.needs_data_dir
+    assert g.finetune.train == {} and g.finetune.task == {}
+    lim = load_grid(PARAMS / "limited-data.yaml")
+    assert lim.finetune.fractions == [0.01, 0.05, 0.1, 0.25, 1.0]
+
+
+def test_demo_is_offline():
+    g = load_grid(PARAMS / "demo.yaml")
+    reg = load_registry()
+    used = {e.model for e in expand(g)}
+    assert used == {"minilm-demo", "t5-tiny-demo"}
+    assert all(reg[m].builtin is not None and reg[m].hub_id is None for m in used)
+    assert g.data.synthetic is not None and not g.data.needs_data_dir
+    assert g.tasks == ["mednli", "radqa", "clip"] and not g.show_examples
+
+
+def test_units_hand_worked(tmp_path):
+    p = write(tmp_path, {"grid": "hand", "tasks": ["radqa", "mednli"],
+                         "finetune": {"models": ["minilm-demo"], "seeds": [3, 1], "fractions": [1.0, 0.5],
+                                      "train": {"epochs": 1}, "per_task": {"mednli": {"seeds": [7]}},
+                                      "per_model": {"minilm-demo": {"train": {"epochs": 2}, "task": {"radqa": {"doc_stride": 32}}}}},
+                         "icl": {"models": ["t5-tiny-demo"], "shots": [2, 0], "draws": 2, "limit": 5,
+                                 "per_task": {"mednli": {"shots": [1], "draws": 1}}}})
+    exps = expand(load_grid(p))
+    assert [(e.task, e.model, e.mode) for e in exps] == [
+        ("radqa", "minilm-demo", "finetune"), ("radqa", "t5-tiny-demo", "icl"),
+        ("mednli", "minilm-demo", "finetune"), ("mednli", "t5-tiny-demo", "icl")]
+    assert [(u["fraction"], u["seed"]) for u in exps[0].units] == [(1.0, 3), (1.0, 1), (0.5, 3), (0.5, 1)]
+    assert exps[0].train_overrides == {"epochs": 2}          # per_model wins over the section's train
+    assert exps[0].task_overrides == {"doc_stride": 32}
+    assert exps[0].overrides_source == str(p)
+    assert [(u["shots"], u["draw"]) for u in exps[1].units] == [(2, 0), (2, 1), (0, 0)]
+    assert all(u["limit"] == 5 and u["seed"] == 0 for u in exps[1].units)
+    assert [(u["fraction"], u["seed"]) for u in exps[2].units] == [(1.0, 7), (0.5, 7)]
+    assert [(u["shots"], u["draw"]) for u in exps[3].units] == [(1, 0)]
+    assert notebook_name(exps[1]) == "t5-tiny-demo__icl.ipynb"
+    assert report_path(exps[1], "out") == Path("out/hand/radqa/t5-tiny-demo__icl.ipynb")
+
+
+def test_expansion_is_deterministic():
+    a = expand(load_grid(PARAMS / "demo.yaml"))
+    b = expand(load_grid(PARAMS / "demo.yaml"))
+    assert a == b
+
+
+@pytest.mark.parametrize("edit, key, words", [
+    (lambda d: d.update(epochs=3), "epochs", "unknown key"),
+    (lambda d: d["finetune"].update(seed=[0]), "finetune.seed", "unknown key"),
+    (lambda d: d["data"]["synthetic"].update(sise="demo"), "data.synthetic.sise", "unknown key"),
+    (lambda d: d["icl"].update(shot=[1]), "icl.shot", "unknown key"),
+    (lambda d: d["finetune"]["per_task"]["mednli"].update(fraction=[1.0]), "finetune.per_task.mednli.fraction", "unknown key"),
+    (lambda d: d.update(tasks=["mednli", "radqaa"]), "tasks", "unknown task 'radqaa'"),
+    (lambda d: d["finetune"].update(models=["minilm-demo", "bert-tiny"]), "finetune.models", "unknown model 'bert-tiny'"),
+    (lambda d: d["icl"].update(models=["t5-tiny"]), "icl.models", "unknown model 't5-tiny'"),
+    (lambda d: d["icl"].update(models=["minilm-demo"]), "icl.models", "does not support in-context learning"),
+    (lambda d: d["finetune"].update(models=["flan-t5-xxl"]), "finetune.models", "does not support fine-tuning"),
+    (lambda d: d["finetune"]["train"].update(learnig_rate=1e-3), "finetune.train.learnig_rate", "unknown key"),
+    (lambda d: d["finetune"]["task"]["clip"].update(window=64), "finetune.task.clip.window", "unknown key"),
+    (lambda d: d["finetune"]["train"].update(epochs=-1), "finetune.train.epochs", "positive"),
+    (lambda d: d["finetune"].update(per_model={"t5-tiny-demo": {"train": {"lr": 1}}}),
+     "finetune.per_model.t5-tiny-demo.train.lr", "unknown key"),
+    (lambda d: d["finetune"].update(fractions=[0.0, 1.0]), "finetune.fractions", "(0, 1]"),
+    (lambda d: d["finetune"].update(seeds=[0, 0]), "finetune.seeds", "at most once"),
+])
+def test_errors_name_file_and_key(tmp_path, edit, key, words):
+    d = demo_obj(); edit(d)
+    p = write(tmp_path, d, "broken.yaml")
+    msg = error_of(p)
+    assert f"{p}: {key}" in msg and words in msg, msg
+
+
+def test_unknown_names_list_what_exists(tmp_path):
+    d = demo_obj(); d["finetune"]["models"] = ["minilm"]
+    msg = error_of(write(tmp_path, d))
+    assert "minilm-demo" in msg and "bioclinroberta" in msg          # the registry's names
+    d = demo_obj(); d["tasks"] = ["nli"]
+    msg = error_of(write(tmp_path, d))
+    assert all(t in msg for t in ("mednli", "radqa", "clip"))
+
+
+def test_overrides_for_tasks_outside_the_grid(tmp_path):
+    d = demo_obj(); d["tasks"] = ["mednli"]
+    msg = error_of(write(tmp_path, d))
+    assert "finetune.task.radqa" in msg and "finetune.per_task" not in msg
+
+
+def test_grid_path_by_name():
+    assert grid_path("demo") == PARAMS / "demo.yaml"
+    with pytest.raises(UserError, match="colab-t4"): grid_path("no-such-grid")
