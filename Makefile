@@ -1,15 +1,15 @@
 # Two commands do all the set-up on a fresh machine (see README.md):
-#   make demo   installs the package and runs the main job on synthetic data
+#   make demo   installs the package and runs the demo grid (synthetic data, demo models) and its summary
 #   make test   installs the package with its test tools and runs every test
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # The CPU wheel on disk here; on a GPU server install your CUDA torch first and it is kept.
 TORCH  ?= torch==2.13.0
-DATA   ?= data/demo
-SIZE   ?= demo
+REPORTS ?= reports
+JOBS   ?= 2
 
-.PHONY: demo test install clean-demo readme
+.PHONY: demo test install example readme
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,14 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# The main job: the demo grid and its summary (prints where to open it). JOBS notebooks at a time.
 demo: install
-	$(BIN)/clinical-repro demo-data --out $(DATA) --size $(SIZE)
-	$(BIN)/clinical-repro check-data --data-dir $(DATA)
-	$(BIN)/clinical-repro subsets --data-dir $(DATA) --out reports/subsets
+	$(BIN)/clinical-repro run params/demo.yaml --reports $(REPORTS) --jobs $(JOBS)
+
+# Refresh the committed example of the demo summary (Markdown + figures) from a finished `make demo`.
+example:
+	rm -rf reports/example-demo && mkdir -p reports/example-demo
+	cp -r $(REPORTS)/demo/summary.md $(REPORTS)/demo/figures reports/example-demo/
 
 test: install
 	$(BIN)/nbdev-test --n-workers 2

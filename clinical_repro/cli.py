@@ -1,4 +1,4 @@
-"""`clinical-repro`: one entry point for the demo data, data checks and scoring (later: runs, summaries, leak scans).
+"""`clinical-repro`: one entry point for the demo data, data checks and scoring grids, summaries (later: leak scans).
 
 Docs: https://clinical-repro.github.io/clinical_repro/cli.html.md"""
 
@@ -19,7 +19,7 @@ from . import metrics, synthetic
 
 # %% auto #0
 __all__ = ['cmd_demo_data', 'cmd_check_data', 'score_mednli', 'score_radqa', 'score_clip', 'cmd_score', 'cmd_subsets',
-           'parse_sets', 'cmd_finetune', 'cmd_icl', 'build_parser', 'main']
+           'parse_sets', 'cmd_finetune', 'cmd_icl', 'cmd_run', 'cmd_summarize', 'build_parser', 'main']
 
 # %% ../nbs/99_cli.ipynb #f3dfb724
 def cmd_demo_data(args) -> int:
@@ -205,7 +205,43 @@ def cmd_icl(args) -> int:
         print(json.dumps(res["metrics"]["test"], default=str)[:2000])
     return 0
 
-# %% ../nbs/99_cli.ipynb #5d4fa92d
+# %% ../nbs/99_cli.ipynb #16f8249a
+def _print_failures(m:dict, gdir:Path) -> None:
+    from clinical_repro.runner import failures
+    fails = failures(m)
+    if not fails: return
+    print(f"{len(fails)} unit(s) failed (the others completed); list in {gdir/'failures.json'}:", file=sys.stderr)
+    for f in fails: print(f"  {f['task']} / {f['model']} / {f['mode']}, {f['unit']}: {f['error']}  [{f['notebook']}]", file=sys.stderr)
+
+def cmd_run(args) -> int:
+    "Run a grid: execute its notebooks with papermill, skip finished units, then write the summary."
+    from clinical_repro import runner
+    t0 = time.perf_counter()
+    m = runner.run_grid(args.grid, args.data_dir, args.reports, dry_run=args.dry_run, executor=args.executor, jobs=args.jobs)
+    if args.dry_run: return 0
+    gdir = Path(args.reports)/m["grid"]
+    units = [u for e in m["experiments"] for u in e["units"]]
+    ran = sum(e["status"] != "cached" for e in m["experiments"])
+    print(f"grid {m['grid']}: {len(units)} units in {len(m['experiments'])} notebooks ({ran} executed, "
+          f"{len(m['experiments']) - ran} skipped: all their units finished) in {m['seconds']:.0f} s")
+    print(f"reports: {gdir}/<task>/<model>__<mode>.ipynb; manifest {gdir/'manifest.json'}")
+    _print_failures(m, gdir)
+    if not args.no_summary:
+        s = runner.summarize_grid(gdir, n_boot=args.n_boot)
+        print(f"summary{' (unchanged inputs: kept)' if s['cached'] else ''}: open {s['html']} in a browser, "
+              f"{s['ipynb']} in JupyterLab; Markdown {s['md']}")
+    print(f"done in {time.perf_counter() - t0:.0f} s")
+    return 1 if runner.failures(m) else 0
+
+def cmd_summarize(args) -> int:
+    "Write the paper-style summary of every grid under --reports (a pure function of the results files)."
+    from clinical_repro import runner
+    for gdir in runner.grid_folders(args.reports):
+        s = runner.summarize_grid(gdir, n_boot=args.n_boot, force=args.force)
+        print(f"{gdir.name}: {s['html']}{' (unchanged inputs: kept)' if s['cached'] else ''}; also {s['ipynb']}, {s['md']}")
+    return 0
+
+# %% ../nbs/99_cli.ipynb #f5a7bde4
 def build_parser() -> argparse.ArgumentParser:
     "The `clinical-repro` argument parser."
     p = argparse.ArgumentParser(prog="clinical-repro", description="Do we still need clinical language models? A reproducible study.")
@@ -257,6 +293,21 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--template", help="a template id from params/prompts/<task>.yaml (default: chosen on a dev sample)")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_icl)
+    r = sub.add_parser("run", help="run a grid: one papermill notebook per (task, model, mode), finished units skipped, then the summary")
+    r.add_argument("grid", help="a grid file, or the name of one in params/ (demo, paper, limited-data, icl, colab-t4)")
+    r.add_argument("--data-dir", help="folder holding mednli/, radqa/, clip/ (synthetic grids: where to write the demo data)")
+    r.add_argument("--reports", default="reports", help="reports folder (default: reports); the grid's go to <reports>/<grid>/")
+    r.add_argument("--executor", choices=("local", "ray"), default="local")
+    r.add_argument("--dry-run", action="store_true", help="show what would run and what is cached; run nothing")
+    r.add_argument("--jobs", type=int, default=1, help="notebooks run at once (CPU: each gets cores/jobs threads; one GPU: keep 1)")
+    r.add_argument("--no-summary", action="store_true", help="do not write the summary afterwards")
+    r.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the summary's intervals and tests")
+    r.set_defaults(func=cmd_run)
+    m = sub.add_parser("summarize", help="write summary.ipynb/.html/.md and figures for each grid under --reports")
+    m.add_argument("--reports", default="reports", help="a reports folder, or one grid's folder in it")
+    m.add_argument("--n-boot", type=int, default=1000)
+    m.add_argument("--force", action="store_true", help="rewrite even when the results did not change")
+    m.set_defaults(func=cmd_summarize)
     return p
 
 def main(argv=None) -> int:

@@ -27,7 +27,8 @@ from .train import BatchPlan, plan_batches, probe_per_device_batch, fit, predict
 
 # %% auto #0
 __all__ = ['ADAPTERS', 'resolve_unit', 'blind', 'Adapter', 'MedNLIEncoder', 'CLIPEncoder', 'RadQAEncoder', 'Text2Text',
-           'git_commit', 'package_versions', 'score_test', 'run_unit']
+           'git_commit', 'package_versions', 'score_test', 'item_scores', 'write_items', 'finished', 'unit_identity',
+           'run_unit']
 
 # %% ../nbs/80_experiment.ipynb #58a7a0d1
 def resolve_unit(task:str, model:str, *, seed:int=0, fraction:float=1.0, mode:str="finetune",
@@ -245,7 +246,7 @@ def package_versions() -> dict:
         except metadata.PackageNotFoundError: out[p] = None
     return out
 
-# %% ../nbs/80_experiment.ipynb #f4951228
+# %% ../nbs/80_experiment.ipynb #d126c42d
 def _items(td:TaskData, split:str, records=None):
     "Records of a split, or CLIP notes (CLIP inputs need the whole note)."
     if td.task != "clip": return records if records is not None else td.splits[split]
@@ -254,8 +255,53 @@ def _items(td:TaskData, split:str, records=None):
     return [n for n in td.notes[split] if n.doc_id in keep]
 
 def score_test(adapter, test_items, decoded, tuned):
-    "The only place that reads test labels: after training, selection and tuning are finished."
-    return adapter.score(test_items, decoded, tuned)
+    "The only place that reads test labels (after training, selection and tuning): metrics, predictions, item outcomes."
+    m, pred = adapter.score(test_items, decoded, tuned)
+    flat = [s for n in test_items for s in n.sentences] if adapter.task == "clip" else test_items
+    return m, pred, item_scores(adapter.task, flat, pred)
+
+def _bits(labels) -> int: return sum(1 << i for i, l in enumerate(CLIP_LABELS) if l in labels)
+
+def item_scores(task:str,        # mednli, radqa or clip
+                records:list,    # gold records in a fixed order (CLIP: sentences)
+                pred:dict,       # id -> final prediction (label / answer text / label list; None = parse failure)
+               ) -> dict:
+    "Per-item outcomes without any text: what bootstrap intervals, paired tests and error analysis need."
+    ids = [r.id for r in records]
+    if task == "mednli":
+        idx = {l: i for i, l in enumerate(MEDNLI_LABELS)}
+        return {"ids": ids, "gold": [idx[r.label] for r in records], "pred": [idx.get(pred[i], -1) for i in ids]}
+    if task == "radqa":
+        golds = {r.id: list(r.answer_texts) for r in records}
+        em, f1 = metrics._raw_scores(golds, {i: pred[i] or "" for i in ids})  # the official per-question rules
+        return {"ids": ids, "exact": [em[i] for i in ids], "f1": [round(f1[i], 6) for i in ids],
+                "has_answer": [int(r.answerable) for r in records],
+                "answer_words": [len(metrics.normalize_answer(r.answer_texts[0]).split()) if r.answerable else 0 for r in records],
+                "pred_empty": [int(not pred[i]) for i in ids]}
+    gold = [_bits(r.labels) for r in records]
+    # A parse failure (None) is wrong on every label, as in scoring.
+    return {"ids": ids, "gold": gold, "pred": [(~g) & 127 if pred[i] is None else _bits(pred[i]) for i, g in zip(ids, gold)]}
+
+def write_items(out:Path, run_id:str, task:str, variants:dict, primary:str) -> str:
+    "Write `out/items/<run_id>.json` ({variant: item_scores}); returns its path relative to `out`."
+    p = out/"items"/f"{run_id}.json"
+    atomic_write_json(p, {"run_id": run_id, "task": task, "primary": primary, "variants": variants}, indent=None)
+    return str(p.relative_to(out))
+
+def finished(res_path:Path, statuses=("ok",)) -> dict|None:
+    "The results in `res_path` when the unit is finished (a readable file with one of `statuses`), else None."
+    try: prev = json.loads(Path(res_path).read_text())
+    except (OSError, ValueError): return None
+    return prev if isinstance(prev, dict) and prev.get("status") in statuses else None
+
+def unit_identity(task:str, model:str, data_dir, out, *, seed:int=0, fraction:float=1.0, train_overrides:dict|None=None,
+                  task_overrides:dict|None=None, overrides_source:str="command line", data:TaskData|None=None):
+    "What names a fine-tuning unit, without loading a model: (config, task data, subsets, run_id)."
+    config = resolve_unit(task, model, seed=seed, fraction=fraction, train_overrides=train_overrides,
+                          task_overrides=task_overrides, overrides_source=overrides_source)
+    td = data if data is not None else load_task(data_dir, task)
+    subsets = ensure_subsets(td, Path(out)/"subsets", seed=seed)
+    return config, td, subsets, make_run_id(config, f"{td.data_hash}:{subsets['content_hash']}")
 
 def run_unit(task:str, model:str, data_dir, out, *, seed:int=0, fraction:float=1.0, train_overrides:dict|None=None,
              task_overrides:dict|None=None, overrides_source:str="command line", callbacks:list|None=None,
@@ -264,17 +310,11 @@ def run_unit(task:str, model:str, data_dir, out, *, seed:int=0, fraction:float=1
     t_wall = time.perf_counter()
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     out = Path(out)
-    config = resolve_unit(task, model, seed=seed, fraction=fraction, train_overrides=train_overrides,
-                          task_overrides=task_overrides, overrides_source=overrides_source)
-    td = load_task(data_dir, task)
-    subsets = ensure_subsets(td, out/"subsets", seed=seed)
-    run_id = make_run_id(config, f"{td.data_hash}:{subsets['content_hash']}")
+    config, td, subsets, run_id = unit_identity(task, model, data_dir, out, seed=seed, fraction=fraction,
+                                                train_overrides=train_overrides, task_overrides=task_overrides,
+                                                overrides_source=overrides_source)
     res_path = out/f"{run_id}.json"
-    if res_path.exists():
-        try:
-            prev = json.loads(res_path.read_text())
-            if prev.get("status") == "ok": return prev
-        except json.JSONDecodeError: pass
+    if (prev := finished(res_path)) is not None: return prev
     log = log or get_logger(f"clinical_repro.unit.{run_id}", out/"logs"/f"{run_id}.log")
     log.info(f"unit {run_id}: {task} / {model} / finetune, seed {seed}, fraction {fraction:g}")
     spec, tspec = TrainSpec(**config["train"]), TaskSpec(**config["task_params"])
@@ -313,12 +353,13 @@ def run_unit(task:str, model:str, data_dir, out, *, seed:int=0, fraction:float=1
     test_out, plan2 = predict_safely(fr.trainer, test_ds, plan2, retries, log)
     test_dec = adapter.decode(test_out, test_ds, test_blind)
     # Everything that could use test labels is frozen now; scoring reads them for the first time.
-    test_m, test_pred = score_test(adapter, _items(td, "test"), test_dec, tuned)
+    test_m, test_pred, test_items = score_test(adapter, _items(td, "test"), test_dec, tuned)
     eval_seconds = time.perf_counter() - t_eval
     fr.plan = plan2
     if not spec.keep_checkpoints: remove_checkpoints(work)
     pred_path = out/"predictions"/f"{run_id}.json"
     atomic_write_json(pred_path, {"run_id": run_id, "dev": dev_pred, "test": test_pred}, indent=None)
+    items_path = write_items(out, run_id, task, {"finetune": test_items}, "finetune")
     results = {
         "run_id": run_id, "status": "ok", "task": task, "model": model, "mode": "finetune", "seed": seed,
         "fraction": fraction, "shots": None, "draw": None,
@@ -326,7 +367,7 @@ def run_unit(task:str, model:str, data_dir, out, *, seed:int=0, fraction:float=1
         "dev_history": fr.dev_history, "best_dev": fr.best_dev, "best_step": fr.best_step,
         "counts": {"train": len(train_recs), "dev": len(td.splits["dev"]), "test": len(td.splits["test"]),
                    "train_features": len(train_ds), "dev_features": len(dev_ds), "test_features": len(test_ds)},
-        "predictions": str(pred_path.relative_to(out)), "config": config,
+        "predictions": str(pred_path.relative_to(out)), "items": items_path, "config": config,
         "provenance": {"git_commit": git_commit(), "code_version": code_version(), "packages": package_versions(),
                        "data_files": td.files, "data_hash": td.data_hash, "subsets_hash": subsets["content_hash"],
                        "device": dev_info, "precision": precision, "model_source": rm.source},

@@ -22,7 +22,7 @@ from . import models
 __all__ = ['GRIDS', 'SyntheticData', 'DataSpec', 'FinetuneTask', 'FinetuneModel', 'FinetuneSection', 'ICLTask', 'ICLSection',
            'Grid', 'load_grid', 'Experiment', 'expand', 'notebook_name', 'report_path', 'summary_counts', 'grid_path']
 
-# %% ../nbs/85_grid.ipynb #03f829b9
+# %% ../nbs/85_grid.ipynb #2619d921
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 def _unique(v):
@@ -64,9 +64,10 @@ class DataSpec(Spec):
         return self.synthetic is None and self.dir is None
 
 class FinetuneTask(Spec):
-    "Per-task replacement of seeds and fractions."
+    "Per-task replacement of seeds and fractions, and TrainSpec overrides for that task."
     seeds: _Seeds | None = None
     fractions: _Fractions | None = None
+    train: dict[str, Any] = Field(default_factory=dict)
 
 class FinetuneModel(Spec):
     "Per-model overrides: TrainSpec values, and TaskSpec values per task."
@@ -109,6 +110,7 @@ class Grid(Spec):
     show_examples: bool = False
     finetune: FinetuneSection | None = None
     icl: ICLSection | None = None
+    compare: list[tuple[str, str]] = Field(default_factory=list)  # (clinical, general) pairs for the paired tests
     source: str = ""   # the file it was read from (set by `load_grid`, not written in YAML)
 
     @field_validator("grid")
@@ -122,7 +124,7 @@ class Grid(Spec):
         if self.finetune is None and self.icl is None: raise ValueError("a grid needs a finetune section, an icl section or both")
         return self
 
-# %% ../nbs/85_grid.ipynb #0e0bde70
+# %% ../nbs/85_grid.ipynb #52a21b1d
 def _names(file, key, given, known, what) -> list[Problem]:
     "Problems for names in `given` that are not in `known`."
     return [Problem(file, key, f"unknown {what} {g!r}; expected one of: {', '.join(known)}") for g in given if g not in known]
@@ -151,7 +153,8 @@ def _check_finetune(ft:FinetuneSection, tasks:list, reg:dict, file:str, params:P
         fam = reg[m].family
         pm = ft.per_model.get(m, FinetuneModel())
         base = {**train_layers(fam, params)[0], **dict(reg[m].train or {})}
-        for key, ov in (("finetune.train", ft.train), (f"finetune.per_model.{m}.train", pm.train)):
+        for key, ov in (("finetune.train", ft.train), (f"finetune.per_model.{m}.train", pm.train),
+                        *((f"finetune.per_task.{t}.train", pt.train) for t, pt in ft.per_task.items())):
             probs += _check_values(TrainSpec, base, ov, file, key)
         probs += [Problem(file, f"finetune.per_model.{m}.task.{t}", f"a task of this grid ({', '.join(tasks)})")
                   for t in pm.task if t not in tasks]
@@ -183,10 +186,15 @@ def load_grid(path,                  # a grid YAML file
     if not probs:
         if g.finetune is not None: probs += _check_finetune(g.finetune, g.tasks, reg, file, params or params_dir())
         if g.icl is not None: probs += _check_icl(g.icl, g.tasks, reg, file)
+    ft = g.finetune.models if g.finetune is not None else []
+    for i, (a, b) in enumerate(g.compare):
+        probs += [Problem(file, f"compare[{i}]", f"a model fine-tuned in this grid (finetune.models: {', '.join(ft) or 'none'}), got {m!r}")
+                  for m in (a, b) if m not in ft]
+        if a == b: probs.append(Problem(file, f"compare[{i}]", f"two different models, got {a!r} twice"))
     if probs: raise DataError(probs)
     return g.model_copy(update={"source": file})
 
-# %% ../nbs/85_grid.ipynb #67e55f52
+# %% ../nbs/85_grid.ipynb #4dd912d0
 @dataclass(frozen=True)
 class Experiment:
     "One (task, model, mode) of a grid and the units it runs."
@@ -209,7 +217,7 @@ def expand(grid:Grid) -> list[Experiment]:
             units = tuple({"seed": s, "fraction": float(f)} for f in fracs for s in seeds)
             for m in ft.models:
                 pm = ft.per_model.get(m, FinetuneModel())
-                out.append(Experiment(grid.grid, t, m, "finetune", units, {**ft.train, **pm.train},
+                out.append(Experiment(grid.grid, t, m, "finetune", units, {**ft.train, **pt.train, **pm.train},
                                       {**ft.task.get(t, {}), **pm.task.get(t, {})}, grid.source))
         if (ic := grid.icl) is not None:
             pt = ic.per_task.get(t, ICLTask())

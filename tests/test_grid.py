@@ -45,11 +45,11 @@ def test_grid_files_are_all_listed():
 
 
 def test_demo_counts_as_documented():
-    # demo.yaml's header: 3 tasks x 2 models fine-tuned; mednli 2 fractions x 2 seeds, radqa/clip 2 seeds;
-    # icl: 3 tasks x t5-tiny-demo x shots {0, 1} -> 9 experiments, 22 units
+    # demo.yaml's header: 3 tasks x 2 models fine-tuned; mednli 2 fractions x 2 seeds, radqa/clip 1 seed;
+    # icl: 3 tasks x t5-tiny-demo x shots {0, 1} -> 9 experiments, 18 units
     c = summary_counts(load_grid(PARAMS / "demo.yaml"))
-    assert (c["experiments"], c["units"]) == (9, 22)
-    assert (c["finetune_experiments"], c["finetune_units"]) == (6, 2 * (4 + 2 + 2))
+    assert (c["experiments"], c["units"]) == (9, 18)
+    assert (c["finetune_experiments"], c["finetune_units"]) == (6, 2 * (4 + 1 + 1))
     assert (c["icl_experiments"], c["icl_units"]) == (3, 6)
 
 
@@ -149,7 +149,7 @@ def test_unknown_names_list_what_exists(tmp_path):
 def test_overrides_for_tasks_outside_the_grid(tmp_path):
     d = demo_obj(); d["tasks"] = ["mednli"]
     msg = error_of(write(tmp_path, d))
-    assert "finetune.task.radqa" in msg and "finetune.per_task" not in msg
+    assert "finetune.task.radqa" in msg and "finetune.per_task.radqa" in msg and "finetune.per_task.mednli" not in msg
 
 
 def test_grid_path_by_name():

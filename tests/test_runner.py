@@ -1,0 +1,189 @@
+"""The grid runner end to end: papermill notebooks per experiment, skip/resume, failures kept apart, the summary."""
+import json, os, subprocess, sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TEMPLATE = ROOT / "nbs" / "experiments" / "experiment.ipynb"
+
+
+def _env(tmp_path):
+    # Offline (a hub model must fail to load, not download), one thread per kernel (tests run two workers),
+    # the demo model cache shared with the other tests.
+    env = {k: v for k, v in os.environ.items() if k not in ("CLINICAL_T5_BASE", "OMP_NUM_THREADS")}
+    return {**env, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CLINICAL_REPRO_PARAMS": str(ROOT / "params"),
+            "CLINICAL_REPRO_TEMPLATES": str(ROOT / "nbs" / "experiments")}
+
+
+def _cli(args, tmp_path, cwd=None):
+    return subprocess.run([str(BIN / "clinical-repro"), *args], capture_output=True, text=True, env=_env(tmp_path),
+                          cwd=cwd or tmp_path, timeout=900)
+
+
+def _texts(nb_path) -> str:
+    "Everything a reader of the notebook sees: sources and outputs."
+    nb = nbformat.read(str(nb_path), as_version=4)
+    out = []
+    for c in nb.cells:
+        out.append(c.source)
+        for o in c.get("outputs", []):
+            out.append(json.dumps(o.get("data", {})) + o.get("text", "") + " ".join(o.get("traceback", [])))
+    return "\n".join(out)
+
+
+GRID = """
+grid: t
+data: {{dir: {data}}}
+tasks: [mednli]
+finetune:
+  models: [minilm-demo, roberta-base, clinical-t5-base]
+  seeds: [0, 1]
+  train: {{max_steps: 2, eval_steps: 2, effective_batch: 8}}
+icl: {{models: [t5-tiny-demo], shots: [0], limit: 6, dev_n: 4}}
+compare: [[roberta-base, minilm-demo]]
+"""
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory, tiny_release):
+    "One run of a small grid in which two of four experiments cannot run; then a rerun."
+    tmp = tmp_path_factory.mktemp("grid")
+    g = tmp / "t.yaml"
+    g.write_text(GRID.format(data=tiny_release[0]))
+    first = _cli(["run", str(g), "--reports", str(tmp / "reports")], tmp)
+    gdir = tmp / "reports" / "t"
+    stamp = {p: p.stat().st_mtime_ns for p in gdir.rglob("*") if p.is_file()}
+    second = _cli(["run", str(g), "--reports", str(tmp / "reports")], tmp)
+    return tmp, gdir, first, second, stamp
+
+
+def test_failing_units_are_listed_and_the_others_complete(grid_run):
+    tmp, gdir, first, _, _ = grid_run
+    assert first.returncode == 1, first.stderr[-3000:]
+    fails = json.loads((gdir / "failures.json").read_text())
+    by_model = {}
+    for f in fails: by_model.setdefault(f["model"], []).append(f)
+    assert set(by_model) == {"roberta-base", "clinical-t5-base"}, fails
+    assert len(by_model["roberta-base"]) == 2 and len(by_model["clinical-t5-base"]) == 2
+    assert all("roberta-base" in f["error"] for f in by_model["roberta-base"])          # could not load offline
+    assert all("CLINICAL_T5_BASE" in f["error"] for f in by_model["clinical-t5-base"])  # says which variable to set
+    assert "4 unit(s) failed" in first.stderr
+    m = json.loads((gdir / "manifest.json").read_text())
+    ok = {(e["model"], e["mode"]): [u["status"] for u in e["units"]] for e in m["experiments"]}
+    assert ok[("minilm-demo", "finetune")] == ["ok", "ok"] and ok[("t5-tiny-demo", "icl")] == ["ok"]
+    for e in m["experiments"]:
+        assert (gdir / e["notebook"]).is_file(), e          # every notebook is kept, failing ones too
+        for u in e["units"]:
+            r = json.loads((gdir / u["results"]).read_text())
+            assert r["status"] == u["status"]
+            if u["status"] == "failed": assert r["error"] and "Traceback" in r["traceback"]
+    # the failing experiment's notebook shows the error to its reader
+    assert "roberta-base" in _texts(gdir / "mednli" / "roberta-base__finetune.ipynb")
+
+
+def test_one_results_file_per_unit(grid_run):
+    _, gdir, _, _, _ = grid_run
+    files = sorted((gdir / "results").glob("*.json"))
+    m = json.loads((gdir / "manifest.json").read_text())
+    listed = sorted(gdir / u["results"] for e in m["experiments"] for u in e["units"])
+    assert files == listed and len(files) == 7   # 2 + 2 + 2 fine-tuning units, 1 ICL unit
+
+
+def test_rerun_skips_finished_units_and_retries_failed_ones(grid_run):
+    _, gdir, first, second, stamp = grid_run
+    assert second.returncode == 1
+    assert "(2 executed, 2 skipped" in second.stdout
+    m = json.loads((gdir / "manifest.json").read_text())
+    status = {(e["model"], e["mode"]): e["status"] for e in m["experiments"]}
+    assert status[("minilm-demo", "finetune")] == "cached" and status[("t5-tiny-demo", "icl")] == "cached"
+    for e in m["experiments"]:
+        if e["status"] != "cached": continue
+        for u in e["units"]:
+            p = gdir / u["results"]
+            assert p.stat().st_mtime_ns == stamp[p]            # not rewritten
+        nb = gdir / e["notebook"]
+        assert nb.stat().st_mtime_ns == stamp[nb]              # not re-executed
+    # the failed units were tried again and failed again
+    assert status[("roberta-base", "finetune")] == "failed"
+
+
+def test_notebooks_show_aggregates_only(grid_run, tiny_release):
+    _, gdir, _, _, _ = grid_run
+    from clinical_repro.data import load_task
+    premises = [r.premise for r in load_task(tiny_release[0], "mednli").splits["test"]]
+    text = _texts(gdir / "mednli" / "minilm-demo__finetune.ipynb")
+    assert "accuracy" in text.lower()
+    assert not [p for p in premises if p in text]
+
+
+def test_summary_files(grid_run):
+    _, gdir, first, _, _ = grid_run
+    assert "summary" in first.stdout and "summary.html" in first.stdout
+    html = (gdir / "summary.html").read_text()
+    md = (gdir / "summary.md").read_text()
+    assert "data:image/png;base64" in html                     # figures embedded: the file stands alone
+    assert "Table 3" in md and "roberta-base" in md
+    for link in [l.split("](")[1].rstrip(")") for l in md.splitlines() if l.startswith("![")]:
+        assert (gdir / link).is_file(), link
+    nb = nbformat.read(str(gdir / "summary.ipynb"), as_version=4)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+
+
+def test_summarize_again_is_cached_and_force_rewrites(grid_run):
+    tmp, gdir, _, _, _ = grid_run
+    r = _cli(["summarize", "--reports", str(tmp / "reports")], tmp)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "unchanged inputs" in r.stdout
+
+
+def test_dry_run_shows_cached_and_missing_units_and_writes_nothing(grid_run):
+    tmp, gdir, _, _, _ = grid_run
+    before = {p: p.stat().st_mtime_ns for p in gdir.rglob("*") if p.is_file()}
+    r = _cli(["run", str(tmp / "t.yaml"), "--reports", str(tmp / "reports"), "--dry-run"], tmp)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "minilm-demo__finetune.ipynb: 2 units, 2 cached, 0 to run" in r.stdout
+    assert "roberta-base__finetune.ipynb: 2 units, 0 cached, 2 to run" in r.stdout
+    assert "would run 4 of 7 units" in r.stdout
+    assert {p: p.stat().st_mtime_ns for p in gdir.rglob("*") if p.is_file()} == before
+
+
+def test_resume_runs_only_the_missing_unit(grid_run):
+    tmp, gdir, _, _, _ = grid_run
+    m = json.loads((gdir / "manifest.json").read_text())
+    e = next(e for e in m["experiments"] if e["model"] == "minilm-demo")
+    keep, lost = (gdir / e["units"][0]["results"]), (gdir / e["units"][1]["results"])
+    t_keep = keep.stat().st_mtime_ns
+    lost.unlink()                                                 # as if the run had been killed before this unit
+    r = _cli(["run", str(tmp / "t.yaml"), "--reports", str(tmp / "reports"), "--no-summary"], tmp)
+    assert r.returncode == 1                                      # the two broken models still fail
+    assert json.loads(lost.read_text())["status"] == "ok" and keep.stat().st_mtime_ns == t_keep
+
+
+def test_template_runs_directly_with_papermill(tmp_path, tiny_release):
+    out = tmp_path / "out.ipynb"
+    r = subprocess.run([str(BIN / "papermill"), str(TEMPLATE), str(out), "-k", "python3", "--cwd", str(tmp_path),
+                        "-p", "task", "mednli", "-p", "model", "minilm-demo", "-p", "mode", "finetune",
+                        "-p", "data_dir", str(tiny_release[0]), "-p", "reports_dir", str(tmp_path / "reports"),
+                        "-y", "train_overrides: {max_steps: 2, eval_steps: 2, effective_batch: 8}"],
+                       capture_output=True, text=True, env=_env(tmp_path), timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = [json.loads(p.read_text()) for p in (tmp_path / "reports" / "manual" / "results").glob("*.json")]
+    assert [(x["status"], x["task"], x["model"], x["seed"]) for x in res] == [("ok", "mednli", "minilm-demo", 0)]
+    assert res[0]["config"]["train"]["max_steps"] == 2
+    assert "Examples hidden" in _texts(out)
+
+
+def test_unknown_key_in_a_grid_is_refused_before_anything_runs(tmp_path, tiny_release):
+    g = tmp_path / "bad.yaml"
+    g.write_text(GRID.format(data=tiny_release[0]).replace("seeds: [0, 1]", "seeds: [0, 1]\n  seed: 3"))
+    r = _cli(["run", str(g), "--reports", str(tmp_path / "reports")], tmp_path)
+    assert r.returncode == 2 and "finetune.seed" in r.stderr and str(g) in r.stderr
+    assert not (tmp_path / "reports").exists()
+
+
+def test_a_grid_on_real_data_needs_a_data_dir(tmp_path):
+    r = _cli(["run", "paper", "--reports", str(tmp_path / "reports"), "--dry-run"], tmp_path)
+    assert r.returncode == 2 and "--data-dir" in r.stderr
