@@ -205,7 +205,7 @@ def cmd_icl(args) -> int:
         print(json.dumps(res["metrics"]["test"], default=str)[:2000])
     return 0
 
-# %% ../nbs/99_cli.ipynb #16f8249a
+# %% ../nbs/99_cli.ipynb #3a193c7d
 def _print_failures(m:dict, gdir:Path) -> None:
     from clinical_repro.runner import failures
     fails = failures(m)
@@ -214,10 +214,12 @@ def _print_failures(m:dict, gdir:Path) -> None:
     for f in fails: print(f"  {f['task']} / {f['model']} / {f['mode']}, {f['unit']}: {f['error']}  [{f['notebook']}]", file=sys.stderr)
 
 def cmd_run(args) -> int:
-    "Run a grid: execute its notebooks with papermill, skip finished units, then write the summary."
+    "Run a grid: execute its notebooks with papermill, skip finished units, write the summary, scan the reports for leaks."
     from clinical_repro import runner
+    from clinical_repro.core import atomic_write_json, get_logger
     t0 = time.perf_counter()
-    m = runner.run_grid(args.grid, args.data_dir, args.reports, dry_run=args.dry_run, executor=args.executor, jobs=args.jobs)
+    m = runner.run_grid(args.grid, args.data_dir, args.reports, dry_run=args.dry_run, executor=args.executor, jobs=args.jobs,
+                        ray_address=args.ray_address, scan=False)
     if args.dry_run: return 0
     gdir = Path(args.reports)/m["grid"]
     units = [u for e in m["experiments"] for u in e["units"]]
@@ -230,8 +232,15 @@ def cmd_run(args) -> int:
         s = runner.summarize_grid(gdir, n_boot=args.n_boot)
         print(f"summary{' (unchanged inputs: kept)' if s['cached'] else ''}: open {s['html']} in a browser, "
               f"{s['ipynb']} in JupyterLab; Markdown {s['md']}")
+    # Last, so that it covers every file the run wrote, the summary included.
+    ls = runner.leak_scan(m["data_dir"], gdir, get_logger("clinical_repro.runner"))
+    atomic_write_json(gdir/"manifest.json", {**m, "leak_scan": ls})
+    if ls["leaks"]:
+        print(f"LEAK SCAN: {ls['leaks']} verbatim span(s) of the data found in the reports; list them with "
+              f"clinical-repro scan-leaks --data-dir {m['data_dir']} --reports {gdir}", file=sys.stderr)
+    else: print(f"leak scan: {ls['files_scanned']} report files checked, no verbatim span of the data")
     print(f"done in {time.perf_counter() - t0:.0f} s")
-    return 1 if runner.failures(m) else 0
+    return 1 if runner.failures(m) or ls["leaks"] else 0
 
 def cmd_summarize(args) -> int:
     "Write the paper-style summary of every grid under --reports (a pure function of the results files)."
@@ -241,7 +250,7 @@ def cmd_summarize(args) -> int:
         print(f"{gdir.name}: {s['html']}{' (unchanged inputs: kept)' if s['cached'] else ''}; also {s['ipynb']}, {s['md']}")
     return 0
 
-# %% ../nbs/99_cli.ipynb #f5a7bde4
+# %% ../nbs/99_cli.ipynb #fe9006dd
 def build_parser() -> argparse.ArgumentParser:
     "The `clinical-repro` argument parser."
     p = argparse.ArgumentParser(prog="clinical-repro", description="Do we still need clinical language models? A reproducible study.")
@@ -297,9 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("grid", help="a grid file, or the name of one in params/ (demo, paper, limited-data, icl, colab-t4)")
     r.add_argument("--data-dir", help="folder holding mednli/, radqa/, clip/ (synthetic grids: where to write the demo data)")
     r.add_argument("--reports", default="reports", help="reports folder (default: reports); the grid's go to <reports>/<grid>/")
-    r.add_argument("--executor", choices=("local", "ray"), default="local")
+    r.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: notebooks on this machine; ray: each notebook a Ray task (see docs/cluster.md)")
+    r.add_argument("--ray-address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
     r.add_argument("--dry-run", action="store_true", help="show what would run and what is cached; run nothing")
-    r.add_argument("--jobs", type=int, default=1, help="notebooks run at once (CPU: each gets cores/jobs threads; one GPU: keep 1)")
+    r.add_argument("--jobs", type=int, default=1, help="notebooks run at once (CPU: each gets cores/jobs threads; one GPU: keep 1; "
+                   "ray: the cap on notebooks at once, 1 = no cap)")
     r.add_argument("--no-summary", action="store_true", help="do not write the summary afterwards")
     r.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the summary's intervals and tests")
     r.set_defaults(func=cmd_run)
@@ -308,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--n-boot", type=int, default=1000)
     m.add_argument("--force", action="store_true", help="rewrite even when the results did not change")
     m.set_defaults(func=cmd_summarize)
+    from clinical_repro.governance import add_scan_leaks_parser
+    add_scan_leaks_parser(sub)
     return p
 
 def main(argv=None) -> int:

@@ -22,8 +22,9 @@ from . import grid as G, models, synthetic
 # %% auto #0
 __all__ = ['FINISHED', 'templates_dir', 'grid_dir', 'demo_data_dir', 'ensure_demo_data', 'resolve_data_dir', 'UnitState',
            'unit_label', 'fallback_id', 'identify', 'unit_state', 'write_failure', 'run_experiment',
-           'notebook_parameters', 'experiment_states', 'plan_grid', 'failures', 'run_grid', 'default_units',
-           'error_examples', 'summary_inputs_hash', 'summarize_grid', 'grid_folders']
+           'notebook_parameters', 'experiment_states', 'plan_grid', 'failures', 'kernel_env', 'notebook_complete',
+           'clean_temporaries', 'run_grid', 'leak_scan', 'default_units', 'error_examples', 'summary_inputs_hash',
+           'summarize_grid', 'grid_folders']
 
 # %% ../nbs/88_runner.ipynb #fce64458
 def templates_dir() -> Path:
@@ -65,7 +66,7 @@ def resolve_data_dir(grid:G.Grid, data_dir=None, write:bool=True) -> Path:
     if not d.is_dir() and (write or syn is None): raise UserError(f"data folder {d} does not exist")
     return d.resolve() if d.exists() else d
 
-# %% ../nbs/88_runner.ipynb #00c5b7e9
+# %% ../nbs/88_runner.ipynb #ba48f08e
 FINISHED = ("ok", "not_applicable")
 
 @dataclass
@@ -101,10 +102,13 @@ def _load_or_none(data_dir, task):
     except Exception: return None  # noqa: BLE001 - a missing or invalid task is reported per unit
 
 def _read_status(p:Path) -> tuple[str, str|None]:
-    try: r = json.loads(p.read_text())
-    except (OSError, ValueError): return "todo", None
-    if not isinstance(r, dict): return "todo", None
-    return r.get("status", "todo"), r.get("error")
+    "A unit's status from its results file: todo when there is none, or it is corrupt (then it runs again)."
+    if not p.exists(): return "todo", None
+    try: r = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError): r = None
+    if not isinstance(r, dict) or r.get("status") not in FINISHED + ("failed",):
+        return "todo", f"results file {p} is corrupt (not a results JSON object): the unit runs again"
+    return r["status"], r.get("error")
 
 def unit_state(task, model, mode, unit, data_dir, results_dir, *, grid_folder=None, **kw) -> UnitState:
     "Identity and state of one unit, from its results file."
@@ -117,7 +121,7 @@ def unit_state(task, model, mode, unit, data_dir, results_dir, *, grid_folder=No
     status, err = _read_status(p)
     return UnitState(unit, rid, status, os.path.relpath(p, base) if p.exists() else None, err)
 
-# %% ../nbs/88_runner.ipynb #2e9da7e1
+# %% ../nbs/88_runner.ipynb #365f5221
 def write_failure(results_dir, run_id:str|None, task:str, model:str, mode:str, unit:dict, exc:BaseException) -> Path:
     "Write the failure record of a unit (atomically); returns its path."
     rid = run_id or fallback_id(task, model, mode, unit)
@@ -151,14 +155,18 @@ def run_experiment(task:str, model:str, mode:str, units:list, data_dir, results_
                 row["status"], row["error"] = res["status"], None
                 (results_dir/f"{fallback_id(task, model, mode, unit)}.json").unlink(missing_ok=True)
             except Exception as e:  # noqa: BLE001 - a unit's failure is recorded, the others go on
-                write_failure(results_dir, st.run_id, task, model, mode, unit, e)
                 row["status"], row["error"] = "failed", f"{type(e).__name__}: {e}"
+                try: write_failure(results_dir, st.run_id, task, model, mode, unit, e)
+                except OSError as w: row["error"] += f" (and its failure record could not be written: {w})"
                 log.error(f"{task} / {model} / {mode}, {row['unit']}: failed: {row['error']}")
         row["seconds"] = round(time.perf_counter() - t0, 2)
         rows.append(row)
+    lost = [r for r in rows if r["error"] and "failure record could not be written" in r["error"]]
+    if lost:  # nothing on disk says what happened to these units (a full disk, say): fail loudly, after the others ran
+        raise UserError("; ".join(f"{task} / {model} / {mode}, {r['unit']}: {r['error']}" for r in lost))
     return rows
 
-# %% ../nbs/88_runner.ipynb #b9900304
+# %% ../nbs/88_runner.ipynb #417059a6
 def _now() -> str: return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 def notebook_parameters(exp:G.Experiment, units:list, data_dir, reports, grid:G.Grid) -> dict:
@@ -173,8 +181,10 @@ def _execute(template:Path, out_nb:Path, params:dict) -> str|None:
     import papermill as pm
     out_nb.parent.mkdir(parents=True, exist_ok=True)
     try:
-        pm.execute_notebook(str(template), str(out_nb), parameters=params, kernel_name="python3", cwd=str(out_nb.parent),
-                            progress_bar=False, log_output=False)
+        # The kernel starts in the notebook's folder. (papermill's own `cwd=` would chdir the whole runner process,
+        # which races when several notebooks run at once; nbclient's resources path sets only the kernel's.)
+        pm.execute_notebook(str(template), str(out_nb), parameters=params, kernel_name="python3",
+                            resources={"metadata": {"path": str(out_nb.parent)}}, progress_bar=False, log_output=False)
         return None
     except pm.PapermillExecutionError as e: return f"notebook cell {e.exec_count} raised {e.ename}: {e.evalue}"
     except Exception as e: return f"{type(e).__name__}: {e}"  # noqa: BLE001 - kernel died, template unreadable, ...
@@ -231,85 +241,160 @@ def failures(manifest:dict) -> list[dict]:
     return out
 
 @contextmanager
-def _threads_per_kernel(jobs:int, log):
-    "With several notebooks at once on CPU, give each kernel its share of the cores (unless the user set OMP_NUM_THREADS)."
-    if jobs == 1 or "OMP_NUM_THREADS" in os.environ: yield; return
-    n = max(1, (os.cpu_count() or 1) // jobs)
-    os.environ["OMP_NUM_THREADS"] = str(n)
-    log.info(f"{jobs} notebooks at a time, {n} CPU thread(s) each")
+def _kernel_env(env:dict):
+    "Environment variables the notebooks' kernels inherit while they run (restored afterwards)."
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try: yield
-    finally: os.environ.pop("OMP_NUM_THREADS", None)
+    finally:
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
+def kernel_env(grid:G.Grid, jobs:int=1) -> dict:
+    "What the kernels run with: the runner's pid (crash tests), offline flags when no model needs a download, threads."
+    env = {"CLINICAL_REPRO_RUNNER_PID": str(os.getpid()), "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1"}
+    reg = models.load_registry()
+    names = set(grid.finetune.models if grid.finetune else []) | set(grid.icl.models if grid.icl else [])
+    if all(reg[m].hub_id is None for m in names):  # demo and local models: nothing may reach the network
+        from clinical_repro.governance import network_guard_env
+        env.update(network_guard_env())
+    if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # several notebooks at once on CPU share the cores
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return env
+
+def notebook_complete(nb:Path) -> bool:
+    "True when papermill finished `nb` without an exception (a killed run leaves it unfinished or unreadable)."
+    try: meta = json.loads(Path(nb).read_text(encoding="utf-8"))["metadata"].get("papermill", {})
+    except (OSError, ValueError, KeyError, AttributeError, TypeError): return False
+    return meta.get("end_time") is not None and not meta.get("exception")
+
+def clean_temporaries(gdir:Path) -> int:
+    "Remove the `.<name>.*.tmp` files that a killed write leaves (run one runner per grid folder at a time)."
+    n = 0
+    for p in Path(gdir).rglob(".*.tmp"):
+        if p.is_file(): p.unlink(missing_ok=True); n += 1
+    return n
+
+def _print_plan(grid, plan, todo, data_dir, gdir, reports, out):
+    n_units = sum(len(s) for _, s in plan)
+    out(f"grid {grid.grid} ({grid.source}): {len(plan)} notebooks, {n_units} units; data {data_dir}; reports {gdir}")
+    for e, s in plan:
+        cached = sum(u.status in FINISHED for u in s)
+        out(f"  {G.report_path(e, reports)}: {len(s)} units, {cached} cached, {len(s) - cached} to run")
+        for u in s:
+            if u.status not in FINISHED: out(f"      {unit_label(e.mode, u.unit)}: {u.status}{' - ' + u.error if u.error else ''}")
+    out(f"would run {sum(u.status not in FINISHED for _, s in todo for u in s)} of {n_units} units in {len(todo)} notebooks")
+
+def _after(grid, e, data_dir, reports, err, nb) -> list[UnitState]:
+    "Unit states once an experiment's notebook has run: a unit with no results file is failed, with the reason."
+    out = []
+    for u in experiment_states(grid, e, data_dir, reports, _load_or_none(data_dir, e.task)):
+        if u.status == "todo":
+            why = err or f"the notebook finished without writing this unit's results file (see {nb})"
+            u = UnitState(u.unit, u.run_id, "failed", u.results, why)
+        out.append(u)
+    return out
 
 def run_grid(grid_file, data_dir=None, reports="reports", *, dry_run:bool=False, executor:str="local", jobs:int=1,
-             progress:bool=True, out=print) -> dict:
-    "Run (or, with `dry_run`, show) a grid, `jobs` notebooks at a time; returns the manifest."
-    if executor != "local": raise UserError(f"executor {executor!r}: only 'local' is available in this version")
+             ray_address:str|None=None, progress:bool=True, scan:bool=True, out=print) -> dict:
+    "Run (or, with `dry_run`, show) a grid, `jobs` notebooks at a time; then scan the reports for leaks. Returns the manifest."
+    if executor not in ("local", "ray"): raise UserError(f"executor {executor!r}: expected local or ray")
     if jobs < 1: raise UserError(f"jobs must be 1 or more, got {jobs}")
+    if executor == "ray":
+        from clinical_repro import executors
+        if not executors.ray_available(): raise UserError(f"--executor ray: Ray is not installed. {executors.INSTALL_HINT}")
     grid = G.load_grid(G.grid_path(str(grid_file)))
+    reports = Path(reports).resolve()  # notebooks run in their own folders: every path they get is absolute
     gdir = grid_dir(grid, reports)
     data_dir = resolve_data_dir(grid, data_dir, write=not dry_run)
     syn = grid.data.synthetic
+    if syn is None:
+        from clinical_repro.governance import check_data_location
+        check_data_location(data_dir)
     if dry_run and syn is not None and not _demo_complete(data_dir, syn.size, syn.seed):
         out(f"the synthetic demo data will be written to {data_dir} first")
         plan = [(e, [UnitState(dict(u), None, "todo", None) for u in e.units]) for e in G.expand(grid)]
     else: plan = plan_grid(grid, data_dir, reports)
-    todo = [(e, s) for e, s in plan if any(u.status not in FINISHED for u in s) or not (G.report_path(e, reports)).exists()]
-    n_units = sum(len(s) for _, s in plan)
-    n_run = sum(u.status not in FINISHED for _, s in todo for u in s)
+    todo = [(e, s) for e, s in plan if any(u.status not in FINISHED for u in s) or not notebook_complete(G.report_path(e, reports))]
     if dry_run:
-        out(f"grid {grid.grid} ({grid.source}): {len(plan)} notebooks, {n_units} units; data {data_dir}; reports {gdir}")
-        for e, s in plan:
-            cached = sum(u.status in FINISHED for u in s)
-            out(f"  {G.report_path(e, reports)}: {len(s)} units, {cached} cached, {len(s) - cached} to run")
-            for u in s:
-                if u.status not in FINISHED: out(f"      {unit_label(e.mode, u.unit)}: {u.status}{' - ' + u.error if u.error else ''}")
-        out(f"would run {n_run} of {n_units} units in {len(todo)} notebooks")
-        return _manifest(grid, data_dir, gdir, _now(), time.perf_counter(), executor,
-                         [_entry(e, gdir, s, "planned", 0.0) for e, s in plan])
+        _print_plan(grid, plan, todo, data_dir, gdir, reports, out)
+        return _manifest(grid, data_dir, gdir, _now(), time.perf_counter(), executor, [_entry(e, gdir, s, "planned", 0.0) for e, s in plan])
     started, t0 = _now(), time.perf_counter()
     log = get_logger("clinical_repro.runner", gdir/"logs"/f"run-{started.replace(':', '')[:17]}.log")
+    if (n := clean_temporaries(gdir)): log.info(f"removed {n} temporary file(s) left by an interrupted run")
+    n_units, n_run = sum(len(s) for _, s in plan), sum(u.status not in FINISHED for _, s in todo for u in s)
     log.info(f"grid {grid.grid}: {len(plan)} notebooks, {n_units} units, {n_units - n_run} finished before; data {data_dir}")
     template = templates_dir()/"experiment.ipynb"
-    entries = {}
-    for e, s in plan:
-        entries[(e.task, e.model, e.mode)] = _entry(e, gdir, s, "cached", 0.0)
+    entries = {(e.task, e.model, e.mode): _entry(e, gdir, s, "cached", 0.0) for e, s in plan}
+    lock, ray_info = threading.Lock(), {}
     def save():
         m = _manifest(grid, data_dir, gdir, started, t0, executor, list(entries.values()))
+        if ray_info: m["ray"] = ray_info
         atomic_write_json(gdir/"manifest.json", m); atomic_write_json(gdir/"failures.json", failures(m))
         return m
     save()
     bar = tqdm(total=n_run, desc=f"grid {grid.grid}", unit="unit", disable=not progress, file=sys.stderr)
-    lock = threading.Lock()
-    def one(i, e, states):
-        nb = G.report_path(e, reports)
+    calls = [{"template": str(template), "out_nb": str(G.report_path(e, reports).resolve()),
+              "params": notebook_parameters(e, [u.unit for u in s], data_dir, reports, grid)} for e, s in todo]
+    watchers = [_Watcher(bar, [gdir/"results"/f"{u.run_id}.json" for u in s if u.run_id and u.status not in FINISHED]) for _, s in todo]
+    starts = {}
+    def begin(i):
+        e = todo[i][0]
         with lock:
             bar.set_postfix_str(f"{e.task}/{e.model}__{e.mode}")
-            log.info(f"notebook {i}/{len(todo)}: {nb}")
-        t = time.perf_counter()
-        watch = [gdir/"results"/f"{u.run_id}.json" for u in states if u.run_id and u.status not in FINISHED]
-        with _Watcher(bar, watch):
-            err = _execute(template, nb, notebook_parameters(e, [u.unit for u in states], data_dir, reports, grid))
-        after = experiment_states(grid, e, data_dir, reports, _load_or_none(data_dir, e.task))
-        if err: after = [u if u.status in FINISHED or u.error else UnitState(u.unit, u.run_id, "failed", u.results, err) for u in after]
+            log.info(f"notebook {i + 1}/{len(todo)}: {calls[i]['out_nb']}")
+        starts[i] = time.perf_counter()
+    def done(i, err):
+        e = todo[i][0]; nb = calls[i]["out_nb"]
+        after = _after(grid, e, data_dir, reports, err, nb)
         status = "failed" if err or any(u.status == "failed" for u in after) else "ok"
         with lock:
-            entries[(e.task, e.model, e.mode)] = _entry(e, gdir, after, status, time.perf_counter() - t, err)
+            entries[(e.task, e.model, e.mode)] = _entry(e, gdir, after, status, time.perf_counter() - starts.get(i, t0), err)
             if err: log.error(f"{nb}: {err} (partial notebook kept)")
             for u in after:
                 if u.status == "failed": log.error(f"  {unit_label(e.mode, u.unit)}: {u.error}")
             save()
-    with _threads_per_kernel(jobs, log):
-        if jobs == 1:
-            for i, (e, states) in enumerate(todo, 1): one(i, e, states)
-        else:
-            with ThreadPoolExecutor(max_workers=jobs) as pool:
-                for f in [pool.submit(one, i, e, s) for i, (e, s) in enumerate(todo, 1)]: f.result()
+    env = kernel_env(grid, jobs if executor == "local" else 1)
+    with _kernel_env(env):
+        if executor == "ray" and calls:  # every notebook a Ray task; results land in the same (shared) reports folder
+            for i in range(len(todo)): starts[i] = time.perf_counter()
+            for w in watchers: w.__enter__()
+            try:
+                info = executors.run_on_ray([{**c, "env": {**executors.driver_env(), **env}} for c in calls], done,
+                                            address=ray_address, log=log, max_parallel=jobs if jobs > 1 else None)
+            finally:
+                for w in watchers: w.__exit__()
+            with lock: ray_info.update({k: v for k, v in info.items() if k != "calls"})
+        elif executor == "local":
+            def one(i):
+                begin(i)
+                with watchers[i]: err = _execute(Path(calls[i]["template"]), Path(calls[i]["out_nb"]), calls[i]["params"])
+                done(i, err)
+            if jobs == 1:
+                for i in range(len(todo)): one(i)
+            else:
+                with ThreadPoolExecutor(max_workers=jobs) as pool:
+                    for f in [pool.submit(one, i) for i in range(len(todo))]: f.result()
     bar.close()
     m = save()
     fails = failures(m)
     log.info(f"grid {grid.grid} done in {m['seconds']:.0f} s: {n_units - len(fails)} of {n_units} units finished, "
              f"{len(fails)} failed; manifest {gdir/'manifest.json'}")
+    if scan:
+        m["leak_scan"] = leak_scan(data_dir, gdir, log)
+        atomic_write_json(gdir/"manifest.json", m)
     return m
+
+def leak_scan(data_dir, gdir, log) -> dict:
+    "Scan the grid's reports for verbatim spans of the data; log the verdict; a summary dict for the manifest."
+    from clinical_repro.governance import scan_leaks
+    rep = scan_leaks(data_dir, gdir)
+    leaks = rep["leaks"] if isinstance(rep, dict) else rep.leaks
+    files = rep["files_scanned"] if isinstance(rep, dict) else rep.files_scanned
+    if leaks: log.error(f"leak scan: {len(leaks)} verbatim span(s) of the data in the reports of {gdir} (clinical-repro scan-leaks for the list)")
+    else: log.info(f"leak scan: {files} report files checked, no verbatim span of the data")
+    return {"files_scanned": files, "leaks": len(leaks)}
 
 # %% ../nbs/88_runner.ipynb #03ee6628
 def default_units(mode:str, seeds=(0,), fractions=(1.0,), shots=(1,), draws:int=1, limit:int|None=None, dev_n:int=200) -> list[dict]:
@@ -342,7 +427,7 @@ def error_examples(task:str, data_dir, results_dir, run_id:str, n:int=5):
         else: rows.append({"sentence": r.text, "gold": ", ".join(r.labels) or "(none)", "predicted": ", ".join(pred[i] or []) if pred[i] is not None else "(unparsable)"})
     return pd.DataFrame(rows)
 
-# %% ../nbs/88_runner.ipynb #7238a34e
+# %% ../nbs/88_runner.ipynb #7b61529b
 def summary_inputs_hash(gdir) -> str:
     "Hash of what the summary reads: results and item files, the manifest (without its times), the template and the code."
     gdir = Path(gdir); h = hashlib.sha256()
@@ -350,7 +435,7 @@ def summary_inputs_hash(gdir) -> str:
         h.update(p.name.encode()); h.update(p.read_bytes())
     try: m = json.loads((gdir/"manifest.json").read_text())
     except (OSError, ValueError): m = {}
-    for k in ("started", "finished", "seconds", "executor"): m.pop(k, None)
+    for k in ("started", "finished", "seconds", "executor", "leak_scan"): m.pop(k, None)
     for e in m.get("experiments", []):  # how long a notebook took, or whether it ran this time, is not summarised
         for k in ("seconds", "status"): e.pop(k, None)
     h.update(json.dumps(m, sort_keys=True).encode())
