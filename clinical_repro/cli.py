@@ -154,7 +154,7 @@ def cmd_subsets(args) -> int:
         print(f"{task}: {obj['unit']}s per fraction {sizes}  (content hash {obj['content_hash'][:12]})")
     return 0
 
-# %% ../nbs/99_cli.ipynb #e43f1b92
+# %% ../nbs/99_cli.ipynb #93d9a22d
 def _value(text:str):
     "A command-line value: JSON first (so 3e-5 is a number, unlike YAML 1.1), else YAML, else the string."
     try: return json.loads(text)
@@ -173,9 +173,15 @@ def parse_sets(items:list[str]|None) -> tuple[dict, dict]:
         (train if section == "train" else task)[name] = _value(val)
     return train, task
 
+def _guard(data_dir) -> None:
+    "Refuse real data inside a git work tree that is not ignored (the synthetic demo data is exempt)."
+    from clinical_repro.governance import check_data_location
+    if not (Path(data_dir)/synthetic.DEMO_MARKER).exists(): check_data_location(data_dir)
+
 def cmd_finetune(args) -> int:
     "Fine-tune one unit and write its results file."
     from clinical_repro.experiment import run_unit
+    _guard(args.data_dir)
     over, task_over = parse_sets(args.set)
     if args.max_steps: over["max_steps"] = args.max_steps
     if args.epochs: over["epochs"] = args.epochs
@@ -191,10 +197,11 @@ def cmd_finetune(args) -> int:
         if res.get("synthetic_demo"): print("Demo model: not a reproduction of the paper.")
     return 0
 
-# %% ../nbs/99_cli.ipynb #8513d9b1
+# %% ../nbs/99_cli.ipynb #62decc05
 def cmd_icl(args) -> int:
     "Run one in-context-learning unit and write its results file."
     from clinical_repro.icl import run_icl_unit
+    _guard(args.data_dir)
     with contextlib.redirect_stdout(sys.stderr):
         res = run_icl_unit(args.task, args.model, args.data_dir, args.out, shots=args.shots, draw=args.draw, seed=args.seed,
                            limit=args.limit, template=args.template)

@@ -166,7 +166,7 @@ def run_experiment(task:str, model:str, mode:str, units:list, data_dir, results_
         raise UserError("; ".join(f"{task} / {model} / {mode}, {r['unit']}: {r['error']}" for r in lost))
     return rows
 
-# %% ../nbs/88_runner.ipynb #417059a6
+# %% ../nbs/88_runner.ipynb #e4814a1b
 def _now() -> str: return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 def notebook_parameters(exp:G.Experiment, units:list, data_dir, reports, grid:G.Grid) -> dict:
@@ -253,12 +253,11 @@ def _kernel_env(env:dict):
 
 def kernel_env(grid:G.Grid, jobs:int=1) -> dict:
     "What the kernels run with: the runner's pid (crash tests), offline flags when no model needs a download, threads."
-    env = {"CLINICAL_REPRO_RUNNER_PID": str(os.getpid()), "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1"}
+    from clinical_repro.governance import network_guard_env
     reg = models.load_registry()
     names = set(grid.finetune.models if grid.finetune else []) | set(grid.icl.models if grid.icl else [])
-    if all(reg[m].hub_id is None for m in names):  # demo and local models: nothing may reach the network
-        from clinical_repro.governance import network_guard_env
-        env.update(network_guard_env())
+    # Trackers and telemetry always off; demo and local models only: the Hugging Face libraries offline as well.
+    env = {"CLINICAL_REPRO_RUNNER_PID": str(os.getpid()), **network_guard_env(offline=all(reg[m].hub_id is None for m in names))}
     if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # several notebooks at once on CPU share the cores
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
     return env

@@ -103,6 +103,10 @@ def test_data_inside_a_git_work_tree_is_refused(tmp_path, tiny_release):
     r = cli(["run", str(g), "--reports", str(tmp_path / "reports")], tmp_path)
     assert r.returncode == 2 and str(repo / "data") in r.stderr and ".gitignore" in r.stderr
     assert not (tmp_path / "reports").exists()
+    (repo / "data" / "SYNTHETIC_DEMO_DATA.json").unlink()   # as real releases: single units are guarded too
+    r = cli(["finetune", "--task", "mednli", "--model", "minilm-demo", "--data-dir", str(repo / "data"),
+             "--out", str(tmp_path / "units")], tmp_path)
+    assert r.returncode == 2 and "not git-ignored" in r.stderr and not (tmp_path / "units").exists()
     (repo / ".gitignore").write_text("data/\n")
     r = cli(["run", str(g), "--reports", str(tmp_path / "reports"), "--dry-run"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
