@@ -66,7 +66,7 @@ class ProblemCollector:
         if extra: self.problems.append(Problem(self.file, "", f"... and {extra} more problem(s) of the same file"))
         raise DataError(self.problems)
 
-# %% ../nbs/00_core.ipynb #cfc87ecc
+# %% ../nbs/00_core.ipynb #b30643ec
 def sha256_file(path, chunk:int=1 << 20) -> str:
     "SHA-256 hex digest of a file's bytes."
     h = hashlib.sha256()
@@ -100,12 +100,15 @@ def disk_full_point(name:str) -> None:
     pat = os.environ.get("CLINICAL_REPRO_DISK_FULL")
     if pat and fnmatch.fnmatchcase(name, pat): raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
 
+_UMASK = os.umask(0o022); os.umask(_UMASK)  # read once, at import (os.umask can only be read by setting it)
+
 def atomic_write_text(path, text:str):
     "Write `text` to `path` via a temporary file and rename, creating parent folders."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     disk_full_point(f"write:{path.name}")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would create it (mkstemp makes it private to the owner)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text); f.flush(); os.fsync(f.fileno())
         crash_point(f"write:{path.name}")

@@ -101,3 +101,17 @@ icl: {{models: [t5-tiny-demo], shots: [1], limit: 4, dev_n: 4}}
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert not log.exists(), log.read_text()
+
+
+def test_the_committed_example_summary_holds_no_text_of_its_data(tmp_path):
+    "reports/example-demo (shown by the README) is scanned against the synthetic data it was made from."
+    from clinical_repro.synthetic import write_demo_data
+    from clinical_repro.governance import scan_leaks
+    example = ROOT / "reports" / "example-demo"
+    figures = sorted(p.name for p in (example / "figures").glob("*.png"))
+    assert (example / "summary.md").is_file() and figures
+    assert all(f"figures/{f}" in (example / "summary.md").read_text() for f in figures)
+    assert "reports/example-demo/figures/limited_data.png" in (ROOT / "README.md").read_text()
+    write_demo_data(tmp_path / "data", seed=0, size="demo")   # params/demo.yaml's data
+    rep = scan_leaks(tmp_path / "data", example, progress=False)
+    assert rep.files_scanned >= 1 and not rep.leaks, [str(l) for l in rep.leaks]
