@@ -108,44 +108,58 @@ def summary_tables(md:str) -> dict:
     return parts
 
 
-def campaign(out:Path, data:Path, kills:int, seed:int=0, log=print) -> dict:
-    "A clean run, then a run interrupted `kills` times (targeted first, then random delays), then the checks."
-    out.mkdir(parents=True, exist_ok=True)
-    grid = out / "crash.yaml"
-    grid.write_text(GRID.format(data=data))
-    t = time.perf_counter()
-    clean = run(grid, out / "clean")
-    assert clean["rc"] == 0, clean
-    clean_s = time.perf_counter() - t
-    log(f"uninterrupted run: {clean_s:.0f} s")
-    rng = random.Random(seed)
-    plan = [("target", c, None) for c in TARGETS[:kills]]
-    plan += [("random", None, rng.uniform(3.0, max(6.0, clean_s * 0.8))) for _ in range(kills - len(plan))]
-    events = []
-    for kind, crash, delay in plan:
-        e = run(grid, out / "killed", crash=crash, delay=delay)
-        e["kind"] = kind; events.append(e)
-        log(f"{kind:6s} {crash or f'after {delay:.1f} s':32s} -> {'killed' if e['killed'] else 'finished first'} "
-            f"(rc {e['rc']}, {e['seconds']:.1f} s, {e['orphans_killed']} process(es) killed)")
-    final = run(grid, out / "killed")
-    assert final["rc"] == 0, final
-    counts = check(out / "killed")
-    a, b = outcomes(out / "clean"), outcomes(out / "killed")
+def _verify(out:Path, done:Path, clean:Path) -> int:
+    "A finished, once-interrupted reports folder: the checks, and the same results and summary tables as `clean`."
+    counts = check(done)
+    a, b = outcomes(clean), outcomes(done)
     assert a.keys() == b.keys(), (a.keys(), b.keys())
     diff = [k for k in a if a[k] != b[k]]
     assert not diff, {k: (a[k], b[k]) for k in diff}
-    # The summary's result tables (everything but cost, which measures time) equal the uninterrupted run's.
     tables = []
-    for d in ("clean", "killed"):
-        r = subprocess.run([str(BIN / "clinical-repro"), "summarize", "--reports", str(out / d / "crash"), "--n-boot", "200"],
+    for d in (clean, done):
+        r = subprocess.run([str(BIN / "clinical-repro"), "summarize", "--reports", str(d / "crash"), "--n-boot", "200"],
                            env=_env(uuid.uuid4().hex), capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
-        tables.append(summary_tables((out / d / "crash" / "summary.md").read_text()))
+        tables.append(summary_tables((d / "crash" / "summary.md").read_text()))
     assert tables[0] == tables[1], tables
+    return counts["units"]
+
+
+def campaign(out:Path, data:Path, kills:int, seed:int=0, log=print) -> dict:
+    """A clean run; then the targeted kills, one after another on one reports folder; then random kills in rounds of
+    two on fresh folders (a kill at a random moment of a run with all its work ahead, a second one in the rerun),
+    each round finished and checked against the clean run."""
+    out.mkdir(parents=True, exist_ok=True)
+    grid = out / "crash.yaml"
+    grid.write_text(GRID.format(data=data))
+    clean = run(grid, out / "clean")
+    assert clean["rc"] == 0, clean
+    warm = run(grid, out / "clean-again")   # the first run also builds caches (demo model, tokenizers): time a warm one
+    assert warm["rc"] == 0, warm
+    clean_s = warm["seconds"]
+    log(f"uninterrupted run: {clean['seconds']:.0f} s cold, {clean_s:.0f} s warm")
+    rng = random.Random(seed)
+    events, folders = [], []
+    def kill(kind, folder, crash=None, delay=None):
+        e = run(grid, folder, crash=crash, delay=delay); e["kind"] = kind; events.append(e)
+        log(f"{kind:6s} {folder.name:8s} {crash or f'after {delay:.1f} s':32s} -> {'killed' if e['killed'] else 'finished first'} "
+            f"(rc {e['rc']}, {e['seconds']:.1f} s, {e['orphans_killed']} other process(es) killed)")
+    targeted = TARGETS[:kills]
+    if targeted: folders.append(out / "targeted")
+    for c in targeted: kill("target", out / "targeted", crash=c)
+    for r in range((kills - len(targeted) + 1) // 2):
+        folder = out / f"round{r}"; folders.append(folder)
+        kill("random", folder, delay=rng.uniform(3.0, 0.9 * clean_s))
+        if len(events) < kills: kill("random", folder, delay=rng.uniform(3.0, 0.6 * clean_s))
+    units = 0
+    for folder in folders:
+        final = run(grid, folder)
+        assert final["rc"] == 0, final
+        units = _verify(out, folder, out / "clean")
     return {"kills_tried": len(events), "kills_landed": sum(e["killed"] for e in events),
             "targeted_landed": sum(e["killed"] for e in events if e["kind"] == "target"),
             "random_landed": sum(e["killed"] for e in events if e["kind"] == "random"),
-            "units": counts["units"], "clean_seconds": round(clean_s, 1), "events": events}
+            "folders_checked": len(folders), "units": units, "clean_seconds": round(clean_s, 1), "events": events}
 
 
 if __name__ == "__main__":

@@ -119,6 +119,17 @@ def test_interrupted_unit_resumes_with_the_same_number_of_steps(tiny_release, tm
     assert resumed["dev_history"][0]["accuracy"] == pytest.approx(straight["dev_history"][0]["accuracy"])
 
 
+def test_a_checkpoint_cut_short_by_a_kill_is_skipped_on_resume(tiny_release, tmp_path):
+    straight = unit(tiny_release[0], tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        unit(tiny_release[0], tmp_path / "b", callbacks=[Fault(KeyboardInterrupt(), step=5)])
+    work = tmp_path / "b" / "work" / straight["run_id"]
+    (work / "checkpoint-4" / "trainer_state.json").unlink()        # as if killed while saving checkpoint-4
+    resumed = unit(tiny_release[0], tmp_path / "b")
+    assert resumed["cost"]["resumed"] is True and resumed["cost"]["optimizer_steps"] == 6
+    assert resumed["metrics"]["test"]["accuracy"] == pytest.approx(straight["metrics"]["test"]["accuracy"])
+
+
 # ---- test labels ------------------------------------------------------------------------------------------------------
 
 class _Phase:
