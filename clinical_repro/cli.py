@@ -212,7 +212,7 @@ def cmd_icl(args) -> int:
         print(json.dumps(res["metrics"]["test"], default=str)[:2000])
     return 0
 
-# %% ../nbs/99_cli.ipynb #3a193c7d
+# %% ../nbs/99_cli.ipynb #51fe8ac4
 def _print_failures(m:dict, gdir:Path) -> None:
     from clinical_repro.runner import failures
     fails = failures(m)
@@ -223,7 +223,7 @@ def _print_failures(m:dict, gdir:Path) -> None:
 def cmd_run(args) -> int:
     "Run a grid: execute its notebooks with papermill, skip finished units, write the summary, scan the reports for leaks."
     from clinical_repro import runner
-    from clinical_repro.core import atomic_write_json, get_logger
+    from clinical_repro.core import get_logger
     t0 = time.perf_counter()
     m = runner.run_grid(args.grid, args.data_dir, args.reports, dry_run=args.dry_run, executor=args.executor, jobs=args.jobs,
                         ray_address=args.ray_address, scan=False)
@@ -240,8 +240,7 @@ def cmd_run(args) -> int:
         print(f"summary{' (unchanged inputs: kept)' if s['cached'] else ''}: open {s['html']} in a browser, "
               f"{s['ipynb']} in JupyterLab; Markdown {s['md']}")
     # Last, so that it covers every file the run wrote, the summary included.
-    ls = runner.leak_scan(m["data_dir"], gdir, get_logger("clinical_repro.runner"))
-    atomic_write_json(gdir/"manifest.json", {**m, "leak_scan": ls})
+    ls = runner.leak_scan(m, gdir, get_logger("clinical_repro.runner"))["leak_scan"]
     if ls["leaks"]:
         print(f"LEAK SCAN: {ls['leaks']} verbatim span(s) of the data found in the reports; list them with "
               f"clinical-repro scan-leaks --data-dir {m['data_dir']} --reports {gdir}", file=sys.stderr)

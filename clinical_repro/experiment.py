@@ -246,7 +246,7 @@ def package_versions() -> dict:
         except metadata.PackageNotFoundError: out[p] = None
     return out
 
-# %% ../nbs/80_experiment.ipynb #d126c42d
+# %% ../nbs/80_experiment.ipynb #33442f42
 def _items(td:TaskData, split:str, records=None):
     "Records of a split, or CLIP notes (CLIP inputs need the whole note)."
     if td.task != "clip": return records if records is not None else td.splits[split]
@@ -305,14 +305,14 @@ def unit_identity(task:str, model:str, data_dir, out, *, seed:int=0, fraction:fl
 
 def run_unit(task:str, model:str, data_dir, out, *, seed:int=0, fraction:float=1.0, train_overrides:dict|None=None,
              task_overrides:dict|None=None, overrides_source:str="command line", callbacks:list|None=None,
-             max_per_device:int|None=None, log=None) -> dict:
-    "Fine-tune one (task, model, seed, fraction) unit and write `out/<run_id>.json`; returns the results."
+             max_per_device:int|None=None, log=None, data:TaskData|None=None) -> dict:
+    "Fine-tune one (task, model, seed, fraction) unit and write `out/<run_id>.json` (`data`: the task, if loaded); returns the results."
     t_wall = time.perf_counter()
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     out = Path(out)
     config, td, subsets, run_id = unit_identity(task, model, data_dir, out, seed=seed, fraction=fraction,
                                                 train_overrides=train_overrides, task_overrides=task_overrides,
-                                                overrides_source=overrides_source)
+                                                overrides_source=overrides_source, data=data)
     res_path = out/f"{run_id}.json"
     if (prev := finished(res_path)) is not None: return prev
     log = log or get_logger(f"clinical_repro.unit.{run_id}", out/"logs"/f"{run_id}.log")

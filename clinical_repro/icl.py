@@ -310,7 +310,7 @@ def _dev_value(task, m) -> float:
     "The template-choice metric: MedNLI rank accuracy, RadQA F1, CLIP macro-F1."
     return m["rank"]["accuracy"] if task == "mednli" else (m["f1_01"] if task == "radqa" else m["macro_f1"])
 
-# %% ../nbs/75_icl.ipynb #b051f88f
+# %% ../nbs/75_icl.ipynb #60c2a631
 def _not_applicable(out:Path, run_id:str, config:dict, reason:str, res_path:Path, rm, td) -> dict:
     res = {"run_id": run_id, "status": "not_applicable", "reason": reason, "task": config["task"], "model": config["model"],
            "mode": "icl", "seed": config["seed"], "fraction": None, "shots": config["shots"], "draw": config["draw"],
@@ -357,13 +357,14 @@ def run_icl_unit(
     dev_n:int=200,               # dev sample size for the template choice (the paper's 200)
     registry:dict|None=None,     # model registry (default params/models.yaml)
     log=None,
+    data=None,                   # the task's records (`load_task`), when the caller has them already
 ) -> dict:
     "Run one in-context-learning unit and write `out/<run_id>.json`; returns the results."
     t_wall = time.perf_counter()
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     out = Path(out)
     config, td, run_id, rm = icl_identity(task, model, data_dir, shots=shots, draw=draw, seed=seed, limit=limit,
-                                          template=template, normalisation=normalisation, dev_n=dev_n, registry=registry)
+                                          template=template, normalisation=normalisation, dev_n=dev_n, registry=registry, data=data)
     spec, ps = rm.spec, P.load_prompts(task)
     res_path = out/f"{run_id}.json"
     if (prev := finished(res_path, ("ok", "not_applicable"))) is not None: return prev

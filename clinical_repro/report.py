@@ -24,7 +24,7 @@ __all__ = ['METRICS', 'SELECTION', 'METRIC_LABELS', 'HEADLINE_COLUMNS', 'SYNTHET
            'cost_table', 'plot_learning_curve', 'confusion_matrix', 'plot_confusion', 'qa_breakdown', 'per_label_f1',
            'table3', 'format_table3', 'compare_with_paper', 'clinical_vs_general', 'limited_data', 'plot_limited_data',
            'icl_vs_finetune', 'plot_icl_vs_finetune', 'plot_cost_vs_score', 'efficiency', 'provenance', 'save_figure',
-           'md_table', 'summary_markdown', 'write_summary_md', 'summary_sections', 'summarize']
+           'md_table', 'summary_markdown', 'write_summary_md', 'format_pairs', 'summary_sections', 'summarize']
 
 # %% ../nbs/90_report.ipynb #714478e8
 _log = get_logger("clinical_repro.report")
@@ -751,43 +751,53 @@ def write_summary_md(grid_dir, sections, title:str|None=None) -> Path:
     "Write `summary_markdown(...)` to `<grid_dir>/summary.md` atomically; returns the path."
     return atomic_write_text(Path(grid_dir)/"summary.md", summary_markdown(grid_dir, sections, title))
 
-# %% ../nbs/90_report.ipynb #f566239e
-def summary_sections(grid_dir, n_boot:int=1000, seed:int=0, show:Callable|None=None) -> list[tuple[str, list]]:
-    "Every summary view as (title, [text, tables, figure paths]), figures saved; `show(obj)` is called on each table/figure."
+# %% ../nbs/90_report.ipynb #e52b568a
+def format_pairs(cg:pd.DataFrame) -> pd.DataFrame:
+    "The clinical-vs-general table a reader needs: means, difference with its interval, the test, raw and Holm p."
+    v = cg.assign(CI=[f"[{a:.3f}, {b:.3f}]" if pd.notna(a) else "" for a, b in zip(cg["low"], cg["high"])])
+    if "mcnemar_b" in v and v["mcnemar_b"].notna().any():  # discordant pairs (a right, b wrong / a wrong, b right)
+        v["test"] = [f"{x} (b={int(b)}, c={int(c)})" if pd.notna(b) else x for x, b, c in zip(v["test"], v["mcnemar_b"], v["mcnemar_c"])]
+    cols = ["a", "b", "task", "metric", "seeds", "n_items", "a_mean", "b_mean", "diff", "CI", "test", "p_value", "p_holm", "significant"]
+    if "reason" in v and v["reason"].fillna("").astype(str).str.len().any(): cols.append("reason")
+    return v[[c for c in cols if c in v]]
+
+def summary_sections(grid_dir, n_boot:int=1000, seed:int=0) -> list[tuple[str, list]]:
+    "Every summary view as (title, [text, tables, figure paths]), figures saved into `<grid_dir>/figures/`."
     grid_dir = Path(grid_dir)
     manifest = load_manifest(grid_dir) or {}
     df = load_results(grid_dir/"results")
-    figs = grid_dir/"figures"
-    show = show or (lambda obj: None)
-    def fig_part(fig, name):
-        show(fig); p = save_figure(fig, figs, name); plt.close(fig); return p
-    secs = []
+    def fig(f, name):
+        p = save_figure(f, grid_dir/"figures", name); plt.close(f); return p
     t3 = table3(grid_dir/"results", df, n_boot=n_boot, seed=seed)
-    ft3 = format_table3(t3); show(ft3)
-    secs.append(("Table 3: test results", [
-        "Mean ± sd over units (fine-tuning: seeds at 100 % of train; ICL: draws and seeds per shot count) "
-        f"[95 % bootstrap CI over test items, {n_boot} resamples]; 0–1 scale; best per column in bold.", ft3]))
-    cmp = compare_with_paper(t3); show(cmp)
-    secs.append(("Comparison with the paper", [cmp if len(cmp) else
-                 "No model of this grid is in the paper's Table 3 (e.g. the demo models): nothing to compare."]))
+    cmp = compare_with_paper(t3)
     pairs = manifest.get("compare") or []
     cg = clinical_vs_general(grid_dir/"results", df, pairs, n_boot=n_boot, seed=seed) if pairs else pd.DataFrame()
-    show(cg)
-    secs.append(("Clinical vs general models", [
-        "diff = first model − second on the selection metric, seeds matched, paired bootstrap CI; MedNLI p from McNemar "
-        "(largest over seeds), others from the paired bootstrap; Holm-corrected over all rows."
-        if pairs else "The grid names no (clinical, general) pairs to compare.", cg if len(cg) else None]))
-    ld = limited_data(df); show(ld)
-    secs.append(("Limited data", [ld, fig_part(plot_limited_data(df), "limited_data")]))
-    ivf = icl_vs_finetune(df); show(ivf)
-    secs.append(("In-context learning vs fine-tuning", [ivf, fig_part(plot_icl_vs_finetune(df), "icl_vs_finetune")]))
-    secs.append(("Cost vs score", [cost_table(df), fig_part(plot_cost_vs_score(df), "cost_vs_score")]))
-    eff = efficiency(grid_dir/"results", df); show(eff)
-    secs.append(("Efficiency: compute to the best dev score", [eff]))
     pv = provenance(df, manifest or None)
-    secs.append(("Provenance", [pv["notes"], "Code", pv["code"], "Packages", pv["packages"], "Data (sha256, first 16 hex digits)",
-                                pv["data"], "Devices and precision", pv["devices"], "Units without results", pv["missing"]]))
-    return secs
+    return [
+        ("Table 3: test results", [
+            "Mean ± sd over units (fine-tuning: seeds at 100 % of the training data; in-context learning: draws and seeds "
+            f"per shot count) and, in brackets, a 95 % percentile bootstrap interval ({n_boot} resamples) of the "
+            "seed-averaged metric over test items. All metrics on a 0–1 scale; the best value per column in bold.",
+            format_table3(t3)]),
+        ("Comparison with the paper", ["Our rows next to Lehman et al. 2023 (Table 3 and appendix), for the models both have.",
+            cmp if len(cmp) else "No model of this grid is in the paper's Table 3 (e.g. the demo models): nothing to compare."]),
+        ("Clinical vs general models", [
+            "Seed-matched paired comparisons of the grid's (clinical, general) pairs on each task's selection metric: the "
+            "difference (first model − second) with a paired-bootstrap interval; MedNLI p-values from McNemar's test (the "
+            "largest over seeds), the other tasks' from the paired bootstrap; Holm-corrected over all rows."
+            if len(cg) else "The grid names no (clinical, general) pairs to compare.", format_pairs(cg) if len(cg) else None]),
+        ("Limited data", ["Test score by the share of the training data used (the same seeded subsets for every model).",
+                          limited_data(df), fig(plot_limited_data(df), "limited_data")]),
+        ("In-context learning vs fine-tuning", [icl_vs_finetune(df), fig(plot_icl_vs_finetune(df), "icl_vs_finetune")]),
+        ("Cost vs score", ["GPU-hours when every unit ran on a GPU, otherwise wall-clock seconds, against the test "
+                           "selection metric.", cost_table(df), fig(plot_cost_vs_score(df), "cost_vs_score")]),
+        ("Efficiency: compute to the best dev score", [
+            "Per model and task (fine-tuning at 100 %): epochs, optimizer steps and training seconds until the dev metric "
+            "first reached its best value, averaged over seeds, next to the whole run's training time.",
+            efficiency(grid_dir/"results", df)]),
+        ("Provenance", [pv["notes"], "Code", pv["code"], "Packages", pv["packages"], "Data (sha256, first 16 hex digits)",
+                        pv["data"], "Devices and precision", pv["devices"], "Units without results", pv["missing"]]),
+    ]
 
 def summarize(grid_dir, n_boot:int=1000, seed:int=0) -> Path:
     "Build every summary view of `grid_dir`, save the figures and write `summary.md`; returns its path."
