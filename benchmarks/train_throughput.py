@@ -34,7 +34,7 @@ from clinical_repro.config import TrainSpec, check_keys, merge_train, params_dir
 from clinical_repro.core import UserError, atomic_write_json
 from clinical_repro.data import load_task
 from clinical_repro.synthetic import write_demo_data
-from clinical_repro.tasks import mednli_encoder_features, mednli_label_id
+from clinical_repro.inputs import mednli_encoder_features, mednli_label_id
 from clinical_repro.train import fit, free_memory, plan_batches
 
 try: import datasets

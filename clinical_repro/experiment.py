@@ -22,7 +22,7 @@ from .config import (TrainSpec, TaskSpec, train_layers, task_layer, merge_train,
                                    code_version, params_dir)
 from .data import (NLIRecord, QARecord, CLIPNote, CLIPSentence, TaskData, load_task, ensure_subsets,
                                  select_fraction)
-from . import metrics, models, tasks, qa
+from . import metrics, models, inputs, qa
 from .train import BatchPlan, plan_batches, probe_per_device_batch, fit, predict_safely, remove_checkpoints, cost_summary, make_collator
 
 # %% auto #0
@@ -90,7 +90,7 @@ class MedNLIEncoder(Adapter):
     "Sentence-pair classification, accuracy on dev."
     head, num_labels = "sequence-classification", 3
     def dataset(self, records, split):
-        return _with_order(tasks.mednli_encoder_features(self.tok, records, max_length=self.spec.max_length or 256))
+        return _with_order(inputs.mednli_encoder_features(self.tok, records, max_length=self.spec.max_length or 256))
     def compute_metrics(self, dev_records, dev_ds):
         gold = [MEDNLI_LABELS.index(r.label) for r in dev_records]
         def f(ep):
@@ -110,7 +110,7 @@ class CLIPEncoder(Adapter):
     "Multi-label classification over a token window; thresholds tuned on dev, AUC from probabilities."
     head, num_labels, problem_type = "sequence-classification", 7, "multi_label_classification"
     def dataset(self, notes, split):
-        return _with_order(tasks.clip_encoder_features(self.tok, notes, window_tokens=self.spec.window_tokens or 256))
+        return _with_order(inputs.clip_encoder_features(self.tok, notes, window_tokens=self.spec.window_tokens or 256))
     def _probs(self, pred, ds): return 1 / (1 + np.exp(-_unsort(np.asarray(pred, dtype=np.float64), ds)))
     def compute_metrics(self, dev_notes, dev_ds):
         y = np.array([[l in s.labels for l in CLIP_LABELS] for n in dev_notes for s in n.sentences], dtype=int)
@@ -176,8 +176,8 @@ class Text2Text(Adapter):
     head = "seq2seq"
     def dataset(self, items, split):
         kw = {"window": self.spec.window_tokens, "tokenizer": self.tok} if self.task == "clip" else {}
-        src, tgt, ids = tasks.t2t_sources_targets(self.task, items, **kw)
-        f = tasks.t2t_features(self.tok, src, tgt, max_source_length=self.spec.max_source_length or 512,
+        src, tgt, ids = inputs.t2t_sources_targets(self.task, items, **kw)
+        f = inputs.t2t_features(self.tok, src, tgt, max_source_length=self.spec.max_source_length or 512,
                                max_target_length=self.spec.max_target_length or 64)
         f["item_index"] = list(range(len(ids)))
         return _with_order(f)
@@ -191,13 +191,13 @@ class Text2Text(Adapter):
         for pos, t in zip(ds["position"], texts): out[pos] = t
         return out
     def _parse(self, texts):
-        p = {"mednli": tasks.parse_mednli_output, "radqa": tasks.parse_radqa_output, "clip": tasks.parse_clip_output}[self.task]
+        p = {"mednli": inputs.parse_mednli_output, "radqa": inputs.parse_radqa_output, "clip": inputs.parse_clip_output}[self.task]
         return [p(t) for t in texts]
     def _flat(self, items):
         return [s for n in items for s in n.sentences] if self.task == "clip" else items
     def _metrics(self, items, parsed):
         recs = self._flat(items)
-        fail = tasks.parse_failure_rate(parsed)
+        fail = inputs.parse_failure_rate(parsed)
         if self.task == "mednli":
             m = metrics.mednli_scores([r.label for r in recs], parsed)
         elif self.task == "radqa":

@@ -16,7 +16,7 @@ import torch
 from .core import TASKS, MEDNLI_LABELS, CLIP_LABELS, UserError, atomic_write_json, get_logger
 from .config import make_run_id, code_version
 from .data import NLIRecord, QARecord, CLIPSentence, CLIPNote, load_task
-from . import metrics, models, prompts as P, tasks
+from . import metrics, models, prompts as P, inputs
 from .experiment import blind, git_commit, package_versions, item_scores, write_items, finished
 
 # %% auto #0
@@ -254,7 +254,7 @@ class _Runner:
             if self.cloze: return {"rank": dict(zip(ids, (MEDNLI_LABELS[i] for i in best)))}
             raw = self._gen(texts, ANSWER_ROOM[t])
             return {"rank": dict(zip(ids, (MEDNLI_LABELS[i] for i in best))), "raw": dict(zip(ids, raw)),
-                    "generate": {i: tasks.parse_mednli_output(r) for i, r in zip(ids, raw)}}
+                    "generate": {i: inputs.parse_mednli_output(r) for i, r in zip(ids, raw)}}
         if t == "radqa":
             raw = self._gen(self._texts(tpl, queries, ctx_q, ANSWER_ROOM[t]), ANSWER_ROOM[t])
             return {"raw": dict(zip(ids, raw)), "answer": {i: P.map_no_answer(r, ps) for i, r in zip(ids, raw)}}
@@ -267,7 +267,7 @@ class _Runner:
                     if b == 0: pred[i].append(label)
             return {"labels": pred}
         raw = self._gen(self._texts(tpl, queries, ctx_q, ANSWER_ROOM["clip:list"]), ANSWER_ROOM["clip:list"])
-        return {"raw": dict(zip(ids, raw)), "labels": {i: tasks.parse_clip_output(r) for i, r in zip(ids, raw)}}
+        return {"raw": dict(zip(ids, raw)), "labels": {i: inputs.parse_clip_output(r) for i, r in zip(ids, raw)}}
 
 # %% ../nbs/75_icl.ipynb #8f1f6013
 def _clip_matrix(recs, labels:dict, fail_as_wrong:bool=True) -> tuple[np.ndarray, np.ndarray]:
@@ -292,7 +292,7 @@ def score_predictions(task:str, variant:str|None, recs:Sequence, pred:dict) -> d
         if "generate" not in pred: return {"rank": metrics.mednli_scores(gold, [pred["rank"][r.id] for r in recs])}
         gen = [pred["generate"][r.id] for r in recs]
         return {"rank": metrics.mednli_scores(gold, [pred["rank"][r.id] for r in recs]),
-                "generate": {**metrics.mednli_scores(gold, gen), "parse_failures": tasks.parse_failure_rate(gen)}}
+                "generate": {**metrics.mednli_scores(gold, gen), "parse_failures": inputs.parse_failure_rate(gen)}}
     if task == "radqa":
         m = metrics.squad_v2_scores({r.id: r.answer_texts for r in recs}, {r.id: pred["answer"][r.id] for r in recs})
         m["f1_01"] = m["f1"] / 100  # on the 0-1 scale of the other tasks' metrics, for template choice
@@ -301,7 +301,7 @@ def score_predictions(task:str, variant:str|None, recs:Sequence, pred:dict) -> d
     labels = pred["labels"]
     m = metrics.multilabel_scores(*_clip_matrix(recs, labels))
     if variant == "list":
-        m["parse_failures"] = tasks.parse_failure_rate([labels[r.id] for r in recs])
+        m["parse_failures"] = inputs.parse_failure_rate([labels[r.id] for r in recs])
         ok = [r for r in recs if labels[r.id] is not None]
         m["parsed_only"] = metrics.multilabel_scores(*_clip_matrix(ok, labels)) if ok else None
     return m

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, RobertaTokenizer
 
 from clinical_repro.core import CLIP_LABELS, MEDNLI_LABELS, TASKS, UserError
 from clinical_repro.data import CLIPNote, CLIPSentence, NLIRecord, QARecord, load_task
-from clinical_repro.tasks import (GENERATION, NO_ANSWER, clip_encoder_features, clip_labels_from_multi_hot, clip_multi_hot,
+from clinical_repro.inputs import (GENERATION, NO_ANSWER, clip_encoder_features, clip_labels_from_multi_hot, clip_multi_hot,
                                   generation_kwargs, mednli_encoder_features, parse_clip_output, parse_failure_rate,
                                   parse_mednli_output, parse_output, parse_radqa_output, t2t_features, t2t_settings,
                                   t2t_sources_targets)
