@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine (see README.md):
 #   make demo   installs the package and runs the demo grid (synthetic data, demo models) and its summary
-#   make test   installs the package with its test tools and runs every test
+#   make test   installs the package with its test tools and runs every test (CAMPAIGN=1: the long campaigns too)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -33,9 +33,12 @@ example:
 	rm -rf reports/example-demo && mkdir -p reports/example-demo
 	cp -r $(REPORTS)/demo/summary.md $(REPORTS)/demo/figures reports/example-demo/
 
+# The notebooks' own example cells, then pytest: one line per test as it finishes ([worker] [ n%] PASSED name) and
+# the 25 slowest at the end. `--dist loadfile` keeps a test file on one worker, so a module-scoped fixture (a trained
+# unit, a finished grid) is built once, not once per worker. CAMPAIGN=1 adds the full crash and Ray campaigns.
 test: install
-	$(BIN)/nbdev-test --n-workers 2
-	$(BIN)/python -m pytest -n 2 tests
+	$(BIN)/nbdev-test --n-workers $(JOBS) --timing
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile -v $(if $(CAMPAIGN),--campaign) tests
 
 readme: install
 	$(BIN)/jupyter nbconvert --to markdown --log-level WARN nbs/index.ipynb --output-dir . --output README

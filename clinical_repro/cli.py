@@ -12,189 +12,271 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .core import TASKS, SPLITS, MEDNLI_LABELS, CLIP_LABELS, UserError, DataError, Problem
-from .data import (load_mednli, load_radqa, load_clip, parse_mednli_lines, parse_radqa, _read_json,
+from .core import SPLITS, UserError, DataError, Problem
+from .tasks import TASKS, CLIP_LABELS, data_fractions
+from .data import (load_mednli, load_radqa, load_clip, parse_mednli_lines, parse_radqa, read_json,
                                  check_data, MissingTaskError, ensure_subsets, load_task)
+from .grid import GRIDS
 from . import metrics, synthetic
 
 # %% auto #0
-__all__ = ['cmd_demo_data', 'cmd_check_data', 'score_mednli', 'score_radqa', 'score_clip', 'cmd_score', 'cmd_subsets',
-           'parse_sets', 'cmd_finetune', 'cmd_icl', 'cmd_run', 'cmd_summarize', 'build_parser', 'main']
+__all__ = ['cmd_demo_data', 'format_split', 'print_task_check', 'cmd_check_data', 'read_predictions', 'check_ids', 'gold_split',
+           'first_bad', 'score_mednli', 'score_radqa', 'clip_label_row', 'score_clip', 'format_scores', 'cmd_score',
+           'cmd_subsets', 'parse_sets', 'cmd_finetune', 'cmd_icl', 'print_failures', 'print_run', 'scan_and_print',
+           'cmd_run', 'cmd_summarize', 'add_demo_data_parser', 'add_check_data_parser', 'add_score_parser',
+           'fractions_text', 'add_subsets_parser', 'add_unit_arguments', 'add_finetune_parser', 'add_icl_parser',
+           'add_run_parser', 'add_summarize_parser', 'build_parser', 'main']
 
 # %% ../nbs/99_cli.ipynb #f3dfb724
 def cmd_demo_data(args) -> int:
     "Write the synthetic demo releases."
     out = Path(args.out)
-    if out.exists() and not out.is_dir(): raise UserError(f"--out {out}: expected a folder (it is a file)")
-    t0 = time.perf_counter()
-    summary = synthetic.write_demo_data(out, seed=args.seed, size=args.size)
-    secs = time.perf_counter() - t0
-    if args.json: print(json.dumps({"out": str(out), "seed": args.seed, "size": args.size, "seconds": round(secs, 3), "written": summary}, indent=1))
-    else:
-        print(f"Wrote synthetic demo data (size {args.size}, seed {args.seed}) to {out} in {secs:.2f} s.")
-        print("SYNTHETIC DATA for the demo and tests; not MedNLI, RadQA or CLIP.")
-        for task, splits in summary.items():
-            print(f"  {task}: " + ", ".join(f"{s} {v['items']}" for s, v in splits.items()))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: expected a folder (it is a file)")
+    started = time.perf_counter()
+    written = synthetic.write_demo_data(out, seed=args.seed, size=args.size)
+    seconds = time.perf_counter() - started
+    if args.json:
+        print(json.dumps({"out": str(out), "seed": args.seed, "size": args.size, "seconds": round(seconds, 3),
+                          "written": written}, indent=1))
+        return 0
+    print(f"Wrote synthetic demo data (size {args.size}, seed {args.seed}) to {out} in {seconds:.2f} s.")
+    print("SYNTHETIC DATA for the demo and tests; not MedNLI, RadQA or CLIP.")
+    for task, splits in written.items():
+        print(f"  {task}: " + ", ".join(f"{split} {counts['items']}" for split, counts in splits.items()))
     return 0
 
 # %% ../nbs/99_cli.ipynb #c93dff67
-def _fmt_split(task, v) -> str:
-    if task == "radqa": return f"{v['items']} questions ({v['answerable']} answerable, {v['unanswerable']} unanswerable)"
-    labs = ", ".join(f"{k} {n}" for k, n in v["labels"].items())
-    if task == "clip": return f"{v['notes']} notes, {v['items']} sentences ({v['no_label']} without label); labels: {labs}"
-    return f"{v['items']} pairs; labels: {labs}"
+def format_split(task:str, counts:dict) -> str:
+    "One line of `check-data` about one split: items and labels as the task counts them."
+    if task == "radqa":
+        return (f"{counts['items']} questions ({counts['answerable']} answerable, "
+                f"{counts['unanswerable']} unanswerable)")
+    labels = ", ".join(f"{label} {n}" for label, n in counts["labels"].items())
+    if task == "clip":
+        return (f"{counts['notes']} notes, {counts['items']} sentences ({counts['no_label']} without label); "
+                f"labels: {labels}")
+    return f"{counts['items']} pairs; labels: {labels}"
+
+def print_task_check(task:str, result:dict) -> None:
+    "What `check-data` says about one task: missing (where to get it), invalid (the errors), or counts and hashes."
+    print(f"{task}: {result['status']}")
+    if result["status"] == "missing":
+        print(f"  {result['message']}")
+        return
+    if result["status"] == "invalid":
+        for error in result["errors"]:
+            print(f"  {error}")
+        return
+    for split in SPLITS:
+        print(f"  {split}: {format_split(task, result['splits'][split])}")
+    for name, digest in result["files"].items():
+        print(f"  sha256 {digest}  {name}")
 
 def cmd_check_data(args) -> int:
     "Validate the releases under --data-dir and report counts, labels and file hashes."
     report = check_data(args.data_dir)
-    if args.json: print(json.dumps(report, indent=1))
+    if args.json:
+        print(json.dumps(report, indent=1))
     else:
-        for task, r in report.items():
-            print(f"{task}: {r['status']}")
-            if r["status"] == "missing": print(f"  {r['message']}")
-            elif r["status"] == "invalid":
-                for e in r["errors"]: print(f"  {e}")
-            else:
-                for s in SPLITS: print(f"  {s}: {_fmt_split(task, r['splits'][s])}")
-                for f, h in r["files"].items(): print(f"  sha256 {h}  {f}")
-    statuses = [r["status"] for r in report.values()]
-    if "invalid" in statuses: return 1
-    if all(s == "missing" for s in statuses):
+        for task, result in report.items():
+            print_task_check(task, result)
+    statuses = [result["status"] for result in report.values()]
+    if "invalid" in statuses:
+        return 1
+    if all(status == "missing" for status in statuses):
         print(f"No task found under {args.data_dir}: expected mednli/, radqa/ or clip/ there.", file=sys.stderr)
         return 1
     return 0
 
 # %% ../nbs/99_cli.ipynb #f7f14b6b
-def _read_pred(path, what:str) -> dict:
-    "A JSON object file of predictions, with a clear error when it is not one."
-    obj = _read_json(Path(path))
-    if not isinstance(obj, dict): raise DataError([Problem(str(path), "top level", f"a JSON object {what}")])
+def read_predictions(path, what:str) -> dict:
+    "A JSON object file of predictions, with a clear error when it is not one (`what`: the expected shape)."
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such file (expected a JSON object {what})")
+    obj = read_json(Path(path))
+    if not isinstance(obj, dict):
+        raise DataError([Problem(str(path), "top level", f"a JSON object {what}")])
     return obj
 
-def _check_ids(gold_ids, pred:dict, path) -> None:
+def check_ids(gold_ids, predictions:dict, path) -> None:
     "Every gold item predicted, nothing else."
-    gold_ids = list(gold_ids); g = set(gold_ids)
-    missing = [i for i in gold_ids if i not in pred]; extra = [i for i in pred if i not in g]
-    probs = []
-    if missing: probs.append(Problem(str(path), "", f"a prediction for every gold item; {len(missing)} missing, e.g. {', '.join(map(str, missing[:5]))}"))
-    if extra: probs.append(Problem(str(path), "", f"only ids of the gold file; {len(extra)} unknown, e.g. {', '.join(map(str, extra[:5]))}"))
-    if probs: raise DataError(probs)
+    gold_ids = list(gold_ids)
+    known = set(gold_ids)
+    missing = [item for item in gold_ids if item not in predictions]
+    extra = [item for item in predictions if item not in known]
+    problems = []
+    if missing:
+        problems.append(Problem(str(path), "", f"a prediction for every gold item; {len(missing)} missing, "
+                                               f"e.g. {', '.join(map(str, missing[:5]))}"))
+    if extra:
+        problems.append(Problem(str(path), "", f"only ids of the gold file; {len(extra)} unknown, "
+                                               f"e.g. {', '.join(map(str, extra[:5]))}"))
+    if problems:
+        raise DataError(problems)
 
-def _gold_split(path, loader, task) -> list:
+def gold_split(path, loader, task:str) -> list:
     "Records of a release file, or of the test split when `path` is a release folder."
     path = Path(path)
-    if path.is_dir(): return loader(path).splits["test"]
-    if not path.exists(): raise UserError(f"--gold {path}: no such file or folder")
-    if task == "mednli": return parse_mednli_lines(path.read_text(encoding="utf-8").splitlines(), str(path))
-    return parse_radqa(_read_json(path), str(path))
+    if path.is_dir():
+        return loader(path).splits["test"]
+    if not path.exists():
+        raise UserError(f"--gold {path}: no such file or folder")
+    if task == "mednli":
+        return parse_mednli_lines(path.read_text(encoding="utf-8").splitlines(), str(path))
+    return parse_radqa(read_json(path), str(path))
+
+def first_bad(path, records:dict, ok, expected:str) -> None:
+    "Raise a `DataError` naming the first record whose value fails `ok`."
+    bad = [key for key, value in records.items() if not ok(value)]
+    if bad:
+        raise DataError([Problem(str(path), f"record {bad[0]!r}", expected)])
 
 def score_mednli(gold_path, pred_path) -> dict:
     "Accuracy, macro-F1 and confusion matrix of a MedNLI predictions file."
-    gold = _gold_split(gold_path, load_mednli, "mednli"); pred = _read_pred(pred_path, "{pairID: label}")
-    _check_ids([r.id for r in gold], pred, pred_path)
-    bad = [k for k, v in pred.items() if v is not None and not isinstance(v, str)]
-    if bad: raise DataError([Problem(str(pred_path), f"record {bad[0]!r}", "a label string (or null for a parse failure)")])
-    return metrics.mednli_scores([r.label for r in gold], [pred[r.id] for r in gold])
+    gold = gold_split(gold_path, load_mednli, "mednli")
+    predictions = read_predictions(pred_path, "{pairID: label}")
+    check_ids([r.id for r in gold], predictions, pred_path)
+    first_bad(pred_path, predictions, lambda v: v is None or isinstance(v, str),
+              "a label string (or null for a parse failure)")
+    return metrics.mednli_scores([r.label for r in gold], [predictions[r.id] for r in gold])
 
 def score_radqa(gold_path, pred_path, na_prob_path=None) -> dict:
     "The official SQuAD 2.0 scores of a RadQA predictions file (and no-answer probabilities)."
-    gold = _gold_split(gold_path, load_radqa, "radqa"); pred = _read_pred(pred_path, "{id: answer_text}")
-    _check_ids([r.id for r in gold], pred, pred_path)
-    bad = [k for k, v in pred.items() if not isinstance(v, str)]
-    if bad: raise DataError([Problem(str(pred_path), f"record {bad[0]!r}", 'an answer string ("" for no answer)')])
-    na = None
+    gold = gold_split(gold_path, load_radqa, "radqa")
+    predictions = read_predictions(pred_path, "{id: answer_text}")
+    check_ids([r.id for r in gold], predictions, pred_path)
+    first_bad(pred_path, predictions, lambda v: isinstance(v, str), 'an answer string ("" for no answer)')
+    no_answer = None
     if na_prob_path:
-        na = _read_pred(na_prob_path, "{id: no_answer_probability}")
-        _check_ids([r.id for r in gold], na, na_prob_path)
-        bad = [k for k, v in na.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
-        if bad: raise DataError([Problem(str(na_prob_path), f"record {bad[0]!r}", "a number")])
-    return metrics.squad_v2_scores({r.id: r.answer_texts for r in gold}, pred, na)
+        no_answer = read_predictions(na_prob_path, "{id: no_answer_probability}")
+        check_ids([r.id for r in gold], no_answer, na_prob_path)
+        first_bad(na_prob_path, no_answer, lambda v: not isinstance(v, bool) and isinstance(v, (int, float)),
+                  "a number")
+    return metrics.squad_v2_scores({r.id: r.answer_texts for r in gold}, predictions, no_answer)
+
+def clip_label_row(labels, index:dict, path, record_id:str) -> np.ndarray:
+    "One sentence's predicted labels (release names, `I-` prefix allowed) as a 0/1 row over the CLIP labels."
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise DataError([Problem(str(path), f"record {record_id!r}", "a list of label names")])
+    row = np.zeros(len(index), dtype=int)
+    for label in labels:
+        name = label[2:] if label.startswith("I-") else label
+        if name not in index:
+            raise DataError([Problem(str(path), f"record {record_id!r}",
+                                     f"labels among the {len(index)} CLIP labels; got {label!r}")])
+        row[index[name]] = 1
+    return row
 
 def score_clip(gold_path, pred_path) -> dict:
     "Micro-, macro- and per-label F1 of a CLIP predictions file on the release's test split."
     gold_path = Path(gold_path)
-    if not gold_path.is_dir(): raise UserError(f"--gold {gold_path}: expected the CLIP release folder (sentence_level.csv and the split files)")
-    gold = load_clip(gold_path).splits["test"]; pred = _read_pred(pred_path, '{"<doc_id>:<sent_index>": [label, ...]}')
-    _check_ids([r.id for r in gold], pred, pred_path)
-    idx = {l: i for i, l in enumerate(CLIP_LABELS)}
-    y_true, y_pred = np.zeros((len(gold), 7), dtype=int), np.zeros((len(gold), 7), dtype=int)
-    for n, r in enumerate(gold):
-        for l in r.labels: y_true[n, idx[l]] = 1
-        labs = pred[r.id]
-        if not isinstance(labs, list) or not all(isinstance(l, str) for l in labs):
-            raise DataError([Problem(str(pred_path), f"record {r.id!r}", "a list of label names")])
-        for l in labs:
-            name = l[2:] if l.startswith("I-") else l
-            if name not in idx: raise DataError([Problem(str(pred_path), f"record {r.id!r}", f"labels among the 7 CLIP labels; got {l!r}")])
-            y_pred[n, idx[name]] = 1
+    if not gold_path.is_dir():
+        raise UserError(f"--gold {gold_path}: expected the CLIP release folder (sentence_level.csv and the split "
+                        "files)")
+    gold = load_clip(gold_path).splits["test"]
+    predictions = read_predictions(pred_path, '{"<doc_id>:<sent_index>": [label, ...]}')
+    check_ids([r.id for r in gold], predictions, pred_path)
+    index = {label: i for i, label in enumerate(CLIP_LABELS)}
+    y_true = np.array([[label in r.labels for label in CLIP_LABELS] for r in gold], dtype=int).reshape(len(gold), -1)
+    y_pred = np.zeros((len(gold), len(CLIP_LABELS)), dtype=int)
+    for n, record in enumerate(gold):
+        y_pred[n] = clip_label_row(predictions[record.id], index, pred_path, record.id)
     return metrics.multilabel_scores(y_true, y_pred)
+
+def format_scores(scores:dict) -> list[str]:
+    "The lines `score` prints: one metric a line, floats to 4 decimals, nested values on one line."
+    lines = []
+    for key, value in scores.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in value.items())
+        elif isinstance(value, float):
+            value = f"{value:.4f}"
+        lines.append(f"{key}: {value}")
+    return lines
 
 def cmd_score(args) -> int:
     "Score a predictions file and print the metrics."
-    if args.na_prob and args.task != "radqa": raise UserError("--na-prob applies to radqa only")
-    if args.task == "mednli": res = score_mednli(args.gold, args.pred)
-    elif args.task == "radqa": res = score_radqa(args.gold, args.pred, args.na_prob)
-    else: res = score_clip(args.gold, args.pred)
-    if args.json: print(json.dumps(res, indent=1))
+    if args.na_prob and args.task != "radqa":
+        raise UserError("--na-prob applies to radqa only")
+    if args.task == "mednli":
+        scores = score_mednli(args.gold, args.pred)
+    elif args.task == "radqa":
+        scores = score_radqa(args.gold, args.pred, args.na_prob)
     else:
-        for k, v in res.items():
-            if isinstance(v, dict): v = ", ".join(f"{a}: {b:.4f}" if isinstance(b, float) else f"{a}: {b}" for a, b in v.items())
-            elif isinstance(v, float): v = f"{v:.4f}"
-            print(f"{k}: {v}")
+        scores = score_clip(args.gold, args.pred)
+    print(json.dumps(scores, indent=1) if args.json else "\n".join(format_scores(scores)))
     return 0
 
 # %% ../nbs/99_cli.ipynb #8432b3d2
 def cmd_subsets(args) -> int:
     "Draw the nested, stratified data-fraction subsets of each present task and save their index files."
     for task in TASKS:
-        try: td = load_task(args.data_dir, task)
-        except MissingTaskError: print(f"{task}: missing, skipped"); continue
-        obj = ensure_subsets(td, args.out, seed=args.seed)
-        sizes = ", ".join(f"{f}: {len(v)}" for f, v in obj["subsets"].items())
-        print(f"{task}: {obj['unit']}s per fraction {sizes}  (content hash {obj['content_hash'][:12]})")
+        try:
+            task_data = load_task(args.data_dir, task)
+        except MissingTaskError:
+            print(f"{task}: missing, skipped")
+            continue
+        subsets = ensure_subsets(task_data, args.out, seed=args.seed)
+        sizes = ", ".join(f"{fraction}: {len(ids)}" for fraction, ids in subsets["subsets"].items())
+        print(f"{task}: {subsets['unit']}s per fraction {sizes}  (content hash {subsets['content_hash'][:12]})")
     return 0
 
 # %% ../nbs/99_cli.ipynb #93d9a22d
 def _value(text:str):
     "A command-line value: JSON first (so 3e-5 is a number, unlike YAML 1.1), else YAML, else the string."
-    try: return json.loads(text)
-    except json.JSONDecodeError: pass
-    try: return yaml.safe_load(text)
-    except yaml.YAMLError: return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 def parse_sets(items:list[str]|None) -> tuple[dict, dict]:
     "`--set train.KEY=VALUE` / `--set task.KEY=VALUE` pairs (values read as YAML) into train and task overrides."
     train, task = {}, {}
-    for it in items or []:
-        key, sep, val = it.partition("=")
+    for item in items or []:
+        key, equals, value = item.partition("=")
         section, dot, name = key.strip().partition(".")
-        if not sep or not dot or section not in ("train", "task") or not name:
-            raise UserError(f"--set {it!r}: expected train.KEY=VALUE or task.KEY=VALUE, e.g. train.epochs=3 or task.window_tokens=128")
-        (train if section == "train" else task)[name] = _value(val)
+        if not equals or not dot or section not in ("train", "task") or not name:
+            raise UserError(f"--set {item!r}: expected train.KEY=VALUE or task.KEY=VALUE, e.g. train.epochs=3 or "
+                            "task.window_tokens=128")
+        (train if section == "train" else task)[name] = _value(value)
     return train, task
 
 def _guard(data_dir) -> None:
     "Refuse real data inside a git work tree that is not ignored (the synthetic demo data is exempt)."
     from clinical_repro.governance import check_data_location
-    if not (Path(data_dir)/synthetic.DEMO_MARKER).exists(): check_data_location(data_dir)
+    if not (Path(data_dir)/synthetic.DEMO_MARKER).exists():
+        check_data_location(data_dir)
 
 def cmd_finetune(args) -> int:
     "Fine-tune one unit and write its results file."
     from clinical_repro.experiment import run_unit
     _guard(args.data_dir)
-    over, task_over = parse_sets(args.set)
-    if args.max_steps: over["max_steps"] = args.max_steps
-    if args.epochs: over["epochs"] = args.epochs
+    train_overrides, task_overrides = parse_sets(args.set)
+    if args.max_steps:
+        train_overrides["max_steps"] = args.max_steps
+    if args.epochs:
+        train_overrides["epochs"] = args.epochs
     # The Trainer prints its logs to stdout; keep stdout for this command's own output (JSON with --json).
     with contextlib.redirect_stdout(sys.stderr):
-        res = run_unit(args.task, args.model, args.data_dir, args.out, seed=args.seed, fraction=args.fraction,
-                       train_overrides=over, task_overrides=task_over, overrides_source="command line (--set)")
-    m, key = res["metrics"], res["dev_metric"]
-    if args.json: print(json.dumps({k: res[k] for k in ("run_id", "status", "task", "model", "seed", "fraction", "metrics", "thresholds", "cost")}, indent=1, default=str))
-    else:
-        print(f"{res['task']} / {res['model']} seed {res['seed']} fraction {res['fraction']:g}: dev {key} {m['dev'][key]:.4f}, test {key} {m['test'][key]:.4f}")
-        print(f"results: {Path(args.out)/(res['run_id'] + '.json')}  ({res['cost']['train_seconds']:.1f} s training, {res['cost']['optimizer_steps']} optimizer steps, precision {res['provenance']['precision']})")
-        if res.get("synthetic_demo"): print("Demo model: not a reproduction of the paper.")
+        record = run_unit(args.task, args.model, args.data_dir, args.out, seed=args.seed, fraction=args.fraction,
+                          train_overrides=train_overrides, task_overrides=task_overrides,
+                          overrides_source="command line (--set)")
+    if args.json:
+        keys = ("run_id", "status", "task", "model", "seed", "fraction", "metrics", "thresholds", "cost")
+        print(json.dumps({key: record[key] for key in keys}, indent=1, default=str))
+        return 0
+    scores, key, cost = record["metrics"], record["dev_metric"], record["cost"]
+    print(f"{record['task']} / {record['model']} seed {record['seed']} fraction {record['fraction']:g}: "
+          f"dev {key} {scores['dev'][key]:.4f}, test {key} {scores['test'][key]:.4f}")
+    print(f"results: {Path(args.out)/(record['run_id'] + '.json')}  ({cost['train_seconds']:.1f} s training, "
+          f"{cost['optimizer_steps']} optimizer steps, precision {record['provenance']['precision']})")
+    if record.get("synthetic_demo"):
+        print("Demo model: not a reproduction of the paper.")
     return 0
 
 # %% ../nbs/99_cli.ipynb #62decc05
@@ -203,140 +285,207 @@ def cmd_icl(args) -> int:
     from clinical_repro.icl import run_icl_unit
     _guard(args.data_dir)
     with contextlib.redirect_stdout(sys.stderr):
-        res = run_icl_unit(args.task, args.model, args.data_dir, args.out, shots=args.shots, draw=args.draw, seed=args.seed,
-                           limit=args.limit, template=args.template)
-    if args.json: print(json.dumps(res, indent=1, default=str))
-    elif res.get("status") != "ok": print(f"{res['task']} / {res['model']}: {res['status']}: {res.get('reason', '')}")
+        record = run_icl_unit(args.task, args.model, args.data_dir, args.out, shots=args.shots, draw=args.draw,
+                              seed=args.seed, limit=args.limit, template=args.template)
+    if args.json:
+        print(json.dumps(record, indent=1, default=str))
+    elif record.get("status") != "ok":
+        print(f"{record['task']} / {record['model']}: {record['status']}: {record.get('reason', '')}")
     else:
-        print(f"{res['task']} / {res['model']} icl, {res['shots']} shots, draw {res['draw']}: results {Path(args.out)/(res['run_id'] + '.json')}")
-        print(json.dumps(res["metrics"]["test"], default=str)[:2000])
+        print(f"{record['task']} / {record['model']} icl, {record['shots']} shots, draw {record['draw']}: "
+              f"results {Path(args.out)/(record['run_id'] + '.json')}")
+        print(json.dumps(record["metrics"]["test"], default=str)[:2000])
     return 0
 
 # %% ../nbs/99_cli.ipynb #51fe8ac4
-def _print_failures(m:dict, gdir:Path) -> None:
+def print_failures(manifest:dict, grid_folder:Path) -> None:
+    "The failed units of a run, on stderr, with the file that lists them."
     from clinical_repro.runner import failures
-    fails = failures(m)
-    if not fails: return
-    print(f"{len(fails)} unit(s) failed (the others completed); list in {gdir/'failures.json'}:", file=sys.stderr)
-    for f in fails: print(f"  {f['task']} / {f['model']} / {f['mode']}, {f['unit']}: {f['error']}  [{f['notebook']}]", file=sys.stderr)
+    failed = failures(manifest)
+    if not failed:
+        return
+    print(f"{len(failed)} unit(s) failed (the others completed); list in {grid_folder/'failures.json'}:",
+          file=sys.stderr)
+    for failure in failed:
+        print(f"  {failure['task']} / {failure['model']} / {failure['mode']}, {failure['unit']}: {failure['error']}  "
+              f"[{failure['notebook']}]", file=sys.stderr)
 
-def cmd_run(args) -> int:
-    "Run a grid: execute its notebooks with papermill, skip finished units, write the summary, scan the reports for leaks."
+def print_run(manifest:dict, grid_folder:Path) -> None:
+    "What a run did: units and notebooks (executed or skipped), time, where the reports are."
+    experiments = manifest["experiments"]
+    units = sum(len(exp["units"]) for exp in experiments)
+    ran = sum(exp["status"] != "cached" for exp in experiments)
+    print(f"grid {manifest['grid']}: {units} units in {len(experiments)} notebooks ({ran} executed, "
+          f"{len(experiments) - ran} skipped: all their units finished) in {manifest['seconds']:.0f} s")
+    print(f"reports: {grid_folder}/<task>/<model>__<mode>.ipynb; manifest {grid_folder/'manifest.json'}")
+
+def scan_and_print(manifest:dict, grid_folder:Path) -> int:
+    "Scan the grid's reports for leaks, record the verdict in the manifest, print it; returns the number of leaks."
     from clinical_repro import runner
     from clinical_repro.core import get_logger
-    t0 = time.perf_counter()
-    m = runner.run_grid(args.grid, args.data_dir, args.reports, dry_run=args.dry_run, executor=args.executor, jobs=args.jobs,
-                        ray_address=args.ray_address, scan=False)
-    if args.dry_run: return 0
-    gdir = Path(args.reports)/m["grid"]
-    units = [u for e in m["experiments"] for u in e["units"]]
-    ran = sum(e["status"] != "cached" for e in m["experiments"])
-    print(f"grid {m['grid']}: {len(units)} units in {len(m['experiments'])} notebooks ({ran} executed, "
-          f"{len(m['experiments']) - ran} skipped: all their units finished) in {m['seconds']:.0f} s")
-    print(f"reports: {gdir}/<task>/<model>__<mode>.ipynb; manifest {gdir/'manifest.json'}")
-    _print_failures(m, gdir)
+    verdict = runner.leak_scan(manifest, grid_folder, get_logger("clinical_repro.runner"))["leak_scan"]
+    if verdict["leaks"]:
+        print(f"LEAK SCAN: {verdict['leaks']} verbatim span(s) of the data found in the reports; list them with "
+              f"clinical-repro scan-leaks --data-dir {manifest['data_dir']} --reports {grid_folder}", file=sys.stderr)
+    else:
+        print(f"leak scan: {verdict['files_scanned']} report files checked, no verbatim span of the data")
+    return verdict["leaks"]
+
+def cmd_run(args) -> int:
+    "Run a grid: execute its notebooks, skip finished units, write the summary, scan the reports for leaks."
+    from clinical_repro import runner
+    started = time.perf_counter()
+    manifest = runner.run_grid(args.grid, args.data_dir, args.reports, dry_run=args.dry_run, executor=args.executor,
+                               jobs=args.jobs, ray_address=args.ray_address, scan=False)
+    if args.dry_run:
+        return 0
+    grid_folder = Path(args.reports)/manifest["grid"]
+    print_run(manifest, grid_folder)
+    print_failures(manifest, grid_folder)
     if not args.no_summary:
-        s = runner.summarize_grid(gdir, n_boot=args.n_boot)
-        print(f"summary{' (unchanged inputs: kept)' if s['cached'] else ''}: open {s['html']} in a browser, "
-              f"{s['ipynb']} in JupyterLab; Markdown {s['md']}")
-    # Last, so that it covers every file the run wrote, the summary included.
-    ls = runner.leak_scan(m, gdir, get_logger("clinical_repro.runner"))["leak_scan"]
-    if ls["leaks"]:
-        print(f"LEAK SCAN: {ls['leaks']} verbatim span(s) of the data found in the reports; list them with "
-              f"clinical-repro scan-leaks --data-dir {m['data_dir']} --reports {gdir}", file=sys.stderr)
-    else: print(f"leak scan: {ls['files_scanned']} report files checked, no verbatim span of the data")
-    print(f"done in {time.perf_counter() - t0:.0f} s")
-    return 1 if runner.failures(m) or ls["leaks"] else 0
+        summary = runner.summarize_grid(grid_folder, n_boot=args.n_boot)
+        print(f"summary{' (unchanged inputs: kept)' if summary['cached'] else ''}: open {summary['html']} in a "
+              f"browser, {summary['ipynb']} in JupyterLab; Markdown {summary['md']}")
+    leaks = scan_and_print(manifest, grid_folder)   # last: it covers every file the run wrote, the summary included
+    print(f"done in {time.perf_counter() - started:.0f} s")
+    return 1 if runner.failures(manifest) or leaks else 0
 
 def cmd_summarize(args) -> int:
     "Write the paper-style summary of every grid under --reports (a pure function of the results files)."
     from clinical_repro import runner
-    for gdir in runner.grid_folders(args.reports):
-        s = runner.summarize_grid(gdir, n_boot=args.n_boot, force=args.force)
-        print(f"{gdir.name}: {s['html']}{' (unchanged inputs: kept)' if s['cached'] else ''}; also {s['ipynb']}, {s['md']}")
+    for grid_folder in runner.grid_folders(args.reports):
+        summary = runner.summarize_grid(grid_folder, n_boot=args.n_boot, force=args.force)
+        kept = " (unchanged inputs: kept)" if summary["cached"] else ""
+        print(f"{grid_folder.name}: {summary['html']}{kept}; also {summary['ipynb']}, {summary['md']}")
     return 0
 
 # %% ../nbs/99_cli.ipynb #fe9006dd
+def add_demo_data_parser(commands) -> None:
+    "`demo-data --out DIR [--seed N] [--size tiny|demo] [--json]`."
+    parser = commands.add_parser("demo-data", help="write synthetic demo data in the three PhysioNet release layouts")
+    parser.add_argument("--out", required=True, help="folder to write mednli/, radqa/, clip/ into")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", choices=("tiny", "demo"), default="demo")
+    parser.add_argument("--json", action="store_true", help="print what was written as JSON")
+    parser.set_defaults(func=cmd_demo_data)
+
+def add_check_data_parser(commands) -> None:
+    "`check-data --data-dir DIR [--json]`."
+    parser = commands.add_parser("check-data", help="validate the releases and report counts, labels and hashes")
+    parser.add_argument("--data-dir", required=True, help="folder holding mednli/, radqa/, clip/")
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(func=cmd_check_data)
+
+def add_score_parser(commands) -> None:
+    "`score TASK --gold PATH --pred PATH [--na-prob PATH] [--json]`."
+    parser = commands.add_parser("score", help="score a predictions file against the released gold")
+    parser.add_argument("task", choices=TASKS)
+    parser.add_argument("--gold", required=True,
+                        help="release file (mednli, radqa) or release folder (clip: test split)")
+    parser.add_argument("--pred", required=True, help="predictions JSON")
+    parser.add_argument("--na-prob", help="radqa: JSON {id: no_answer_probability}")
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(func=cmd_score)
+
+def fractions_text(separator:str=" ", percent:bool=False) -> str:
+    "The study's data fractions for help texts: `0.01 0.05 0.1 0.25 1`, or as percentages `1/5/10/25/100`."
+    if percent:
+        return separator.join(f"{fraction * 100:g}" for fraction in data_fractions())
+    return separator.join(f"{fraction:g}" for fraction in data_fractions())
+
+def add_subsets_parser(commands) -> None:
+    "`subsets --data-dir DIR --out DIR [--seed N]`."
+    parser = commands.add_parser("subsets", help=f"draw the shared {fractions_text('/', percent=True)} %% train "
+                                                 "subsets once and save them")
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--out", required=True, help="folder for the subset index files")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=cmd_subsets)
+
+def add_unit_arguments(parser, model_help:str, out_help:str|None=None) -> None:
+    "The arguments every single-unit command takes: --task, --model, --data-dir, --out, --seed, --json."
+    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--model", required=True, help=model_help)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+
+def add_finetune_parser(commands) -> None:
+    "`finetune --task T --model M --data-dir DIR --out DIR [--fraction F] [--seed S] [--max-steps N] [--set K=V ...]`."
+    parser = commands.add_parser("finetune", help="fine-tune one (task, model, seed, fraction) unit and write its "
+                                                  "results file")
+    add_unit_arguments(parser, "a name from params/models.yaml (offline demo: minilm-demo, t5-tiny-demo)",
+                       "folder for <run_id>.json, predictions, logs and checkpoints")
+    parser.add_argument("--fraction", type=float, default=1.0,
+                        help=f"share of train, one of the shared subsets ({fractions_text()})")
+    parser.add_argument("--max-steps", type=int, help="stop after N optimizer steps (smoke tests)")
+    parser.add_argument("--epochs", type=float, help="override the number of epochs")
+    parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                        help="override a parameter, e.g. --set train.learning_rate=3e-5 --set task.window_tokens=128 "
+                             "(repeatable)")
+    parser.set_defaults(func=cmd_finetune)
+
+def add_icl_parser(commands) -> None:
+    "`icl --task T --model M --data-dir DIR --out DIR --shots K [--draw N] [--seed S] [--limit N]`."
+    parser = commands.add_parser("icl", help="run one in-context-learning unit with a local model, save its results")
+    add_unit_arguments(parser, "a local model from params/models.yaml (offline demo: t5-tiny-demo)")
+    parser.add_argument("--shots", type=int, required=True, help="in-context examples per prompt (the paper: 1-3)")
+    parser.add_argument("--draw", type=int, default=0, help="which independent exemplar draw")
+    parser.add_argument("--limit", type=int, help="score only the first N test items (quick runs; recorded)")
+    parser.add_argument("--template", help="a template id from params/prompts/<task>.yaml (default: chosen on a dev "
+                                           "sample)")
+    parser.set_defaults(func=cmd_icl)
+
+def add_run_parser(commands) -> None:
+    "`run GRID [--data-dir DIR] [--reports DIR] [--executor local|ray] [--jobs N] [--dry-run] ...`."
+    parser = commands.add_parser("run", help="run a grid: one papermill notebook per (task, model, mode), finished "
+                                             "units skipped, then the summary")
+    parser.add_argument("grid", help=f"a grid file, or the name of one in params/ ({', '.join(GRIDS)})")
+    parser.add_argument("--data-dir", help="folder holding mednli/, radqa/, clip/ (synthetic grids: where to write "
+                                           "the demo data)")
+    parser.add_argument("--reports", default="reports", help="reports folder (default: reports); the grid's go to "
+                                                             "<reports>/<grid>/")
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="local: notebooks on this machine; ray: each notebook a Ray task (see docs/cluster.md)")
+    parser.add_argument("--ray-address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--dry-run", action="store_true", help="show what would run and what is cached; run nothing")
+    parser.add_argument("--jobs", type=int, default=1, help="notebooks run at once (CPU: each gets cores/jobs threads; "
+                        "one GPU: keep 1; ray: the cap on notebooks at once, 1 = no cap)")
+    parser.add_argument("--no-summary", action="store_true", help="do not write the summary afterwards")
+    parser.add_argument("--n-boot", type=int, help="bootstrap resamples for the summary's intervals and tests "
+                                                   "(default: the summary's, report.N_BOOT)")
+    parser.set_defaults(func=cmd_run)
+
+def add_summarize_parser(commands) -> None:
+    "`summarize [--reports DIR] [--n-boot N] [--force]`."
+    parser = commands.add_parser("summarize", help="write the summary (notebook, HTML, Markdown, figures) per grid")
+    parser.add_argument("--reports", default="reports", help="a reports folder, or one grid's folder in it")
+    parser.add_argument("--n-boot", type=int, help="bootstrap resamples (default: the summary's, report.N_BOOT)")
+    parser.add_argument("--force", action="store_true", help="rewrite even when the results did not change")
+    parser.set_defaults(func=cmd_summarize)
+
 def build_parser() -> argparse.ArgumentParser:
     "The `clinical-repro` argument parser."
-    p = argparse.ArgumentParser(prog="clinical-repro", description="Do we still need clinical language models? A reproducible study.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    d = sub.add_parser("demo-data", help="write synthetic demo data in the three PhysioNet release layouts")
-    d.add_argument("--out", required=True, help="folder to write mednli/, radqa/, clip/ into")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--size", choices=("tiny", "demo"), default="demo")
-    d.add_argument("--json", action="store_true", help="print what was written as JSON")
-    d.set_defaults(func=cmd_demo_data)
-    c = sub.add_parser("check-data", help="validate the releases and report counts, labels and hashes")
-    c.add_argument("--data-dir", required=True, help="folder holding mednli/, radqa/, clip/")
-    c.add_argument("--json", action="store_true")
-    c.set_defaults(func=cmd_check_data)
-    s = sub.add_parser("score", help="score a predictions file against the released gold")
-    s.add_argument("task", choices=TASKS)
-    s.add_argument("--gold", required=True, help="release file (mednli, radqa) or release folder (clip: test split)")
-    s.add_argument("--pred", required=True, help="predictions JSON")
-    s.add_argument("--na-prob", help="radqa: JSON {id: no_answer_probability}")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_score)
-    f = sub.add_parser("subsets", help="draw the shared 1/5/10/25/100 %% train subsets once and save them")
-    f.add_argument("--data-dir", required=True)
-    f.add_argument("--out", required=True, help="folder for the subset index files")
-    f.add_argument("--seed", type=int, default=0)
-    f.set_defaults(func=cmd_subsets)
-    t = sub.add_parser("finetune", help="fine-tune one (task, model, seed, fraction) unit and write its results file")
-    t.add_argument("--task", required=True, choices=TASKS)
-    t.add_argument("--model", required=True, help="a name from params/models.yaml (offline demo: minilm-demo, t5-tiny-demo)")
-    t.add_argument("--data-dir", required=True)
-    t.add_argument("--out", required=True, help="folder for <run_id>.json, predictions, logs and checkpoints")
-    t.add_argument("--fraction", type=float, default=1.0, help="share of train, one of the shared subsets (0.01 0.05 0.1 0.25 1)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--max-steps", type=int, help="stop after N optimizer steps (smoke tests)")
-    t.add_argument("--epochs", type=float, help="override the number of epochs")
-    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                   help="override a parameter, e.g. --set train.learning_rate=3e-5 --set task.window_tokens=128 (repeatable)")
-    t.add_argument("--json", action="store_true")
-    t.set_defaults(func=cmd_finetune)
-    i = sub.add_parser("icl", help="run one in-context-learning unit with a local model and write its results file")
-    i.add_argument("--task", required=True, choices=TASKS)
-    i.add_argument("--model", required=True, help="a local model from params/models.yaml (offline demo: t5-tiny-demo)")
-    i.add_argument("--data-dir", required=True)
-    i.add_argument("--out", required=True)
-    i.add_argument("--shots", type=int, required=True, help="in-context examples per prompt (the paper: 1-3)")
-    i.add_argument("--draw", type=int, default=0, help="which independent exemplar draw")
-    i.add_argument("--seed", type=int, default=0)
-    i.add_argument("--limit", type=int, help="score only the first N test items (quick runs; recorded)")
-    i.add_argument("--template", help="a template id from params/prompts/<task>.yaml (default: chosen on a dev sample)")
-    i.add_argument("--json", action="store_true")
-    i.set_defaults(func=cmd_icl)
-    r = sub.add_parser("run", help="run a grid: one papermill notebook per (task, model, mode), finished units skipped, then the summary")
-    r.add_argument("grid", help="a grid file, or the name of one in params/ (demo, paper, limited-data, icl, colab-t4)")
-    r.add_argument("--data-dir", help="folder holding mednli/, radqa/, clip/ (synthetic grids: where to write the demo data)")
-    r.add_argument("--reports", default="reports", help="reports folder (default: reports); the grid's go to <reports>/<grid>/")
-    r.add_argument("--executor", choices=("local", "ray"), default="local",
-                   help="local: notebooks on this machine; ray: each notebook a Ray task (see docs/cluster.md)")
-    r.add_argument("--ray-address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
-    r.add_argument("--dry-run", action="store_true", help="show what would run and what is cached; run nothing")
-    r.add_argument("--jobs", type=int, default=1, help="notebooks run at once (CPU: each gets cores/jobs threads; one GPU: keep 1; "
-                   "ray: the cap on notebooks at once, 1 = no cap)")
-    r.add_argument("--no-summary", action="store_true", help="do not write the summary afterwards")
-    r.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the summary's intervals and tests")
-    r.set_defaults(func=cmd_run)
-    m = sub.add_parser("summarize", help="write summary.ipynb/.html/.md and figures for each grid under --reports")
-    m.add_argument("--reports", default="reports", help="a reports folder, or one grid's folder in it")
-    m.add_argument("--n-boot", type=int, default=1000)
-    m.add_argument("--force", action="store_true", help="rewrite even when the results did not change")
-    m.set_defaults(func=cmd_summarize)
     from clinical_repro.governance import add_scan_leaks_parser
-    add_scan_leaks_parser(sub)
-    return p
+    parser = argparse.ArgumentParser(prog="clinical-repro",
+                                     description="Do we still need clinical language models? A reproducible study.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (add_demo_data_parser, add_check_data_parser, add_score_parser, add_subsets_parser,
+                add_finetune_parser, add_icl_parser, add_run_parser, add_summarize_parser, add_scan_leaks_parser):
+        add(commands)
+    return parser
 
 def main(argv=None) -> int:
     "Run `clinical-repro`; user mistakes print a clear message instead of a traceback."
     args = build_parser().parse_args(argv)
-    try: return args.func(args)
+    try:
+        return args.func(args)
     except DataError as e:
         print(f"error: {len(e.problems)} problem(s) in the input:", file=sys.stderr)
-        for pr in e.problems: print(f"  {pr}", file=sys.stderr)
+        for problem in e.problems:
+            print(f"  {problem}", file=sys.stderr)
         return 2
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr); return 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2

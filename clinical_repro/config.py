@@ -17,30 +17,32 @@ import clinical_repro
 from .core import UserError, DataError, Problem, sha256_json
 
 # %% auto #0
-__all__ = ['params_dir', 'read_yaml', 'Spec', 'validate_spec', 'TrainSpec', 'TaskSpec', 'check_keys', 'train_layers',
-           'task_layer', 'merge_train', 'code_version', 'make_run_id']
+__all__ = ['DEFAULTS_FILE_KEYS', 'TASK_FILE_KEYS', 'params_dir', 'read_yaml', 'Spec', 'validate_spec', 'TrainSpec', 'TaskSpec',
+           'check_keys', 'train_layers', 'task_layer', 'merge_train', 'code_version', 'make_run_id']
 
 # %% ../nbs/10_config.ipynb #6e641ba6
 def params_dir() -> Path:
     "The `params/` folder: `$CLINICAL_REPRO_PARAMS`, else the one beside the package."
     env = os.environ.get("CLINICAL_REPRO_PARAMS")
-    p = Path(env).expanduser() if env else Path(clinical_repro.__file__).resolve().parent.parent/"params"
-    if not (p/"defaults.yaml").is_file():
-        raise UserError(f"no parameters found in {p}: expected defaults.yaml there (set CLINICAL_REPRO_PARAMS to the params/ folder)")
-    return p
+    folder = Path(env).expanduser() if env else Path(clinical_repro.__file__).resolve().parent.parent/"params"
+    if not (folder/"defaults.yaml").is_file():
+        raise UserError(f"no parameters found in {folder}: expected defaults.yaml there "
+                        "(set CLINICAL_REPRO_PARAMS to the params/ folder)")
+    return folder
 
 def read_yaml(path) -> dict:
     "A YAML mapping from `path`; syntax errors name the file and line."
     path = Path(path)
     if not path.is_file(): raise UserError(f"{path}: no such file")
-    try: obj = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1} column {mark.column + 1}" if mark else ""
         raise DataError([Problem(str(path), where, f"valid YAML ({getattr(e, 'problem', None) or e})")])
-    if obj is None: obj = {}
-    if not isinstance(obj, dict): raise DataError([Problem(str(path), "top level", "a mapping of keys to values")])
-    return obj
+    if content is None: return {}
+    if not isinstance(content, dict): raise DataError([Problem(str(path), "top level", "a mapping of keys to values")])
+    return content
 
 # %% ../nbs/10_config.ipynb #aaba02b1
 class Spec(BaseModel):
@@ -49,51 +51,54 @@ class Spec(BaseModel):
 
 def validate_spec(cls, data:dict, file:str, prefix:str=""):
     "Build `cls` from `data`, or raise `DataError` naming `file` and each offending key."
-    try: return cls.model_validate(data)
+    try:
+        return cls.model_validate(data)
     except ValidationError as e:
-        probs = []
-        for err in e.errors():
-            key = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(err["loc"]))
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            if err["type"] not in ("extra_forbidden", "missing"): msg += f" (got {err.get('input')!r})"
-            probs.append(Problem(str(file), key, msg))
-        raise DataError(probs)
+        problems = []
+        for error in e.errors():
+            key = ".".join(str(part) for part in (prefix.split(".") if prefix else []) + list(error["loc"]))
+            message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+            if error["type"] not in ("extra_forbidden", "missing"):
+                message += f" (got {error.get('input')!r})"
+            problems.append(Problem(str(file), key, message))
+        raise DataError(problems)
 
 # %% ../nbs/10_config.ipynb #05164f87
 class TrainSpec(Spec):
-    "Fine-tuning hyperparameters of one unit (values in params/, never in code)."
+    "Fine-tuning hyperparameters of one unit: every value comes from params/ (`defaults.yaml` and the layers above)."
     optimizer: Literal["adamw", "adafactor"]
     learning_rate: float
-    learning_rate_grid: list[float] | None = None   # searched values (the paper: ClinicalBERT, GatorTron)
+    learning_rate_grid: list[float] | None          # searched values (the paper: ClinicalBERT, GatorTron)
     lr_scheduler: Literal["linear", "constant"]
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
+    warmup_ratio: float
+    weight_decay: float
     epochs: float
-    max_steps: int | None = None                    # stop after this many optimizer steps (smoke tests, benchmarks)
-    effective_batch: int = 64
-    per_device_batch: int | Literal["auto"] = "auto"
-    eval_batch: int | Literal["auto"] = "auto"
-    pad_to_multiple_of: int = 8
-    length_grouped: bool = True
-    eval_steps: int | None = None                   # evaluate (and checkpoint) every N steps; None = every epoch
-    early_stopping_patience: int | None = None
-    keep_checkpoints: bool = False
-    max_grad_norm: float = 1.0
+    max_steps: int | None                           # stop after this many optimizer steps (smoke tests, benchmarks)
+    effective_batch: int
+    per_device_batch: int | Literal["auto"]
+    eval_batch: int | Literal["auto"]
+    pad_to_multiple_of: int
+    length_grouped: bool
+    eval_steps: int | None                          # evaluate (and checkpoint) every N steps; None = every epoch
+    early_stopping_patience: int | None
+    keep_checkpoints: bool
+    max_grad_norm: float
 
     @field_validator("learning_rate", "epochs")
     @classmethod
-    def _positive(cls, v):
-        if v <= 0: raise ValueError("must be positive")
-        return v
+    def _positive(cls, value):
+        if value <= 0: raise ValueError("must be positive")
+        return value
 
     @field_validator("effective_batch")
     @classmethod
-    def _batch(cls, v):
-        if v < 1: raise ValueError("must be at least 1")
-        return v
+    def _batch(cls, value):
+        if value < 1: raise ValueError("must be at least 1")
+        return value
 
 class TaskSpec(Spec):
-    "Task settings for one model family (lengths, stride, window, generation)."
+    "Task settings for one model family (lengths, stride, window, generation): `task:` in params/tasks/<task>.yaml."
+    # The defaults below are "not set" markers and the values every task shares; each task's values are in its YAML.
     dev_metric: Literal["accuracy", "f1", "macro_f1"]
     per_label_thresholds: bool = False
     max_length: int | None = None
@@ -108,58 +113,73 @@ class TaskSpec(Spec):
 # %% ../nbs/10_config.ipynb #938f636b
 _TRAIN_KEYS = set(TrainSpec.model_fields)
 _TASK_KEYS = set(TaskSpec.model_fields)
+# Top-level sections of the two layered files. The sections other than `train` and `task` are the task registry's
+# (clinical_repro.tasks validates them and checks that these names are exactly its fields).
+DEFAULTS_FILE_KEYS = ("study", "icl", "train")
+TASK_FILE_KEYS = ("title", "physionet_page", "labels", "cluster", "metrics", "text_to_text", "icl", "task", "train")
 
-def check_keys(d:dict, allowed:set, file:str, prefix:str) -> None:
+def check_keys(layer:dict, allowed:set, file:str, prefix:str) -> None:
     "Unknown keys in one layer are errors naming the file and the key."
-    bad = sorted(set(d) - allowed)
-    if bad: raise DataError([Problem(str(file), f"{prefix}.{k}", f"unknown key; expected one of {', '.join(sorted(allowed))}") for k in bad])
+    unknown = sorted(set(layer) - allowed)
+    if not unknown: return
+    expected = f"unknown key; expected one of {', '.join(sorted(allowed))}"
+    raise DataError([Problem(str(file), f"{prefix}.{key}", expected) for key in unknown])
 
 def train_layers(family:str, params:Path|None=None) -> tuple[dict, str]:
     "The defaults layer of TrainSpec values for `family` and the file it came from."
-    params = params or params_dir(); f = params/"defaults.yaml"
-    d = read_yaml(f); check_keys(d, {"train"}, f, "(top)")
-    tr = d.get("train") or {}
-    check_keys(tr, {"encoder", "seq2seq", "decoder", "all"}, f, "train")
-    if family not in tr: raise DataError([Problem(str(f), "train", f"a section for the {family!r} family")])
-    for k in ("all", family): check_keys(tr.get(k) or {}, _TRAIN_KEYS, f, f"train.{k}")
-    return {**(tr.get("all") or {}), **tr[family]}, str(f)
+    file = (params or params_dir())/"defaults.yaml"
+    defaults = read_yaml(file)
+    check_keys(defaults, set(DEFAULTS_FILE_KEYS), file, "(top)")
+    train = defaults.get("train") or {}
+    check_keys(train, {"encoder", "seq2seq", "decoder", "all"}, file, "train")
+    if family not in train: raise DataError([Problem(str(file), "train", f"a section for the {family!r} family")])
+    for section in ("all", family):
+        check_keys(train.get(section) or {}, _TRAIN_KEYS, file, f"train.{section}")
+    return {**(train.get("all") or {}), **train[family]}, str(file)
 
 def task_layer(task:str, family:str, params:Path|None=None) -> tuple[dict, str]:
-    "TaskSpec values of `task` for `family`, from tasks/<task>.yaml."
-    params = params or params_dir(); f = params/"tasks"/f"{task}.yaml"
-    d = read_yaml(f); check_keys(d, {"task", "train"}, f, "(top)")
-    t = d.get("task") or {}
-    fam_keys = {"encoder", "seq2seq", "decoder"}
-    check_keys(t, _TASK_KEYS | fam_keys, f, "task")
-    for k in fam_keys & set(t): check_keys(t[k] or {}, _TASK_KEYS, f, f"task.{k}")
-    base = {k: v for k, v in t.items() if k not in fam_keys}
-    fam = t.get(family) or (t.get("encoder") if family == "decoder" else None) or {}
-    train = d.get("train") or {}
-    check_keys(train, _TRAIN_KEYS, f, "train")
-    return {**base, **fam, "_train": train}, str(f)
+    "TaskSpec values of `task` for `family`, from tasks/<task>.yaml (decoders read the encoder section)."
+    file = (params or params_dir())/"tasks"/f"{task}.yaml"
+    content = read_yaml(file)
+    check_keys(content, set(TASK_FILE_KEYS), file, "(top)")
+    settings = content.get("task") or {}
+    families = {"encoder", "seq2seq", "decoder"}
+    check_keys(settings, _TASK_KEYS | families, file, "task")
+    for family_name in families & set(settings):
+        check_keys(settings[family_name] or {}, _TASK_KEYS, file, f"task.{family_name}")
+    shared = {key: value for key, value in settings.items() if key not in families}
+    family_settings = settings.get(family) or (settings.get("encoder") if family == "decoder" else None) or {}
+    train = content.get("train") or {}
+    check_keys(train, _TRAIN_KEYS, file, "train")
+    return {**shared, **family_settings, "_train": train}, str(file)
 
 def merge_train(layers:list[tuple[dict, str]]) -> TrainSpec:
     "Merge TrainSpec layers (later wins) and validate, naming the last file that set each bad key."
     merged, origin = {}, {}
-    for d, f in layers:
-        for k, v in d.items(): merged[k], origin[k] = v, f
-    try: return TrainSpec.model_validate(merged)
+    for layer, file in layers:
+        for key, value in layer.items():
+            merged[key], origin[key] = value, file
+    try:
+        return TrainSpec.model_validate(merged)
     except ValidationError as e:
-        probs = []
-        for err in e.errors():
-            k = str(err["loc"][0]) if err["loc"] else ""
-            probs.append(Problem(origin.get(k, layers[-1][1] if layers else "train"), f"train.{k}", err["msg"] + (f" (got {err.get('input')!r})" if err["type"] != "missing" else "")))
-        raise DataError(probs)
+        problems = []
+        for error in e.errors():
+            key = str(error["loc"][0]) if error["loc"] else ""
+            file = origin.get(key, layers[-1][1] if layers else "train")
+            message = error["msg"] + (f" (got {error.get('input')!r})" if error["type"] != "missing" else "")
+            problems.append(Problem(file, f"train.{key}", message))
+        raise DataError(problems)
 
 # %% ../nbs/10_config.ipynb #ae6ef021
 def code_version() -> str:
     "Package version plus a hash of the exported source files."
     root = Path(clinical_repro.__file__).resolve().parent
-    h = hashlib.sha256()
-    for p in sorted(root.glob("*.py")):
-        if p.name == "_modidx.py": continue
-        h.update(p.name.encode()); h.update(p.read_bytes())
-    return f"{clinical_repro.__version__}+{h.hexdigest()[:12]}"
+    digest = hashlib.sha256()
+    for source in sorted(root.glob("*.py")):
+        if source.name == "_modidx.py": continue
+        digest.update(source.name.encode())
+        digest.update(source.read_bytes())
+    return f"{clinical_repro.__version__}+{digest.hexdigest()[:12]}"
 
 def make_run_id(config:dict, data_hash:str, code:str|None=None) -> str:
     "A 16-hex-digit id of (resolved config, code version, data hash)."

@@ -1,4 +1,4 @@
-"""Shared vocabulary, errors that name the file and record, hashing, atomic writes and per-run logging.
+"""Errors that name the file and record, hashing, atomic writes, fault-injection points and per-run logging.
 
 Docs: https://clinical-repro.github.io/clinical_repro/core.html.md"""
 
@@ -12,29 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['TASKS', 'SPLITS', 'MEDNLI_LABELS', 'CLIP_LABELS', 'PHYSIONET_PAGES', 'DATA_FRACTIONS', 'Problem', 'UserError',
-           'DataError', 'ProblemCollector', 'sha256_file', 'sha256_json', 'crash_point', 'disk_full_point',
-           'atomic_write_text', 'atomic_write_json', 'temporary_environ', 'get_logger']
+__all__ = ['SPLITS', 'Problem', 'UserError', 'DataError', 'ProblemCollector', 'sha256_file', 'sha256_json', 'crash_point',
+           'disk_full_point', 'atomic_write_text', 'atomic_write_json', 'temporary_environ', 'get_logger']
 
 # %% ../nbs/00_core.ipynb #f3450f54
-TASKS = ("mednli", "radqa", "clip")
-SPLITS = ("train", "dev", "test")
-MEDNLI_LABELS = ("entailment", "neutral", "contradiction")
-CLIP_LABELS = (
-    "Appointment-related followup",
-    "Medication-related followups",
-    "Lab-related followup",
-    "Procedure-related followup",
-    "Imaging-related followup",
-    "Case-specific instructions for patient",
-    "Other helpful contextual information",
-)
-PHYSIONET_PAGES = {
-    "mednli": "https://physionet.org/content/mednli/1.0.0/",
-    "radqa": "https://physionet.org/content/radqa/1.0.0/",
-    "clip": "https://physionet.org/content/mimic-iii-clinical-action/1.0.0/",
-}
-DATA_FRACTIONS = (0.01, 0.05, 0.10, 0.25, 1.0)
+SPLITS = ("train", "dev", "test")  # canonical split names (CLIP's released `val` is `dev`)
 
 # %% ../nbs/00_core.ipynb #8d525b5c
 @dataclass(frozen=True)
@@ -44,7 +26,8 @@ class Problem:
     where: str     # e.g. "line 12", "record 'abc'", "row 7 (doc 123)"; "" for the file as a whole
     expected: str  # what should have been there, in words
 
-    def __str__(self): return f"{self.file}{': ' + self.where if self.where else ''}: {self.expected}"
+    def __str__(self):
+        return f"{self.file}{': ' + self.where if self.where else ''}: {self.expected}"
 
 class UserError(Exception):
     "A mistake the user can fix (bad argument, bad config); printed without a traceback."
@@ -57,23 +40,28 @@ class DataError(UserError):
 
 class ProblemCollector:
     "Collect problems while reading a file, then raise them together (capped so a broken file stays readable)."
-    def __init__(self, file, cap:int=20): self.file, self.cap, self.problems, self.n = str(file), cap, [], 0
+    def __init__(self, file, cap:int=20):
+        self.file, self.cap, self.problems, self.n = str(file), cap, [], 0
     def add(self, where, expected):
         self.n += 1
-        if len(self.problems) < self.cap: self.problems.append(Problem(self.file, where, expected))
+        if len(self.problems) < self.cap:
+            self.problems.append(Problem(self.file, where, expected))
     def raise_if_any(self):
-        if not self.problems: return
+        if not self.problems:
+            return
         extra = self.n - len(self.problems)
-        if extra: self.problems.append(Problem(self.file, "", f"... and {extra} more problem(s) of the same file"))
+        if extra:
+            self.problems.append(Problem(self.file, "", f"... and {extra} more problem(s) of the same file"))
         raise DataError(self.problems)
 
 # %% ../nbs/00_core.ipynb #b30643ec
 def sha256_file(path, chunk:int=1 << 20) -> str:
     "SHA-256 hex digest of a file's bytes."
-    h = hashlib.sha256()
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""): h.update(block)
-    return h.hexdigest()
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 def sha256_json(obj) -> str:
     "SHA-256 of the canonical JSON of `obj` (sorted keys, no spaces): a content hash independent of formatting."
@@ -82,40 +70,52 @@ def sha256_json(obj) -> str:
 _CRASH_HITS: dict = {}
 
 def crash_point(name:str) -> None:
-    "Fault injection for the crash tests: SIGKILL at the n-th `name` matching `$CLINICAL_REPRO_CRASH_AT` (`pattern[@n]`)."
+    "Fault injection for the crash tests: SIGKILL at the n-th `name` matching `$CLINICAL_REPRO_CRASH_AT` (`pat[@n]`)."
     spec = os.environ.get("CLINICAL_REPRO_CRASH_AT")
-    if not spec: return
+    if not spec:
+        return
     pat, _, n = spec.partition("@")
-    if not fnmatch.fnmatchcase(name, pat): return
+    if not fnmatch.fnmatchcase(name, pat):
+        return
     _CRASH_HITS[pat] = _CRASH_HITS.get(pat, 0) + 1
-    if _CRASH_HITS[pat] < int(n or 1): return
+    if _CRASH_HITS[pat] < int(n or 1):
+        return
     # As a power cut would: the grid runner (which started this kernel) dies too, then this process.
     runner = int(os.environ.get("CLINICAL_REPRO_RUNNER_PID") or 0)
     if runner and runner != os.getpid():
-        try: os.kill(runner, signal.SIGKILL)
-        except ProcessLookupError: pass
+        try:
+            os.kill(runner, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     os.kill(os.getpid(), signal.SIGKILL)
 
 def disk_full_point(name:str) -> None:
     "Fault injection: raise 'No space left on device' when `name` matches `$CLINICAL_REPRO_DISK_FULL` (a pattern)."
     pat = os.environ.get("CLINICAL_REPRO_DISK_FULL")
-    if pat and fnmatch.fnmatchcase(name, pat): raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
+    if pat and fnmatch.fnmatchcase(name, pat):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
 
-_UMASK = os.umask(0o022); os.umask(_UMASK)  # read once, at import (os.umask can only be read by setting it)
+# The process umask, read once at import: os.umask can only be read by setting it (and setting it back).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 def atomic_write_text(path, text:str):
     "Write `text` to `path` via a temporary file and rename, creating parent folders."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     disk_full_point(f"write:{path.name}")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would create it (mkstemp makes it private to the owner)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text); f.flush(); os.fsync(f.fileno())
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         crash_point(f"write:{path.name}")
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
     return path
 
@@ -129,11 +129,14 @@ def temporary_environ(env:dict):
     "Set the variables of `env` in `os.environ` for the block (values as strings), then restore what was there."
     old = {k: os.environ.get(k) for k in env}
     os.environ.update({k: str(v) for k, v in env.items()})
-    try: yield
+    try:
+        yield
     finally:
         for k, v in old.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 # %% ../nbs/00_core.ipynb #6966d587
 def get_logger(name:str="clinical_repro", log_file=None, level=logging.INFO) -> logging.Logger:
@@ -142,11 +145,15 @@ def get_logger(name:str="clinical_repro", log_file=None, level=logging.INFO) -> 
     log.setLevel(level)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in log.handlers):
-        sh = logging.StreamHandler(sys.stderr); sh.setFormatter(fmt); log.addHandler(sh)
+        stream_handler = logging.StreamHandler(sys.stderr)
+        stream_handler.setFormatter(fmt)
+        log.addHandler(stream_handler)
     if log_file is not None:
         log_file = Path(log_file).resolve()
         if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == log_file for h in log.handlers):
             log_file.parent.mkdir(parents=True, exist_ok=True)
-            fh = logging.FileHandler(log_file, encoding="utf-8"); fh.setFormatter(fmt); log.addHandler(fh)
+            file_handler = logging.FileHandler(log_file, encoding="utf-8")
+            file_handler.setFormatter(fmt)
+            log.addHandler(file_handler)
     log.propagate = False
     return log

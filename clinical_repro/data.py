@@ -1,4 +1,4 @@
-"""The three PhysioNet releases, read exactly as shipped, validated with file:line errors, into canonical records; shared, seeded data-fraction subsets.
+"""The three PhysioNet releases read as shipped, validated with file:line errors; shared, seeded data-fraction subsets.
 
 Docs: https://clinical-repro.github.io/clinical_repro/data.html.md"""
 
@@ -12,16 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .core import (TASKS, SPLITS, MEDNLI_LABELS, CLIP_LABELS, PHYSIONET_PAGES, DATA_FRACTIONS,
-                                 Problem, UserError, DataError, ProblemCollector, sha256_file, sha256_json,
+from .core import (SPLITS, Problem, UserError, DataError, ProblemCollector, sha256_file, sha256_json,
                                  atomic_write_json)
+from .tasks import TASKS, MEDNLI_LABELS, CLIP_LABELS, check_task, data_fractions, get_task
 
 # %% auto #0
 __all__ = ['MEDNLI_FILES', 'RADQA_FILES', 'CLIP_FILES', 'LOADERS', 'NLIRecord', 'QARecord', 'CLIPSentence', 'CLIPNote',
-           'cut_window', 'MissingTaskError', 'TaskData', 'parse_mednli_lines', 'load_mednli', 'parse_radqa',
-           'load_radqa', 'parse_clip_sentences', 'parse_id_file', 'load_clip', 'load_task', 'split_summary',
-           'check_data', 'stratified_order', 'fraction_size', 'fraction_subsets', 'subsets_path', 'load_subsets',
-           'ensure_subsets', 'select_fraction']
+           'cut_window', 'MissingTaskError', 'TaskData', 'parse_split', 'repeated_keys', 'parse_mednli_lines',
+           'load_mednli', 'parse_radqa', 'read_json', 'load_radqa', 'parse_clip_sentences', 'parse_id_file',
+           'load_clip', 'load_task', 'split_summary', 'check_data', 'blind', 'stratified_order', 'fraction_size',
+           'fraction_subsets', 'subsets_path', 'load_subsets', 'ensure_subsets', 'select_fraction']
 
 # %% ../nbs/20_data.ipynb #4cf9f121
 @dataclass(frozen=True)
@@ -43,7 +43,8 @@ class QARecord:
     answerable: bool                 # not is_impossible
 
     @property
-    def answer_texts(self) -> list[str]: return [t for t, _ in self.answers]
+    def answer_texts(self) -> list[str]:
+        return [text for text, _ in self.answers]
 
 @dataclass(frozen=True)
 class CLIPSentence:
@@ -54,9 +55,12 @@ class CLIPSentence:
     labels: tuple[str, ...]  # label names without the `I-` prefix, in CLIP_LABELS order
 
     @property
-    def id(self) -> str: return f"{self.doc_id}:{self.sent_index}"  # the key of CLIP prediction files
+    def id(self) -> str:
+        return f"{self.doc_id}:{self.sent_index}"  # the key of CLIP prediction files
+
     @property
-    def text(self) -> str: return " ".join(self.tokens)
+    def text(self) -> str:
+        return " ".join(self.tokens)
 
 @dataclass(frozen=True)
 class CLIPNote:
@@ -65,7 +69,8 @@ class CLIPNote:
     sentences: tuple[CLIPSentence, ...]  # in sent_index order, indices 0..n-1
 
     @property
-    def text(self) -> str: return " ".join(s.text for s in self.sentences)
+    def text(self) -> str:
+        return " ".join(s.text for s in self.sentences)
 
     def window(self, i:int, budget:int=256) -> tuple[str, str, str]:
         "Left context, sentence `i` and right context within `budget` word tokens (see `cut_window`)."
@@ -75,7 +80,8 @@ class CLIPNote:
 # %% ../nbs/20_data.ipynb #5c879a59
 def cut_window(sent_tokens:list[list], i:int, budget:int) -> tuple[list, list, list]:
     "Split a note, given as per-sentence token lists, into (left, sentence, right) with at most `budget` tokens."
-    if budget < 1: raise UserError(f"window budget must be a positive number of tokens, got {budget}")
+    if budget < 1:
+        raise UserError(f"window budget must be a positive number of tokens, got {budget}")
     centre = list(sent_tokens[i])[:budget]
     left_all = [t for s in sent_tokens[:i] for t in s]
     right_all = [t for s in sent_tokens[i+1:] for t in s]
@@ -89,34 +95,45 @@ def cut_window(sent_tokens:list[list], i:int, budget:int) -> tuple[list, list, l
 class MissingTaskError(UserError):
     "A task's folder or release files are absent: says where to get them."
     def __init__(self, task, where):
-        self.task, self.where = task, str(where)
+        self.task = task
+        self.where = str(where)
         super().__init__(f"{task}: no release found in {where}. Request access and download it from "
-                         f"{PHYSIONET_PAGES[task]} (put the extracted folder, or for MedNLI the zip, there).")
+                         f"{get_task(task).physionet_page} (put the extracted folder, or for MedNLI the zip, there).")
+
+def _is_hidden(path:Path, root:Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 def _find_one(root:Path, name:str, task:str) -> Path|None:
     "The single file called `name` under `root` (any depth); None if absent; an error if ambiguous."
-    hits = sorted(p for p in root.rglob(name) if p.is_file() and not any(q.startswith(".") for q in p.relative_to(root).parts))
+    hits = sorted(p for p in root.rglob(name) if p.is_file() and not _is_hidden(p, root))
     if len(hits) > 1:
         raise DataError([Problem(str(root), "", f"{task}: exactly one file named {name}, found {len(hits)}: "
                                  + ", ".join(str(h.relative_to(root)) for h in hits))])
     return hits[0] if hits else None
 
-def _rel(p:Path, root:Path) -> str: return p.relative_to(root).as_posix()
+def _rel(path:Path, root:Path) -> str:
+    return path.relative_to(root).as_posix()
 
 def _decode(data:bytes, name:str) -> str:
     "UTF-8 text of a release file, or a `DataError` naming the first bad byte."
-    try: return data.decode("utf-8")
-    except UnicodeDecodeError as e: raise DataError([Problem(name, f"byte {e.start}", "UTF-8 text")])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError([Problem(name, f"byte {e.start}", "UTF-8 text")])
 
-def _find_release(root:Path, names:dict[str, str], task:str, what:str, missing_ok:bool=False) -> dict[str, Path|None]:
+def _find_release(root:Path, names:dict[str, str], task:str, what:str,
+                  missing_ok:bool=False) -> dict[str, Path|None]:
     "The release files `names` under `root`: all of them, or none (`MissingTaskError`, or Nones if `missing_ok`)."
-    if not root.is_dir(): raise MissingTaskError(task, root)
-    found = {k: _find_one(root, f, task) for k, f in names.items()}
-    if not any(found.values()):
-        if missing_ok: return found
+    if not root.is_dir():
         raise MissingTaskError(task, root)
-    absent = [names[k] for k, p in found.items() if p is None]
-    if absent: raise DataError([Problem(str(root), "", f"{task}: {what}; missing {', '.join(absent)}")])
+    found = {key: _find_one(root, file_name, task) for key, file_name in names.items()}
+    if not any(found.values()):
+        if missing_ok:
+            return found
+        raise MissingTaskError(task, root)
+    absent = [names[key] for key, path in found.items() if path is None]
+    if absent:
+        raise DataError([Problem(str(root), "", f"{task}: {what}; missing {', '.join(absent)}")])
     return found
 
 # %% ../nbs/20_data.ipynb #34d00cc2
@@ -130,74 +147,135 @@ class TaskData:
     notes: dict[str, list[CLIPNote]] = field(default_factory=dict)  # CLIP only: split -> notes
 
     @property
-    def data_hash(self) -> str: return sha256_json(self.files)  # one hash for the whole release
+    def data_hash(self) -> str:
+        return sha256_json(self.files)  # one hash for the whole release
 
-    def ids(self, split:str) -> list[str]: return [r.id for r in self.splits[split]]
+    def ids(self, split:str) -> list[str]:
+        return [r.id for r in self.splits[split]]
+
+# %% ../nbs/20_data.ipynb #62d1fc66
+def parse_split(parse:callable, problems:list[Problem]) -> list|None:
+    "`parse()`'s records, or None after adding its `DataError`'s problems to `problems`."
+    try:
+        return parse()
+    except DataError as e:
+        problems += e.problems
+        return None
+
+def repeated_keys(keys:Iterable[str], seen:dict[str, str], place:str, problem:callable) -> list[Problem]:
+    "`problem(index, key, first_place)` for each key already in `seen`; the others are recorded as seen at `place`."
+    problems = []
+    for index, key in enumerate(keys):
+        if key in seen:
+            problems.append(problem(index, key, seen[key]))
+        else:
+            seen[key] = place
+    return problems
 
 # %% ../nbs/20_data.ipynb #60533522
 MEDNLI_FILES = {"train": "mli_train_v1.jsonl", "dev": "mli_dev_v1.jsonl", "test": "mli_test_v1.jsonl"}
 _MEDNLI_REQUIRED = ("pairID", "gold_label", "sentence1", "sentence2")
-_MEDNLI_KNOWN = set(_MEDNLI_REQUIRED) | {"sentence1_parse", "sentence2_parse", "sentence1_binary_parse", "sentence2_binary_parse"}
+_MEDNLI_KNOWN = set(_MEDNLI_REQUIRED) | {"sentence1_parse", "sentence2_parse",
+                                         "sentence1_binary_parse", "sentence2_binary_parse"}
+
+def _mednli_object_problems(obj) -> list[tuple[str, str]]:
+    "What is wrong with one parsed MedNLI line, as (where-suffix, expected) pairs; empty for a valid record."
+    if not isinstance(obj, dict):
+        return [("", "a JSON object per line, got " + type(obj).__name__)]
+    missing = [k for k in _MEDNLI_REQUIRED if k not in obj]
+    unknown = sorted(set(obj) - _MEDNLI_KNOWN)
+    problems = []
+    if missing:
+        problems.append(("", f"fields {', '.join(_MEDNLI_REQUIRED)}; missing {', '.join(missing)}"))
+    if unknown:
+        problems.append(("", f"only the SNLI fields {', '.join(sorted(_MEDNLI_KNOWN))}; unknown {', '.join(unknown)}"))
+    if problems:
+        return problems
+    not_text = [k for k in _MEDNLI_REQUIRED if not isinstance(obj[k], str) or not obj[k].strip()]
+    if not_text:
+        return [("", f"non-empty strings in {', '.join(not_text)}")]
+    if obj["gold_label"] not in MEDNLI_LABELS:
+        expected = f"gold_label one of {', '.join(MEDNLI_LABELS)}, got {obj['gold_label']!r}"
+        return [(f" (pairID {obj['pairID']})", expected)]
+    return []
 
 def parse_mednli_lines(lines:Iterable[str], file:str) -> list[NLIRecord]:
     "Validate MedNLI jsonl lines into records; raise `DataError` naming file and line for every defect."
-    pc, out = ProblemCollector(file), []
-    for n, line in enumerate(lines, 1):
-        if not line.strip(): continue
-        try: obj = json.loads(line)
+    collector = ProblemCollector(file)
+    records = []
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
         except json.JSONDecodeError as e:
-            pc.add(f"line {n}", f"a JSON object per line ({e.msg} at column {e.colno})"); continue
-        if not isinstance(obj, dict): pc.add(f"line {n}", "a JSON object per line, got " + type(obj).__name__); continue
-        missing = [k for k in _MEDNLI_REQUIRED if k not in obj]
-        unknown = sorted(set(obj) - _MEDNLI_KNOWN)
-        if missing: pc.add(f"line {n}", f"fields {', '.join(_MEDNLI_REQUIRED)}; missing {', '.join(missing)}")
-        if unknown: pc.add(f"line {n}", f"only the SNLI fields {', '.join(sorted(_MEDNLI_KNOWN))}; unknown {', '.join(unknown)}")
-        if missing or unknown: continue
-        bad = [k for k in _MEDNLI_REQUIRED if not isinstance(obj[k], str) or not obj[k].strip()]
-        if bad: pc.add(f"line {n}", f"non-empty strings in {', '.join(bad)}"); continue
-        if obj["gold_label"] not in MEDNLI_LABELS:
-            pc.add(f"line {n} (pairID {obj['pairID']})", f"gold_label one of {', '.join(MEDNLI_LABELS)}, got {obj['gold_label']!r}"); continue
-        out.append(NLIRecord(obj["pairID"], obj["sentence1"], obj["sentence2"], obj["gold_label"]))
-    if not out and not pc.problems: pc.add("", "at least one record; the file is empty")
-    pc.raise_if_any()
-    return out
+            collector.add(f"line {line_no}", f"a JSON object per line ({e.msg} at column {e.colno})")
+            continue
+        problems = _mednli_object_problems(obj)
+        for where_suffix, expected in problems:
+            collector.add(f"line {line_no}{where_suffix}", expected)
+        if not problems:
+            records.append(NLIRecord(obj["pairID"], obj["sentence1"], obj["sentence2"], obj["gold_label"]))
+    if not records and not collector.problems:
+        collector.add("", "at least one record; the file is empty")
+    collector.raise_if_any()
+    return records
 
 # %% ../nbs/20_data.ipynb #5145901e
+def _zip_members(zip_path:Path) -> dict[str, str]:
+    "The member of the MedNLI release zip that holds each split (exactly one per released file name)."
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            names = zf.namelist()
+    except zipfile.BadZipFile:
+        raise DataError([Problem(str(zip_path), "", "a zip archive (the file is not a valid zip)")])
+    members = {}
+    for split, file_name in MEDNLI_FILES.items():
+        matches = [n for n in names if n.rsplit("/", 1)[-1] == file_name]
+        if len(matches) != 1:
+            raise DataError([Problem(str(zip_path), "", f"exactly one member named {file_name}, found {len(matches)}")])
+        members[split] = matches[0]
+    return members
+
+def _read_zip_lines(zip_path:Path, member:str) -> list[str]:
+    with zipfile.ZipFile(zip_path) as zf:
+        return _decode(zf.read(member), f"{zip_path}!{member}").splitlines()
+
+def _read_file_lines(path:Path) -> list[str]:
+    return _decode(path.read_bytes(), str(path)).splitlines()
+
 def _mednli_sources(root:Path) -> tuple[dict[str, tuple[str, callable]], dict[str, str]]:
     "Per split, a display name and a reader of its lines, from extracted files or the release zip."
     found = _find_release(root, MEDNLI_FILES, "mednli", "all three split files", missing_ok=True)
     if any(found.values()):
-        srcs = {s: (str(p), (lambda p=p: _decode(p.read_bytes(), str(p)).splitlines())) for s, p in found.items()}
-        return srcs, {_rel(p, root): sha256_file(p) for p in found.values()}
+        sources = {split: (str(path), (lambda path=path: _read_file_lines(path))) for split, path in found.items()}
+        return sources, {_rel(path, root): sha256_file(path) for path in found.values()}
     zips = sorted(p for p in root.rglob("*.zip") if p.is_file())
-    if not zips: raise MissingTaskError("mednli", root)
-    if len(zips) > 1: raise DataError([Problem(str(root), "", f"mednli: one release zip, found {len(zips)}: " + ", ".join(_rel(z, root) for z in zips))])
-    z = zips[0]
-    try:
-        with zipfile.ZipFile(z) as zf: names = zf.namelist()
-    except zipfile.BadZipFile: raise DataError([Problem(str(z), "", "a zip archive (the file is not a valid zip)")])
-    members = {}
-    for s, f in MEDNLI_FILES.items():
-        m = [n for n in names if n.rsplit("/", 1)[-1] == f]
-        if len(m) != 1: raise DataError([Problem(str(z), "", f"exactly one member named {f}, found {len(m)}")])
-        members[s] = m[0]
-    def reader(member):
-        with zipfile.ZipFile(z) as zf: return _decode(zf.read(member), f"{z}!{member}").splitlines()
-    srcs = {s: (f"{z}!{m}", (lambda m=m: reader(m))) for s, m in members.items()}
-    return srcs, {_rel(z, root): sha256_file(z)}
+    if not zips:
+        raise MissingTaskError("mednli", root)
+    if len(zips) > 1:
+        found_zips = ", ".join(_rel(z, root) for z in zips)
+        raise DataError([Problem(str(root), "", f"mednli: one release zip, found {len(zips)}: " + found_zips)])
+    zip_path = zips[0]
+    members = _zip_members(zip_path)
+    sources = {split: (f"{zip_path}!{member}", (lambda member=member: _read_zip_lines(zip_path, member)))
+               for split, member in members.items()}
+    return sources, {_rel(zip_path, root): sha256_file(zip_path)}
 
 def load_mednli(root) -> TaskData:
     "Load and validate MedNLI from a folder holding the extracted release or its zip."
     root = Path(root)
-    srcs, files = _mednli_sources(root)
+    sources, files = _mednli_sources(root)
     splits, problems, seen = {}, [], {}
-    for s, (name, read) in srcs.items():
-        try: splits[s] = parse_mednli_lines(read(), name)
-        except DataError as e: problems += e.problems; continue
-        for n, r in enumerate(splits[s]):
-            if r.id in seen: problems.append(Problem(name, f"record {n+1} (pairID {r.id})", f"unique pairIDs across splits; also in {seen[r.id]}"))
-            else: seen[r.id] = name
-    if problems: raise DataError(problems)
+    for split, (name, read_lines) in sources.items():
+        records = parse_split(lambda: parse_mednli_lines(read_lines(), name), problems)
+        if records is None:
+            continue
+        splits[split] = records
+        problems += repeated_keys([r.id for r in records], seen, name, lambda n, pair_id, first: Problem(
+            name, f"record {n+1} (pairID {pair_id})", f"unique pairIDs across splits; also in {first}"))
+    if problems:
+        raise DataError(problems)
     return TaskData("mednli", root, splits, files)
 
 # %% ../nbs/20_data.ipynb #a5ee397b
@@ -205,257 +283,419 @@ RADQA_FILES = {"train": "train.json", "dev": "dev.json", "test": "test.json"}
 _QA_KEYS = {"id", "question", "is_impossible", "answers"}
 _QA_OPTIONAL = {"plausible_answers"}  # SQuAD 2.0 carries these on some unanswerable questions; ignored
 
+def _unknown_keys(obj:dict, known:set) -> str:
+    return ", ".join(sorted(set(obj) - known))
+
+def _is_answer(answer) -> bool:
+    "A well-formed answer object: exactly a non-empty text and an integer (not bool) offset."
+    return (isinstance(answer, dict) and set(answer) == {"text", "answer_start"} and isinstance(answer["text"], str)
+            and bool(answer["text"]) and isinstance(answer["answer_start"], int)
+            and not isinstance(answer["answer_start"], bool))
+
+def _parse_answers(answers:list, context:str, where:str, collector:ProblemCollector) -> list|None:
+    "The (text, offset) answers of one question; None (after reporting every bad one) when any is bad."
+    parsed, all_ok = [], True
+    for k, answer in enumerate(answers):
+        if not _is_answer(answer):
+            collector.add(where, f'answer {k} as {{"text": non-empty str, "answer_start": int}}')
+            all_ok = False
+            continue
+        text, start = answer["text"], answer["answer_start"]
+        if context[start:start+len(text)] != text or start < 0:
+            near = context.find(text)
+            hint = f"; the text occurs at {near}" if near >= 0 else "; the text does not occur in the context"
+            collector.add(where, f"answer {k}: context[{start}:{start+len(text)}] equal to the answer text "
+                                 f"({len(text)} chars){hint}")
+            all_ok = False
+            continue
+        parsed.append((text, start))
+    return parsed if all_ok else None
+
+def _question_problem(qa:dict) -> str|None:
+    "What is wrong with a question's fields (all present, none unknown), or None."
+    if not isinstance(qa["id"], str) or not isinstance(qa["question"], str) or not qa["question"].strip():
+        return "a string id and a non-empty question"
+    if not isinstance(qa["is_impossible"], bool):
+        return "is_impossible true or false"
+    if not isinstance(qa["answers"], list):
+        return "answers a list"
+    if qa["is_impossible"] and qa["answers"]:
+        return f"no answers for an unanswerable question (is_impossible true), got {len(qa['answers'])}"
+    if not qa["is_impossible"] and not qa["answers"]:
+        return "at least one answer for an answerable question (is_impossible false)"
+    return None
+
+def _parse_question(qa, where:str, title:str, context:str, collector:ProblemCollector) -> QARecord|None:
+    "One question of a paragraph as a record, or None after reporting what is wrong with it."
+    if not isinstance(qa, dict):
+        collector.add(where, "a question object")
+        return None
+    missing, unknown = sorted(_QA_KEYS - set(qa)), sorted(set(qa) - _QA_KEYS - _QA_OPTIONAL)
+    if missing:
+        collector.add(where, f"fields {', '.join(sorted(_QA_KEYS))}; missing {', '.join(missing)}")
+    if unknown:
+        collector.add(where, f"only fields {', '.join(sorted(_QA_KEYS | _QA_OPTIONAL))}; unknown {', '.join(unknown)}")
+    if missing or unknown:
+        return None
+    problem = _question_problem(qa)
+    if problem:
+        collector.add(where, problem)
+        return None
+    answers = _parse_answers(qa["answers"], context, where, collector)
+    if answers is None:
+        return None
+    return QARecord(qa["id"], title, context, qa["question"], tuple(answers), not qa["is_impossible"])
+
+def _parse_paragraph(paragraph, where:str, position:str, title:str, collector:ProblemCollector) -> list:
+    "The questions of one paragraph as records (problems go to `collector`)."
+    if (not isinstance(paragraph, dict) or not isinstance(paragraph.get("context"), str)
+            or not isinstance(paragraph.get("qas"), list)):
+        collector.add(where, 'a paragraph {"context": str, "qas": [...]}')
+        return []
+    if set(paragraph) - {"context", "qas"}:
+        collector.add(where, f"only keys context and qas; unknown {_unknown_keys(paragraph, {'context', 'qas'})}")
+    records = []
+    for q, qa in enumerate(paragraph["qas"]):
+        question_where = f"{where}.qas[{q}]"
+        if isinstance(qa, dict) and "id" in qa:
+            question_where = f"question {qa['id']!r} ({position}.qas[{q}])"
+        record = _parse_question(qa, question_where, title, paragraph["context"], collector)
+        if record is not None:
+            records.append(record)
+    return records
+
+def _parse_article(article, where:str, collector:ProblemCollector) -> list:
+    "The questions of one article (a report) as records."
+    if (not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list)
+            or not isinstance(article.get("title", ""), str)):
+        collector.add(where, 'an article {"title": str, "paragraphs": [...]}')
+        return []
+    if set(article) - {"title", "paragraphs"}:
+        unknown = _unknown_keys(article, {"title", "paragraphs"})
+        collector.add(where, f"only keys title and paragraphs; unknown {unknown}")
+    title = article.get("title", "")
+    records = []
+    for p, paragraph in enumerate(article["paragraphs"]):
+        paragraph_where = f"{where}.paragraphs[{p}] (title {title!r})"
+        records += _parse_paragraph(paragraph, paragraph_where, f"{where}.paragraphs[{p}]", title, collector)
+    return records
+
 def parse_radqa(obj, file:str) -> list[QARecord]:
     "Validate one SQuAD 2.0 style RadQA object into records; raise `DataError` for every defect."
-    pc, out = ProblemCollector(file), []
+    collector = ProblemCollector(file)
     if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
-        pc.add("top level", 'an object {"version": ..., "data": [...]}'); pc.raise_if_any()
-    if set(obj) - {"version", "data"}: pc.add("top level", f"only keys version and data; unknown {', '.join(sorted(set(obj) - {'version', 'data'}))}")
-    for a, art in enumerate(obj["data"]):
-        w = f"data[{a}]"
-        if not isinstance(art, dict) or not isinstance(art.get("paragraphs"), list) or not isinstance(art.get("title", ""), str):
-            pc.add(w, 'an article {"title": str, "paragraphs": [...]}'); continue
-        if set(art) - {"title", "paragraphs"}: pc.add(w, f"only keys title and paragraphs; unknown {', '.join(sorted(set(art) - {'title', 'paragraphs'}))}")
-        title = art.get("title", "")
-        for p, par in enumerate(art["paragraphs"]):
-            wp = f"{w}.paragraphs[{p}] (title {title!r})"
-            if not isinstance(par, dict) or not isinstance(par.get("context"), str) or not isinstance(par.get("qas"), list):
-                pc.add(wp, 'a paragraph {"context": str, "qas": [...]}'); continue
-            if set(par) - {"context", "qas"}: pc.add(wp, f"only keys context and qas; unknown {', '.join(sorted(set(par) - {'context', 'qas'}))}")
-            ctx = par["context"]
-            for q, qa in enumerate(par["qas"]):
-                wq = f"{wp}.qas[{q}]"
-                if not isinstance(qa, dict): pc.add(wq, "a question object"); continue
-                if "id" in qa: wq = f"question {qa['id']!r} ({w}.paragraphs[{p}].qas[{q}])"
-                missing, unknown = sorted(_QA_KEYS - set(qa)), sorted(set(qa) - _QA_KEYS - _QA_OPTIONAL)
-                if missing: pc.add(wq, f"fields {', '.join(sorted(_QA_KEYS))}; missing {', '.join(missing)}")
-                if unknown: pc.add(wq, f"only fields {', '.join(sorted(_QA_KEYS | _QA_OPTIONAL))}; unknown {', '.join(unknown)}")
-                if missing or unknown: continue
-                if not isinstance(qa["id"], str) or not isinstance(qa["question"], str) or not qa["question"].strip():
-                    pc.add(wq, "a string id and a non-empty question"); continue
-                if not isinstance(qa["is_impossible"], bool): pc.add(wq, "is_impossible true or false"); continue
-                if not isinstance(qa["answers"], list): pc.add(wq, "answers a list"); continue
-                if qa["is_impossible"] and qa["answers"]:
-                    pc.add(wq, f"no answers for an unanswerable question (is_impossible true), got {len(qa['answers'])}"); continue
-                if not qa["is_impossible"] and not qa["answers"]:
-                    pc.add(wq, "at least one answer for an answerable question (is_impossible false)"); continue
-                answers, ok = [], True
-                for k, ans in enumerate(qa["answers"]):
-                    if (not isinstance(ans, dict) or set(ans) != {"text", "answer_start"} or not isinstance(ans["text"], str)
-                            or not ans["text"] or not isinstance(ans["answer_start"], int) or isinstance(ans["answer_start"], bool)):
-                        pc.add(wq, f'answer {k} as {{"text": non-empty str, "answer_start": int}}'); ok = False; continue
-                    t, s = ans["text"], ans["answer_start"]
-                    if ctx[s:s+len(t)] != t or s < 0:
-                        near = ctx.find(t)
-                        hint = f"; the text occurs at {near}" if near >= 0 else "; the text does not occur in the context"
-                        pc.add(wq, f"answer {k}: context[{s}:{s+len(t)}] equal to the answer text ({len(t)} chars){hint}"); ok = False; continue
-                    answers.append((t, s))
-                if ok: out.append(QARecord(qa["id"], title, ctx, qa["question"], tuple(answers), not qa["is_impossible"]))
-    if not out and not pc.problems: pc.add("", "at least one question; the file has none")
-    pc.raise_if_any()
-    return out
+        collector.add("top level", 'an object {"version": ..., "data": [...]}')
+        collector.raise_if_any()
+    if set(obj) - {"version", "data"}:
+        collector.add("top level", f"only keys version and data; unknown {_unknown_keys(obj, {'version', 'data'})}")
+    records = []
+    for a, article in enumerate(obj["data"]):
+        records += _parse_article(article, f"data[{a}]", collector)
+    if not records and not collector.problems:
+        collector.add("", "at least one question; the file has none")
+    collector.raise_if_any()
+    return records
 
-def _read_json(path:Path):
-    "Parse a JSON file; a syntax error becomes a `DataError` with line and column."
-    try: return json.loads(_decode(path.read_bytes(), str(path)))
-    except json.JSONDecodeError as e: raise DataError([Problem(str(path), f"line {e.lineno} column {e.colno}", f"valid JSON ({e.msg})")])
+def read_json(path:Path):
+    "Parse a JSON file (UTF-8); a syntax error becomes a `DataError` naming the file, line and column."
+    path = Path(path)
+    try:
+        return json.loads(_decode(path.read_bytes(), str(path)))
+    except json.JSONDecodeError as e:
+        raise DataError([Problem(str(path), f"line {e.lineno} column {e.colno}", f"valid JSON ({e.msg})")])
+
+_read_json = read_json  # the old private name, until its last user (cli) switches
 
 def load_radqa(root) -> TaskData:
     "Load and validate RadQA from a folder holding the extracted release."
     root = Path(root)
     found = _find_release(root, RADQA_FILES, "radqa", "all three split files")
     splits, problems, seen = {}, [], {}
-    for s, p in found.items():
-        try: splits[s] = parse_radqa(_read_json(p), str(p))
-        except DataError as e: problems += e.problems; continue
-        for r in splits[s]:
-            if r.id in seen: problems.append(Problem(str(p), f"question {r.id!r}", f"unique question ids across splits; also in {seen[r.id]}"))
-            else: seen[r.id] = str(p)
-    if problems: raise DataError(problems)
-    return TaskData("radqa", root, splits, {_rel(p, root): sha256_file(p) for p in found.values()})
+    for split, path in found.items():
+        records = parse_split(lambda: parse_radqa(read_json(path), str(path)), problems)
+        if records is None:
+            continue
+        splits[split] = records
+        problems += repeated_keys([r.id for r in records], seen, str(path), lambda _, question_id, first: Problem(
+            str(path), f"question {question_id!r}", f"unique question ids across splits; also in {first}"))
+    if problems:
+        raise DataError(problems)
+    return TaskData("radqa", root, splits, {_rel(path, root): sha256_file(path) for path in found.values()})
 
 # %% ../nbs/20_data.ipynb #e07384d9
 CLIP_FILES = {"sentences": "sentence_level.csv", "train": "train_ids.csv", "dev": "val_ids.csv", "test": "test_ids.csv"}
 _CLIP_COLUMNS = ("doc_id", "sent_index", "sentence", "labels")
-_LABEL_ORDER = {l: i for i, l in enumerate(CLIP_LABELS)}
+_LABEL_ORDER = {label: i for i, label in enumerate(CLIP_LABELS)}
 
 def _literal_list(text:str):
     "A Python-literal list of strings, or None when `text` is not one."
-    try: v = ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError): return None
-    return v if isinstance(v, list) and all(isinstance(x, str) for x in v) else None
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+        return None
+    return value if isinstance(value, list) and all(isinstance(x, str) for x in value) else None
+
+def _parse_clip_row(row:list[str], line_no:int, collector:ProblemCollector) -> CLIPSentence|None:
+    "One row of `sentence_level.csv` as a sentence, or None after reporting what is wrong with it."
+    if len(row) != 4:
+        collector.add(f"line {line_no}", f"4 columns ({','.join(_CLIP_COLUMNS)}), got {len(row)}")
+        return None
+    doc, index, sentence_text, labels_text = row
+    if not doc.strip().isdigit():
+        collector.add(f"line {line_no}", f"doc_id a non-negative integer, got {doc!r}")
+        return None
+    if not index.strip().isdigit():
+        collector.add(f"line {line_no} (doc {doc})", f"sent_index a non-negative integer, got {index!r}")
+        return None
+    where = f"line {line_no} (doc {doc}, sentence {index})"
+    tokens, labels = _literal_list(sentence_text), _literal_list(labels_text)
+    if tokens is None:
+        collector.add(where, "sentence as a Python-literal list of strings, e.g. ['Follow', 'up']")
+        return None
+    if labels is None:
+        collector.add(where, "labels as a Python-literal list of strings, e.g. ['I-Lab-related followup'] or []")
+        return None
+    names = [label[2:] if label.startswith("I-") else label for label in labels]
+    unknown = [name for name in names if name not in _LABEL_ORDER]
+    if unknown:
+        collector.add(where, f"labels among the 7 CLIP labels ({'; '.join(CLIP_LABELS)}), got {unknown}")
+        return None
+    ordered_labels = tuple(sorted(set(names), key=_LABEL_ORDER.get))
+    return CLIPSentence(doc.strip(), int(index), tuple(tokens), ordered_labels)
+
+def _read_clip_header(reader, collector:ProblemCollector) -> None:
+    "Consume and check the header row (raising at once when it is absent or wrong)."
+    try:
+        header = next(reader)
+    except StopIteration:
+        collector.add("", f"a header {','.join(_CLIP_COLUMNS)} and rows; the file is empty")
+        collector.raise_if_any()
+    except csv.Error as e:
+        collector.add("line 1", f"a CSV header ({e})")
+        collector.raise_if_any()
+    if tuple(h.strip() for h in header) != _CLIP_COLUMNS:
+        collector.add("line 1", f"the header {','.join(_CLIP_COLUMNS)}, got {','.join(header)}")
+        collector.raise_if_any()
 
 def parse_clip_sentences(text:str, file:str) -> dict[str, list[CLIPSentence]]:
     "Validate `sentence_level.csv` text into sentences grouped by note."
-    pc, notes, seen = ProblemCollector(file), {}, set()
+    collector, notes, seen = ProblemCollector(file), {}, set()
     reader = csv.reader(io.StringIO(text, newline=""))
-    try: header = next(reader)
-    except StopIteration: pc.add("", f"a header {','.join(_CLIP_COLUMNS)} and rows; the file is empty"); pc.raise_if_any()
-    except csv.Error as e: pc.add("line 1", f"a CSV header ({e})"); pc.raise_if_any()
-    if tuple(h.strip() for h in header) != _CLIP_COLUMNS:
-        pc.add("line 1", f"the header {','.join(_CLIP_COLUMNS)}, got {','.join(header)}"); pc.raise_if_any()
+    _read_clip_header(reader, collector)
     try:
         for row in reader:
-            n = reader.line_num
-            if not row: continue
-            if len(row) != 4: pc.add(f"line {n}", f"4 columns ({','.join(_CLIP_COLUMNS)}), got {len(row)}"); continue
-            doc, idx, sent, labs = row
-            if not doc.strip().isdigit(): pc.add(f"line {n}", f"doc_id a non-negative integer, got {doc!r}"); continue
-            if not idx.strip().isdigit(): pc.add(f"line {n} (doc {doc})", f"sent_index a non-negative integer, got {idx!r}"); continue
-            toks, lab = _literal_list(sent), _literal_list(labs)
-            if toks is None: pc.add(f"line {n} (doc {doc}, sentence {idx})", "sentence as a Python-literal list of strings, e.g. ['Follow', 'up']"); continue
-            if lab is None: pc.add(f"line {n} (doc {doc}, sentence {idx})", "labels as a Python-literal list of strings, e.g. ['I-Lab-related followup'] or []"); continue
-            names = [l[2:] if l.startswith("I-") else l for l in lab]
-            unknown = [l for l in names if l not in _LABEL_ORDER]
-            if unknown: pc.add(f"line {n} (doc {doc}, sentence {idx})", f"labels among the 7 CLIP labels ({'; '.join(CLIP_LABELS)}), got {unknown}"); continue
-            key = (doc.strip(), int(idx))
-            if key in seen: pc.add(f"line {n}", f"one row per (doc_id, sent_index); doc {key[0]} sentence {key[1]} repeats"); continue
-            seen.add(key)
-            notes.setdefault(key[0], []).append(CLIPSentence(key[0], key[1], tuple(toks), tuple(sorted(set(names), key=_LABEL_ORDER.get))))
-    except csv.Error as e: pc.add(f"line {reader.line_num}", f"well-formed CSV ({e})")
-    for doc, sents in notes.items():
-        sents.sort(key=lambda s: s.sent_index)
-        if [s.sent_index for s in sents] != list(range(len(sents))):
-            pc.add(f"doc {doc}", f"sent_index 0..{len(sents)-1} without gaps")
-    if not notes and not pc.problems: pc.add("", "at least one sentence row; the file has only a header")
-    pc.raise_if_any()
+            if not row:
+                continue
+            sentence = _parse_clip_row(row, reader.line_num, collector)
+            if sentence is None:
+                continue
+            if (sentence.doc_id, sentence.sent_index) in seen:
+                collector.add(f"line {reader.line_num}", f"one row per (doc_id, sent_index); doc {sentence.doc_id} "
+                                                         f"sentence {sentence.sent_index} repeats")
+                continue
+            seen.add((sentence.doc_id, sentence.sent_index))
+            notes.setdefault(sentence.doc_id, []).append(sentence)
+    except csv.Error as e:
+        collector.add(f"line {reader.line_num}", f"well-formed CSV ({e})")
+    for doc, sentences in notes.items():
+        sentences.sort(key=lambda s: s.sent_index)
+        if [s.sent_index for s in sentences] != list(range(len(sentences))):
+            collector.add(f"doc {doc}", f"sent_index 0..{len(sentences)-1} without gaps")
+    if not notes and not collector.problems:
+        collector.add("", "at least one sentence row; the file has only a header")
+    collector.raise_if_any()
     return notes
 
 def parse_id_file(text:str, file:str) -> list[str]:
     "Validate a CLIP split file: one integer doc id per line, no header, no repeats."
-    pc, ids, seen = ProblemCollector(file), [], set()
-    for n, line in enumerate(text.splitlines(), 1):
-        v = line.strip().strip(",")
-        if not v: continue
-        if not v.isdigit(): pc.add(f"line {n}", f"one integer doc id per line and no header, got {v[:40]!r}"); continue
-        if v in seen: pc.add(f"line {n}", f"each doc id once; {v} repeats"); continue
-        seen.add(v); ids.append(v)
-    if not ids and not pc.problems: pc.add("", "at least one doc id; the file is empty")
-    pc.raise_if_any()
+    collector, ids, seen = ProblemCollector(file), [], set()
+    for line_no, line in enumerate(text.splitlines(), 1):
+        doc_id = line.strip().strip(",")
+        if not doc_id:
+            continue
+        if not doc_id.isdigit():
+            collector.add(f"line {line_no}", f"one integer doc id per line and no header, got {doc_id[:40]!r}")
+            continue
+        if doc_id in seen:
+            collector.add(f"line {line_no}", f"each doc id once; {doc_id} repeats")
+            continue
+        seen.add(doc_id)
+        ids.append(doc_id)
+    if not ids and not collector.problems:
+        collector.add("", "at least one doc id; the file is empty")
+    collector.raise_if_any()
     return ids
 
 # %% ../nbs/20_data.ipynb #7172df5d
+def _read_text(path:Path) -> str:
+    return _decode(path.read_bytes(), str(path))
+
+def _split_ids(found:dict, notes:dict|None, problems:list) -> dict[str, list[str]]:
+    "The doc ids of each split; problems (bad files, a note in two splits, an unknown doc) go to `problems`."
+    ids, owner = {}, {}
+    for split in SPLITS:
+        path = found[split]
+        split_ids = parse_split(lambda: parse_id_file(_read_text(path), str(path)), problems)
+        if split_ids is None:
+            continue
+        ids[split] = split_ids
+        for doc_id in split_ids:
+            if doc_id in owner:
+                expected = f"each note in one split only; also in {owner[doc_id]}"
+                problems.append(Problem(str(path), f"doc {doc_id}", expected))
+            else:
+                owner[doc_id] = path.name
+            if notes is not None and doc_id not in notes:
+                problems.append(Problem(str(path), f"doc {doc_id}", f"a doc_id present in {found['sentences'].name}"))
+    return ids
+
 def load_clip(root) -> TaskData:
     "Load and validate CLIP from a folder holding the extracted release."
     root = Path(root)
     found = _find_release(root, CLIP_FILES, "clip", "sentence_level.csv and the three split files")
-    def read(p): return _decode(p.read_bytes(), str(p))
-    problems, ids = [], {}
-    try: notes = parse_clip_sentences(read(found["sentences"]), str(found["sentences"]))
-    except DataError as e: problems += e.problems; notes = None
-    owner = {}
-    for s in SPLITS:
-        p = found[s]
-        try: ids[s] = parse_id_file(read(p), str(p))
-        except DataError as e: problems += e.problems; continue
-        for n, d in enumerate(ids[s], 1):
-            if d in owner: problems.append(Problem(str(p), f"doc {d}", f"each note in one split only; also in {owner[d]}"))
-            else: owner[d] = p.name
-            if notes is not None and d not in notes:
-                problems.append(Problem(str(p), f"doc {d}", f"a doc_id present in {found['sentences'].name}"))
-    if problems: raise DataError(problems[:50])
-    split_notes = {s: [CLIPNote(d, tuple(notes[d])) for d in ids[s]] for s in SPLITS}
-    splits = {s: [sent for nt in split_notes[s] for sent in nt.sentences] for s in SPLITS}
-    return TaskData("clip", root, splits, {_rel(p, root): sha256_file(p) for p in found.values()}, notes=split_notes)
+    problems = []
+    notes = parse_split(lambda: parse_clip_sentences(_read_text(found["sentences"]), str(found["sentences"])), problems)
+    ids = _split_ids(found, notes, problems)
+    if problems:
+        raise DataError(problems[:50])
+    split_notes = {split: [CLIPNote(doc_id, tuple(notes[doc_id])) for doc_id in ids[split]] for split in SPLITS}
+    splits = {split: [sentence for note in split_notes[split] for sentence in note.sentences] for split in SPLITS}
+    files = {_rel(path, root): sha256_file(path) for path in found.values()}
+    return TaskData("clip", root, splits, files, notes=split_notes)
 
 # %% ../nbs/20_data.ipynb #905e45d1
 LOADERS = {"mednli": load_mednli, "radqa": load_radqa, "clip": load_clip}
 
 def load_task(data_dir, task:str) -> TaskData:
     "Load `task` from `data_dir/<task>/`; `MissingTaskError` when absent, `DataError` when invalid."
-    if task not in LOADERS: raise UserError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    check_task(task)
     return LOADERS[task](Path(data_dir)/task)
 
-def split_summary(td:TaskData) -> dict:
+def _label_counts(labels:Iterable[str], names:tuple[str, ...]) -> dict[str, int]:
+    counts = Counter(labels)
+    return {name: counts[name] for name in names}
+
+def split_summary(task_data:TaskData) -> dict:
     "Counts per split in the `check-data --json` shape."
-    out = {}
-    for s in SPLITS:
-        recs = td.splits[s]
-        if td.task == "mednli":
-            c = Counter(r.label for r in recs); out[s] = {"items": len(recs), "labels": {l: c[l] for l in MEDNLI_LABELS}}
-        elif td.task == "radqa":
-            a = sum(r.answerable for r in recs)
-            out[s] = {"items": len(recs), "answerable": a, "unanswerable": len(recs) - a, "reports": len({r.context for r in recs})}
+    summary = {}
+    for split in SPLITS:
+        records = task_data.splits[split]
+        if task_data.task == "mednli":
+            labels = _label_counts((r.label for r in records), MEDNLI_LABELS)
+            summary[split] = {"items": len(records), "labels": labels}
+        elif task_data.task == "radqa":
+            answerable = sum(r.answerable for r in records)
+            summary[split] = {"items": len(records), "answerable": answerable,
+                              "unanswerable": len(records) - answerable, "reports": len({r.context for r in records})}
         else:
-            c = Counter(l for r in recs for l in r.labels)
-            out[s] = {"notes": len(td.notes[s]), "items": len(recs), "labels": {l: c[l] for l in CLIP_LABELS},
-                      "no_label": sum(not r.labels for r in recs)}
-    return out
+            labels = _label_counts((label for r in records for label in r.labels), CLIP_LABELS)
+            summary[split] = {"notes": len(task_data.notes[split]), "items": len(records), "labels": labels,
+                              "no_label": sum(not r.labels for r in records)}
+    return summary
+
+def _task_report(data_dir:Path, task:str) -> dict:
+    "What `check-data` says about one task: ok (files, hash, counts), missing (where to get it) or invalid."
+    try:
+        task_data = load_task(data_dir, task)
+    except MissingTaskError as e:
+        return {"status": "missing", "help": get_task(task).physionet_page, "message": str(e)}
+    except DataError as e:
+        return {"status": "invalid", "errors": [str(p) for p in e.problems]}
+    return {"status": "ok", "files": task_data.files, "data_hash": task_data.data_hash,
+            "splits": split_summary(task_data)}
 
 def check_data(data_dir, tasks:Iterable[str]=TASKS) -> dict:
     "Validate every task under `data_dir`: per task status ok/missing/invalid with counts, hashes or errors."
-    data_dir, report = Path(data_dir), {}
-    if not data_dir.is_dir(): raise UserError(f"--data-dir {data_dir}: expected a folder holding mednli/, radqa/ and clip/")
-    for t in tasks:
-        try: td = load_task(data_dir, t)
-        except MissingTaskError as e: report[t] = {"status": "missing", "help": PHYSIONET_PAGES[t], "message": str(e)}; continue
-        except DataError as e: report[t] = {"status": "invalid", "errors": [str(p) for p in e.problems]}; continue
-        report[t] = {"status": "ok", "files": td.files, "data_hash": td.data_hash, "splits": split_summary(td)}
-    return report
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"--data-dir {data_dir}: expected a folder holding mednli/, radqa/ and clip/")
+    return {task: _task_report(data_dir, task) for task in tasks}
+
+# %% ../nbs/20_data.ipynb #ce1c4c5d
+def blind(task:str, items:list) -> list:
+    "Copies of test records (or CLIP notes) with every gold field replaced by a placeholder."
+    if task == "mednli":
+        return [NLIRecord(r.id, r.premise, r.hypothesis, MEDNLI_LABELS[0]) for r in items]
+    if task == "radqa":
+        return [QARecord(r.id, r.title, r.context, r.question, (), False) for r in items]
+    return [CLIPNote(note.doc_id, tuple(CLIPSentence(s.doc_id, s.sent_index, s.tokens, ()) for s in note.sentences))
+            for note in items]
 
 # %% ../nbs/20_data.ipynb #4880e4cb
-def _units_and_strata(td:TaskData) -> tuple[list[str], list[str]]:
-    "The sampling units of `td`'s train split and the stratum of each."
-    recs = td.splits["train"]
-    if td.task == "mednli": return [r.id for r in recs], [r.label for r in recs]
-    if td.task == "radqa": return [r.id for r in recs], [str(r.answerable) for r in recs]
-    return [n.doc_id for n in td.notes["train"]], ["note"] * len(td.notes["train"])
+def _units_and_strata(task_data:TaskData) -> tuple[list[str], list[str]]:
+    "The sampling units of `task_data`'s train split and the stratum of each."
+    records = task_data.splits["train"]
+    if task_data.task == "mednli":
+        return [r.id for r in records], [r.label for r in records]
+    if task_data.task == "radqa":
+        return [r.id for r in records], [str(r.answerable) for r in records]
+    return [note.doc_id for note in task_data.notes["train"]], ["note"] * len(task_data.notes["train"])
 
 def stratified_order(units:list[str], strata:list[str], seed:int) -> list[str]:
     "A seeded order of `units` whose every prefix is stratified in proportion."
     rng = random.Random(f"clinical_repro-fractions-{seed}")
-    by = {}
-    for u, s in zip(units, strata): by.setdefault(s, []).append(u)
+    units_by_stratum = {}
+    for unit, stratum in zip(units, strata):
+        units_by_stratum.setdefault(stratum, []).append(unit)
     keyed = []
-    for s in sorted(by):
-        us = sorted(by[s]); rng.shuffle(us)
-        keyed += [((k + rng.random()) / len(us), u) for k, u in enumerate(us)]
-    return [u for _, u in sorted(keyed)]
+    for stratum in sorted(units_by_stratum):
+        stratum_units = sorted(units_by_stratum[stratum])
+        rng.shuffle(stratum_units)
+        keyed += [((k + rng.random()) / len(stratum_units), unit) for k, unit in enumerate(stratum_units)]
+    return [unit for _, unit in sorted(keyed)]
 
 def fraction_size(n:int, fraction:float) -> int:
     "Items in a `fraction` subset of `n`: floor, at least one (as the paper's table sizes)."
-    if not 0 < fraction <= 1: raise UserError(f"fraction must be in (0, 1], got {fraction}")
+    if not 0 < fraction <= 1:
+        raise UserError(f"fraction must be in (0, 1], got {fraction}")
     return max(1, int(n * fraction + 1e-9))
 
-def fraction_subsets(td:TaskData, seed:int=0, fractions=DATA_FRACTIONS) -> dict:
-    "Nested, stratified subsets of the train split, with their provenance and a content hash."
-    units, strata = _units_and_strata(td)
+def fraction_subsets(task_data:TaskData, seed:int=0, fractions=None) -> dict:
+    "Nested, stratified subsets of the train split (the registry's fractions by default), with a content hash."
+    fractions = data_fractions() if fractions is None else fractions
+    units, strata = _units_and_strata(task_data)
     order = stratified_order(units, strata, seed)
     subsets = {f"{f:g}": order[:fraction_size(len(order), f)] for f in sorted(fractions)}
-    unit = "doc_id" if td.task == "clip" else "id"
-    body = {"task": td.task, "seed": seed, "unit": unit, "data_hash": td.data_hash, "subsets": subsets}
+    unit = "doc_id" if task_data.task == "clip" else "id"
+    body = {"task": task_data.task, "seed": seed, "unit": unit, "data_hash": task_data.data_hash, "subsets": subsets}
     return {**body, "content_hash": sha256_json(body)}
 
 # %% ../nbs/20_data.ipynb #b0b0f9ca
-def subsets_path(out_dir, td:TaskData, seed:int) -> Path:
+def subsets_path(out_dir, task_data:TaskData, seed:int) -> Path:
     "Where the subsets of this release and seed live: one file per (task, data hash, seed)."
-    return Path(out_dir)/f"{td.task}-{td.data_hash[:12]}-seed{seed}.json"
+    return Path(out_dir)/f"{task_data.task}-{task_data.data_hash[:12]}-seed{seed}.json"
 
 def load_subsets(path) -> dict:
     "Read a subsets index file and verify its content hash."
     path = Path(path)
-    obj = _read_json(path)
+    obj = read_json(path)
     body = {k: v for k, v in obj.items() if k != "content_hash"} if isinstance(obj, dict) else None
     if body is None or obj.get("content_hash") != sha256_json(body):
-        raise DataError([Problem(str(path), "", "a subsets index whose content_hash matches its contents (was it edited?); delete it to redraw")])
+        raise DataError([Problem(str(path), "", "a subsets index whose content_hash matches its contents "
+                                                "(was it edited?); delete it to redraw")])
     return obj
 
-def ensure_subsets(td:TaskData, out_dir, seed:int=0, fractions=DATA_FRACTIONS) -> dict:
+def ensure_subsets(task_data:TaskData, out_dir, seed:int=0, fractions=None) -> dict:
     "Draw the subsets once and save them; later calls (any model) read the same file back."
-    p = subsets_path(out_dir, td, seed)
-    if p.exists():
-        obj = load_subsets(p)
-        if obj["data_hash"] != td.data_hash: raise DataError([Problem(str(p), "", "subsets drawn from the same release (data hash differs)")])
-        missing = [f for f in fractions if f"{f:g}" not in obj["subsets"]]
-        if not missing: return obj
-    obj = fraction_subsets(td, seed, fractions)
-    atomic_write_json(p, obj)
-    return obj
+    fractions = data_fractions() if fractions is None else fractions
+    path = subsets_path(out_dir, task_data, seed)
+    if path.exists():
+        saved = load_subsets(path)
+        if saved["data_hash"] != task_data.data_hash:
+            raise DataError([Problem(str(path), "", "subsets drawn from the same release (data hash differs)")])
+        missing = [f for f in fractions if f"{f:g}" not in saved["subsets"]]
+        if not missing:
+            return saved
+    subsets = fraction_subsets(task_data, seed, fractions)
+    atomic_write_json(path, subsets)
+    return subsets
 
-def select_fraction(td:TaskData, subsets:dict, fraction:float) -> list:
+def select_fraction(task_data:TaskData, subsets:dict, fraction:float) -> list:
     "The train records of one fraction (CLIP: every sentence of the chosen notes)."
     key = f"{fraction:g}"
-    if key not in subsets["subsets"]: raise UserError(f"fraction {fraction} not among the saved subsets {sorted(subsets['subsets'])}")
+    if key not in subsets["subsets"]:
+        raise UserError(f"fraction {fraction} not among the saved subsets {sorted(subsets['subsets'])}")
     chosen = set(subsets["subsets"][key])
-    if td.task == "clip": return [s for s in td.splits["train"] if s.doc_id in chosen]
-    return [r for r in td.splits["train"] if r.id in chosen]
+    if task_data.task == "clip":
+        return [s for s in task_data.splits["train"] if s.doc_id in chosen]
+    return [r for r in task_data.splits["train"] if r.id in chosen]

@@ -1,4 +1,4 @@
-"""Run one unit end to end (load data, fine-tune, predict dev and test, tune on dev, score test) and write its results file.
+"""One fine-tuning unit end to end: load data, fine-tune, predict dev and test, tune on dev, score test, write results.
 
 Docs: https://clinical-repro.github.io/clinical_repro/experiment.html.md"""
 
@@ -6,67 +6,71 @@ Docs: https://clinical-repro.github.io/clinical_repro/experiment.html.md"""
 
 # %% ../nbs/80_experiment.ipynb #51649150
 from __future__ import annotations
-import json, os, platform, subprocess, sys, time
-from dataclasses import dataclass, replace
-from importlib import metadata
+import os, time
+from dataclasses import dataclass
+
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from datasets import Dataset
 
-import clinical_repro
-from .core import (TASKS, MEDNLI_LABELS, CLIP_LABELS, UserError, DataError, atomic_write_json, get_logger)
+from .core import UserError, get_logger
 from .config import (TrainSpec, TaskSpec, train_layers, task_layer, merge_train, check_keys, make_run_id,
-                                   code_version, params_dir)
-from .data import (NLIRecord, QARecord, CLIPNote, CLIPSentence, TaskData, load_task, ensure_subsets,
-                                 select_fraction)
+                                   params_dir)
+from .tasks import TASKS, MEDNLI_LABELS, CLIP_LABELS, check_task, to_unit_scale
+from .data import TaskData, blind, load_task, ensure_subsets, select_fraction
 from . import metrics, models, inputs, qa
-from .train import BatchPlan, plan_batches, probe_per_device_batch, fit, predict_safely, remove_checkpoints, cost_summary, make_collator
+from .results import (finished, provenance, results_path, write_items, write_ok, write_predictions,
+                                    check_planned_run_id)
+from .train import (BatchPlan, plan_batches, probe_per_device_batch, fit, predict_safely,
+                                  remove_checkpoints, cost_summary, make_collator)
 
 # %% auto #0
-__all__ = ['ADAPTERS', 'resolve_unit', 'blind', 'Adapter', 'MedNLIEncoder', 'CLIPEncoder', 'RadQAEncoder', 'Text2Text',
-           'git_commit', 'package_versions', 'score_test', 'item_scores', 'write_items', 'finished', 'unit_identity',
-           'run_unit']
+__all__ = ['ADAPTERS', 'NOT_MODEL_INPUTS', 'resolve_unit', 'Adapter', 'MedNLIEncoder', 'CLIPEncoder', 'RadQAEncoder', 'Text2Text',
+           'task_items', 'UnitInputs', 'unit_inputs', 'choose_batch_plan', 'score_test', 'UnitScores',
+           'predict_and_score', 'unit_identity', 'finetune_record', 'run_unit']
 
 # %% ../nbs/80_experiment.ipynb #58a7a0d1
+def _check_unit_arguments(task:str, mode:str, fraction:float) -> None:
+    "The arguments of a fine-tuning unit that are wrong before anything is read."
+    check_task(task)
+    if mode != "finetune":
+        raise UserError(f"mode {mode!r}: this function resolves fine-tuning units")
+    if not 0 < fraction <= 1:
+        raise UserError(f"fraction must be in (0, 1], got {fraction}")
+
 def resolve_unit(task:str, model:str, *, seed:int=0, fraction:float=1.0, mode:str="finetune",
                  train_overrides:dict|None=None, task_overrides:dict|None=None, overrides_source:str="command line",
                  registry:dict|None=None) -> dict:
     "The fully resolved configuration of one fine-tuning unit."
-    if task not in TASKS: raise UserError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    if mode != "finetune": raise UserError(f"mode {mode!r}: this function resolves fine-tuning units")
-    if not 0 < fraction <= 1: raise UserError(f"fraction must be in (0, 1], got {fraction}")
-    rm = models.resolve_model(model, registry)
-    if "finetune" not in rm.spec.modes: raise UserError(f"model {model!r} supports {', '.join(rm.spec.modes)} only, not fine-tuning")
-    fam = rm.spec.family
-    base, bf = train_layers(fam)
-    tl, tf = task_layer(task, fam)
-    task_train = tl.pop("_train")
-    model_train = {k: v for k, v in dict(rm.spec.train or {}).items()}
-    check_keys(model_train, set(TrainSpec.model_fields), str(params_dir()/"models.yaml"), f"{model}.train")
-    train = merge_train([(base, bf), (task_train, tf), (model_train, str(params_dir()/"models.yaml")),
+    _check_unit_arguments(task, mode, fraction)
+    resolved = models.resolve_model(model, registry)
+    if "finetune" not in resolved.spec.modes:
+        raise UserError(f"model {model!r} supports {', '.join(resolved.spec.modes)} only, not fine-tuning")
+    family = resolved.spec.family
+    models_file = str(params_dir()/"models.yaml")
+    defaults, defaults_file = train_layers(family)
+    task_settings, task_file = task_layer(task, family)
+    task_train = task_settings.pop("_train")
+    model_train = dict(resolved.spec.train or {})
+    check_keys(model_train, set(TrainSpec.model_fields), models_file, f"{model}.train")
+    train = merge_train([(defaults, defaults_file), (task_train, task_file), (model_train, models_file),
                          (dict(train_overrides or {}), overrides_source)])
-    tspec = dict(tl); tspec.update(task_overrides or {})
-    check_keys(tspec, set(TaskSpec.model_fields), overrides_source, "task")
-    task_spec = TaskSpec.model_validate(tspec)
+    task_settings.update(task_overrides or {})
+    check_keys(task_settings, set(TaskSpec.model_fields), overrides_source, "task")
+    task_spec = TaskSpec.model_validate(task_settings)
     return {"task": task, "model": model, "mode": mode, "seed": int(seed), "fraction": float(fraction),
-            "family": fam, "model_source": rm.source, "train": train.model_dump(), "task_params": task_spec.model_dump()}
-
-# %% ../nbs/80_experiment.ipynb #f200b264
-def blind(task:str, items:list) -> list:
-    "Copies of test records (or CLIP notes) with every gold field replaced by a placeholder."
-    if task == "mednli": return [NLIRecord(r.id, r.premise, r.hypothesis, MEDNLI_LABELS[0]) for r in items]
-    if task == "radqa": return [QARecord(r.id, r.title, r.context, r.question, (), False) for r in items]
-    return [CLIPNote(n.doc_id, tuple(CLIPSentence(s.doc_id, s.sent_index, s.tokens, ()) for s in n.sentences)) for n in items]
+            "family": family, "model_source": resolved.source, "train": train.model_dump(),
+            "task_params": task_spec.model_dump()}
 
 # %% ../nbs/80_experiment.ipynb #96872f1c
 def _with_order(feats:dict) -> Dataset:
     "A Dataset of features (with their original position), sorted by length so evaluation pads little."
     n = len(feats["input_ids"])
     feats = {**feats, "position": list(range(n))}
-    if "length" not in feats: feats["length"] = [len(x) for x in feats["input_ids"]]
+    if "length" not in feats:
+        feats["length"] = [len(x) for x in feats["input_ids"]]
     return Dataset.from_dict(feats)
 
 def _sorted(ds:Dataset) -> Dataset:
@@ -75,305 +79,356 @@ def _sorted(ds:Dataset) -> Dataset:
 
 def _unsort(values:np.ndarray, ds:Dataset) -> np.ndarray:
     "Rows of `values` (in `ds` order) put back into original feature order."
-    out = np.empty_like(values); out[np.asarray(ds["position"])] = values
+    out = np.empty_like(values)
+    out[np.asarray(ds["position"])] = values
     return out
 
 class Adapter:
     "Base: how one task is fed to one model family and scored."
     head, num_labels, problem_type = None, None, None
-    def __init__(self, task, tok, spec:TaskSpec, train_records, gen:dict|None=None):
-        self.task, self.tok, self.spec, self.gen = task, tok, spec, gen or {}
-    def generation(self) -> dict|None: return None
+    def __init__(self, task, tokenizer, spec:TaskSpec, train_records, gen:dict|None=None):
+        self.task, self.tok, self.spec, self.gen = task, tokenizer, spec, gen or {}
+    def generation(self) -> dict|None:
+        return None
+    def setting(self, key:str):
+        "A task setting this adapter needs; an error naming it when it is not set."
+        value = getattr(self.spec, key)
+        if value is None:
+            raise UserError(f"{self.task}: the task setting {key!r} is not set, and {type(self).__name__} needs it; "
+                            f"expected it in {params_dir()/'tasks'/(self.task + '.yaml')} or an override")
+        return value
 
 # %% ../nbs/80_experiment.ipynb #d836ec81
+def _clip_gold(notes) -> np.ndarray:
+    "0/1 label rows of every sentence of `notes`, in CLIP_LABELS order."
+    return np.array([[label in s.labels for label in CLIP_LABELS] for note in notes for s in note.sentences], dtype=int)
+
 class MedNLIEncoder(Adapter):
     "Sentence-pair classification, accuracy on dev."
     head, num_labels = "sequence-classification", 3
     def dataset(self, records, split):
-        return _with_order(inputs.mednli_encoder_features(self.tok, records, max_length=self.spec.max_length or 256))
+        features = inputs.mednli_encoder_features(self.tok, records, max_length=self.setting("max_length"))
+        return _with_order(features)
     def compute_metrics(self, dev_records, dev_ds):
-        gold = [MEDNLI_LABELS.index(r.label) for r in dev_records]
-        def f(ep):
-            p = _unsort(np.asarray(ep.predictions), dev_ds).argmax(-1)
-            return {"accuracy": float((p == np.asarray(gold)).mean())}
-        return f
+        gold = np.asarray([MEDNLI_LABELS.index(r.label) for r in dev_records])
+        def dev_accuracy(eval_prediction):
+            predicted = _unsort(np.asarray(eval_prediction.predictions), dev_ds).argmax(-1)
+            return {"accuracy": float((predicted == gold).mean())}
+        return dev_accuracy
     def decode(self, out, ds, records):
         logits = _unsort(np.asarray(out.predictions), ds)
         probs = torch.softmax(torch.tensor(logits, dtype=torch.float32), -1).numpy()
         return {"pred": [MEDNLI_LABELS[i] for i in probs.argmax(-1)], "probs": probs}
-    def tune(self, dev_records, dev): return {}
-    def score(self, records, dec, tuned):
-        m = metrics.mednli_scores([r.label for r in records], dec["pred"])
-        return m, {r.id: p for r, p in zip(records, dec["pred"])}
+    def tune(self, dev_records, dev):
+        return {}
+    def score(self, records, decoded, tuned):
+        scores = metrics.mednli_scores([r.label for r in records], decoded["pred"])
+        return scores, {r.id: p for r, p in zip(records, decoded["pred"])}
 
 class CLIPEncoder(Adapter):
     "Multi-label classification over a token window; thresholds tuned on dev, AUC from probabilities."
     head, num_labels, problem_type = "sequence-classification", 7, "multi_label_classification"
     def dataset(self, notes, split):
-        return _with_order(inputs.clip_encoder_features(self.tok, notes, window_tokens=self.spec.window_tokens or 256))
-    def _probs(self, pred, ds): return 1 / (1 + np.exp(-_unsort(np.asarray(pred, dtype=np.float64), ds)))
+        features = inputs.clip_encoder_features(self.tok, notes, window_tokens=self.setting("window_tokens"))
+        return _with_order(features)
+    def _probs(self, pred, ds):
+        return 1 / (1 + np.exp(-_unsort(np.asarray(pred, dtype=np.float64), ds)))
     def compute_metrics(self, dev_notes, dev_ds):
-        y = np.array([[l in s.labels for l in CLIP_LABELS] for n in dev_notes for s in n.sentences], dtype=int)
-        def f(ep):
-            p = self._probs(ep.predictions, dev_ds)
-            th = metrics.tune_thresholds(y, p, per_label=self.spec.per_label_thresholds)
-            return {"macro_f1": metrics.multilabel_scores(y, metrics.apply_thresholds(p, th))["macro_f1"]}
-        return f
-    def decode(self, out, ds, notes): return {"probs": self._probs(out.predictions, ds)}
-    def _y(self, notes): return np.array([[l in s.labels for l in CLIP_LABELS] for n in notes for s in n.sentences], dtype=int)
+        gold = _clip_gold(dev_notes)
+        def dev_macro_f1(eval_prediction):
+            probs = self._probs(eval_prediction.predictions, dev_ds)
+            thresholds = metrics.tune_thresholds(gold, probs, per_label=self.spec.per_label_thresholds)
+            predicted = metrics.apply_thresholds(probs, thresholds)
+            return {"macro_f1": metrics.multilabel_scores(gold, predicted)["macro_f1"]}
+        return dev_macro_f1
+    def decode(self, out, ds, notes):
+        return {"probs": self._probs(out.predictions, ds)}
     def tune(self, dev_notes, dev):
-        th = metrics.tune_thresholds(self._y(dev_notes), dev["probs"], per_label=self.spec.per_label_thresholds)
-        return {"threshold": th.tolist() if isinstance(th, np.ndarray) else float(th)}
-    def score(self, notes, dec, tuned):
-        y = self._y(notes); th = np.asarray(tuned["threshold"])
-        yh = metrics.apply_thresholds(dec["probs"], th)
-        m = metrics.multilabel_scores(y, yh)
-        try: m["auc"] = metrics.multilabel_auc(y, dec["probs"])
-        except UserError as e: m["auc"] = {"error": str(e)}
-        ids = [s.id for n in notes for s in n.sentences]
-        return m, {i: [l for l, v in zip(CLIP_LABELS, row) if v] for i, row in zip(ids, yh)}
+        per_label = self.spec.per_label_thresholds
+        thresholds = metrics.tune_thresholds(_clip_gold(dev_notes), dev["probs"], per_label=per_label)
+        return {"threshold": thresholds.tolist() if isinstance(thresholds, np.ndarray) else float(thresholds)}
+    def score(self, notes, decoded, tuned):
+        gold = _clip_gold(notes)
+        predicted = metrics.apply_thresholds(decoded["probs"], np.asarray(tuned["threshold"]))
+        scores = metrics.multilabel_scores(gold, predicted)
+        try:
+            scores["auc"] = metrics.multilabel_auc(gold, decoded["probs"])
+        except UserError as e:
+            scores["auc"] = {"error": str(e)}
+        ids = [s.id for note in notes for s in note.sentences]
+        return scores, {i: [label for label, on in zip(CLIP_LABELS, row) if on] for i, row in zip(ids, predicted)}
 
 class RadQAEncoder(Adapter):
     "Extractive QA with sliding windows; the no-answer threshold tuned on dev F1 and applied unchanged to test."
     head = "question-answering"
-    def __init__(self, task, tok, spec, train_records, gen=None):
-        super().__init__(task, tok, spec, train_records, gen)
-        self.max_answer = qa.max_answer_tokens(tok, train_records, quantile=spec.max_answer_quantile)
+    def __init__(self, task, tokenizer, spec, train_records, gen=None):
+        super().__init__(task, tokenizer, spec, train_records, gen)
+        self.max_answer = qa.max_answer_tokens(tokenizer, train_records, quantile=spec.max_answer_quantile)
     def dataset(self, records, split):
-        kw = dict(max_length=self.spec.max_length or 384, doc_stride=self.spec.doc_stride or 128)
-        f = qa.qa_features(self.tok, records, train=split != "test", **kw)
-        if split == "train": f = {k: v for k, v in f.items() if k not in qa.QA_META_COLUMNS}
+        windows = dict(max_length=self.setting("max_length"), doc_stride=self.setting("doc_stride"))
+        features = qa.qa_features(self.tok, records, train=split != "test", **windows)
+        if split == "train":
+            features = {k: v for k, v in features.items() if k not in qa.QA_META_COLUMNS}
         elif split == "dev":
             # Dev windows carry both span labels (so the Trainer scores dev during training) and offsets (to decode).
-            ev = qa.qa_features(self.tok, records, train=False, **kw)
-            assert ev["input_ids"] == f["input_ids"], "train- and eval-mode windows differ"
-            f.update({k: ev[k] for k in qa.QA_META_COLUMNS})
-        return _with_order(f)
+            eval_features = qa.qa_features(self.tok, records, train=False, **windows)
+            assert eval_features["input_ids"] == features["input_ids"], "train- and eval-mode windows differ"
+            features.update({k: eval_features[k] for k in qa.QA_META_COLUMNS})
+        return _with_order(features)
     def _post(self, out_preds, ds, records):
         start, end = (_unsort(np.asarray(x), ds) for x in out_preds[:2])
         in_order = ds.sort("position")
-        feats = {"example_index": in_order["example_index"], "offset_mapping": in_order["offset_mapping"]}
-        return qa.postprocess_qa(records, feats, start, end, n_best=self.spec.n_best, max_answer_tokens=self.max_answer)
+        features = {"example_index": in_order["example_index"], "offset_mapping": in_order["offset_mapping"]}
+        return qa.postprocess_qa(records, features, start, end, n_best=self.spec.n_best,
+                                 max_answer_tokens=self.max_answer)
     def compute_metrics(self, dev_records, dev_ds):
         golds = {r.id: r.answer_texts for r in dev_records}
-        def f(ep):
-            preds, na = self._post(ep.predictions, dev_ds, dev_records)
-            s = metrics.squad_v2_scores(golds, preds, na)
-            return {"f1": s["best_f1"] / 100, "exact": s["best_exact"] / 100}
-        return f
+        def dev_f1(eval_prediction):
+            answers, no_answer_probs = self._post(eval_prediction.predictions, dev_ds, dev_records)
+            official = metrics.squad_v2_scores(golds, answers, no_answer_probs)
+            return {"f1": to_unit_scale(self.task, "best_f1", official["best_f1"]),
+                    "exact": to_unit_scale(self.task, "best_exact", official["best_exact"])}
+        return dev_f1
     def decode(self, out, ds, records):
-        preds, na = self._post(out.predictions, ds, records); return {"pred": preds, "na": na}
+        answers, no_answer_probs = self._post(out.predictions, ds, records)
+        return {"pred": answers, "na": no_answer_probs}
     def tune(self, dev_records, dev):
-        return {"no_answer_threshold": metrics.tune_no_answer_threshold({r.id: r.answer_texts for r in dev_records}, dev["pred"], dev["na"])}
-    def score(self, records, dec, tuned):
-        final = metrics.apply_no_answer_threshold(dec["pred"], dec["na"], tuned["no_answer_threshold"])
-        m = metrics.squad_v2_scores({r.id: r.answer_texts for r in records}, final)
-        return m, final
+        golds = {r.id: r.answer_texts for r in dev_records}
+        return {"no_answer_threshold": metrics.tune_no_answer_threshold(golds, dev["pred"], dev["na"])}
+    def score(self, records, decoded, tuned):
+        final = metrics.apply_no_answer_threshold(decoded["pred"], decoded["na"], tuned["no_answer_threshold"])
+        scores = metrics.squad_v2_scores({r.id: r.answer_texts for r in records}, final)
+        return scores, final
 
 # %% ../nbs/80_experiment.ipynb #00b2e205
 class Text2Text(Adapter):
     "T5 for MedNLI, RadQA and CLIP: generate, parse strictly, count parse failures."
     head = "seq2seq"
     def dataset(self, items, split):
-        kw = {"window": self.spec.window_tokens, "tokenizer": self.tok} if self.task == "clip" else {}
-        src, tgt, ids = inputs.t2t_sources_targets(self.task, items, **kw)
-        f = inputs.t2t_features(self.tok, src, tgt, max_source_length=self.spec.max_source_length or 512,
-                               max_target_length=self.spec.max_target_length or 64)
-        f["item_index"] = list(range(len(ids)))
-        return _with_order(f)
-    def generation(self): return {"num_beams": self.spec.num_beams, "max_length": self.spec.max_target_length or 64}
+        window = {"window": self.spec.window_tokens, "tokenizer": self.tok} if self.task == "clip" else {}
+        sources, targets, ids = inputs.t2t_sources_targets(self.task, items, **window)
+        features = inputs.t2t_features(self.tok, sources, targets,
+                                       max_source_length=self.setting("max_source_length"),
+                                       max_target_length=self.setting("max_target_length"))
+        features["item_index"] = list(range(len(ids)))
+        return _with_order(features)
+    def generation(self):
+        return {"num_beams": self.spec.num_beams, "max_length": self.setting("max_target_length")}
     def _texts(self, pred, ds):
         ids = np.asarray(pred)
-        if ids.ndim == 3: ids = ids.argmax(-1)
+        if ids.ndim == 3:
+            ids = ids.argmax(-1)
         ids = np.where(ids < 0, self.tok.pad_token_id, ids)
         texts = self.tok.batch_decode(ids, skip_special_tokens=True)
         out = [None] * len(texts)
-        for pos, t in zip(ds["position"], texts): out[pos] = t
+        for position, text in zip(ds["position"], texts):
+            out[position] = text
         return out
     def _parse(self, texts):
-        p = {"mednli": inputs.parse_mednli_output, "radqa": inputs.parse_radqa_output, "clip": inputs.parse_clip_output}[self.task]
-        return [p(t) for t in texts]
+        parse = inputs.OUTPUT_PARSERS[self.task]
+        return [parse(text) for text in texts]
     def _flat(self, items):
-        return [s for n in items for s in n.sentences] if self.task == "clip" else items
+        return [s for note in items for s in note.sentences] if self.task == "clip" else items
     def _metrics(self, items, parsed):
-        recs = self._flat(items)
-        fail = inputs.parse_failure_rate(parsed)
+        records = self._flat(items)
+        failures = inputs.parse_failure_rate(parsed)
         if self.task == "mednli":
-            m = metrics.mednli_scores([r.label for r in recs], parsed)
+            scores = metrics.mednli_scores([r.label for r in records], parsed)
         elif self.task == "radqa":
-            m = metrics.squad_v2_scores({r.id: r.answer_texts for r in recs}, {r.id: p for r, p in zip(recs, parsed)})
+            golds = {r.id: r.answer_texts for r in records}
+            scores = metrics.squad_v2_scores(golds, {r.id: p for r, p in zip(records, parsed)})
         else:
-            y = np.array([[l in r.labels for l in CLIP_LABELS] for r in recs], dtype=int)
+            gold = np.array([[label in r.labels for label in CLIP_LABELS] for r in records], dtype=int)
             # A parse failure is scored as wrong on every label (never as the "none" class), and counted.
-            yh = np.array([[l in p for l in CLIP_LABELS] if p is not None else [1 - v for v in row]
-                           for p, row in zip(parsed, y)], dtype=int)
-            m = metrics.multilabel_scores(y, yh)
-        m["parse_failures"] = fail
-        return m
+            predicted = np.array([[label in p for label in CLIP_LABELS] if p is not None else [1 - v for v in row]
+                                  for p, row in zip(parsed, gold)], dtype=int)
+            scores = metrics.multilabel_scores(gold, predicted)
+        scores["parse_failures"] = failures
+        return scores
     def compute_metrics(self, dev_items, dev_ds):
-        key = {"mednli": "accuracy", "radqa": "f1", "clip": "macro_f1"}[self.task]
-        def f(ep):
-            m = self._metrics(dev_items, self._parse(self._texts(ep.predictions, dev_ds)))
-            v = m[key] / 100 if self.task == "radqa" else m[key]
-            return {key: v, "parse_failure_rate": m["parse_failures"]["rate"]}
-        return f
-    def decode(self, out, ds, items): return {"parsed": self._parse(self._texts(out.predictions, ds))}
-    def tune(self, dev_items, dev): return {}
-    def score(self, items, dec, tuned):
-        m = self._metrics(items, dec["parsed"])
-        return m, {r.id: p for r, p in zip(self._flat(items), dec["parsed"])}
+        key = self.spec.dev_metric
+        def dev_score(eval_prediction):
+            scores = self._metrics(dev_items, self._parse(self._texts(eval_prediction.predictions, dev_ds)))
+            return {key: to_unit_scale(self.task, key, scores[key]),
+                    "parse_failure_rate": scores["parse_failures"]["rate"]}
+        return dev_score
+    def decode(self, out, ds, items):
+        return {"parsed": self._parse(self._texts(out.predictions, ds))}
+    def tune(self, dev_items, dev):
+        return {}
+    def score(self, items, decoded, tuned):
+        scores = self._metrics(items, decoded["parsed"])
+        return scores, {r.id: p for r, p in zip(self._flat(items), decoded["parsed"])}
 
 ADAPTERS = {("mednli", "encoder"): MedNLIEncoder, ("clip", "encoder"): CLIPEncoder, ("radqa", "encoder"): RadQAEncoder,
             ("mednli", "decoder"): MedNLIEncoder, ("clip", "decoder"): CLIPEncoder, ("radqa", "decoder"): RadQAEncoder,
-            **{(t, "seq2seq"): Text2Text for t in TASKS}}
-
-# %% ../nbs/80_experiment.ipynb #2e0bc407
-def git_commit() -> str|None:
-    "The commit of the checkout the package runs from, when it is a git checkout."
-    root = Path(clinical_repro.__file__).resolve().parent.parent
-    try:
-        r = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        if r.returncode: return None
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5).stdout.strip()
-        return r.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError): return None
-
-def package_versions() -> dict:
-    "Versions of the packages that change results."
-    out = {"python": platform.python_version()}
-    for p in ("torch", "transformers", "accelerate", "datasets", "numpy", "scikit-learn", "scipy", "clinical_repro"):
-        try: out[p] = metadata.version(p)
-        except metadata.PackageNotFoundError: out[p] = None
-    return out
+            **{(task, "seq2seq"): Text2Text for task in TASKS}}
 
 # %% ../nbs/80_experiment.ipynb #33442f42
-def _items(td:TaskData, split:str, records=None):
-    "Records of a split, or CLIP notes (CLIP inputs need the whole note)."
-    if td.task != "clip": return records if records is not None else td.splits[split]
-    if records is None: return td.notes[split]
+def task_items(task_data:TaskData, split:str, records=None) -> list:
+    "Records of a split (or `records`, a subset of it); for CLIP, the notes that hold them."
+    if task_data.task != "clip":
+        return records if records is not None else task_data.splits[split]
+    if records is None:
+        return task_data.notes[split]
     keep = {s.doc_id for s in records}
-    return [n for n in td.notes[split] if n.doc_id in keep]
+    return [note for note in task_data.notes[split] if note.doc_id in keep]
 
+@dataclass
+class UnitInputs:
+    "One unit's items and datasets; the test items are blinded copies."
+    train_records: list
+    train_items: list
+    dev_items: list
+    test_blind: list
+    train_ds: Dataset
+    dev_ds: Dataset     # sorted by length
+    test_ds: Dataset    # sorted by length
+
+def unit_inputs(adapter:Adapter, task_data:TaskData, train_records:list, log) -> UnitInputs:
+    "Tokenise the training records, dev and the blinded test items with the unit's adapter."
+    train_items, dev_items = task_items(task_data, "train", train_records), task_items(task_data, "dev")
+    test_blind = blind(adapter.task, task_items(task_data, "test"))
+    log.info(f"tokenising: train {len(train_records)} items, dev {len(task_data.splits['dev'])}, "
+             f"test {len(task_data.splits['test'])}")
+    return UnitInputs(train_records, train_items, dev_items, test_blind, adapter.dataset(train_items, "train"),
+                    _sorted(adapter.dataset(dev_items, "dev")), _sorted(adapter.dataset(test_blind, "test")))
+
+# %% ../nbs/80_experiment.ipynb #18fb01e9
+NOT_MODEL_INPUTS = ("length", "position", "example_index", "offset_mapping", "item_index")  # kept out of a batch
+
+def _probe_batch(spec:TrainSpec, family:str, tokenizer, train_ds:Dataset, model_factory, start:int, precision:str,
+                 log) -> int:
+    "The largest per-device batch up to `start` whose training step fits on the GPU."
+    features = [{k: v for k, v in row.items() if k not in NOT_MODEL_INPUTS} for row in train_ds]
+    collator = make_collator(family, tokenizer, None, spec.pad_to_multiple_of)
+    return probe_per_device_batch(model_factory, collator, features, start, train_ds["length"], precision, log)
+
+def choose_batch_plan(spec:TrainSpec, family:str, tokenizer, train_ds:Dataset, model_factory, device:dict,
+                      precision:str, max_per_device:int|None, log) -> BatchPlan:
+    "Per-device batch x accumulation x devices for the spec's effective batch on this device."
+    on_cuda = device["type"] == "cuda"
+    devices = max(1, torch.cuda.device_count()) if on_cuda else 1
+    start = spec.per_device_batch
+    if start == "auto":
+        start = min(spec.effective_batch // devices, max_per_device or (64 if on_cuda else 32))
+        if on_cuda:
+            start = _probe_batch(spec, family, tokenizer, train_ds, model_factory, start, precision, log)
+    plan = plan_batches(spec.effective_batch, start, devices)
+    if spec.eval_batch != "auto":
+        plan = BatchPlan(plan.per_device, plan.accumulation, plan.devices, spec.eval_batch)
+    log.info(f"precision {precision}; per-device batch {plan.per_device} x accumulation {plan.accumulation} "
+             f"x {devices} device(s) = {plan.effective}")
+    return plan
+
+# %% ../nbs/80_experiment.ipynb #e38381f1
 def score_test(adapter, test_items, decoded, tuned):
     "The only place that reads test labels (after training, selection and tuning): metrics, predictions, item outcomes."
-    m, pred = adapter.score(test_items, decoded, tuned)
-    flat = [s for n in test_items for s in n.sentences] if adapter.task == "clip" else test_items
-    return m, pred, item_scores(adapter.task, flat, pred)
+    scores, pred = adapter.score(test_items, decoded, tuned)
+    flat = [s for note in test_items for s in note.sentences] if adapter.task == "clip" else test_items
+    return scores, pred, metrics.item_outcomes(adapter.task, flat, pred)
 
-def _bits(labels) -> int: return sum(1 << i for i, l in enumerate(CLIP_LABELS) if l in labels)
+@dataclass
+class UnitScores:
+    "What predicting and scoring a trained unit produced."
+    dev_metrics: dict
+    dev_predictions: dict
+    thresholds: dict       # what was tuned on dev (empty when nothing is)
+    test_metrics: dict
+    test_predictions: dict
+    test_outcomes: dict    # per-item outcomes (no text), for the items file
+    eval_seconds: float
 
-def item_scores(task:str,        # mednli, radqa or clip
-                records:list,    # gold records in a fixed order (CLIP: sentences)
-                pred:dict,       # id -> final prediction (label / answer text / label list; None = parse failure)
-               ) -> dict:
-    "Per-item outcomes without any text: what bootstrap intervals, paired tests and error analysis need."
-    ids = [r.id for r in records]
-    if task == "mednli":
-        idx = {l: i for i, l in enumerate(MEDNLI_LABELS)}
-        return {"ids": ids, "gold": [idx[r.label] for r in records], "pred": [idx.get(pred[i], -1) for i in ids]}
-    if task == "radqa":
-        golds = {r.id: list(r.answer_texts) for r in records}
-        em, f1 = metrics._raw_scores(golds, {i: pred[i] or "" for i in ids})  # the official per-question rules
-        return {"ids": ids, "exact": [em[i] for i in ids], "f1": [round(f1[i], 6) for i in ids],
-                "has_answer": [int(r.answerable) for r in records],
-                "answer_words": [len(metrics.normalize_answer(r.answer_texts[0]).split()) if r.answerable else 0 for r in records],
-                "pred_empty": [int(not pred[i]) for i in ids]}
-    gold = [_bits(r.labels) for r in records]
-    # A parse failure (None) is wrong on every label, as in scoring.
-    return {"ids": ids, "gold": gold, "pred": [(~g) & 127 if pred[i] is None else _bits(pred[i]) for i, g in zip(ids, gold)]}
+def predict_and_score(fit_result, adapter:Adapter, data:UnitInputs, task_data:TaskData, log) -> UnitScores:
+    "Predict dev and test with the trained model (halving the batch on OOM), tune on dev, then score test."
+    started = time.perf_counter()
+    trainer, retries = fit_result.trainer, fit_result.retries
+    dev_out, plan = predict_safely(trainer, data.dev_ds, fit_result.plan, retries, log)
+    dev_decoded = adapter.decode(dev_out, data.dev_ds, data.dev_items)
+    tuned = adapter.tune(data.dev_items, dev_decoded)
+    dev_metrics, dev_predictions = adapter.score(data.dev_items, dev_decoded, tuned)
+    test_out, plan = predict_safely(trainer, data.test_ds, plan, retries, log)
+    test_decoded = adapter.decode(test_out, data.test_ds, data.test_blind)
+    # Everything that could use test labels is frozen now; scoring reads them for the first time.
+    test_metrics, test_predictions, outcomes = score_test(adapter, task_items(task_data, "test"), test_decoded, tuned)
+    eval_seconds = time.perf_counter() - started
+    fit_result.plan = plan
+    return UnitScores(dev_metrics, dev_predictions, tuned, test_metrics, test_predictions, outcomes, eval_seconds)
 
-def write_items(out:Path, run_id:str, task:str, variants:dict, primary:str) -> str:
-    "Write `out/items/<run_id>.json` ({variant: item_scores}); returns its path relative to `out`."
-    p = out/"items"/f"{run_id}.json"
-    atomic_write_json(p, {"run_id": run_id, "task": task, "primary": primary, "variants": variants}, indent=None)
-    return str(p.relative_to(out))
-
-def finished(res_path:Path, statuses=("ok",)) -> dict|None:
-    "The results in `res_path` when the unit is finished (a readable file with one of `statuses`), else None."
-    try: prev = json.loads(Path(res_path).read_text())
-    except (OSError, ValueError): return None
-    return prev if isinstance(prev, dict) and prev.get("status") in statuses else None
-
+# %% ../nbs/80_experiment.ipynb #97a470c1
 def unit_identity(task:str, model:str, data_dir, out, *, seed:int=0, fraction:float=1.0, train_overrides:dict|None=None,
                   task_overrides:dict|None=None, overrides_source:str="command line", data:TaskData|None=None):
     "What names a fine-tuning unit, without loading a model: (config, task data, subsets, run_id)."
     config = resolve_unit(task, model, seed=seed, fraction=fraction, train_overrides=train_overrides,
                           task_overrides=task_overrides, overrides_source=overrides_source)
-    td = data if data is not None else load_task(data_dir, task)
-    subsets = ensure_subsets(td, Path(out)/"subsets", seed=seed)
-    return config, td, subsets, make_run_id(config, f"{td.data_hash}:{subsets['content_hash']}")
+    task_data = data if data is not None else load_task(data_dir, task)
+    subsets = ensure_subsets(task_data, Path(out)/"subsets", seed=seed)
+    return config, task_data, subsets, make_run_id(config, f"{task_data.data_hash}:{subsets['content_hash']}")
 
+def finetune_record(run_id:str, config:dict, unit:dict, task_data:TaskData, subsets:dict, prepared:UnitInputs,
+                    fit_result, scores:UnitScores, files:dict, device:dict, precision:str, resolved,
+                    wall_seconds:float) -> dict:
+    "The results record of a finished unit (`unit`: its seed and fraction as given; `files`: predictions and items)."
+    splits = task_data.splits
+    counts = {"train": len(prepared.train_records), "dev": len(splits["dev"]), "test": len(splits["test"]),
+              "train_features": len(prepared.train_ds), "dev_features": len(prepared.dev_ds),
+              "test_features": len(prepared.test_ds)}
+    return {"run_id": run_id, "status": "ok", "task": config["task"], "model": config["model"], "mode": "finetune",
+            "seed": unit["seed"], "fraction": unit["fraction"], "shots": None, "draw": None,
+            "metrics": {"dev": scores.dev_metrics, "test": scores.test_metrics},
+            "dev_metric": config["task_params"]["dev_metric"], "thresholds": scores.thresholds,
+            "dev_history": fit_result.dev_history, "best_dev": fit_result.best_dev, "best_step": fit_result.best_step,
+            "counts": counts, "predictions": files["predictions"], "items": files["items"], "config": config,
+            "provenance": provenance(task_data, resolved.source, subsets_hash=subsets["content_hash"], device=device,
+                                     precision=precision),
+            "cost": cost_summary(fit_result, wall_seconds, scores.eval_seconds, device),
+            "synthetic_demo": resolved.spec.builtin is not None}
+
+# %% ../nbs/80_experiment.ipynb #166b66d4
 def run_unit(task:str, model:str, data_dir, out, *, seed:int=0, fraction:float=1.0, train_overrides:dict|None=None,
              task_overrides:dict|None=None, overrides_source:str="command line", callbacks:list|None=None,
-             max_per_device:int|None=None, log=None, data:TaskData|None=None) -> dict:
-    "Fine-tune one (task, model, seed, fraction) unit and write `out/<run_id>.json` (`data`: the task, if loaded); returns the results."
-    t_wall = time.perf_counter()
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+             max_per_device:int|None=None, log=None, data:TaskData|None=None,
+             expected_run_id:str|None=None,   # the run_id the runner planned: a different one here is an error
+            ) -> dict:
+    "Fine-tune one (task, model, seed, fraction) unit and write `out/<run_id>.json` (`data`: the task, if loaded)."
+    started = time.perf_counter()
     out = Path(out)
-    config, td, subsets, run_id = unit_identity(task, model, data_dir, out, seed=seed, fraction=fraction,
-                                                train_overrides=train_overrides, task_overrides=task_overrides,
-                                                overrides_source=overrides_source, data=data)
-    res_path = out/f"{run_id}.json"
-    if (prev := finished(res_path)) is not None: return prev
+    config, task_data, subsets, run_id = unit_identity(
+        task, model, data_dir, out, seed=seed, fraction=fraction, train_overrides=train_overrides,
+        task_overrides=task_overrides, overrides_source=overrides_source, data=data)
+    check_planned_run_id(task, model, run_id, expected_run_id)
+    if (previous := finished(results_path(out, run_id))) is not None:
+        return previous
     log = log or get_logger(f"clinical_repro.unit.{run_id}", out/"logs"/f"{run_id}.log")
     log.info(f"unit {run_id}: {task} / {model} / finetune, seed {seed}, fraction {fraction:g}")
-    spec, tspec = TrainSpec(**config["train"]), TaskSpec(**config["task_params"])
-    rm = models.resolve_model(model)
-    dev_info = models.device_info()
-    precision = models.choose_precision(config["family"], dev_info["type"], dev_info.get("capability"))
-    tok = models.load_tokenizer(rm)
-    train_recs = select_fraction(td, subsets, fraction)
-    adapter = ADAPTERS[(task, config["family"])](task, tok, tspec, train_recs)
-    train_items, dev_items = _items(td, "train", train_recs), _items(td, "dev")
-    test_blind = blind(task, _items(td, "test"))
-    log.info(f"tokenising: train {len(train_recs)} items, dev {len(td.splits['dev'])}, test {len(td.splits['test'])}")
-    train_ds, dev_ds, test_ds = adapter.dataset(train_items, "train"), _sorted(adapter.dataset(dev_items, "dev")), _sorted(adapter.dataset(test_blind, "test"))
+    family, train_spec = config["family"], TrainSpec(**config["train"])
+    resolved = models.resolve_model(model)
+    device = models.device_info()
+    precision = models.choose_precision(family, device["type"], device.get("capability"))
+    tokenizer = models.load_tokenizer(resolved)
+    train_records = select_fraction(task_data, subsets, fraction)
+    adapter = ADAPTERS[(task, family)](task, tokenizer, TaskSpec(**config["task_params"]), train_records)
+    prepared = unit_inputs(adapter, task_data, train_records, log)
     def model_factory():
-        return models.load_model(rm, adapter.head, num_labels=adapter.num_labels, problem_type=adapter.problem_type)
-    devices = max(1, torch.cuda.device_count()) if dev_info["type"] == "cuda" else 1
-    start = spec.per_device_batch if spec.per_device_batch != "auto" else min(spec.effective_batch // devices, max_per_device or (64 if dev_info["type"] == "cuda" else 32))
-    if spec.per_device_batch == "auto" and dev_info["type"] == "cuda":
-        probe_feats = [{k: v for k, v in r.items() if k not in ("length", "position", "example_index", "offset_mapping", "item_index")} for r in train_ds]
-        start = probe_per_device_batch(model_factory, make_collator(config["family"], tok, None, spec.pad_to_multiple_of), probe_feats,
-                                       start, train_ds["length"], precision, log)
-    plan = plan_batches(spec.effective_batch, start, devices)
-    if spec.eval_batch != "auto": plan = BatchPlan(plan.per_device, plan.accumulation, plan.devices, spec.eval_batch)
-    log.info(f"precision {precision}; per-device batch {plan.per_device} x accumulation {plan.accumulation} x {devices} device(s) = {plan.effective}")
+        return models.load_model(resolved, adapter.head, num_labels=adapter.num_labels,
+                                 problem_type=adapter.problem_type)
+    plan = choose_batch_plan(train_spec, family, tokenizer, prepared.train_ds, model_factory, device, precision,
+                             max_per_device, log)
     work = out/"work"/run_id
-    dev_metric = tspec.dev_metric
-    fr = fit(model_factory, tok, train_ds, dev_ds, spec, family=config["family"], work_dir=work, seed=seed, precision=precision,
-             dev_metric=dev_metric, compute_metrics=adapter.compute_metrics(dev_items, dev_ds), plan=plan,
-             generation=adapter.generation(), callbacks=callbacks, log=log)
-    t_eval = time.perf_counter()
-    retries = fr.retries
-    dev_out, plan2 = predict_safely(fr.trainer, dev_ds, fr.plan, retries, log)
-    dev_dec = adapter.decode(dev_out, dev_ds, dev_items)
-    tuned = adapter.tune(dev_items, dev_dec)
-    dev_m, dev_pred = adapter.score(dev_items, dev_dec, tuned)
-    test_out, plan2 = predict_safely(fr.trainer, test_ds, plan2, retries, log)
-    test_dec = adapter.decode(test_out, test_ds, test_blind)
-    # Everything that could use test labels is frozen now; scoring reads them for the first time.
-    test_m, test_pred, test_items = score_test(adapter, _items(td, "test"), test_dec, tuned)
-    eval_seconds = time.perf_counter() - t_eval
-    fr.plan = plan2
-    if not spec.keep_checkpoints: remove_checkpoints(work)
-    pred_path = out/"predictions"/f"{run_id}.json"
-    atomic_write_json(pred_path, {"run_id": run_id, "dev": dev_pred, "test": test_pred}, indent=None)
-    items_path = write_items(out, run_id, task, {"finetune": test_items}, "finetune")
-    results = {
-        "run_id": run_id, "status": "ok", "task": task, "model": model, "mode": "finetune", "seed": seed,
-        "fraction": fraction, "shots": None, "draw": None,
-        "metrics": {"dev": dev_m, "test": test_m}, "dev_metric": dev_metric, "thresholds": tuned,
-        "dev_history": fr.dev_history, "best_dev": fr.best_dev, "best_step": fr.best_step,
-        "counts": {"train": len(train_recs), "dev": len(td.splits["dev"]), "test": len(td.splits["test"]),
-                   "train_features": len(train_ds), "dev_features": len(dev_ds), "test_features": len(test_ds)},
-        "predictions": str(pred_path.relative_to(out)), "items": items_path, "config": config,
-        "provenance": {"git_commit": git_commit(), "code_version": code_version(), "packages": package_versions(),
-                       "data_files": td.files, "data_hash": td.data_hash, "subsets_hash": subsets["content_hash"],
-                       "device": dev_info, "precision": precision, "model_source": rm.source},
-        "cost": cost_summary(fr, time.perf_counter() - t_wall, eval_seconds, dev_info),
-        "synthetic_demo": rm.spec.builtin is not None,
-    }
-    atomic_write_json(res_path, results)
-    log.info(f"unit {run_id} done: dev {dev_metric} {dev_m.get(dev_metric)}, test {dev_metric} {test_m.get(dev_metric)}; wrote {res_path}")
-    return results
+    dev_metric = config["task_params"]["dev_metric"]
+    fit_result = fit(model_factory, tokenizer, prepared.train_ds, prepared.dev_ds, train_spec, family=family,
+                     work_dir=work, seed=seed, precision=precision, dev_metric=dev_metric, plan=plan,
+                     compute_metrics=adapter.compute_metrics(prepared.dev_items, prepared.dev_ds),
+                     generation=adapter.generation(), callbacks=callbacks, log=log)
+    scores = predict_and_score(fit_result, adapter, prepared, task_data, log)
+    if not train_spec.keep_checkpoints:
+        remove_checkpoints(work)
+    predictions = {"dev": scores.dev_predictions, "test": scores.test_predictions}
+    files = {"predictions": write_predictions(out, run_id, predictions),
+             "items": write_items(out, run_id, task, {"finetune": scores.test_outcomes}, "finetune")}
+    record = finetune_record(run_id, config, {"seed": seed, "fraction": fraction}, task_data, subsets, prepared,
+                             fit_result, scores, files, device, precision, resolved, time.perf_counter() - started)
+    write_ok(out, record)
+    log.info(f"unit {run_id} done: dev {dev_metric} {scores.dev_metrics.get(dev_metric)}, "
+             f"test {dev_metric} {scores.test_metrics.get(dev_metric)}; wrote {results_path(out, run_id)}")
+    return record

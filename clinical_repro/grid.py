@@ -14,29 +14,35 @@ from typing import Any, Literal
 from typing import Annotated
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
-from .core import TASKS, UserError, DataError, Problem
-from .config import Spec, TrainSpec, TaskSpec, validate_spec, read_yaml, params_dir, train_layers, task_layer
+from .core import UserError, DataError, Problem
+from .config import (Spec, TrainSpec, TaskSpec, validate_spec, read_yaml, params_dir, train_layers,
+                                   task_layer)
+from .tasks import TASKS, icl_dev_n
 from . import models
 
 # %% auto #0
 __all__ = ['GRIDS', 'SyntheticData', 'DataSpec', 'FinetuneTask', 'FinetuneModel', 'FinetuneSection', 'ICLTask', 'ICLSection',
-           'Grid', 'load_grid', 'Experiment', 'expand', 'notebook_name', 'report_path', 'summary_counts', 'grid_path']
+           'Grid', 'load_grid', 'Experiment', 'finetune_experiments', 'icl_experiments', 'expand', 'notebook_name',
+           'report_path', 'summary_counts', 'grid_path']
 
 # %% ../nbs/85_grid.ipynb #2619d921
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
-def _unique(v):
+def _unique(values):
     "Lists in a grid hold each value once (a repeated seed would run the same unit twice)."
-    if len(set(v)) != len(v): raise ValueError(f"each value at most once, got {list(v)}")
-    return v
+    if len(set(values)) != len(values):
+        raise ValueError(f"each value at most once, got {list(values)}")
+    return values
 
-def _fractions_ok(v):
-    if any(not 0 < f <= 1 for f in v): raise ValueError(f"fractions must be in (0, 1], got {list(v)}")
-    return v
+def _fractions_ok(values):
+    if any(not 0 < fraction <= 1 for fraction in values):
+        raise ValueError(f"fractions must be in (0, 1], got {list(values)}")
+    return values
 
-def _nonneg(v):
-    if any(x < 0 for x in v): raise ValueError(f"must be 0 or more, got {list(v)}")
-    return v
+def _nonneg(values):
+    if any(value < 0 for value in values):
+        raise ValueError(f"must be 0 or more, got {list(values)}")
+    return values
 
 _Names = Annotated[list[str], Field(min_length=1), AfterValidator(_unique)]
 _Seeds = Annotated[list[int], Field(min_length=1), AfterValidator(_unique)]
@@ -55,7 +61,8 @@ class DataSpec(Spec):
 
     @model_validator(mode="after")
     def _one(self):
-        if self.synthetic is not None and self.dir is not None: raise ValueError("give synthetic or dir, not both")
+        if self.synthetic is not None and self.dir is not None:
+            raise ValueError("give synthetic or dir, not both")
         return self
 
     @property
@@ -98,7 +105,7 @@ class ICLSection(Spec):
     draws: int = Field(1, ge=1)
     seeds: _Seeds = Field(default_factory=lambda: [0])
     limit: int | None = Field(None, ge=1)
-    dev_n: int = Field(200, ge=1)
+    dev_n: int = Field(default_factory=icl_dev_n, ge=1)   # the study's default (params/defaults.yaml)
     per_task: dict[str, ICLTask] = Field(default_factory=dict)
 
 class Grid(Spec):
@@ -115,84 +122,123 @@ class Grid(Spec):
 
     @field_validator("grid")
     @classmethod
-    def _name(cls, v):
-        if not _NAME_RE.match(v): raise ValueError(f"a folder name: lowercase letters, digits, - and _ (got {v!r})")
-        return v
+    def _name(cls, name):
+        if not _NAME_RE.match(name):
+            raise ValueError(f"a folder name: lowercase letters, digits, - and _ (got {name!r})")
+        return name
 
     @model_validator(mode="after")
     def _some_mode(self):
-        if self.finetune is None and self.icl is None: raise ValueError("a grid needs a finetune section, an icl section or both")
+        if self.finetune is None and self.icl is None:
+            raise ValueError("a grid needs a finetune section, an icl section or both")
         return self
 
 # %% ../nbs/85_grid.ipynb #52a21b1d
 def _names(file, key, given, known, what) -> list[Problem]:
     "Problems for names in `given` that are not in `known`."
-    return [Problem(file, key, f"unknown {what} {g!r}; expected one of: {', '.join(known)}") for g in given if g not in known]
+    return [Problem(file, key, f"unknown {what} {name!r}; expected one of: {', '.join(known)}")
+            for name in given if name not in known]
 
 def _check_values(cls, layers:dict, overrides:dict, file:str, prefix:str) -> list[Problem]:
     "Unknown keys and bad values of overrides, validated layered over `layers` (the params/ values)."
     bad = sorted(set(overrides) - set(cls.model_fields))
-    if bad: return [Problem(file, f"{prefix}.{k}", f"unknown key; expected one of {', '.join(sorted(cls.model_fields))}") for k in bad]
-    try: cls.model_validate({**layers, **overrides})
+    if bad:
+        expected = ", ".join(sorted(cls.model_fields))
+        return [Problem(file, f"{prefix}.{key}", f"unknown key; expected one of {expected}") for key in bad]
+    try:
+        cls.model_validate({**layers, **overrides})
     except ValidationError as e:
-        return [Problem(file, f"{prefix}.{err['loc'][0]}", f"{err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})")
+        return [Problem(file, f"{prefix}.{err['loc'][0]}",
+                        f"{err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})")
                 for err in e.errors() if err["loc"] and err["loc"][0] in overrides]
     return []
 
-def _check_finetune(ft:FinetuneSection, tasks:list, reg:dict, file:str, params:Path) -> list[Problem]:
-    "Names, modes and override keys and values of the finetune section."
-    probs = _names(file, "finetune.models", ft.models, sorted(reg), "model")
-    probs += [Problem(file, "finetune.models", f"model {m!r} does not support fine-tuning (modes: {', '.join(reg[m].modes)})")
-              for m in ft.models if m in reg and "finetune" not in reg[m].modes]
-    for key, d in (("finetune.task", ft.task), ("finetune.per_task", ft.per_task)):
-        probs += [Problem(file, f"{key}.{t}", f"a task of this grid ({', '.join(tasks)})") for t in d if t not in tasks]
-    probs += [Problem(file, f"finetune.per_model.{m}", f"a model of finetune.models ({', '.join(ft.models)})")
-              for m in ft.per_model if m not in ft.models]
-    if probs: return probs
-    for m in ft.models:
-        fam = reg[m].family
-        pm = ft.per_model.get(m, FinetuneModel())
-        base = {**train_layers(fam, params)[0], **dict(reg[m].train or {})}
-        for key, ov in (("finetune.train", ft.train), (f"finetune.per_model.{m}.train", pm.train),
-                        *((f"finetune.per_task.{t}.train", pt.train) for t, pt in ft.per_task.items())):
-            probs += _check_values(TrainSpec, base, ov, file, key)
-        probs += [Problem(file, f"finetune.per_model.{m}.task.{t}", f"a task of this grid ({', '.join(tasks)})")
-                  for t in pm.task if t not in tasks]
-        for t in tasks:
-            tl = task_layer(t, fam, params)[0]; tl.pop("_train")
-            for key, ov in ((f"finetune.task.{t}", ft.task.get(t, {})), (f"finetune.per_model.{m}.task.{t}", pm.task.get(t, {}))):
-                probs += _check_values(TaskSpec, tl, ov, file, key)
-    return list(dict.fromkeys(probs))  # the same bad key is reported once, not once per model
+def _in_grid(file, key, names, known, what) -> list[Problem]:
+    "Problems for override sections naming something the grid does not have (`what`: the expectation)."
+    return [Problem(file, f"{key}.{name}", f"{what} ({', '.join(known)})") for name in names if name not in known]
 
-def _check_icl(ic:ICLSection, tasks:list, reg:dict, file:str) -> list[Problem]:
+def _check_modes(file, key, names, registry, mode, doing) -> list[Problem]:
+    "Problems for registered models in `names` that do not support `mode` (`doing`: the mode in words)."
+    return [Problem(file, key, f"model {name!r} does not support {doing} (modes: {', '.join(registry[name].modes)})")
+            for name in names if name in registry and mode not in registry[name].modes]
+
+def _check_finetune_names(section:FinetuneSection, tasks:list, registry:dict, file:str) -> list[Problem]:
+    "Models, their modes, and the tasks and models the override sections name."
+    problems = _names(file, "finetune.models", section.models, sorted(registry), "model")
+    problems += _check_modes(file, "finetune.models", section.models, registry, "finetune", "fine-tuning")
+    problems += _in_grid(file, "finetune.task", section.task, tasks, "a task of this grid")
+    problems += _in_grid(file, "finetune.per_task", section.per_task, tasks, "a task of this grid")
+    problems += _in_grid(file, "finetune.per_model", section.per_model, section.models, "a model of finetune.models")
+    return problems
+
+def _check_model_overrides(section:FinetuneSection, model:str, tasks:list, registry:dict, file:str,
+                           params:Path) -> list[Problem]:
+    "The TrainSpec and TaskSpec overrides that reach one model, validated over its params/ layers."
+    family = registry[model].family
+    per_model = section.per_model.get(model, FinetuneModel())
+    train_base = {**train_layers(family, params)[0], **dict(registry[model].train or {})}
+    train_sections = [("finetune.train", section.train), (f"finetune.per_model.{model}.train", per_model.train)]
+    train_sections += [(f"finetune.per_task.{task}.train", spec.train) for task, spec in section.per_task.items()]
+    problems = [p for key, values in train_sections for p in _check_values(TrainSpec, train_base, values, file, key)]
+    problems += _in_grid(file, f"finetune.per_model.{model}.task", per_model.task, tasks, "a task of this grid")
+    for task in tasks:
+        task_base = task_layer(task, family, params)[0]
+        task_base.pop("_train")
+        for key, values in ((f"finetune.task.{task}", section.task.get(task, {})),
+                            (f"finetune.per_model.{model}.task.{task}", per_model.task.get(task, {}))):
+            problems += _check_values(TaskSpec, task_base, values, file, key)
+    return problems
+
+def _check_finetune(section:FinetuneSection, tasks:list, registry:dict, file:str, params:Path) -> list[Problem]:
+    "Names, modes and override keys and values of the finetune section."
+    problems = _check_finetune_names(section, tasks, registry, file)
+    if problems:
+        return problems
+    for model in section.models:
+        problems += _check_model_overrides(section, model, tasks, registry, file, params)
+    return list(dict.fromkeys(problems))  # the same bad key is reported once, not once per model
+
+def _check_icl(section:ICLSection, tasks:list, registry:dict, file:str) -> list[Problem]:
     "Names and modes of the icl section."
-    probs = _names(file, "icl.models", ic.models, sorted(reg), "model")
-    probs += [Problem(file, "icl.models", f"model {m!r} does not support in-context learning (modes: {', '.join(reg[m].modes)})")
-              for m in ic.models if m in reg and "icl" not in reg[m].modes]
-    probs += [Problem(file, f"icl.per_task.{t}", f"a task of this grid ({', '.join(tasks)})") for t in ic.per_task if t not in tasks]
-    return probs
+    problems = _names(file, "icl.models", section.models, sorted(registry), "model")
+    problems += _check_modes(file, "icl.models", section.models, registry, "icl", "in-context learning")
+    problems += _in_grid(file, "icl.per_task", section.per_task, tasks, "a task of this grid")
+    return problems
+
+def _check_compare(grid:Grid, file:str) -> list[Problem]:
+    "Each compared pair: two different models, both fine-tuned in this grid."
+    tuned = grid.finetune.models if grid.finetune is not None else []
+    problems = []
+    for i, (clinical, general) in enumerate(grid.compare):
+        problems += [Problem(file, f"compare[{i}]", f"a model fine-tuned in this grid (finetune.models: "
+                                                    f"{', '.join(tuned) or 'none'}), got {model!r}")
+                     for model in (clinical, general) if model not in tuned]
+        if clinical == general:
+            problems.append(Problem(file, f"compare[{i}]", f"two different models, got {clinical!r} twice"))
+    return problems
 
 def load_grid(path,                  # a grid YAML file
               registry:dict|None=None, # model registry (default: params/models.yaml)
               params:Path|None=None,   # the params/ folder for the override checks (default: `params_dir()`)
              ) -> Grid:
     "Read and strictly validate a grid; every problem names the file and the dotted key."
-    path = Path(path); file = str(path)
+    path = Path(path)
+    file = str(path)
     raw = read_yaml(path)
-    if "source" in raw: raise DataError(Problem(file, "source", "unknown key (set by the loader, not written in a grid)"))
-    g = validate_spec(Grid, raw, file)
-    reg = models.load_registry() if registry is None else registry
-    probs = _names(file, "tasks", g.tasks, TASKS, "task")
-    if not probs:
-        if g.finetune is not None: probs += _check_finetune(g.finetune, g.tasks, reg, file, params or params_dir())
-        if g.icl is not None: probs += _check_icl(g.icl, g.tasks, reg, file)
-    ft = g.finetune.models if g.finetune is not None else []
-    for i, (a, b) in enumerate(g.compare):
-        probs += [Problem(file, f"compare[{i}]", f"a model fine-tuned in this grid (finetune.models: {', '.join(ft) or 'none'}), got {m!r}")
-                  for m in (a, b) if m not in ft]
-        if a == b: probs.append(Problem(file, f"compare[{i}]", f"two different models, got {a!r} twice"))
-    if probs: raise DataError(probs)
-    return g.model_copy(update={"source": file})
+    if "source" in raw:
+        raise DataError(Problem(file, "source", "unknown key (set by the loader, not written in a grid)"))
+    grid = validate_spec(Grid, raw, file)
+    registry = models.load_registry() if registry is None else registry
+    problems = _names(file, "tasks", grid.tasks, TASKS, "task")
+    if not problems:
+        if grid.finetune is not None:
+            problems += _check_finetune(grid.finetune, grid.tasks, registry, file, params or params_dir())
+        if grid.icl is not None:
+            problems += _check_icl(grid.icl, grid.tasks, registry, file)
+    problems += _check_compare(grid, file)
+    if problems:
+        raise DataError(problems)
+    return grid.model_copy(update={"source": file})
 
 # %% ../nbs/85_grid.ipynb #4dd912d0
 @dataclass(frozen=True)
@@ -207,27 +253,40 @@ class Experiment:
     task_overrides: dict = field(default_factory=dict)   # TaskSpec overrides (finetune)
     overrides_source: str = "" # the grid file, named in errors about the overrides
 
+def finetune_experiments(grid:Grid, task:str) -> list[Experiment]:
+    "The fine-tuning experiments of one task: units by fraction, then seed; models as listed."
+    section = grid.finetune
+    per_task = section.per_task.get(task, FinetuneTask())
+    fractions, seeds = per_task.fractions or section.fractions, per_task.seeds or section.seeds
+    units = tuple({"seed": seed, "fraction": float(fraction)} for fraction in fractions for seed in seeds)
+    experiments = []
+    for model in section.models:
+        per_model = section.per_model.get(model, FinetuneModel())
+        train = {**section.train, **per_task.train, **per_model.train}
+        task_values = {**section.task.get(task, {}), **per_model.task.get(task, {})}
+        experiments.append(Experiment(grid.grid, task, model, "finetune", units, train, task_values, grid.source))
+    return experiments
+
+def icl_experiments(grid:Grid, task:str) -> list[Experiment]:
+    "The ICL experiments of one task: units by shots, draw, then seed (0 shots: one draw); models as listed."
+    section = grid.icl
+    per_task = section.per_task.get(task, ICLTask())
+    shots, seeds = per_task.shots or section.shots, per_task.seeds or section.seeds
+    draws = per_task.draws or section.draws
+    limit = per_task.limit if per_task.limit is not None else section.limit
+    units = tuple({"shots": k, "draw": draw, "seed": seed, "limit": limit, "dev_n": section.dev_n}
+                  for k in shots for draw in range(draws if k > 0 else 1) for seed in seeds)
+    return [Experiment(grid.grid, task, model, "icl", units, {}, {}, grid.source) for model in section.models]
+
 def expand(grid:Grid) -> list[Experiment]:
-    "The experiments of `grid`, in a deterministic order."
-    out = []
-    for t in grid.tasks:
-        if (ft := grid.finetune) is not None:
-            pt = ft.per_task.get(t, FinetuneTask())
-            fracs, seeds = pt.fractions or ft.fractions, pt.seeds or ft.seeds
-            units = tuple({"seed": s, "fraction": float(f)} for f in fracs for s in seeds)
-            for m in ft.models:
-                pm = ft.per_model.get(m, FinetuneModel())
-                out.append(Experiment(grid.grid, t, m, "finetune", units, {**ft.train, **pt.train, **pm.train},
-                                      {**ft.task.get(t, {}), **pm.task.get(t, {})}, grid.source))
-        if (ic := grid.icl) is not None:
-            pt = ic.per_task.get(t, ICLTask())
-            shots, seeds = pt.shots or ic.shots, pt.seeds or ic.seeds
-            draws = pt.draws or ic.draws
-            limit = pt.limit if pt.limit is not None else ic.limit
-            units = tuple({"shots": k, "draw": d, "seed": s, "limit": limit, "dev_n": ic.dev_n}
-                          for k in shots for d in range(draws if k > 0 else 1) for s in seeds)
-            for m in ic.models: out.append(Experiment(grid.grid, t, m, "icl", units, {}, {}, grid.source))
-    return out
+    "The experiments of `grid`, in a deterministic order: tasks as listed, fine-tuning before ICL."
+    experiments = []
+    for task in grid.tasks:
+        if grid.finetune is not None:
+            experiments += finetune_experiments(grid, task)
+        if grid.icl is not None:
+            experiments += icl_experiments(grid, task)
+    return experiments
 
 def notebook_name(exp:Experiment) -> str:
     "`<model>__<mode>.ipynb`: the executed notebook of one experiment."
@@ -239,20 +298,23 @@ def report_path(exp:Experiment, reports="reports") -> Path:
 
 def summary_counts(grid:Grid) -> dict:
     "Numbers of experiments and units, in total and per mode."
-    exps = expand(grid)
-    c = {"experiments": len(exps), "units": sum(len(e.units) for e in exps)}
+    experiments = expand(grid)
+    counts = {"experiments": len(experiments), "units": sum(len(exp.units) for exp in experiments)}
     for mode in ("finetune", "icl"):
-        c[f"{mode}_experiments"] = sum(e.mode == mode for e in exps)
-        c[f"{mode}_units"] = sum(len(e.units) for e in exps if e.mode == mode)
-    return c
+        counts[f"{mode}_experiments"] = sum(exp.mode == mode for exp in experiments)
+        counts[f"{mode}_units"] = sum(len(exp.units) for exp in experiments if exp.mode == mode)
+    return counts
 
 # %% ../nbs/85_grid.ipynb #e43ec868
 GRIDS = ("demo", "paper", "limited-data", "icl", "colab-t4")
 
 def grid_path(name_or_path:str) -> Path:
     "A grid file: an existing path as given, else `params/<name>.yaml`."
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.is_file(): return p
-    q = params_dir()/f"{name_or_path}.yaml"
-    if not q.is_file(): raise UserError(f"no grid {name_or_path!r}: not a file, and {q} does not exist; the grids in params/ are {', '.join(GRIDS)}")
-    return q
+    given = Path(name_or_path)
+    if given.suffix in (".yaml", ".yml") or given.is_file():
+        return given
+    shipped = params_dir()/f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        raise UserError(f"no grid {name_or_path!r}: not a file, and {shipped} does not exist; the grids in params/ "
+                        f"are {', '.join(GRIDS)}")
+    return shipped

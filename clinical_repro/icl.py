@@ -1,4 +1,4 @@
-"""Rank classification by label likelihood and strictly parsed greedy generation for seq2seq models, per-label yes/no scoring for CLIP, dev-chosen templates, seeded exemplar draws, and the `mode: "icl"` results file.
+"""In-context learning units: likelihood ranking and strict greedy generation, cloze for encoders, dev-chosen templates.
 
 Docs: https://clinical-repro.github.io/clinical_repro/icl.html.md"""
 
@@ -6,46 +6,54 @@ Docs: https://clinical-repro.github.io/clinical_repro/icl.html.md"""
 
 # %% ../nbs/75_icl.ipynb #c46d53f1
 from __future__ import annotations
-import json, os, re, time
+import os, re, time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .core import TASKS, MEDNLI_LABELS, CLIP_LABELS, UserError, atomic_write_json, get_logger
-from .config import make_run_id, code_version
-from .data import NLIRecord, QARecord, CLIPSentence, CLIPNote, load_task
-from . import metrics, models, prompts as P, inputs
-from .experiment import blind, git_commit, package_versions, item_scores, write_items, finished
+from .core import UserError, get_logger
+from .config import make_run_id
+from .tasks import (MEDNLI_LABELS, CLIP_LABELS, answer_room, check_task, dev_metric, get_task, icl_dev_n,
+                                  to_unit_scale)
+from .data import CLIPSentence, CLIPNote, TaskData, load_task, blind
+from . import metrics, models, prompts, inputs
+from .results import (FINISHED, check_planned_run_id, finished, provenance, results_path, write_items,
+                                    write_not_applicable, write_ok, write_predictions)
 
 # %% auto #0
-__all__ = ['WINDOW_WORDS', 'ANSWER_ROOM', 'DEV_METRIC', 'sequence_logprobs', 'option_logprobs', 'rank_classify', 'cloze_logprobs',
-           'load_mlm', 'generate', 'check_local', 'verbatim_span_rate', 'score_predictions', 'icl_identity',
+__all__ = ['sequence_logprobs', 'option_logprobs', 'rank_classify', 'cloze_logprobs', 'load_mlm', 'generate', 'check_local',
+           'clip_window_words', 'NoteWindows', 'TemplatePredictor', 'verbatim_span_rate', 'score_predictions',
+           'dev_value', 'icl_identity', 'not_applicable_reason', 'check_icl_model', 'load_icl_model', 'ICLQueries',
+           'icl_queries', 'test_gold', 'icl_variants', 'choose_templates', 'icl_outcomes', 'ICLScores', 'icl_record',
            'run_icl_unit']
 
 # %% ../nbs/75_icl.ipynb #71a676ad
 def _check_seq2seq(model):
     "ICL scoring here needs an encoder-decoder model."
     if not getattr(model.config, "is_encoder_decoder", False):
-        raise UserError(f"likelihood scoring is implemented for seq2seq (encoder-decoder) models; got {type(model).__name__}")
+        raise UserError(f"likelihood scoring is implemented for seq2seq (encoder-decoder) models; "
+                        f"got {type(model).__name__}")
 
-def _target_ids(tok, texts:Sequence[str]) -> list[list[int]]:
+def _target_ids(tokenizer, texts:Sequence[str]) -> list[list[int]]:
     "Target ids of continuations, encoded exactly like fine-tuning targets."
-    return [list(x) for x in tok(text_target=list(texts))["input_ids"]]
+    return [list(x) for x in tokenizer(text_target=list(texts))["input_ids"]]
 
 def _pad(seqs:list[list[int]], value:int, device) -> torch.Tensor:
-    n = max(map(len, seqs))
-    return torch.tensor([s + [value] * (n - len(s)) for s in seqs], device=device)
+    longest = max(map(len, seqs))
+    return torch.tensor([s + [value] * (longest - len(s)) for s in seqs], device=device)
 
 def _token_logprobs(logits:torch.Tensor, labels:torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "Summed log-probabilities of `labels` (-100 = padding) and the number of scored tokens per row."
-    lp = logits.float().log_softmax(-1)
+    logprobs = logits.float().log_softmax(-1)
     mask = labels != -100
-    tok_lp = lp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-    return tok_lp.sum(-1), mask.sum(-1)
+    token_logprobs = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    return token_logprobs.sum(-1), mask.sum(-1)
 
-def _device(model): return next(model.parameters()).device
+def _device(model):
+    return next(model.parameters()).device
 
 @torch.no_grad()
 def sequence_logprobs(
@@ -57,16 +65,18 @@ def sequence_logprobs(
 ) -> tuple[np.ndarray, np.ndarray]:
     "Sum of log-probabilities of each continuation given its prompt, and its token count."
     _check_seq2seq(model)
-    if len(prompts) != len(continuations): raise UserError(f"expected one continuation per prompt, got {len(continuations)} and {len(prompts)}")
-    model.eval(); dev = _device(model)
-    tgt = _target_ids(tokenizer, continuations)
+    if len(prompts) != len(continuations):
+        raise UserError(f"expected one continuation per prompt, got {len(continuations)} and {len(prompts)}")
+    model.eval()
+    device = _device(model)
+    targets = _target_ids(tokenizer, continuations)
     sums, counts = np.zeros(len(prompts)), np.zeros(len(prompts), dtype=int)
     for a in range(0, len(prompts), batch_size):
-        enc = tokenizer(list(prompts[a:a+batch_size]), padding=True, return_tensors="pt").to(dev)
-        labels = _pad(tgt[a:a+batch_size], -100, dev)
+        enc = tokenizer(list(prompts[a:a+batch_size]), padding=True, return_tensors="pt").to(device)
+        labels = _pad(targets[a:a+batch_size], -100, device)
         out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels)
-        s, n = _token_logprobs(out.logits, labels)
-        sums[a:a+len(s)], counts[a:a+len(s)] = s.cpu().numpy(), n.cpu().numpy()
+        summed, n_tokens = _token_logprobs(out.logits, labels)
+        sums[a:a+len(summed)], counts[a:a+len(summed)] = summed.cpu().numpy(), n_tokens.cpu().numpy()
     return sums, counts
 
 # %% ../nbs/75_icl.ipynb #2e9ad6d4
@@ -80,20 +90,24 @@ def option_logprobs(
     "(n_prompts, n_options) summed log-probabilities and token counts of each option after each prompt."
     from transformers.modeling_outputs import BaseModelOutput
     _check_seq2seq(model)
-    if not options: raise UserError("expected at least one option to score")
-    model.eval(); dev = _device(model)
-    tgt = _target_ids(tokenizer, options); L = len(options)
-    sums, counts = np.zeros((len(prompts), L)), np.zeros((len(prompts), L), dtype=int)
-    enc_fn = model.get_encoder()
+    if not options:
+        raise UserError("expected at least one option to score")
+    model.eval()
+    device = _device(model)
+    targets = _target_ids(tokenizer, options)
+    n_options = len(options)
+    sums, counts = np.zeros((len(prompts), n_options)), np.zeros((len(prompts), n_options), dtype=int)
+    encoder = model.get_encoder()
     for a in range(0, len(prompts), batch_size):
-        enc = tokenizer(list(prompts[a:a+batch_size]), padding=True, return_tensors="pt").to(dev)
-        h = enc_fn(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-        b = h.shape[0]
-        labels = _pad(tgt * b, -100, dev)  # row i*L + j: prompt i, option j
-        out = model(encoder_outputs=BaseModelOutput(last_hidden_state=h.repeat_interleave(L, 0)),
-                    attention_mask=enc["attention_mask"].repeat_interleave(L, 0), labels=labels)
-        s, n = _token_logprobs(out.logits, labels)
-        sums[a:a+b], counts[a:a+b] = s.view(b, L).cpu().numpy(), n.view(b, L).cpu().numpy()
+        enc = tokenizer(list(prompts[a:a+batch_size]), padding=True, return_tensors="pt").to(device)
+        hidden = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        b = hidden.shape[0]
+        labels = _pad(targets * b, -100, device)  # row i*n_options + j: prompt i, option j
+        out = model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(n_options, 0)),
+                    attention_mask=enc["attention_mask"].repeat_interleave(n_options, 0), labels=labels)
+        summed, n_tokens = _token_logprobs(out.logits, labels)
+        sums[a:a+b] = summed.view(b, n_options).cpu().numpy()
+        counts[a:a+b] = n_tokens.view(b, n_options).cpu().numpy()
     return sums, counts
 
 def rank_classify(
@@ -103,20 +117,22 @@ def rank_classify(
     normalisation:str="sum",     # "sum" of token log-probabilities, or "mean" per token
     batch_size:int=16,
 ) -> tuple[np.ndarray, np.ndarray]:
-    "Index of the most likely option per prompt, and the (normalised) scores (seq2seq: decoder likelihood; encoder: cloze)."
-    if normalisation not in ("sum", "mean"): raise UserError(f"normalisation must be 'sum' or 'mean', got {normalisation!r}")
+    "Most likely option per prompt and the (normalised) scores (seq2seq: decoder likelihood; encoder: cloze)."
+    if normalisation not in ("sum", "mean"):
+        raise UserError(f"normalisation must be 'sum' or 'mean', got {normalisation!r}")
     score = option_logprobs if getattr(model.config, "is_encoder_decoder", False) else cloze_logprobs
-    s, n = score(model, tokenizer, prompts, options, batch_size)
-    scores = s if normalisation == "sum" else s / np.maximum(n, 1)
+    summed, n_tokens = score(model, tokenizer, prompts, options, batch_size)
+    scores = summed if normalisation == "sum" else summed / np.maximum(n_tokens, 1)
     return scores.argmax(-1), scores
 
 # %% ../nbs/75_icl.ipynb #9f68fdf9
-def _mask_logits(model, enc, pos:torch.Tensor) -> torch.Tensor:
+def _mask_logits(model, enc, positions:torch.Tensor) -> torch.Tensor:
     "Vocabulary logits at the mask positions only: the full (batch, length, vocab) tensor is ~1 GB for 16 x 512 x 30k."
     head = getattr(model, "cls", None) or getattr(model, "lm_head", None)  # BERT-style / RoBERTa-style MLM heads
-    if head is None: return model(**enc).logits[pos]
-    h = model.base_model(**enc).last_hidden_state
-    return head(h[pos])
+    if head is None:
+        return model(**enc).logits[positions]
+    hidden = model.base_model(**enc).last_hidden_state
+    return head(hidden[positions])
 
 @torch.no_grad()
 def cloze_logprobs(
@@ -127,38 +143,48 @@ def cloze_logprobs(
     batch_size:int=16,
 ) -> tuple[np.ndarray, np.ndarray]:
     "(n_prompts, n_options) summed masked-LM log-probabilities of each option after each prompt, and token counts."
-    if getattr(model.config, "is_encoder_decoder", False): raise UserError("cloze scoring is for encoders with a masked-LM head")
-    if tokenizer.mask_token is None: raise UserError("cloze scoring needs a tokenizer with a mask token")
-    model.eval(); dev = _device(model)
-    opt = [tokenizer(" " + o, add_special_tokens=False)["input_ids"] for o in options]
-    sums, counts = np.zeros((len(prompts), len(opt))), np.zeros((len(prompts), len(opt)), dtype=int)
-    for j, ids in enumerate(opt):
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise UserError("cloze scoring is for encoders with a masked-LM head")
+    if tokenizer.mask_token is None:
+        raise UserError("cloze scoring needs a tokenizer with a mask token")
+    model.eval()
+    device = _device(model)
+    option_ids = [tokenizer(" " + o, add_special_tokens=False)["input_ids"] for o in options]
+    sums, counts = np.zeros((len(prompts), len(option_ids))), np.zeros((len(prompts), len(option_ids)), dtype=int)
+    for j, ids in enumerate(option_ids):
         masks = " ".join([tokenizer.mask_token] * len(ids))
         for a in range(0, len(prompts), batch_size):
-            enc = tokenizer([p + " " + masks for p in prompts[a:a+batch_size]], padding=True, return_tensors="pt").to(dev)
-            pos = enc["input_ids"] == tokenizer.mask_token_id
-            if (pos.sum(-1) != len(ids)).any(): raise UserError("a prompt already holds the mask token; cloze scoring needs it only at the answer")
-            b = pos.shape[0]
-            lp = _mask_logits(model, enc, pos).float().log_softmax(-1)  # (b * len(ids), vocab), row-major like pos
-            want = torch.tensor(ids, device=dev).repeat(b)
-            got = lp.gather(-1, want.unsqueeze(-1)).view(b, len(ids))
+            texts = [p + " " + masks for p in prompts[a:a+batch_size]]
+            enc = tokenizer(texts, padding=True, return_tensors="pt").to(device)
+            positions = enc["input_ids"] == tokenizer.mask_token_id
+            if (positions.sum(-1) != len(ids)).any():
+                raise UserError("a prompt already holds the mask token; cloze scoring needs it only at the answer")
+            b = positions.shape[0]
+            logprobs = _mask_logits(model, enc, positions).float().log_softmax(-1)  # (b * len(ids), vocab), row-major
+            wanted = torch.tensor(ids, device=device).repeat(b)
+            got = logprobs.gather(-1, wanted.unsqueeze(-1)).view(b, len(ids))
             sums[a:a+b, j], counts[a:a+b, j] = got.sum(-1).cpu().numpy(), len(ids)
     return sums, counts
 
 def load_mlm(resolved):
     "The encoder with its masked-LM head (refusing checkpoints the registry says have none)."
     from transformers import AutoModelForMaskedLM
-    if not resolved.spec.has_mlm_head: raise UserError(f"model {resolved.name!r} has no masked-LM head (registry: has_mlm_head false)")
+    if not resolved.spec.has_mlm_head:
+        raise UserError(f"model {resolved.name!r} has no masked-LM head (registry: has_mlm_head false)")
     offline = resolved.offline or os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-    try: return AutoModelForMaskedLM.from_pretrained(resolved.source, local_files_only=offline, trust_remote_code=False)
-    except (OSError, ValueError) as e: raise UserError(f"model {resolved.name!r}: could not load the masked-LM head from {resolved.source}: {str(e).splitlines()[0]}") from None
+    try:
+        return AutoModelForMaskedLM.from_pretrained(resolved.source, local_files_only=offline, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model {resolved.name!r}: could not load the masked-LM head from {resolved.source}: "
+                        f"{str(e).splitlines()[0]}") from None
 
 # %% ../nbs/75_icl.ipynb #cc2d5807
-def _n_generated(gen:torch.Tensor, eos) -> int:
+def _n_generated(generated:torch.Tensor, eos) -> int:
     "Generated tokens up to and including each row's first end-of-sequence (padding after it is not output)."
     eos = eos if isinstance(eos, (list, tuple)) else [eos]
-    is_eos = torch.isin(gen, torch.tensor([e for e in eos if e is not None], device=gen.device))
-    first = torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, torch.full_like(is_eos[:, 0], gen.shape[1], dtype=torch.long))
+    is_eos = torch.isin(generated, torch.tensor([e for e in eos if e is not None], device=generated.device))
+    no_eos = torch.full_like(is_eos[:, 0], generated.shape[1], dtype=torch.long)
+    first = torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, no_eos)
     return int(first.sum())
 
 @torch.no_grad()
@@ -170,180 +196,399 @@ def generate(
 ) -> tuple[list[str], int, int]:
     "Greedy continuations of `prompts` (in order), with the input and generated token counts."
     _check_seq2seq(model)
-    model.eval(); dev = _device(model)
+    model.eval()
+    device = _device(model)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths together: less padding
-    texts, t_in, t_out = [None] * len(prompts), 0, 0
+    texts, tokens_in, tokens_out = [None] * len(prompts), 0, 0
     for a in range(0, len(order), batch_size):
-        idx = order[a:a+batch_size]
-        enc = tokenizer([prompts[i] for i in idx], padding=True, return_tensors="pt").to(dev)
+        batch = order[a:a+batch_size]
+        enc = tokenizer([prompts[i] for i in batch], padding=True, return_tensors="pt").to(device)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-        gen = out[:, 1:]  # drop the decoder start token
-        t_in += int(enc["attention_mask"].sum()); t_out += _n_generated(gen, model.generation_config.eos_token_id)
-        for i, t in zip(idx, tokenizer.batch_decode(gen, skip_special_tokens=True)): texts[i] = t.strip()
-    return texts, t_in, t_out
+        generated = out[:, 1:]  # drop the decoder start token
+        tokens_in += int(enc["attention_mask"].sum())
+        tokens_out += _n_generated(generated, model.generation_config.eos_token_id)
+        for i, text in zip(batch, tokenizer.batch_decode(generated, skip_special_tokens=True)):
+            texts[i] = text.strip()
+    return texts, tokens_in, tokens_out
 
 # %% ../nbs/75_icl.ipynb #bb1b6528
-_REMOTE = re.compile(r"://|^(openai|anthropic|azure|cohere|gemini|vertex)(:|$)|^(openai|anthropic):|\bgpt-?(3|4)|davinci|^api\.|\bapi\.[a-z]", re.I)
+_REMOTE = re.compile(r"://|^(openai|anthropic|azure|cohere|gemini|vertex)(:|$)|^(openai|anthropic):|\bgpt-?(3|4)"
+                     r"|davinci|^api\.|\bapi\.[a-z]", re.I)
 
 def check_local(name:str, spec) -> None:
     "Raise when a model entry points at a remote API: PhysioNet data must not be sent to third-party services."
-    for v in (name, spec.hub_id, spec.local_path, spec.paper_name if spec.hub_id is None and spec.local_path is None and spec.builtin is None else None):
-        if v and _REMOTE.search(v):
-            raise UserError(f"model {name!r} ({v}) looks like a remote API. ICL here runs local models only: the PhysioNet "
-                            "credentialed data-use agreement forbids sending MIMIC-derived data (MedNLI, RadQA, CLIP) to "
-                            "third-party services. Download the weights and use a hub_id or local_path instead.")
+    has_weights = spec.hub_id is not None or spec.local_path is not None or spec.builtin is not None
+    for value in (name, spec.hub_id, spec.local_path, None if has_weights else spec.paper_name):
+        if value and _REMOTE.search(value):
+            raise UserError(f"model {name!r} ({value}) looks like a remote API. ICL here runs local models only: the "
+                            "PhysioNet credentialed data-use agreement forbids sending MIMIC-derived data (MedNLI, "
+                            "RadQA, CLIP) to third-party services. Download the weights and use a hub_id or "
+                            "local_path instead.")
 
 # %% ../nbs/75_icl.ipynb #fb71d5db
-WINDOW_WORDS = 256                                   # CLIP note window, as in fine-tuning
-ANSWER_ROOM = {"mednli": 8, "radqa": 64, "clip:per_label": 4, "clip:list": 64}  # tokens kept free; also max_new_tokens
-DEV_METRIC = {"mednli": "accuracy", "radqa": "f1", "clip": "macro_f1"}
-
-def _budget(model, tok=None) -> int:
+def _budget(model, tokenizer=None) -> int:
     "The model's maximum input length; T5's relative positions have none, so its pretraining 512."
-    c = model.config
-    n = int(getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None) or 512)
-    tmax = getattr(tok, "model_max_length", None)
-    return min(n, int(tmax)) if tmax and tmax < 1_000_000 else n  # RoBERTa: 514 positions, 512 usable
+    config = model.config
+    positions = int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 512)
+    tokenizer_max = getattr(tokenizer, "model_max_length", None)
+    if tokenizer_max and tokenizer_max < 1_000_000:
+        return min(positions, int(tokenizer_max))  # RoBERTa: 514 positions, 512 usable
+    return positions
 
-class _Ctx:
-    "CLIP windows of sentences, by id, from their notes."
-    def __init__(self, notes:Sequence[CLIPNote]): self.notes = {n.doc_id: n for n in notes}
-    def __call__(self, r) -> str|None:
-        if not isinstance(r, CLIPSentence): return None
-        return " ".join(x for x in self.notes[r.doc_id].window(r.sent_index, WINDOW_WORDS) if x)
+def clip_window_words() -> int:
+    "Words of the note window around a CLIP sentence in a prompt (the registry's clip `icl.window_words`)."
+    return get_task("clip").icl.window_words
 
-def _build(task, ps, tpl, exemplars, queries, ctx_ex, ctx_q, count, budget, room, label=None) -> list:
+class NoteWindows:
+    "The note window around each CLIP sentence, from the sentences' notes; None for any other record."
+    def __init__(self, notes:Sequence[CLIPNote], window_words:int):
+        self.notes = {note.doc_id: note for note in notes}
+        self.window_words = window_words
+    def __call__(self, record) -> str|None:
+        if not isinstance(record, CLIPSentence):
+            return None
+        return " ".join(word for word in self.notes[record.doc_id].window(record.sent_index, self.window_words) if word)
+
+def _build_prompts(task, prompt_set, template, exemplars, queries, exemplar_windows, query_windows, count, budget,
+                   room, label=None) -> list:
     "Built prompts for `queries` with the same exemplars in front."
-    ex = [P.record_fields(e, ps, tpl, answer=True, context=ctx_ex(e), label=label) for e in exemplars]
-    return [P.build_prompt(tpl, ex, P.record_fields(q, ps, tpl, answer=False, context=ctx_q(q), label=label),
-                           count, budget, room, task=task, item_id=q.id) for q in queries]
+    shown = [prompts.record_fields(e, prompt_set, template, answer=True, context=exemplar_windows(e), label=label)
+             for e in exemplars]
+    return [prompts.build_prompt(template, shown, prompts.record_fields(q, prompt_set, template, answer=False,
+                                                                      context=query_windows(q), label=label),
+                                 count, budget, room, task=task, item_id=q.id) for q in queries]
 
 # %% ../nbs/75_icl.ipynb #5add027a
-class _Runner:
+class TemplatePredictor:
     "One unit's model, tokenizer, exemplars and prompt set; predicts a list of query records with a template."
-    def __init__(self, task, model, tok, ps, exemplars, ctx_ex, normalisation="sum", batch_size=16):
+    def __init__(self, task, model, tokenizer, prompt_set, exemplars, exemplar_windows, normalisation="sum",
+                 batch_size=16):
         self.cloze = not getattr(model.config, "is_encoder_decoder", False)
-        self.task, self.model, self.tok, self.ps, self.exemplars, self.ctx_ex = task, model, tok, ps, exemplars, ctx_ex
-        self.norm, self.bs, self.budget = normalisation, batch_size, _budget(model, tok)
-        self.tokens_in = self.tokens_out = 0
+        self.task, self.model, self.tokenizer, self.prompt_set = task, model, tokenizer, prompt_set
+        self.exemplars, self.exemplar_windows = exemplars, exemplar_windows
+        self.normalisation, self.batch_size, self.budget = normalisation, batch_size, _budget(model, tokenizer)
+        self.answer_room = answer_room()
+        self.tokens_in = 0
+        self.tokens_out = 0
         self.truncation = {"prompts": 0, "prompts_cut": 0, "exemplars_dropped": 0, "query_words_cut": 0}
-    def count(self, s:str) -> int: return len(self.tok(s, verbose=False)["input_ids"])  # over-long drafts are expected while fitting
-    def _texts(self, tpl, queries, ctx_q, room, label=None):
-        built = _build(self.task, self.ps, tpl, self.exemplars, queries, self.ctx_ex, ctx_q, self.count, self.budget, room, label)
-        tr = self.truncation
-        tr["prompts"] += len(built)
-        tr["prompts_cut"] += sum(any(b.truncated.values()) for b in built)
-        tr["exemplars_dropped"] += sum(b.truncated["exemplars_dropped"] for b in built)
-        tr["query_words_cut"] += sum(b.truncated["query_words_cut"] for b in built)
+    def count(self, text:str) -> int:
+        "Tokens of `text` (over-long drafts are expected while fitting a prompt: no warning)."
+        return len(self.tokenizer(text, verbose=False)["input_ids"])
+    def _texts(self, template, queries, windows, room, label=None):
+        built = _build_prompts(self.task, self.prompt_set, template, self.exemplars, queries, self.exemplar_windows,
+                               windows, self.count, self.budget, room, label)
+        cuts = self.truncation
+        cuts["prompts"] += len(built)
+        cuts["prompts_cut"] += sum(any(b.truncated.values()) for b in built)
+        cuts["exemplars_dropped"] += sum(b.truncated["exemplars_dropped"] for b in built)
+        cuts["query_words_cut"] += sum(b.truncated["query_words_cut"] for b in built)
         return [b.text for b in built]
     def _rank(self, texts, options):
-        best, scores = rank_classify(self.model, self.tok, texts, options, self.norm, self.bs)
+        best, scores = rank_classify(self.model, self.tokenizer, texts, options, self.normalisation, self.batch_size)
         self.tokens_in += sum(self.count(t) for t in texts)
         return best, scores
-    def _gen(self, texts, n):
-        out, a, b = generate(self.model, self.tok, texts, n, self.bs)
-        self.tokens_in += a; self.tokens_out += b
+    def _generate(self, texts, max_new_tokens):
+        out, tokens_in, tokens_out = generate(self.model, self.tokenizer, texts, max_new_tokens, self.batch_size)
+        self.tokens_in += tokens_in
+        self.tokens_out += tokens_out
         return out
 
-    def predict(self, tpl, queries, ctx_q) -> dict:
-        t, ps = self.task, self.ps
-        ids = [q.id for q in queries]
-        if t == "mednli":
-            texts = self._texts(tpl, queries, ctx_q, ANSWER_ROOM[t])
-            best, scores = self._rank(texts, [ps.verbalizers[l] for l in MEDNLI_LABELS])
-            if self.cloze: return {"rank": dict(zip(ids, (MEDNLI_LABELS[i] for i in best)))}
-            raw = self._gen(texts, ANSWER_ROOM[t])
-            return {"rank": dict(zip(ids, (MEDNLI_LABELS[i] for i in best))), "raw": dict(zip(ids, raw)),
-                    "generate": {i: inputs.parse_mednli_output(r) for i, r in zip(ids, raw)}}
-        if t == "radqa":
-            raw = self._gen(self._texts(tpl, queries, ctx_q, ANSWER_ROOM[t]), ANSWER_ROOM[t])
-            return {"raw": dict(zip(ids, raw)), "answer": {i: P.map_no_answer(r, ps) for i, r in zip(ids, raw)}}
-        if tpl.variant == "per_label":
-            yes_no = [ps.verbalizers["positive"], ps.verbalizers["negative"]]
-            pred = {i: [] for i in ids}
-            for label in CLIP_LABELS:
-                best, _ = self._rank(self._texts(tpl, queries, ctx_q, ANSWER_ROOM["clip:per_label"], label), yes_no)
-                for i, b in zip(ids, best):
-                    if b == 0: pred[i].append(label)
-            return {"labels": pred}
-        raw = self._gen(self._texts(tpl, queries, ctx_q, ANSWER_ROOM["clip:list"]), ANSWER_ROOM["clip:list"])
+    def predict(self, template, queries, windows) -> dict:
+        "Raw predictions for `queries` with `template`, by item id (`windows`: CLIP note windows)."
+        if self.task == "mednli":
+            return self._predict_mednli(template, queries, windows)
+        if self.task == "radqa":
+            return self._predict_radqa(template, queries, windows)
+        if template.variant == "per_label":
+            return self._predict_per_label(template, queries, windows)
+        return self._predict_label_list(template, queries, windows)
+    def _predict_mednli(self, template, queries, windows) -> dict:
+        ids, room = [q.id for q in queries], self.answer_room["mednli"]
+        texts = self._texts(template, queries, windows, room)
+        best, _ = self._rank(texts, [self.prompt_set.verbalizers[label] for label in MEDNLI_LABELS])
+        ranked = dict(zip(ids, (MEDNLI_LABELS[i] for i in best)))
+        if self.cloze:
+            return {"rank": ranked}
+        raw = self._generate(texts, room)
+        return {"rank": ranked, "raw": dict(zip(ids, raw)),
+                "generate": {i: inputs.parse_mednli_output(r) for i, r in zip(ids, raw)}}
+    def _predict_radqa(self, template, queries, windows) -> dict:
+        ids, room = [q.id for q in queries], self.answer_room["radqa"]
+        raw = self._generate(self._texts(template, queries, windows, room), room)
+        answers = {i: prompts.map_no_answer(r, self.prompt_set) for i, r in zip(ids, raw)}
+        return {"raw": dict(zip(ids, raw)), "answer": answers}
+    def _predict_per_label(self, template, queries, windows) -> dict:
+        ids, room = [q.id for q in queries], self.answer_room["clip:per_label"]
+        yes_no = [self.prompt_set.verbalizers["positive"], self.prompt_set.verbalizers["negative"]]
+        predicted = {i: [] for i in ids}
+        for label in CLIP_LABELS:
+            best, _ = self._rank(self._texts(template, queries, windows, room, label), yes_no)
+            for i, answer in zip(ids, best):
+                if answer == 0:
+                    predicted[i].append(label)
+        return {"labels": predicted}
+    def _predict_label_list(self, template, queries, windows) -> dict:
+        ids, room = [q.id for q in queries], self.answer_room["clip:list"]
+        raw = self._generate(self._texts(template, queries, windows, room), room)
         return {"raw": dict(zip(ids, raw)), "labels": {i: inputs.parse_clip_output(r) for i, r in zip(ids, raw)}}
 
 # %% ../nbs/75_icl.ipynb #8f1f6013
-def _clip_matrix(recs, labels:dict, fail_as_wrong:bool=True) -> tuple[np.ndarray, np.ndarray]:
+def _clip_matrix(records, labels:dict) -> tuple[np.ndarray, np.ndarray]:
     "Gold and predicted 0/1 rows; failures (None) as the complement of gold."
-    y = np.array([[l in r.labels for l in CLIP_LABELS] for r in recs], dtype=int)
-    yh = np.array([[1 - g for g in row] if labels[r.id] is None else [l in labels[r.id] for l in CLIP_LABELS]
-                   for r, row in zip(recs, y)], dtype=int)
-    return y, yh
+    gold = np.array([[label in r.labels for label in CLIP_LABELS] for r in records], dtype=int)
+    predicted = np.array([[1 - g for g in row] if labels[r.id] is None
+                          else [label in labels[r.id] for label in CLIP_LABELS] for r, row in zip(records, gold)],
+                         dtype=int)
+    return gold, predicted
 
 def verbatim_span_rate(answers:dict, contexts:dict) -> dict:
     "Share of non-empty answers that occur verbatim (and after SQuAD normalisation) in their report."
-    ne = [q for q, a in answers.items() if a]
-    exact = sum(answers[q] in contexts[q] for q in ne)
-    norm = sum(metrics.normalize_answer(answers[q]) in metrics.normalize_answer(contexts[q]) for q in ne)
-    return {"answers": len(ne), "verbatim": exact, "rate": exact / len(ne) if ne else None,
-            "rate_normalized": norm / len(ne) if ne else None}
+    non_empty = [q for q, a in answers.items() if a]
+    exact = sum(answers[q] in contexts[q] for q in non_empty)
+    normalized = sum(metrics.normalize_answer(answers[q]) in metrics.normalize_answer(contexts[q]) for q in non_empty)
+    return {"answers": len(non_empty), "verbatim": exact, "rate": exact / len(non_empty) if non_empty else None,
+            "rate_normalized": normalized / len(non_empty) if non_empty else None}
 
-def score_predictions(task:str, variant:str|None, recs:Sequence, pred:dict) -> dict:
+def _score_mednli(records, pred:dict) -> dict:
+    gold = [r.label for r in records]
+    ranked = {"rank": metrics.mednli_scores(gold, [pred["rank"][r.id] for r in records])}
+    if "generate" not in pred:
+        return ranked
+    generated = [pred["generate"][r.id] for r in records]
+    return {**ranked, "generate": {**metrics.mednli_scores(gold, generated),
+                                   "parse_failures": inputs.parse_failure_rate(generated)}}
+
+def _score_radqa(records, pred:dict) -> dict:
+    answers = {r.id: pred["answer"][r.id] for r in records}
+    scores = metrics.squad_v2_scores({r.id: r.answer_texts for r in records}, answers)
+    scores["f1_01"] = to_unit_scale("radqa", "f1", scores["f1"])
+    scores["verbatim_span_rate"] = verbatim_span_rate(answers, {r.id: r.context for r in records})
+    return scores
+
+def _score_clip(variant, records, pred:dict) -> dict:
+    labels = pred["labels"]
+    scores = metrics.multilabel_scores(*_clip_matrix(records, labels))
+    if variant == "list":
+        scores["parse_failures"] = inputs.parse_failure_rate([labels[r.id] for r in records])
+        parsed = [r for r in records if labels[r.id] is not None]
+        scores["parsed_only"] = metrics.multilabel_scores(*_clip_matrix(parsed, labels)) if parsed else None
+    return scores
+
+def score_predictions(task:str, variant:str|None, records:Sequence, pred:dict) -> dict:
     "Metrics of raw ICL predictions against gold records (the only function that reads gold labels)."
     if task == "mednli":
-        gold = [r.label for r in recs]
-        if "generate" not in pred: return {"rank": metrics.mednli_scores(gold, [pred["rank"][r.id] for r in recs])}
-        gen = [pred["generate"][r.id] for r in recs]
-        return {"rank": metrics.mednli_scores(gold, [pred["rank"][r.id] for r in recs]),
-                "generate": {**metrics.mednli_scores(gold, gen), "parse_failures": inputs.parse_failure_rate(gen)}}
+        return _score_mednli(records, pred)
     if task == "radqa":
-        m = metrics.squad_v2_scores({r.id: r.answer_texts for r in recs}, {r.id: pred["answer"][r.id] for r in recs})
-        m["f1_01"] = m["f1"] / 100  # on the 0-1 scale of the other tasks' metrics, for template choice
-        m["verbatim_span_rate"] = verbatim_span_rate({r.id: pred["answer"][r.id] for r in recs}, {r.id: r.context for r in recs})
-        return m
-    labels = pred["labels"]
-    m = metrics.multilabel_scores(*_clip_matrix(recs, labels))
-    if variant == "list":
-        m["parse_failures"] = inputs.parse_failure_rate([labels[r.id] for r in recs])
-        ok = [r for r in recs if labels[r.id] is not None]
-        m["parsed_only"] = metrics.multilabel_scores(*_clip_matrix(ok, labels)) if ok else None
-    return m
+        return _score_radqa(records, pred)
+    return _score_clip(variant, records, pred)
 
-def _dev_value(task, m) -> float:
-    "The template-choice metric: MedNLI rank accuracy, RadQA F1, CLIP macro-F1."
-    return m["rank"]["accuracy"] if task == "mednli" else (m["f1_01"] if task == "radqa" else m["macro_f1"])
+def dev_value(task:str, scores:dict) -> float:
+    "The template-choice value: the task's dev metric on the 0-1 scale (MedNLI: of rank classification)."
+    metric = dev_metric(task)
+    return to_unit_scale(task, metric, scores.get("rank", scores)[metric])
 
 # %% ../nbs/75_icl.ipynb #60c2a631
-def _not_applicable(out:Path, run_id:str, config:dict, reason:str, res_path:Path, rm, td) -> dict:
-    res = {"run_id": run_id, "status": "not_applicable", "reason": reason, "task": config["task"], "model": config["model"],
-           "mode": "icl", "seed": config["seed"], "fraction": None, "shots": config["shots"], "draw": config["draw"],
-           "metrics": None, "config": config,
-           "provenance": {"git_commit": git_commit(), "code_version": code_version(), "packages": package_versions(),
-                          "data_files": td.files, "data_hash": td.data_hash, "model_source": rm.source},
-           "synthetic_demo": rm.spec.builtin is not None}
-    atomic_write_json(res_path, res)
-    return res
-
-def _by_ids(records, ids): 
-    keep = set(ids); return [r for r in records if r.id in keep]
+def _check_icl_arguments(task:str, shots:int, draw:int, limit:int|None, normalisation:str) -> None:
+    check_task(task)
+    if shots < 0 or draw < 0:
+        raise UserError(f"shots and draw must be 0 or more, got {shots} and {draw}")
+    if limit is not None and limit < 1:
+        raise UserError(f"limit must be a positive number of items, got {limit}")
+    if normalisation not in ("sum", "mean"):
+        raise UserError(f"normalisation must be 'sum' or 'mean', got {normalisation!r}")
 
 def icl_identity(task:str, model:str, data_dir, *, shots:int, draw:int=0, seed:int=0, limit:int|None=None,
-                 template:str|None=None, normalisation:str="sum", dev_n:int=200, registry:dict|None=None, data=None):
+                 template:str|None=None, normalisation:str="sum", dev_n:int|None=None, registry:dict|None=None,
+                 data=None):
     "What names an ICL unit, without loading a model: (config, task data, run_id, resolved model)."
-    if task not in TASKS: raise UserError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    if shots < 0 or draw < 0: raise UserError(f"shots and draw must be 0 or more, got {shots} and {draw}")
-    if limit is not None and limit < 1: raise UserError(f"limit must be a positive number of items, got {limit}")
-    if normalisation not in ("sum", "mean"): raise UserError(f"normalisation must be 'sum' or 'mean', got {normalisation!r}")
+    _check_icl_arguments(task, shots, draw, limit, normalisation)
     registry = models.load_registry() if registry is None else registry
-    if model in registry: check_local(model, registry[model])
-    rm = models.resolve_model(model, registry)
-    spec = rm.spec
-    ps = P.load_prompts(task)
-    if template is not None: ps.template(template)  # unknown ids fail before any work
-    config = {"task": task, "model": model, "mode": "icl", "family": spec.family, "model_source": rm.source,
-              "shots": int(shots), "draw": int(draw), "seed": int(seed), "limit": limit, "template": template,
-              "dev_sample": dev_n, "normalisation": normalisation, "prompt_version": P.prompt_version(task),
-              "window_words": WINDOW_WORDS, "answer_room": ANSWER_ROOM,
-              "protocol": "cloze" if spec.family == "encoder" else "generative"}
-    td = data if data is not None else load_task(data_dir, task)
-    return config, td, make_run_id(config, td.data_hash), rm
+    if model in registry:
+        check_local(model, registry[model])
+    resolved = models.resolve_model(model, registry)
+    prompt_set = prompts.load_prompts(task)
+    if template is not None:
+        prompt_set.template(template)  # unknown ids fail before any work
+    config = {"task": task, "model": model, "mode": "icl", "family": resolved.spec.family,
+              "model_source": resolved.source, "shots": int(shots), "draw": int(draw), "seed": int(seed),
+              "limit": limit, "template": template, "dev_sample": icl_dev_n() if dev_n is None else dev_n,
+              "normalisation": normalisation, "prompt_version": prompts.prompt_version(task),
+              "window_words": clip_window_words(), "answer_room": answer_room(),
+              "protocol": "cloze" if resolved.spec.family == "encoder" else "generative"}
+    task_data = data if data is not None else load_task(data_dir, task)
+    return config, task_data, make_run_id(config, task_data.data_hash), resolved
+
+# %% ../nbs/75_icl.ipynb #fe03f551
+def not_applicable_reason(task:str, model:str, spec) -> str|None:
+    "Why an ICL unit has no protocol for this model, or None when it has one."
+    if spec.family != "encoder":
+        return None
+    if not spec.has_mlm_head:
+        return (f"{model} has no masked-LM head: cloze scoring needs one; a random classification head would be "
+                "chance, not ICL")
+    if task == "radqa":
+        return (f"{model} is an encoder: cloze scoring ranks a fixed set of verbalised answers, and RadQA answers are "
+                "free spans of the report, so there is no encoder ICL protocol for RadQA")
+    return None
+
+def check_icl_model(model:str, spec) -> None:
+    "Raise a UserError when `model` cannot run in-context learning here."
+    if "icl" not in spec.modes:
+        raise UserError(f"model {model!r} supports {', '.join(spec.modes)} only, not icl")
+    if spec.family not in ("seq2seq", "encoder"):
+        raise UserError(f"model {model!r}: ICL is implemented for seq2seq models and masked-LM encoders, "
+                        f"not {spec.family}")
+
+def load_icl_model(resolved, device:dict):
+    "Tokenizer and model: the masked-LM head of an encoder (cloze), else the seq2seq model (bf16 on CUDA)."
+    tokenizer = models.load_tokenizer(resolved)
+    if resolved.spec.family == "encoder":
+        model = load_mlm(resolved)
+    else:
+        model = models.load_model(resolved, "seq2seq", dtype="fp32" if device["type"] != "cuda" else "bf16")
+    if device["type"] == "cuda":
+        model = model.to("cuda")
+    return tokenizer, model
+
+# %% ../nbs/75_icl.ipynb #546ba305
+def _by_ids(records, ids) -> list:
+    "The records whose id is in `ids`, in the records' order."
+    keep = set(ids)
+    return [r for r in records if r.id in keep]
+
+@dataclass
+class ICLQueries:
+    "The dev sample and the blinded test items of one ICL unit, with their CLIP note windows."
+    dev: list
+    test: list                   # blinded copies (CLIP: sentences of blinded notes)
+    test_ids: list
+    dev_windows: NoteWindows
+    test_windows: NoteWindows
+
+def icl_queries(task:str, task_data:TaskData, dev_n:int, limit:int|None, window_words:int) -> ICLQueries:
+    "The dev sample (`dev_n`, at most `limit`) and the test items (all, or a fixed sample of `limit`) of a unit."
+    dev = task_data.splits["dev"]
+    dev_ids = prompts.dev_sample(dev, n=min(dev_n, limit) if limit else dev_n)
+    test_all = task_data.splits["test"]
+    test_ids = prompts.dev_sample(test_all, n=limit) if limit else [r.id for r in test_all]
+    test_notes = blind("clip", task_data.notes["test"]) if task == "clip" else []
+    if task == "clip":
+        test = _by_ids([s for note in test_notes for s in note.sentences], test_ids)
+    else:
+        test = blind(task, _by_ids(test_all, test_ids))
+    return ICLQueries(_by_ids(dev, dev_ids), test, test_ids, NoteWindows(task_data.notes.get("dev", []), window_words),
+                      NoteWindows(test_notes, window_words))
+
+def test_gold(task_data:TaskData, test_ids:list) -> list:
+    "The real test records of `test_ids` (CLIP: sentences): read only once every prediction is made."
+    return _by_ids(task_data.splits["test"], test_ids)
+
+# %% ../nbs/75_icl.ipynb #99447688
+def icl_variants(task:str, prompt_set, cloze:bool, template:str|None, model:str) -> tuple[list, dict]:
+    "The variants a unit scores, and the ones it cannot score with the reason."
+    variants = list(dict.fromkeys(t.variant for t in prompt_set.templates if t.variant)) or [None]
+    skipped = {}
+    if cloze and task == "clip":  # a label list is generated text: no cloze form
+        variants = ["per_label"]
+        skipped = {"list": "an encoder cannot generate a label list; only the per-label yes/no cloze is scored"}
+    if template is not None and prompt_set.template(template).variant not in variants + [None]:
+        raise UserError(f"template {template!r} is a {prompt_set.template(template).variant} template, "
+                        f"which {model} cannot run")
+    return variants, skipped
+
+def choose_templates(task:str, variants:list, prompt_set, template:str|None, predictor:TemplatePredictor,
+                     queries:ICLQueries, log) -> tuple[dict, dict]:
+    "Per variant (keyed by the task for a single variant): the chosen template with the scores, and the dev metrics."
+    fixed = prompt_set.template(template) if template is not None else None
+    choice, dev_metrics = {}, {}
+    for variant in variants:
+        candidates = [t for t in prompt_set.templates if t.variant == variant]
+        if fixed is not None and fixed.variant == variant:
+            candidates = [fixed]
+        per_template = {t.id: score_predictions(task, variant, queries.dev, predictor.predict(t, queries.dev,
+                                                                                             queries.dev_windows))
+                        for t in candidates}
+        scores = {template_id: dev_value(task, m) for template_id, m in per_template.items()}
+        if len(candidates) > 1:
+            chosen = prompts.choose_template(scores, prompt_set)
+        else:
+            chosen = {"template": candidates[0].id, "scores": scores, "reason": "given"}
+        choice[variant or task], dev_metrics[variant or task] = chosen, per_template
+        log.info(f"template{' (' + variant + ')' if variant else ''}: {chosen['template']} ({chosen['reason']}); "
+                 f"dev {scores}")
+    return choice, dev_metrics
+
+# %% ../nbs/75_icl.ipynb #b2c29164
+def icl_outcomes(task:str, variants:list, choice:dict, test_predictions:dict, gold:list) -> tuple[dict, str]:
+    "Per-item outcomes of each scored variant (`metrics.item_outcomes`), and the primary variant."
+    if task == "mednli":
+        final = {k: test_predictions[task][k] for k in ("rank", "generate") if k in test_predictions[task]}
+        primary = "rank"
+    elif task == "radqa":
+        final, primary = {"answer": test_predictions[task]["answer"]}, "answer"
+    else:
+        final = {v: test_predictions[v]["labels"] for v in variants}
+        primary = max(variants, key=lambda v: choice[v]["scores"][choice[v]["template"]])
+    return {k: metrics.item_outcomes(task, gold, p) for k, p in final.items()}, primary
+
+@dataclass
+class ICLScores:
+    "What choosing templates, predicting and scoring produced."
+    choice: dict              # per variant: template, scores, reason
+    dev_metrics: dict
+    test_metrics: dict
+    primary: str
+    skipped: dict             # variants not scored, with the reason
+    dev_seconds: float
+    test_seconds: float
+
+def icl_record(run_id:str, config:dict, unit:dict, task_data:TaskData, queries:ICLQueries, exemplars:list,
+               predictor:TemplatePredictor, scores:ICLScores, files:dict, device:dict, resolved,
+               wall_seconds:float) -> dict:
+    "The results record of a finished ICL unit (`unit`: seed, shots, draw as given; `files`: predictions and items)."
+    single = list(scores.choice) == [config["task"]]  # one variant: its results are not keyed by variant
+    choice = scores.choice[config["task"]] if single else scores.choice
+    template_id = choice["template"] if single else {v: c["template"] for v, c in choice.items()}
+    counts = {"train": len(task_data.splits["train"]), "dev": len(task_data.splits["dev"]),
+              "dev_sample": len(queries.dev), "test": len(queries.test), "test_total": len(task_data.splits["test"]),
+              "limit": config["limit"]}
+    cost = {"wall_seconds": wall_seconds, "dev_seconds": scores.dev_seconds, "test_seconds": scores.test_seconds,
+            "test_items_per_second": len(queries.test) / scores.test_seconds if scores.test_seconds > 0 else None,
+            "tokens_in": predictor.tokens_in, "tokens_out": predictor.tokens_out}
+    metrics_ = {"dev": scores.dev_metrics[config["task"]] if single else scores.dev_metrics,
+                "test": scores.test_metrics[config["task"]] if single else scores.test_metrics}
+    return {"run_id": run_id, "status": "ok", "task": config["task"], "model": config["model"], "mode": "icl",
+            "seed": unit["seed"], "fraction": None, "shots": unit["shots"], "draw": unit["draw"], "metrics": metrics_,
+            "dev_metric": dev_metric(config["task"]), "template": choice,
+            "exemplar_ids": prompts.exemplar_ids(exemplars),
+            "normalisation": config["normalisation"], "protocol": config["protocol"],
+            "not_applicable_parts": scores.skipped, "counts": counts, "truncation": predictor.truncation,
+            "predictions": files["predictions"], "items": files["items"], "primary_variant": scores.primary,
+            "config": config,
+            "provenance": provenance(task_data, resolved.source, device=device, prompt_version=config["prompt_version"],
+                                     template_id=template_id),
+            "cost": cost, "synthetic_demo": resolved.spec.builtin is not None}
+
+# %% ../nbs/75_icl.ipynb #c4382963
+def _predict_and_score(task:str, config:dict, task_data:TaskData, queries:ICLQueries, predictor:TemplatePredictor,
+                       prompt_set, template:str|None, model:str, log) -> tuple[ICLScores, dict, list]:
+    "Choose templates on dev, predict test, then read the test labels and score: (scores, test predictions, gold)."
+    variants, skipped = icl_variants(task, prompt_set, config["protocol"] == "cloze", template, model)
+    started = time.perf_counter()
+    choice, dev_metrics = choose_templates(task, variants, prompt_set, template, predictor, queries, log)
+    dev_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    test_predictions = {variant or task: predictor.predict(prompt_set.template(choice[variant or task]["template"]),
+                                                           queries.test, queries.test_windows)
+                        for variant in variants}
+    test_seconds = time.perf_counter() - started
+    # Predictions are frozen; the test labels are read for the first time here.
+    gold = test_gold(task_data, queries.test_ids)
+    test_metrics = {variant or task: score_predictions(task, variant, gold, test_predictions[variant or task])
+                    for variant in variants}
+    outcomes, primary = icl_outcomes(task, variants, choice, test_predictions, gold)
+    scores = ICLScores(choice, dev_metrics, test_metrics, primary, skipped, dev_seconds, test_seconds)
+    return scores, test_predictions, outcomes
 
 def run_icl_unit(
     task:str, model:str, data_dir, out, *,
@@ -354,117 +599,41 @@ def run_icl_unit(
     template:str|None=None,      # a template id; None = chosen on the dev sample (CLIP: per variant)
     normalisation:str="sum",     # rank scores: "sum" or "mean" token log-probability
     batch_size:int=16,
-    dev_n:int=200,               # dev sample size for the template choice (the paper's 200)
+    dev_n:int|None=None,         # dev sample size for the template choice (default `tasks.icl_dev_n()`: 200)
     registry:dict|None=None,     # model registry (default params/models.yaml)
     log=None,
     data=None,                   # the task's records (`load_task`), when the caller has them already
+    expected_run_id:str|None=None,  # the run_id the runner planned: a different one here is an error
 ) -> dict:
     "Run one in-context-learning unit and write `out/<run_id>.json`; returns the results."
-    t_wall = time.perf_counter()
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    started = time.perf_counter()
     out = Path(out)
-    config, td, run_id, rm = icl_identity(task, model, data_dir, shots=shots, draw=draw, seed=seed, limit=limit,
-                                          template=template, normalisation=normalisation, dev_n=dev_n, registry=registry, data=data)
-    spec, ps = rm.spec, P.load_prompts(task)
-    res_path = out/f"{run_id}.json"
-    if (prev := finished(res_path, ("ok", "not_applicable"))) is not None: return prev
-    cloze = spec.family == "encoder"
-    if cloze and not spec.has_mlm_head:
-        reason = (f"{model} has no masked-LM head: cloze scoring needs one; a random classification head would be "
-                  "chance, not ICL")
-        return _not_applicable(out, run_id, config, reason, res_path, rm, td)
-    if cloze and task == "radqa":
-        reason = (f"{model} is an encoder: cloze scoring ranks a fixed set of verbalised answers, and RadQA answers are "
-                  "free spans of the report, so there is no encoder ICL protocol for RadQA")
-        return _not_applicable(out, run_id, config, reason, res_path, rm, td)
-    if "icl" not in spec.modes: raise UserError(f"model {model!r} supports {', '.join(spec.modes)} only, not icl")
-    if spec.family not in ("seq2seq", "encoder"):
-        raise UserError(f"model {model!r}: ICL is implemented for seq2seq models and masked-LM encoders, not {spec.family}")
+    config, task_data, run_id, resolved = icl_identity(task, model, data_dir, shots=shots, draw=draw, seed=seed,
+                                                       limit=limit, template=template, normalisation=normalisation,
+                                                       dev_n=dev_n, registry=registry, data=data)
+    check_planned_run_id(task, model, run_id, expected_run_id)
+    if (previous := finished(results_path(out, run_id), FINISHED)) is not None:
+        return previous
+    if (reason := not_applicable_reason(task, model, resolved.spec)) is not None:
+        return write_not_applicable(out, run_id, config, reason, task_data, resolved.source,
+                                    resolved.spec.builtin is not None)
+    check_icl_model(model, resolved.spec)
     log = log or get_logger(f"clinical_repro.unit.{run_id}", out/"logs"/f"{run_id}.log")
     log.info(f"unit {run_id}: {task} / {model} / icl, {shots} shots, draw {draw}, seed {seed}, limit {limit}")
-
-    dev_info = models.device_info()
-    tok = models.load_tokenizer(rm)
-    mdl = load_mlm(rm) if cloze else models.load_model(rm, "seq2seq", dtype="fp32" if dev_info["type"] != "cuda" else "bf16")
-    if dev_info["type"] == "cuda": mdl = mdl.to("cuda")
-    train, dev = td.splits["train"], td.splits["dev"]
-    exemplars = P.draw_exemplars(train, shots, draw, seed, P.exemplar_stratum(task))
-    ctx_train = _Ctx(td.notes["train"]) if task == "clip" else (lambda r: None)
-    ctx_dev = _Ctx(td.notes["dev"]) if task == "clip" else (lambda r: None)
-    dev_ids = P.dev_sample(dev, n=min(dev_n, limit) if limit else dev_n)
-    dev_q = _by_ids(dev, dev_ids)
-    # Test items are predicted from copies without gold fields; the real records are read only by scoring.
-    test_all = td.splits["test"]
-    test_ids = P.dev_sample(test_all, n=limit) if limit else [r.id for r in test_all]
-    if task == "clip":
-        bnotes = blind("clip", td.notes["test"]); ctx_test = _Ctx(bnotes)
-        test_q = _by_ids([s for n in bnotes for s in n.sentences], test_ids)
-    else:
-        test_q, ctx_test = blind(task, _by_ids(test_all, test_ids)), (lambda r: None)
-    runner = _Runner(task, mdl, tok, ps, exemplars, ctx_train, normalisation, batch_size)
-
-    variants = [t.variant for t in ps.templates if t.variant] if task == "clip" else [None]
-    variants = list(dict.fromkeys(variants))
-    skipped = {}
-    if cloze and task == "clip":  # a label list is generated text: no cloze form
-        variants, skipped = ["per_label"], {"list": "an encoder cannot generate a label list; only the per-label yes/no cloze is scored"}
-    if template is not None and ps.template(template).variant not in variants + [None]:
-        raise UserError(f"template {template!r} is a {ps.template(template).variant} template, which {model} cannot run")
-    fixed = ps.template(template) if template is not None else None
-    choice, dev_metrics, test_pred, test_m = {}, {}, {}, {}
-    t_dev = time.perf_counter()
-    for v in variants:
-        cands = [t for t in ps.templates if t.variant == v]
-        if fixed is not None and fixed.variant == v: cands = [fixed]
-        scores, dm = {}, {}
-        for tpl in cands:
-            dm[tpl.id] = score_predictions(task, v, dev_q, runner.predict(tpl, dev_q, ctx_dev))
-            scores[tpl.id] = _dev_value(task, dm[tpl.id])
-        ch = P.choose_template(scores, ps) if len(cands) > 1 else {"template": cands[0].id, "scores": scores, "reason": "given"}
-        choice[v or task], dev_metrics[v or task] = ch, dm
-        log.info(f"template{' (' + v + ')' if v else ''}: {ch['template']} ({ch['reason']}); dev {scores}")
-    dev_seconds = time.perf_counter() - t_dev
-    t_test = time.perf_counter()
-    for v in variants:
-        test_pred[v or task] = runner.predict(ps.template(choice[v or task]["template"]), test_q, ctx_test)
-    test_seconds = time.perf_counter() - t_test
-    # Predictions are frozen; the test labels are read for the first time here.
-    gold = _by_ids([s for n in td.notes["test"] for s in n.sentences] if task == "clip" else test_all, test_ids)
-    for v in variants: test_m[v or task] = score_predictions(task, v, gold, test_pred[v or task])
-    if task != "clip": test_m, dev_metrics, choice_out = test_m[task], dev_metrics[task], choice[task]
-    else: choice_out = choice
-
-    pred_path = out/"predictions"/f"{run_id}.json"
-    atomic_write_json(pred_path, {"run_id": run_id, "test": test_pred}, indent=None)
-    # Per-item outcomes of each scored variant; the primary one (MedNLI rank, RadQA answer, CLIP: the variant whose
-    # chosen template scored best on dev) is what tables compare with fine-tuning.
-    if task == "mednli": final, primary = {k: test_pred[task][k] for k in ("rank", "generate") if k in test_pred[task]}, "rank"
-    elif task == "radqa": final, primary = {"answer": test_pred[task]["answer"]}, "answer"
-    else:
-        final = {v: test_pred[v]["labels"] for v in variants}
-        primary = max(variants, key=lambda v: choice[v]["scores"][choice[v]["template"]])
-    items_path = write_items(out, run_id, task, {k: item_scores(task, gold, p) for k, p in final.items()}, primary)
-    ex_ids = P.exemplar_ids(exemplars)
-    n_test = len(test_q)
-    results = {
-        "run_id": run_id, "status": "ok", "task": task, "model": model, "mode": "icl", "seed": seed,
-        "fraction": None, "shots": shots, "draw": draw,
-        "metrics": {"dev": dev_metrics, "test": test_m}, "dev_metric": DEV_METRIC[task],
-        "template": choice_out, "exemplar_ids": ex_ids, "normalisation": normalisation, "protocol": config["protocol"],
-        "not_applicable_parts": skipped,
-        "counts": {"train": len(train), "dev": len(dev), "dev_sample": len(dev_q), "test": n_test,
-                   "test_total": len(test_all), "limit": limit},
-        "truncation": runner.truncation,
-        "predictions": str(pred_path.relative_to(out)), "items": items_path, "primary_variant": primary, "config": config,
-        "provenance": {"git_commit": git_commit(), "code_version": code_version(), "packages": package_versions(),
-                       "data_files": td.files, "data_hash": td.data_hash, "device": dev_info, "model_source": rm.source,
-                       "prompt_version": config["prompt_version"],
-                       "template_id": choice_out["template"] if task != "clip" else {v: c["template"] for v, c in choice.items()}},
-        "cost": {"wall_seconds": time.perf_counter() - t_wall, "dev_seconds": dev_seconds, "test_seconds": test_seconds,
-                 "test_items_per_second": n_test / test_seconds if test_seconds > 0 else None,
-                 "tokens_in": runner.tokens_in, "tokens_out": runner.tokens_out},
-        "synthetic_demo": spec.builtin is not None,
-    }
-    atomic_write_json(res_path, results)
-    log.info(f"unit {run_id} done: wrote {res_path}")
-    return results
+    device = models.device_info()
+    tokenizer, icl_model = load_icl_model(resolved, device)
+    prompt_set, window_words = prompts.load_prompts(task), config["window_words"]
+    exemplars = prompts.draw_exemplars(task_data.splits["train"], shots, draw, seed, prompts.exemplar_stratum(task))
+    queries = icl_queries(task, task_data, config["dev_sample"], limit, window_words)
+    exemplar_windows = NoteWindows(task_data.notes.get("train", []), window_words)
+    predictor = TemplatePredictor(task, icl_model, tokenizer, prompt_set, exemplars, exemplar_windows, normalisation,
+                                  batch_size)
+    scores, test_predictions, outcomes = _predict_and_score(task, config, task_data, queries, predictor, prompt_set,
+                                                            template, model, log)
+    files = {"predictions": write_predictions(out, run_id, {"test": test_predictions}),
+             "items": write_items(out, run_id, task, outcomes, scores.primary)}
+    record = icl_record(run_id, config, {"seed": seed, "shots": shots, "draw": draw}, task_data, queries, exemplars,
+                        predictor, scores, files, device, resolved, time.perf_counter() - started)
+    write_ok(out, record)
+    log.info(f"unit {run_id} done: wrote {results_path(out, run_id)}")
+    return record

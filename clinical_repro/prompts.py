@@ -11,50 +11,48 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
-from .core import TASKS, MEDNLI_LABELS, CLIP_LABELS, UserError, DataError, Problem, sha256_json
+from .core import UserError, DataError, Problem, sha256_json
 from .config import Spec, validate_spec, read_yaml, params_dir
+from .tasks import TASKS, MEDNLI_LABELS, CLIP_LABELS, check_task, get_task, icl_dev_n
 from .data import NLIRecord, QARecord, CLIPSentence
 
 # %% auto #0
-__all__ = ['TASK_FIELDS', 'LONG_FIELD', 'CLIP_VARIANTS', 'PromptTemplate', 'PromptSet', 'read_prompts', 'load_prompts',
-           'prompt_version', 'verbalize', 'is_no_answer', 'map_no_answer', 'exemplar_stratum', 'draw_exemplars',
-           'exemplar_ids', 'record_fields', 'BuiltPrompt', 'build_prompt', 'dev_sample', 'choose_template']
+__all__ = ['PromptTemplate', 'PromptSet', 'read_prompts', 'load_prompts', 'prompt_version', 'verbalize', 'is_no_answer',
+           'map_no_answer', 'exemplar_stratum', 'draw_exemplars', 'exemplar_ids', 'record_fields', 'BuiltPrompt',
+           'build_prompt', 'dev_sample', 'choose_template']
 
 # %% ../nbs/65_prompts.ipynb #ed95ee68
-TASK_FIELDS = {"mednli": ("premise", "hypothesis"), "radqa": ("context", "question"), "clip": ("context", "sentence")}
-LONG_FIELD = {"mednli": "premise", "radqa": "context", "clip": "context"}  # the one field prompt building may shorten
-CLIP_VARIANTS = ("per_label", "list")
-
 class PromptTemplate(Spec):
     "One wording of a task's prompt."
     id: str
     instruction: str                    # what to do; never shortened
-    query: str                          # the evaluated item, e.g. "Premise: {premise}\nHypothesis: {hypothesis}\nAnswer:"
+    query: str                          # the evaluated item, e.g. "Premise: {premise}\nAnswer:"
     example: str                        # one exemplar: `query` followed by a format containing {answer}
     separator: str = "\n\n"             # between instruction, exemplars and query
     source: Literal["paper", "ours"] = "ours"
-    variant: Literal["per_label", "list"] | None = None  # CLIP only
-    no_answer: str | None = None        # the no-answer verbalization this wording asks for (RadQA); default the first listed
+    variant: str | None = None          # CLIP only: one of the task's ICL variants (per_label, list)
+    no_answer: str | None = None        # the no-answer word this wording asks for (RadQA); default the first listed
 
 class PromptSet(Spec):
     "All wordings of one task, with the answer verbalizations."
     version: int
-    task: Literal["mednli", "radqa", "clip"]
+    task: str                                     # one of the study's tasks (checked against the registry)
     verbalizers: dict[str, str] = {}              # MedNLI: label -> word; CLIP: positive/negative -> yes/no
-    no_answer_verbalizations: list[str] = []      # RadQA and CLIP list: read back as no answer; the first is shown in exemplars
+    no_answer_verbalizations: list[str] = []      # RadQA and CLIP list: read back as no answer; the first is shown
     label_questions: dict[str, str] = {}          # CLIP per_label: label -> its yes/no question
     templates: list[PromptTemplate]
 
     def template(self, id:str) -> PromptTemplate:
         "The template called `id`."
-        for t in self.templates:
-            if t.id == id: return t
-        raise UserError(f"no prompt template {id!r} for {self.task}; expected one of {', '.join(t.id for t in self.templates)}")
+        for template in self.templates:
+            if template.id == id: return template
+        known = ", ".join(template.id for template in self.templates)
+        raise UserError(f"no prompt template {id!r} for {self.task}; expected one of {known}")
 
     def paper_template(self, variant:str|None=None) -> PromptTemplate:
         "The paper's wording (of `variant`, for CLIP)."
-        for t in self.templates:
-            if t.source == "paper" and (variant is None or t.variant == variant): return t
+        for template in self.templates:
+            if template.source == "paper" and (variant is None or template.variant == variant): return template
         raise UserError(f"no paper wording for {self.task}" + (f" ({variant})" if variant else ""))
 
 # %% ../nbs/65_prompts.ipynb #8a619e37
@@ -67,84 +65,121 @@ def _placeholders(fmt:str) -> list[str]:
         names.append(name)
     return names
 
-def _check_prompts(ps:PromptSet, file:str) -> None:
+def _check_answer_words(prompts:PromptSet, problem:Callable) -> None:
+    "Verbalizers, label questions and no-answer words: the ones each task needs, and only those."
+    task = prompts.task
+    if task == "mednli" and set(prompts.verbalizers) != set(MEDNLI_LABELS):
+        got = ", ".join(prompts.verbalizers) or "none"
+        problem("verbalizers", f"one verbalization for each of {', '.join(MEDNLI_LABELS)} (got {got})")
+    if task == "clip" and set(prompts.verbalizers) != {"positive", "negative"}:
+        problem("verbalizers", "exactly positive and negative (the yes/no words)")
+    if task == "clip" and set(prompts.label_questions) != set(CLIP_LABELS):
+        differs = ", ".join(sorted(set(prompts.label_questions) ^ set(CLIP_LABELS)))
+        problem("label_questions", f"one question for each CLIP label: {', '.join(CLIP_LABELS)} (differs: {differs})")
+    if task == "radqa" and prompts.verbalizers:
+        problem("verbalizers", "none for radqa (answers are quoted from the report)")
+    if task != "clip" and prompts.label_questions:
+        problem("label_questions", "only for clip")
+    if task in ("radqa", "clip") and not prompts.no_answer_verbalizations:
+        problem("no_answer_verbalizations", "at least one no-answer verbalization")
+    if len(set(prompts.verbalizers.values())) != len(prompts.verbalizers):
+        problem("verbalizers", "distinct words per label")
+
+def _check_placeholders(template:PromptTemplate, fields:set, key:str, problem:Callable) -> None:
+    "Each part of `template` uses exactly its fields, each once (the instruction none)."
+    for part, wanted in (("instruction", set()), ("query", fields), ("example", fields | {"answer"})):
+        try:
+            found = _placeholders(getattr(template, part))
+        except ValueError as e:
+            problem(f"{key}.{part}", str(e))
+            continue
+        if set(found) == wanted and len(found) == len(set(found)): continue
+        wanted_text, found_text = (", ".join("{" + name + "}" for name in names) for names in (sorted(wanted), found))
+        expected = f"placeholders {wanted_text}, each once" if wanted else "no placeholders"
+        problem(f"{key}.{part}", f"{expected} (got {found_text or 'none'})")
+
+def _check_template(prompts:PromptSet, index:int, template:PromptTemplate, problem:Callable) -> None:
+    "Cross-field checks of one template: variant, no-answer word, placeholders, example = query + answer."
+    key = f"templates.{index} ({template.id})"
+    variants = get_task(prompts.task).icl.variants()
+    if variants and template.variant not in variants:
+        problem(f"{key}.variant", f"one of {', '.join(variants)}")
+    if not variants and template.variant is not None:
+        problem(f"{key}.variant", "no variant (only clip has per_label/list)")
+    no_answer_words = [word.lower() for word in prompts.no_answer_verbalizations]
+    if template.no_answer is not None and template.no_answer.lower() not in no_answer_words:
+        problem(f"{key}.no_answer", f"one of no_answer_verbalizations ({', '.join(prompts.no_answer_verbalizations)}), "
+                                    "so answers in it parse back")
+    fields = set(get_task(prompts.task).icl.prompt_fields)
+    if template.variant == "per_label":
+        fields.add("question")
+    _check_placeholders(template, fields, key, problem)
+    if not template.example.startswith(template.query):
+        problem(f"{key}.example", "the query followed by the answer (must start with `query`)")
+    if template.variant == "list":
+        missing = [label for label in CLIP_LABELS if label not in template.instruction]
+        if missing:
+            problem(f"{key}.instruction", f"every label name spelled out (missing: {', '.join(missing)})")
+
+def _check_prompts(prompts:PromptSet, file:str) -> None:
     "Cross-field checks of a loaded prompt set; raises DataError naming the file and keys."
-    probs = []
-    def bad(key, expected): probs.append(Problem(file, key, expected))
-    if ps.task == "mednli" and set(ps.verbalizers) != set(MEDNLI_LABELS):
-        bad("verbalizers", f"one verbalization for each of {', '.join(MEDNLI_LABELS)} (got {', '.join(ps.verbalizers) or 'none'})")
-    if ps.task == "clip":
-        if set(ps.verbalizers) != {"positive", "negative"}: bad("verbalizers", "exactly positive and negative (the yes/no words)")
-        if set(ps.label_questions) != set(CLIP_LABELS):
-            bad("label_questions", f"one question for each CLIP label: {', '.join(CLIP_LABELS)} (differs: {', '.join(sorted(set(ps.label_questions) ^ set(CLIP_LABELS)))})")
-    if ps.task == "radqa" and ps.verbalizers: bad("verbalizers", "none for radqa (answers are quoted from the report)")
-    if ps.task != "clip" and ps.label_questions: bad("label_questions", "only for clip")
-    if ps.task in ("radqa", "clip") and not ps.no_answer_verbalizations: bad("no_answer_verbalizations", "at least one no-answer verbalization")
-    if len(set(ps.verbalizers.values())) != len(ps.verbalizers): bad("verbalizers", "distinct words per label")
-    ids = [t.id for t in ps.templates]
-    for d in sorted({i for i in ids if ids.count(i) > 1}): bad(f"templates.{d}", "a unique template id")
-    if not any(t.source == "paper" for t in ps.templates): bad("templates", "one template marked `source: paper` (the paper's wording)")
-    lowered = [v.lower() for v in ps.no_answer_verbalizations]
-    for i, t in enumerate(ps.templates):
-        key = f"templates.{i} ({t.id})"
-        if ps.task == "clip" and t.variant is None: bad(f"{key}.variant", f"one of {', '.join(CLIP_VARIANTS)}")
-        if ps.task != "clip" and t.variant is not None: bad(f"{key}.variant", "no variant (only clip has per_label/list)")
-        if t.no_answer is not None and t.no_answer.lower() not in lowered:
-            bad(f"{key}.no_answer", f"one of no_answer_verbalizations ({', '.join(ps.no_answer_verbalizations)}), so answers in it parse back")
-        fields = set(TASK_FIELDS[ps.task]) | ({"question"} if t.variant == "per_label" else set())
-        for part, want in (("instruction", set()), ("query", fields), ("example", fields | {"answer"})):
-            try: got = _placeholders(getattr(t, part))
-            except ValueError as e: bad(f"{key}.{part}", str(e)); continue
-            if set(got) != want or len(got) != len(set(got)):
-                want_s, got_s = (", ".join("{" + x + "}" for x in xs) for xs in (sorted(want), got))
-                bad(f"{key}.{part}", (f"placeholders {want_s}, each once" if want else "no placeholders") + f" (got {got_s or 'none'})")
-        if not t.example.startswith(t.query): bad(f"{key}.example", "the query followed by the answer (must start with `query`)")
-        if t.variant == "list":
-            missing = [l for l in CLIP_LABELS if l not in t.instruction]
-            if missing: bad(f"{key}.instruction", f"every label name spelled out (missing: {', '.join(missing)})")
-    if probs: raise DataError(probs)
+    if prompts.task not in TASKS:
+        raise DataError([Problem(file, "task", f"one of {', '.join(TASKS)} (got {prompts.task!r})")])
+    problems = []
+    def problem(key, expected): problems.append(Problem(file, key, expected))
+    _check_answer_words(prompts, problem)
+    ids = [template.id for template in prompts.templates]
+    for duplicate in sorted({id_ for id_ in ids if ids.count(id_) > 1}):
+        problem(f"templates.{duplicate}", "a unique template id")
+    if not any(template.source == "paper" for template in prompts.templates):
+        problem("templates", "one template marked `source: paper` (the paper's wording)")
+    for index, template in enumerate(prompts.templates):
+        _check_template(prompts, index, template, problem)
+    if problems: raise DataError(problems)
 
 def read_prompts(path) -> PromptSet:
     "A strictly validated prompt set from one YAML file."
-    d = read_yaml(path)
-    ps = validate_spec(PromptSet, d, str(path))
-    _check_prompts(ps, str(path))
-    return ps
+    prompts = validate_spec(PromptSet, read_yaml(path), str(path))
+    _check_prompts(prompts, str(path))
+    return prompts
 
 def load_prompts(task:str, params:Path|None=None) -> PromptSet:
     "The prompt set of `task` from `params/prompts/<task>.yaml`."
-    if task not in TASKS: raise UserError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    p = Path(params or params_dir())/"prompts"/f"{task}.yaml"
-    ps = read_prompts(p)
-    if ps.task != task: raise DataError([Problem(str(p), "task", f"{task!r} (the file's name), got {ps.task!r}")])
-    return ps
+    check_task(task)
+    path = Path(params or params_dir())/"prompts"/f"{task}.yaml"
+    prompts = read_prompts(path)
+    if prompts.task != task:
+        raise DataError([Problem(str(path), "task", f"{task!r} (the file's name), got {prompts.task!r}")])
+    return prompts
 
 def prompt_version(task:str, params:Path|None=None) -> str:
     "`v<version>-<hash>` of the task's prompt set: part of ICL run ids, so edited wordings never reuse old results."
-    ps = load_prompts(task, params)
-    return f"v{ps.version}-{sha256_json(ps.model_dump(mode='json'))[:10]}"
+    prompts = load_prompts(task, params)
+    return f"v{prompts.version}-{sha256_json(prompts.model_dump(mode='json'))[:10]}"
 
 # %% ../nbs/65_prompts.ipynb #fc77ffb3
 _STRIP = string.whitespace + string.punctuation
 
 def verbalize(task:str, label, prompts:PromptSet|None=None, template:PromptTemplate|None=None) -> str:
     "The answer text of `label`: a MedNLI label, a RadQA answer (\"\" = none), a CLIP bool (per_label) or label list."
-    ps = prompts or load_prompts(task)
+    prompts = prompts or load_prompts(task)
     if task == "mednli":
-        if label not in ps.verbalizers: raise UserError(f"unknown MedNLI label {label!r}; expected one of {', '.join(MEDNLI_LABELS)}")
-        return ps.verbalizers[label]
+        if label not in prompts.verbalizers:
+            raise UserError(f"unknown MedNLI label {label!r}; expected one of {', '.join(MEDNLI_LABELS)}")
+        return prompts.verbalizers[label]
     if task == "radqa":
-        return label if label else ((template.no_answer if template else None) or ps.no_answer_verbalizations[0])
-    if isinstance(label, bool): return ps.verbalizers["positive" if label else "negative"]
+        if label: return label
+        return (template.no_answer if template else None) or prompts.no_answer_verbalizations[0]
+    if isinstance(label, bool): return prompts.verbalizers["positive" if label else "negative"]
     labels = list(label)
-    unknown = [l for l in labels if l not in CLIP_LABELS]
+    unknown = [name for name in labels if name not in CLIP_LABELS]
     if unknown: raise UserError(f"unknown CLIP label(s) {unknown}; expected names from {', '.join(CLIP_LABELS)}")
-    return ", ".join(l for l in CLIP_LABELS if l in labels) or ps.no_answer_verbalizations[0]
+    return ", ".join(name for name in CLIP_LABELS if name in labels) or prompts.no_answer_verbalizations[0]
 
 def is_no_answer(text:str, prompts:PromptSet) -> bool:
     "Whether a generated answer says there is no answer (empty or one of the no-answer verbalizations)."
-    t = (text or "").strip(_STRIP).lower()
-    return t == "" or t in {v.strip(_STRIP).lower() for v in prompts.no_answer_verbalizations}
+    answer = (text or "").strip(_STRIP).lower()
+    return answer == "" or answer in {word.strip(_STRIP).lower() for word in prompts.no_answer_verbalizations}
 
 def map_no_answer(text:str, prompts:PromptSet) -> str:
     "A generated RadQA answer with no-answer verbalizations mapped to \"\"."
@@ -153,10 +188,10 @@ def map_no_answer(text:str, prompts:PromptSet) -> str:
 # %% ../nbs/65_prompts.ipynb #b2577dcb
 def exemplar_stratum(task:str) -> Callable:
     "The stratum of a train record for exemplar draws."
-    if task == "mednli": return lambda r: r.label
-    if task == "radqa": return lambda r: "answerable" if r.answerable else "unanswerable"
-    if task == "clip": return lambda r: "labelled" if r.labels else "unlabelled"
-    raise UserError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    check_task(task)
+    if task == "mednli": return lambda record: record.label
+    if task == "radqa": return lambda record: "answerable" if record.answerable else "unanswerable"
+    return lambda record: "labelled" if record.labels else "unlabelled"
 
 def draw_exemplars(
     train_items:Sequence,            # records with an `.id` (NLIRecord, QARecord, CLIPSentence)
@@ -170,27 +205,31 @@ def draw_exemplars(
     if k < 0: raise UserError(f"k (shots) must be 0 or more, got {k}")
     if k == 0: return []
     rng = random.Random(f"clinical_repro-exemplars-{seed}-{k}-{draw}")
-    by = {}
-    for r in train_items:
-        if exclude_id is not None and r.id == exclude_id: continue
-        by.setdefault(str(strata_fn(r)), []).append(r)
-    n = sum(map(len, by.values()))
-    if k > n: raise UserError(f"cannot draw {k} exemplars from {n} train items")
-    strata = sorted(by); rng.shuffle(strata)
+    by_stratum = {}
+    for record in train_items:
+        if exclude_id is not None and record.id == exclude_id: continue
+        by_stratum.setdefault(str(strata_fn(record)), []).append(record)
+    n_candidates = sum(map(len, by_stratum.values()))
+    if k > n_candidates: raise UserError(f"cannot draw {k} exemplars from {n_candidates} train items")
+    strata = sorted(by_stratum)
+    rng.shuffle(strata)
     pools = []
-    for s in strata:
-        items = sorted(by[s], key=lambda r: r.id); rng.shuffle(items); pools.append(items)
-    out, i = [], 0
-    while len(out) < k:
+    for stratum in strata:
+        pool = sorted(by_stratum[stratum], key=lambda record: record.id)
+        rng.shuffle(pool)
+        pools.append(pool)
+    chosen, turn = [], 0
+    while len(chosen) < k:
         for pool in pools:
-            if i < len(pool) and len(out) < k: out.append(pool[i])
-        i += 1
-    rng.shuffle(out)
-    return out
+            if turn < len(pool) and len(chosen) < k:
+                chosen.append(pool[turn])
+        turn += 1
+    rng.shuffle(chosen)
+    return chosen
 
 def exemplar_ids(exemplars:Sequence) -> list[str]:
     "The ids of drawn exemplars, in prompt order: what the results file records."
-    return [r.id for r in exemplars]
+    return [record.id for record in exemplars]
 
 # %% ../nbs/65_prompts.ipynb #73ed4fa8
 def record_fields(
@@ -203,22 +242,34 @@ def record_fields(
 ) -> dict:
     "The template fields of one record."
     if isinstance(record, NLIRecord):
-        f = {"premise": record.premise, "hypothesis": record.hypothesis}
-        if answer: f["answer"] = verbalize("mednli", record.label, prompts)
-        return f
+        fields = {"premise": record.premise, "hypothesis": record.hypothesis}
+        if answer:
+            fields["answer"] = verbalize("mednli", record.label, prompts)
+        return fields
     if isinstance(record, QARecord):
-        f = {"context": record.context, "question": record.question}
-        if answer: f["answer"] = verbalize("radqa", record.answer_texts[0] if record.answerable and record.answers else "", prompts, template)
-        return f
-    if isinstance(record, CLIPSentence):
-        f = {"context": record.text if context is None else context, "sentence": record.text}
-        if template.variant == "per_label":
-            if label not in CLIP_LABELS: raise UserError(f"a per_label CLIP prompt needs one of the CLIP labels, got {label!r}")
-            f["question"] = prompts.label_questions[label]
-            if answer: f["answer"] = verbalize("clip", label in record.labels, prompts)
-        elif answer: f["answer"] = verbalize("clip", record.labels, prompts)
-        return f
-    raise UserError(f"cannot build a prompt from a {type(record).__name__}; expected NLIRecord, QARecord or CLIPSentence")
+        fields = {"context": record.context, "question": record.question}
+        gold = record.answer_texts[0] if record.answerable and record.answers else ""
+        if answer:
+            fields["answer"] = verbalize("radqa", gold, prompts, template)
+        return fields
+    if isinstance(record, CLIPSentence): return _clip_fields(record, prompts, template, answer, context, label)
+    raise UserError(f"cannot build a prompt from a {type(record).__name__}; "
+                    "expected NLIRecord, QARecord or CLIPSentence")
+
+def _clip_fields(sentence:CLIPSentence, prompts:PromptSet, template:PromptTemplate, answer:bool,
+                 context:str|None, label:str|None) -> dict:
+    "`record_fields` of a CLIP sentence: per_label asks about one label, list about all."
+    fields = {"context": sentence.text if context is None else context, "sentence": sentence.text}
+    if template.variant != "per_label":
+        if answer:
+            fields["answer"] = verbalize("clip", sentence.labels, prompts)
+        return fields
+    if label not in CLIP_LABELS:
+        raise UserError(f"a per_label CLIP prompt needs one of the CLIP labels, got {label!r}")
+    fields["question"] = prompts.label_questions[label]
+    if answer:
+        fields["answer"] = verbalize("clip", label in sentence.labels, prompts)
+    return fields
 
 # %% ../nbs/65_prompts.ipynb #c977f6c3
 @dataclass(frozen=True)
@@ -244,9 +295,77 @@ def _max_fitting(lo:int, hi:int, fits:Callable[[int], bool]) -> int|None:
     if not fits(lo): return None
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if fits(mid): lo = mid
-        else: hi = mid - 1
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
     return lo
+
+@dataclass
+class _PromptFitter:
+    "Renders one query's prompt with given exemplars and caps, and finds the largest caps that fit the budget."
+    template: PromptTemplate
+    query_fields: dict
+    long_field: str                        # the field that may be cut
+    count_tokens: Callable[[str], int]
+    limit: int                             # tokens the prompt may take: budget minus answer room
+    ellipsis: str
+
+    def render(self, exemplars:Sequence[dict], exemplar_cap:int|None=None, query_cap:int|None=None) -> str:
+        "The prompt with the exemplars' and the query's long field cut to these caps (None: not cut)."
+        parts = [self.template.instruction]
+        for exemplar in exemplars:
+            text = exemplar[self.long_field]
+            if exemplar_cap is not None:
+                text = _head(text, exemplar_cap, self.ellipsis)
+            parts.append(self.template.example.format(**{**exemplar, self.long_field: text}))
+        query = dict(self.query_fields)
+        if query_cap is not None:
+            query[self.long_field] = _head(query[self.long_field], query_cap, self.ellipsis)
+        parts.append(self.template.query.format(**query))
+        return self.template.separator.join(parts)
+
+    def fits(self, text:str) -> bool: return self.count_tokens(text) <= self.limit
+
+    def with_exemplars(self, exemplars:list[dict], min_exemplar_words:int) -> BuiltPrompt|None:
+        "The prompt with as many exemplars as fit, their long field cut only as far as needed; None if none fit."
+        words = [_n_words(exemplar[self.long_field]) for exemplar in exemplars]
+        for n_kept in range(len(exemplars), -1, -1):
+            kept, kept_words = exemplars[:n_kept], words[:n_kept]
+            cap = None
+            if not self.fits(self.render(kept)):
+                if not n_kept: continue
+                longest = max(kept_words, default=0)
+                cap = _max_fitting(min(min_exemplar_words, longest), longest,
+                                   lambda candidate: self.fits(self.render(kept, candidate)))
+                if cap is None: continue
+            text = self.render(kept, cap)
+            cut = [max(0, n_words - cap) for n_words in kept_words] if cap is not None else [0] * n_kept
+            truncated = {"exemplar_words_cut": sum(cut), "exemplars_shortened": sum(words_cut > 0 for words_cut in cut),
+                         "exemplars_dropped": len(exemplars) - n_kept, "query_words_cut": 0}
+            return BuiltPrompt(text, self.count_tokens(text), truncated, n_kept)
+        return None
+
+    def query_only(self, n_dropped:int, item_id:str, budget:int, answer_room:int) -> BuiltPrompt:
+        "The prompt without exemplars, the query's long field cut to fit (a last resort)."
+        query_words = _n_words(self.query_fields[self.long_field])
+        query_cap = _max_fitting(0, query_words, lambda candidate: self.fits(self.render([], None, candidate)))
+        if query_cap is None:
+            need = self.count_tokens(self.render([], None, 0))
+            raise UserError(f"item {item_id}: the instruction and question alone take {need} tokens, more than the "
+                            f"budget {budget} minus answer room {answer_room}; "
+                            "raise the budget or use a shorter template")
+        text = self.render([], None, query_cap)
+        truncated = {"exemplar_words_cut": 0, "exemplars_shortened": 0, "exemplars_dropped": n_dropped,
+                     "query_words_cut": query_words - query_cap}
+        return BuiltPrompt(text, self.count_tokens(text), truncated, 0)
+
+def _guess_task(query_fields:dict) -> str:
+    "The task whose prompt fields the query has (a CLIP query also has a context, but never RadQA's question alone)."
+    for task in TASKS:
+        fields = get_task(task).icl.prompt_fields
+        if set(fields) <= set(query_fields) and (task != "radqa" or "sentence" not in query_fields): return task
+    raise UserError(f"cannot tell the task from query fields {sorted(query_fields)}")
 
 def build_prompt(
     template:PromptTemplate,
@@ -261,49 +380,23 @@ def build_prompt(
     ellipsis:str=" ...",                    # marks a cut field
 ) -> BuiltPrompt:
     "Instruction + exemplars + query within `budget - answer_room` tokens; never cuts the instruction or the question."
-    if answer_room < 0 or budget <= answer_room: raise UserError(f"budget ({budget}) must exceed answer_room ({answer_room}) >= 0")
-    task = task or next((t for t, fs in TASK_FIELDS.items() if set(fs) <= set(query_fields) and (t != "radqa" or "sentence" not in query_fields)), None)
-    if task is None: raise UserError(f"cannot tell the task from query fields {sorted(query_fields)}")
-    long = LONG_FIELD[task]; limit = budget - answer_room
-    sep = template.separator
-
-    def render(exs, ex_cap, q_cap):
-        parts = [template.instruction]
-        parts += [template.example.format(**{**e, long: _head(e[long], ex_cap, ellipsis) if ex_cap is not None else e[long]}) for e in exs]
-        q = dict(query_fields)
-        if q_cap is not None: q[long] = _head(q[long], q_cap, ellipsis)
-        parts.append(template.query.format(**q))
-        return sep.join(parts)
-    def fits(text): return count_tokens(text) <= limit
-
-    exs = list(exemplars)
-    ex_words = [_n_words(e[long]) for e in exs]
-    for n in range(len(exs), -1, -1):
-        kept, words = exs[:n], ex_words[:n]
-        if fits(render(kept, None, None)): cap = None
-        else:
-            top = max(words, default=0)
-            cap = _max_fitting(min(min_exemplar_words, top), top, lambda c: fits(render(kept, c, None))) if n else None
-            if cap is None: continue
-        text = render(kept, cap, None)
-        cut = [max(0, w - cap) for w in words] if cap is not None else [0] * n
-        trunc = {"exemplar_words_cut": sum(cut), "exemplars_shortened": sum(c > 0 for c in cut),
-                 "exemplars_dropped": len(exs) - n, "query_words_cut": 0}
-        return BuiltPrompt(text, count_tokens(text), trunc, n)
-    qw = _n_words(query_fields[long])
-    q_cap = _max_fitting(0, qw, lambda c: fits(render([], None, c)))
-    if q_cap is None:
-        need = count_tokens(render([], None, 0))
-        raise UserError(f"item {item_id}: the instruction and question alone take {need} tokens, more than the budget "
-                        f"{budget} minus answer room {answer_room}; raise the budget or use a shorter template")
-    text = render([], None, q_cap)
-    trunc = {"exemplar_words_cut": 0, "exemplars_shortened": 0, "exemplars_dropped": len(exs), "query_words_cut": qw - q_cap}
-    return BuiltPrompt(text, count_tokens(text), trunc, 0)
+    if answer_room < 0 or budget <= answer_room:
+        raise UserError(f"budget ({budget}) must exceed answer_room ({answer_room}) >= 0")
+    long_field = get_task(task or _guess_task(query_fields)).icl.long_field
+    fitter = _PromptFitter(template, query_fields, long_field, count_tokens, budget - answer_room, ellipsis)
+    built = fitter.with_exemplars(list(exemplars), min_exemplar_words)
+    if built is not None: return built
+    return fitter.query_only(len(exemplars), item_id, budget, answer_room)
 
 # %% ../nbs/65_prompts.ipynb #497a410e
-def dev_sample(dev_items:Sequence, n:int=200, seed:int=0) -> list[str]:
+def dev_sample(
+    dev_items:Sequence,   # dev records (with an `.id`) or their ids
+    n:int|None=None,      # sample size; default the study's (`tasks.icl_dev_n()`, the paper's 200)
+    seed:int=0,           # sampling seed
+) -> list[str]:
     "A fixed, seeded sample of `n` dev ids (records or ids), sorted; the same for every model."
-    ids = sorted({x if isinstance(x, str) else x.id for x in dev_items})
+    n = icl_dev_n() if n is None else n
+    ids = sorted({item if isinstance(item, str) else item.id for item in dev_items})
     if n < 1: raise UserError(f"dev sample size must be positive, got {n}")
     return sorted(random.Random(f"clinical_repro-devsample-{seed}").sample(ids, min(n, len(ids))))
 
@@ -313,14 +406,17 @@ def choose_template(
 ) -> dict:
     "The best template id with the scores: ties go to the paper's wording, then the first listed."
     if not scores: raise UserError("no template scores to choose from")
-    order = {t.id: i for i, t in enumerate(prompts.templates)}
-    unknown = [t for t in scores if t not in order]
-    if unknown: raise UserError(f"scores for unknown {prompts.task} template(s) {unknown}; expected ids from {', '.join(order)}")
-    bad = [t for t, s in scores.items() if s is None or math.isnan(s)]
-    if bad: raise UserError(f"template(s) {bad} have no dev score (NaN)")
+    order = {template.id: index for index, template in enumerate(prompts.templates)}
+    unknown = [template_id for template_id in scores if template_id not in order]
+    if unknown:
+        raise UserError(f"scores for unknown {prompts.task} template(s) {unknown}; "
+                        f"expected ids from {', '.join(order)}")
+    unscored = [template_id for template_id, score in scores.items() if score is None or math.isnan(score)]
+    if unscored: raise UserError(f"template(s) {unscored} have no dev score (NaN)")
     best = max(scores.values())
-    tied = sorted((t for t, s in scores.items() if math.isclose(s, best, rel_tol=0, abs_tol=1e-12)), key=order.get)
-    paper = [t for t in tied if prompts.template(t).source == "paper"]
-    chosen = (paper or tied)[0]
-    why = "best" if len(tied) == 1 else ("tie: paper wording" if paper else "tie: first listed")
-    return {"template": chosen, "scores": {t: scores[t] for t in sorted(scores, key=order.get)}, "reason": why}
+    tied = sorted((template_id for template_id, score in scores.items()
+                   if math.isclose(score, best, rel_tol=0, abs_tol=1e-12)), key=order.get)
+    paper = [template_id for template_id in tied if prompts.template(template_id).source == "paper"]
+    reason = "best" if len(tied) == 1 else ("tie: paper wording" if paper else "tie: first listed")
+    ordered_scores = {template_id: scores[template_id] for template_id in sorted(scores, key=order.get)}
+    return {"template": (paper or tied)[0], "scores": ordered_scores, "reason": reason}

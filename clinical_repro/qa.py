@@ -27,37 +27,38 @@ def _check_tokenizer(tokenizer):
                         f"got padding_side={tokenizer.padding_side!r}")
 
 def _check_lengths(tokenizer, max_length, doc_stride):
-    for name, v, lo in (("max_length", max_length, 8), ("doc_stride", doc_stride, 0)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-            raise UserError(f"{name} must be an integer >= {lo}, got {v!r}")
+    for name, value, minimum in (("max_length", max_length, 8), ("doc_stride", doc_stride, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            raise UserError(f"{name} must be an integer >= {minimum}, got {value!r}")
     limit = getattr(tokenizer, "model_max_length", None)
     if limit is not None and limit < 1_000_000 and max_length > limit:
         raise UserError(f"max_length={max_length} exceeds the model's limit of {limit} tokens")
     if doc_stride >= max_length:
         raise UserError(f"doc_stride must be smaller than max_length, got {doc_stride} and {max_length}")
 
-def _answer_span(r:QARecord) -> tuple[int, int]|None:
+def _answer_span(record:QARecord) -> tuple[int, int]|None:
     "Character span of the first gold answer without surrounding whitespace; None when there is none."
-    if not r.answerable or not r.answers: return None
-    text, start = r.answers[0]
-    if r.context[start:start + len(text)] != text:
-        raise UserError(f"record {r.id!r}: expected context[{start}:{start + len(text)}] to equal the answer text {text!r}")
-    s = start + len(text) - len(text.lstrip())
-    e = start + len(text.rstrip())
-    return (s, e) if e > s else None
+    if not record.answerable or not record.answers: return None
+    text, start = record.answers[0]
+    if record.context[start:start + len(text)] != text:
+        raise UserError(f"record {record.id!r}: expected context[{start}:{start + len(text)}] "
+                        f"to equal the answer text {text!r}")
+    span_start = start + len(text) - len(text.lstrip())
+    span_end = start + len(text.rstrip())
+    return (span_start, span_end) if span_end > span_start else None
 
 def _token_labels(offsets, seq_ids, span) -> tuple[int, int]:
     "First and last token of `span` when the window's report tokens hold all of it, else (0, 0)."
     if span is None: return 0, 0
-    ctx = np.array([i for i, s in enumerate(seq_ids) if s == 1])
-    if not len(ctx): return 0, 0
-    o = np.asarray(offsets)[ctx]
-    s, e = span
-    if o[0, 0] > s or o[-1, 1] < e: return 0, 0
+    report_tokens = np.array([i for i, sequence in enumerate(seq_ids) if sequence == 1])
+    if not len(report_tokens): return 0, 0
+    report_offsets = np.asarray(offsets)[report_tokens]
+    span_start, span_end = span
+    if report_offsets[0, 0] > span_start or report_offsets[-1, 1] < span_end: return 0, 0
     # the token holding the first answer character (zero-width tokens end at or before it)...
-    first = int(ctx[np.argmax(o[:, 1] > s)])
+    first = int(report_tokens[np.argmax(report_offsets[:, 1] > span_start)])
     # ...and the last token starting before the answer ends
-    last = int(ctx[np.nonzero(o[:, 0] < e)[0][-1]])
+    last = int(report_tokens[np.nonzero(report_offsets[:, 0] < span_end)[0][-1]])
     return first, last
 
 def qa_features(
@@ -69,34 +70,41 @@ def qa_features(
     train:bool,                  # True: start/end labels; False: offset_mapping for post-processing
 ) -> dict[str, list]:
     "Unpadded sliding-window features: model inputs, `example_index`, and labels (train) or offsets (eval)."
-    _check_tokenizer(tokenizer); _check_lengths(tokenizer, max_length, doc_stride)
+    _check_tokenizer(tokenizer)
+    _check_lengths(tokenizer, max_length, doc_stride)
     records = list(records)
     if not records: raise UserError("expected at least one RadQA record, got none")
     # leading spaces only cost room in the window (and change BPE tokens)
-    questions = [r.question.lstrip() for r in records]
+    questions = [record.question.lstrip() for record in records]
     room = max_length - tokenizer.num_special_tokens_to_add(pair=True)
-    q_lens = [len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]]
-    for r, n in zip(records, q_lens):
-        if room - n <= doc_stride:
-            raise UserError(f"record {r.id!r}: the question takes {n} tokens, leaving {room - n} of max_length={max_length} "
-                            f"for the report; expected more than doc_stride={doc_stride} (raise max_length or lower doc_stride)")
-    enc = tokenizer(questions, [r.context for r in records], truncation="only_second", max_length=max_length,
-                    stride=doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True, padding=False)
-    if enc.sequence_ids(0)[0] is not None:
-        raise UserError("expected a tokenizer that starts each (question, report) pair with a special token such as [CLS]")
-    out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    if "token_type_ids" in enc: out["token_type_ids"] = enc["token_type_ids"]
-    out["example_index"] = [int(i) for i in enc["overflow_to_sample_mapping"]]
+    question_lengths = [len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]]
+    for record, n_tokens in zip(records, question_lengths):
+        if room - n_tokens <= doc_stride:
+            raise UserError(f"record {record.id!r}: the question takes {n_tokens} tokens, leaving {room - n_tokens} "
+                            f"of max_length={max_length} for the report; expected more than doc_stride={doc_stride} "
+                            "(raise max_length or lower doc_stride)")
+    encoded = tokenizer(questions, [record.context for record in records], truncation="only_second",
+                        max_length=max_length, stride=doc_stride, return_overflowing_tokens=True,
+                        return_offsets_mapping=True, padding=False)
+    if encoded.sequence_ids(0)[0] is not None:
+        raise UserError("expected a tokenizer that starts each (question, report) pair with a special token "
+                        "such as [CLS]")
+    features = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    if "token_type_ids" in encoded:
+        features["token_type_ids"] = encoded["token_type_ids"]
+    features["example_index"] = [int(i) for i in encoded["overflow_to_sample_mapping"]]
     if train:
-        spans = [_answer_span(r) for r in records]
-        labels = [_token_labels(enc["offset_mapping"][i], enc.sequence_ids(i), spans[ex])
-                  for i, ex in enumerate(out["example_index"])]
-        out["start_positions"] = [s for s, _ in labels]
-        out["end_positions"] = [e for _, e in labels]
+        spans = [_answer_span(record) for record in records]
+        labels = [_token_labels(encoded["offset_mapping"][i], encoded.sequence_ids(i), spans[record_index])
+                  for i, record_index in enumerate(features["example_index"])]
+        features["start_positions"] = [start for start, _ in labels]
+        features["end_positions"] = [end for _, end in labels]
     else:
-        out["offset_mapping"] = [[tuple(o) if s == 1 else None for o, s in zip(offs, enc.sequence_ids(i))]
-                                 for i, offs in enumerate(enc["offset_mapping"])]
-    return out
+        features["offset_mapping"] = [
+            [tuple(offset) if sequence == 1 else None
+             for offset, sequence in zip(window_offsets, encoded.sequence_ids(i))]
+            for i, window_offsets in enumerate(encoded["offset_mapping"])]
+    return features
 
 # %% ../nbs/55_qa.ipynb #7551bda1
 def answer_label_mismatches(
@@ -107,17 +115,18 @@ def answer_label_mismatches(
 ) -> list[dict]:
     "Labelled training windows whose token span does not decode to the gold answer (empty = labels are right)."
     records = list(records)
-    tr = qa_features(tokenizer, records, max_length, doc_stride, train=True)
-    ev = qa_features(tokenizer, records, max_length, doc_stride, train=False)
-    bad = []
-    for i, (s, e) in enumerate(zip(tr["start_positions"], tr["end_positions"])):
-        if s == 0 and e == 0: continue
-        r, offs = records[tr["example_index"][i]], ev["offset_mapping"][i]
-        got = r.context[offs[s][0]:offs[e][1]] if offs[s] and offs[e] else None
-        gold = r.answers[0][0]
-        if got is None or " ".join(got.split()) != " ".join(gold.split()):
-            bad.append(dict(feature=i, id=r.id, gold=gold, decoded=got))
-    return bad
+    train_features = qa_features(tokenizer, records, max_length, doc_stride, train=True)
+    eval_features = qa_features(tokenizer, records, max_length, doc_stride, train=False)
+    mismatches = []
+    labels = zip(train_features["start_positions"], train_features["end_positions"])
+    for i, (start, end) in enumerate(labels):
+        if start == 0 and end == 0: continue
+        record, offsets = records[train_features["example_index"][i]], eval_features["offset_mapping"][i]
+        decoded = record.context[offsets[start][0]:offsets[end][1]] if offsets[start] and offsets[end] else None
+        gold = record.answers[0][0]
+        if decoded is None or " ".join(decoded.split()) != " ".join(gold.split()):
+            mismatches.append(dict(feature=i, id=record.id, gold=gold, decoded=decoded))
+    return mismatches
 
 # %% ../nbs/55_qa.ipynb #cfb6a2ec
 def max_answer_tokens(
@@ -132,19 +141,21 @@ def max_answer_tokens(
     if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:
         raise UserError(f"margin must be a non-negative integer, got {margin!r}")
     spans = defaultdict(list)  # reports repeat across questions: tokenize each once
-    for r in train_records:
-        if not r.answerable: continue
-        for text, start in r.answers:
-            s, e = start + len(text) - len(text.lstrip()), start + len(text.rstrip())
-            if e > s: spans[r.context].append((s, e))
-    if not spans: raise UserError("expected at least one answerable training question to measure answer lengths, got none")
+    for record in train_records:
+        if not record.answerable: continue
+        for text, start in record.answers:
+            span_start, span_end = start + len(text) - len(text.lstrip()), start + len(text.rstrip())
+            if span_end > span_start:
+                spans[record.context].append((span_start, span_end))
+    if not spans:
+        raise UserError("expected at least one answerable training question to measure answer lengths, got none")
     contexts = list(spans)
-    enc = tokenizer(contexts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    encoded = tokenizer(contexts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     lengths = []
-    for c, offs in zip(contexts, enc["offset_mapping"]):
-        o = np.asarray(offs).reshape(-1, 2)
-        for s, e in spans[c]:
-            inside = np.nonzero((o[:, 1] > s) & (o[:, 0] < e))[0]
+    for context, context_offsets in zip(contexts, encoded["offset_mapping"]):
+        token_spans = np.asarray(context_offsets).reshape(-1, 2)
+        for span_start, span_end in spans[context]:
+            inside = np.nonzero((token_spans[:, 1] > span_start) & (token_spans[:, 0] < span_end))[0]
             lengths.append(int(inside[-1] - inside[0] + 1) if len(inside) else 0)
     return int(np.quantile(lengths, quantile, method="higher")) + int(margin)
 
@@ -153,16 +164,70 @@ _NO_SPAN_SCORE = 1e9  # the no-answer score of a question with no valid span: fi
 
 def _logit_matrix(logits, lengths:list[int], name:str) -> np.ndarray:
     "Logits as one (n_windows, longest window) float array; every row must cover its window."
-    n, width = len(lengths), max(lengths)
-    if isinstance(logits, np.ndarray) and logits.ndim == 2: rows, m = logits, logits.astype(np.float64)
+    n_windows, width = len(lengths), max(lengths)
+    if isinstance(logits, np.ndarray) and logits.ndim == 2:
+        rows, matrix = logits, logits.astype(np.float64)
     else:
-        rows = [np.asarray(x, dtype=np.float64).reshape(-1) for x in logits]
-        m = np.full((len(rows), max([width] + [len(x) for x in rows])), -np.inf)
-        for i, x in enumerate(rows): m[i, :len(x)] = x
-    if m.ndim != 2 or m.shape[0] != n: raise UserError(f"{name} must hold one row per window ({n}), got {len(rows)} rows")
-    short = [i for i, x in enumerate(rows) if len(x) < lengths[i]]
-    if short: raise UserError(f"{name}: window {short[0]} has {len(rows[short[0]])} positions but {lengths[short[0]]} tokens")
-    return m[:, :width]
+        rows = [np.asarray(row, dtype=np.float64).reshape(-1) for row in logits]
+        matrix = np.full((len(rows), max([width] + [len(row) for row in rows])), -np.inf)
+        for i, row in enumerate(rows):
+            matrix[i, :len(row)] = row
+    if matrix.ndim != 2 or matrix.shape[0] != n_windows:
+        raise UserError(f"{name} must hold one row per window ({n_windows}), got {len(rows)} rows")
+    short = [i for i, row in enumerate(rows) if len(row) < lengths[i]]
+    if short:
+        raise UserError(f"{name}: window {short[0]} has {len(rows[short[0]])} positions but {lengths[short[0]]} tokens")
+    return matrix[:, :width]
+
+def _checked_windows(records:list, features:dict, n_best:int, max_answer_tokens:int) -> tuple[list, np.ndarray]:
+    "The windows' offsets and example indices, after checking the features belong to `records`."
+    if "offset_mapping" not in features or "example_index" not in features:
+        raise UserError("expected evaluation features from qa_features(..., train=False), "
+                        "with offset_mapping and example_index")
+    for name, value in (("n_best", n_best), ("max_answer_tokens", max_answer_tokens)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise UserError(f"{name} must be a positive integer, got {value!r}")
+    offsets, example_index = features["offset_mapping"], np.asarray(features["example_index"], dtype=int)
+    n_windows, width = len(offsets), max(map(len, offsets), default=0)
+    if n_windows == 0 or width == 0 or len(example_index) != n_windows:
+        raise UserError(f"expected one example_index per window, got {len(example_index)} for {n_windows} windows")
+    if example_index.min() < 0 or example_index.max() >= len(records):
+        raise UserError(f"example_index must point into the {len(records)} records, "
+                        f"got values up to {example_index.max()}")
+    return offsets, example_index
+
+def _char_spans(offsets:list, width:int) -> np.ndarray:
+    "(n_windows, width, 2) character start/end of each report token; -1 for question, special and padding tokens."
+    chars = np.full((len(offsets), width, 2), -1, dtype=np.int64)
+    for i, window_offsets in enumerate(offsets):
+        if window_offsets:
+            chars[i, :len(window_offsets)] = [offset if offset is not None else (-1, -1) for offset in window_offsets]
+    return chars
+
+def _best_spans(start_logits:np.ndarray, end_logits:np.ndarray, chars:np.ndarray, n_best:int,
+                max_answer_tokens:int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    "Per window: the best valid span's score, start and end character, and the null (CLS) score."
+    n_windows, width = start_logits.shape
+    on_report = chars[:, :, 0] >= 0
+    if not (np.isfinite(start_logits[on_report]).all() and np.isfinite(end_logits[on_report]).all()
+            and np.isfinite(start_logits[:, 0]).all() and np.isfinite(end_logits[:, 0]).all()):
+        raise UserError("start_logits and end_logits must be finite on the report and CLS tokens")
+    null_score = start_logits[:, 0] + end_logits[:, 0]
+    report_starts = np.where(on_report, start_logits, -np.inf)
+    report_ends = np.where(on_report, end_logits, -np.inf)
+    k = min(n_best, width)
+    top_starts = np.argsort(-report_starts, axis=1, kind="stable")[:, :k]
+    top_ends = np.argsort(-report_ends, axis=1, kind="stable")[:, :k]
+    score = (np.take_along_axis(report_starts, top_starts, 1)[:, :, None]
+             + np.take_along_axis(report_ends, top_ends, 1)[:, None, :])
+    length = top_ends[:, None, :] - top_starts[:, :, None] + 1
+    start_char = np.take_along_axis(chars[:, :, 0], top_starts, 1)[:, :, None]
+    end_char = np.take_along_axis(chars[:, :, 1], top_ends, 1)[:, None, :]
+    valid = np.isfinite(score) & (length >= 1) & (length <= max_answer_tokens) & (end_char > start_char)
+    flat = np.where(valid, score, -np.inf).reshape(n_windows, k * k)
+    pick = flat.argmax(1)
+    rows = np.arange(n_windows)
+    return flat[rows, pick], start_char[rows, pick // k, 0], end_char[rows, 0, pick % k], null_score
 
 def postprocess_qa(
     records:Sequence[QARecord],  # the questions the features were built from, in the same order
@@ -175,51 +240,29 @@ def postprocess_qa(
 ) -> tuple[dict[str, str], dict[str, float]]:
     "Best non-null answer text per question id and its no-answer score (null score - best span score)."
     records = list(records)
-    if "offset_mapping" not in features or "example_index" not in features:
-        raise UserError("expected evaluation features from qa_features(..., train=False), with offset_mapping and example_index")
-    for name, v in (("n_best", n_best), ("max_answer_tokens", max_answer_tokens)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise UserError(f"{name} must be a positive integer, got {v!r}")
-    offsets, ex = features["offset_mapping"], np.asarray(features["example_index"], dtype=int)
-    n, width = len(offsets), max(map(len, offsets), default=0)
-    if n == 0 or width == 0 or len(ex) != n: raise UserError(f"expected one example_index per window, got {len(ex)} for {n} windows")
-    if ex.min() < 0 or ex.max() >= len(records):
-        raise UserError(f"example_index must point into the {len(records)} records, got values up to {ex.max()}")
-    lengths = [len(o) for o in offsets]
-    S, E = _logit_matrix(start_logits, lengths, "start_logits"), _logit_matrix(end_logits, lengths, "end_logits")
-    chars = np.full((n, width, 2), -1, dtype=np.int64)
-    for i, offs in enumerate(offsets):
-        if offs: chars[i, :len(offs)] = [o if o is not None else (-1, -1) for o in offs]
-    valid = chars[:, :, 0] >= 0
-    if not (np.isfinite(S[valid]).all() and np.isfinite(E[valid]).all() and np.isfinite(S[:, 0]).all() and np.isfinite(E[:, 0]).all()):
-        raise UserError("start_logits and end_logits must be finite on the report and CLS tokens")
-    null = S[:, 0] + E[:, 0]
-    Sm, Em = np.where(valid, S, -np.inf), np.where(valid, E, -np.inf)
-    k = min(n_best, width)
-    si = np.argsort(-Sm, axis=1, kind="stable")[:, :k]
-    ei = np.argsort(-Em, axis=1, kind="stable")[:, :k]
-    score = np.take_along_axis(Sm, si, 1)[:, :, None] + np.take_along_axis(Em, ei, 1)[:, None, :]
-    length = ei[:, None, :] - si[:, :, None] + 1
-    start_char = np.take_along_axis(chars[:, :, 0], si, 1)[:, :, None]
-    end_char = np.take_along_axis(chars[:, :, 1], ei, 1)[:, None, :]
-    ok = np.isfinite(score) & (length >= 1) & (length <= max_answer_tokens) & (end_char > start_char)
-    flat = np.where(ok, score, -np.inf).reshape(n, k * k)
-    pick = flat.argmax(1)
-    rows = np.arange(n)
-    best = flat[rows, pick]
-    b_start = start_char[rows, pick // k, 0]
-    b_end = end_char[rows, 0, pick % k]
-    windows = defaultdict(list)
-    for i, x in enumerate(ex): windows[x].append(i)
-    preds, na = {}, {}
-    for x, r in enumerate(records):
-        w = windows.get(x)
-        if not w: raise UserError(f"record {r.id!r} has no window in the features; expected the features of these records")
-        w = np.asarray(w)
-        if chars[w, :, 1].max() > len(r.context):
-            raise UserError(f"record {r.id!r}: offsets run past its report; expected the features of these records, in order")
-        f = w[np.argmax(best[w])]
-        if np.isfinite(best[f]):
-            preds[r.id], na[r.id] = r.context[b_start[f]:b_end[f]], float(null[w].min() - best[f])
-        else: preds[r.id], na[r.id] = "", _NO_SPAN_SCORE
-    return preds, na
+    offsets, example_index = _checked_windows(records, features, n_best, max_answer_tokens)
+    lengths = [len(window_offsets) for window_offsets in offsets]
+    start_matrix = _logit_matrix(start_logits, lengths, "start_logits")
+    end_matrix = _logit_matrix(end_logits, lengths, "end_logits")
+    chars = _char_spans(offsets, max(lengths))
+    best, best_start, best_end, null_score = _best_spans(start_matrix, end_matrix, chars, n_best, max_answer_tokens)
+    windows_of = defaultdict(list)
+    for window, record_index in enumerate(example_index):
+        windows_of[record_index].append(window)
+    preds, no_answer = {}, {}
+    for record_index, record in enumerate(records):
+        windows = windows_of.get(record_index)
+        if not windows:
+            raise UserError(f"record {record.id!r} has no window in the features; "
+                            "expected the features of these records")
+        windows = np.asarray(windows)
+        if chars[windows, :, 1].max() > len(record.context):
+            raise UserError(f"record {record.id!r}: offsets run past its report; "
+                            "expected the features of these records, in order")
+        top = windows[np.argmax(best[windows])]
+        if np.isfinite(best[top]):
+            preds[record.id] = record.context[best_start[top]:best_end[top]]
+            no_answer[record.id] = float(null_score[windows].min() - best[top])
+        else:
+            preds[record.id], no_answer[record.id] = "", _NO_SPAN_SCORE
+    return preds, no_answer

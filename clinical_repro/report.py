@@ -1,4 +1,4 @@
-"""Aggregation of results files into per-experiment views and the paper-style summary: Table 3 with bootstrap CIs, clinical-vs-general paired tests with Holm correction, limited data, ICL vs fine-tuning, cost, efficiency, provenance, seaborn figures and Markdown export.
+"""Results files -> per-experiment views and the paper-style summary (Table 3, paired tests, figures, Markdown).
 
 Docs: https://clinical-repro.github.io/clinical_repro/report.html.md"""
 
@@ -8,180 +8,242 @@ Docs: https://clinical-repro.github.io/clinical_repro/report.html.md"""
 from __future__ import annotations
 import json, math, os, re
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import matplotlib.pyplot as plt
 import seaborn as sns
 
-from .core import TASKS, MEDNLI_LABELS, CLIP_LABELS, UserError, atomic_write_text, get_logger
-from . import metrics
+from .core import DataError, Problem, UserError, atomic_write_text, get_logger
+from .config import Spec, params_dir, read_yaml, validate_spec
+from .tasks import TASKS, MEDNLI_LABELS, CLIP_LABELS, dev_metric, get_task, to_unit_scale
+from . import metrics, results
 
 # %% auto #0
-__all__ = ['METRICS', 'SELECTION', 'METRIC_LABELS', 'HEADLINE_COLUMNS', 'SYNTHETIC_BANNER', 'ANSWER_BINS', 'PAPER_TABLE3',
-           'load_results', 'load_items', 'clip_scores_from_masks', 'synthetic_notice', 'load_manifest', 'units_table',
-           'cost_table', 'plot_learning_curve', 'confusion_matrix', 'plot_confusion', 'qa_breakdown', 'per_label_f1',
-           'table3', 'format_table3', 'compare_with_paper', 'clinical_vs_general', 'limited_data', 'plot_limited_data',
-           'icl_vs_finetune', 'plot_icl_vs_finetune', 'plot_cost_vs_score', 'efficiency', 'provenance', 'save_figure',
-           'md_table', 'summary_markdown', 'write_summary_md', 'format_pairs', 'summary_sections', 'summarize']
+__all__ = ['N_BOOT', 'METRICS', 'METRIC_LABELS', 'HEADLINE_COLUMNS', 'SYNTHETIC_BANNER', 'ANSWER_BINS', 'load_results',
+           'load_items', 'clip_scores_from_masks', 'synthetic_notice', 'load_manifest', 'units_table', 'cost_table',
+           'plot_learning_curve', 'confusion_matrix', 'plot_confusion', 'qa_breakdown', 'per_label_f1', 'table3',
+           'format_table3', 'PaperResult', 'PaperResults', 'paper_results', 'compare_with_paper', 'clinical_vs_general',
+           'limited_data', 'plot_limited_data', 'icl_vs_finetune', 'plot_icl_vs_finetune', 'plot_cost_vs_score',
+           'efficiency', 'provenance', 'save_figure', 'md_table', 'summary_markdown', 'write_summary_md',
+           'format_pairs', 'summary_sections', 'summarize']
 
 # %% ../nbs/90_report.ipynb #714478e8
 _log = get_logger("clinical_repro.report")
 
-METRICS = (("mednli", "accuracy"), ("radqa", "exact"), ("radqa", "f1"), ("clip", "micro_f1"), ("clip", "macro_f1"))
-SELECTION = {"mednli": "accuracy", "radqa": "f1", "clip": "macro_f1"}
-METRIC_LABELS = {"mednli_accuracy": "MedNLI acc", "radqa_exact": "RadQA EM", "radqa_f1": "RadQA F1",
-                 "clip_micro_f1": "CLIP micro-F1", "clip_macro_f1": "CLIP macro-F1"}
-HEADLINE_COLUMNS = ("accuracy", "exact", "f1", "micro_f1", "macro_f1")
-_SQUAD_KEYS = {"exact", "f1", "best_exact", "best_f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1"}
+N_BOOT = 1000  # bootstrap resamples behind every interval and paired test of the summary
 
-def _col(task:str, metric:str) -> str: return f"{task}_{metric}"
+METRICS = tuple((task, metric) for task in TASKS for metric in get_task(task).table_metrics())  # Table 3's columns
+METRIC_LABELS = {f"{task}_{metric}": get_task(task).table_metrics()[metric] for task, metric in METRICS}
+HEADLINE_COLUMNS = tuple(dict.fromkeys(metric for _, metric in METRICS))  # one results-table column per metric
+
+def _column(task:str, metric:str) -> str:
+    "The Table 3 column of `task`'s `metric`, e.g. `radqa_f1`."
+    return f"{task}_{metric}"
+
+def _selection_metric(task) -> str|None:
+    "The registry's dev (selection) metric of `task`; None for a task it does not know (a foreign results file)."
+    return dev_metric(task) if task in TASKS else None
 
 # %% ../nbs/90_report.ipynb #d6068963
-def _get(d, *keys, default=None):
-    "Nested lookup that tolerates missing keys and non-dict levels."
-    for k in keys:
-        if not isinstance(d, Mapping) or k not in d: return default
-        d = d[k]
-    return d
+def _lookup(mapping, *keys, default=None):
+    "`mapping[key1][key2]...`, or `default` where a key is missing or a level is not a mapping."
+    for key in keys:
+        if not isinstance(mapping, Mapping) or key not in mapping:
+            return default
+        mapping = mapping[key]
+    return mapping
 
-def _num(x) -> float:
-    return float(x) if isinstance(x, (int, float, np.number)) and not isinstance(x, bool) and x is not None else math.nan
+def _as_float(value) -> float:
+    "A JSON number as a float; NaN for anything else (None, a boolean, text)."
+    is_number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+    return float(value) if is_number else math.nan
 
-def _headline(res:dict) -> dict:
-    "Headline test metrics (0-1) and the selection metric on dev and test of one ok results file."
-    task, mode, test = res.get("task"), res.get("mode"), _get(res, "metrics", "test") or {}
-    if mode == "icl" and task in ("mednli", "clip"): test = test.get(res.get("primary_variant") or "", {}) or {}
-    out = {k: math.nan for k in HEADLINE_COLUMNS}
-    if task == "mednli": out["accuracy"] = _num(test.get("accuracy"))
-    elif task == "radqa": out["exact"], out["f1"] = _num(test.get("exact")) / 100, _num(test.get("f1")) / 100
-    elif task == "clip": out["micro_f1"], out["macro_f1"] = _num(test.get("micro_f1")), _num(test.get("macro_f1"))
-    out["test"] = out.get(SELECTION.get(task, ""), math.nan)
-    if mode == "icl":
-        # The dev score of the chosen template (MedNLI rank accuracy, RadQA F1 on 0-1, CLIP macro-F1).
-        tpl = res.get("template") or {}
-        if task == "clip": tpl = tpl.get(res.get("primary_variant") or "", {}) or {}
-        out["dev"] = _num(_get(tpl, "scores", tpl.get("template")))
+def _primary_part(record:dict, section) -> Mapping:
+    "`section` of an ICL record for its primary variant, where it is kept per variant (MedNLI and CLIP), else itself."
+    variant = record.get("primary_variant")
+    if record.get("mode") == "icl" and isinstance(section.get(variant), Mapping):
+        return section[variant]
+    return section
+
+def _dev_score(record:dict) -> float:
+    "The dev selection metric (0-1): ICL the chosen template's dev score, fine-tuning the recorded dev metric."
+    task = record.get("task")
+    if record.get("mode") == "icl":
+        template = _primary_part(record, record.get("template") or {})
+        return _as_float(_lookup(template, "scores", template.get("template")))
+    key = record.get("dev_metric") or _selection_metric(task)
+    score = _as_float(_lookup(record, "metrics", "dev", key))
+    return to_unit_scale(task, key, score) if task in TASKS else score
+
+def _headline(record:dict) -> dict:
+    "Headline test metrics (0-1) and the selection metric on dev and test of one ok results record."
+    task = record.get("task")
+    test_scores = _primary_part(record, _lookup(record, "metrics", "test") or {})
+    headline = {column: math.nan for column in HEADLINE_COLUMNS}
+    for metric in (get_task(task).table_metrics() if task in TASKS else ()):
+        headline[metric] = to_unit_scale(task, metric, _as_float(test_scores.get(metric)))
+    headline["test"] = headline.get(_selection_metric(task) or "", math.nan)
+    headline["dev"] = _dev_score(record)
+    return headline
+
+# %% ../nbs/90_report.ipynb #d2d861f1
+_IDENTITY_COLUMNS = ("run_id", "status", "task", "model", "mode", "seed", "fraction", "shots", "draw")
+_COST_COLUMNS = ("wall_seconds", "train_seconds", "eval_seconds", "gpu_hours", "cpu_seconds", "samples_per_second",
+                 "peak_rss_mb", "oom_retries")
+_RESULT_COLUMNS = (*_IDENTITY_COLUMNS, *HEADLINE_COLUMNS, "dev", "test", "n_test", *_COST_COLUMNS, "device",
+                   "precision", "synthetic_demo", "error", "path", "items")
+
+def _cost(record:dict) -> dict:
+    "The cost columns of one results record (GPU-hours from wall time for CUDA units that record none)."
+    cost = record.get("cost") or {}
+    wall_seconds = _as_float(cost.get("wall_seconds"))
+    gpu_hours = _as_float(cost.get("gpu_hours"))
+    if math.isnan(gpu_hours) and _lookup(record, "provenance", "device", "type") == "cuda":
+        gpu_hours = wall_seconds / 3600  # ICL units record wall time only
+    return {"wall_seconds": wall_seconds,
+            "train_seconds": _as_float(cost.get("train_seconds")),
+            "eval_seconds": _as_float(cost.get("eval_seconds", cost.get("test_seconds"))),
+            "gpu_hours": gpu_hours,
+            "cpu_seconds": _as_float(cost.get("cpu_seconds")),
+            "samples_per_second": _as_float(cost.get("samples_per_second")),
+            "peak_rss_mb": _as_float(cost.get("peak_rss_mb")),
+            "oom_retries": _as_float(cost.get("oom_retries"))}
+
+def _row(record:dict, path:Path, results_dir:Path) -> dict:
+    "One `load_results` row: identity, headline metrics, cost, device and where the record's files are."
+    row = {key: record.get(key) for key in _IDENTITY_COLUMNS}
+    if record.get("status") == "ok":
+        row.update(_headline(record))
     else:
-        key = res.get("dev_metric") or SELECTION.get(task)
-        dev = _num(_get(res, "metrics", "dev", key))
-        out["dev"] = dev / 100 if task == "radqa" and key in _SQUAD_KEYS else dev
-    return out
-
-def _row(res:dict, path:Path, results_dir:Path) -> dict:
-    cost, prov = res.get("cost") or {}, res.get("provenance") or {}
-    device = _get(prov, "device", "type")
-    items = res.get("items")
-    wall = _num(cost.get("wall_seconds"))
-    gpu_hours = _num(cost.get("gpu_hours"))
-    if math.isnan(gpu_hours) and device == "cuda": gpu_hours = wall / 3600  # ICL units record wall time only
-    row = dict(run_id=res.get("run_id"), status=res.get("status"), task=res.get("task"), model=res.get("model"),
-               mode=res.get("mode"), seed=res.get("seed"), fraction=res.get("fraction"), shots=res.get("shots"),
-               draw=res.get("draw"))
-    row.update(_headline(res) if res.get("status") == "ok" else {**{k: math.nan for k in HEADLINE_COLUMNS}, "test": math.nan, "dev": math.nan})
-    row.update(n_test=_num(_get(res, "counts", "test")), wall_seconds=wall, train_seconds=_num(cost.get("train_seconds")),
-               eval_seconds=_num(cost.get("eval_seconds", cost.get("test_seconds"))), gpu_hours=gpu_hours,
-               cpu_seconds=_num(cost.get("cpu_seconds")), samples_per_second=_num(cost.get("samples_per_second")),
-               peak_rss_mb=_num(cost.get("peak_rss_mb")), oom_retries=_num(cost.get("oom_retries")),
-               device=device, precision=prov.get("precision"), synthetic_demo=bool(res.get("synthetic_demo", False)),
-               error=res.get("error") or res.get("reason"), path=str(path),
+        row.update(dict.fromkeys((*HEADLINE_COLUMNS, "test", "dev"), math.nan))
+    row.update(_cost(record))
+    items = record.get("items")
+    row.update(n_test=_as_float(_lookup(record, "counts", "test")),
+               device=_lookup(record, "provenance", "device", "type"),
+               precision=(record.get("provenance") or {}).get("precision"),
+               synthetic_demo=bool(record.get("synthetic_demo", False)),
+               error=record.get("error") or record.get("reason"),
+               path=str(path),
                items=str((results_dir/items).resolve()) if isinstance(items, str) and items else None)
     return row
+
+def _sort_by_task(table:pd.DataFrame, by:Sequence[str], **sort_options) -> pd.DataFrame:
+    "`table` sorted by the registry's task order, then by the columns `by`; a fresh index."
+    task_order = table.task.map({task: position for position, task in enumerate(TASKS)})
+    ordered = table.assign(_task_order=task_order).sort_values(["_task_order", *by], **sort_options)
+    return ordered.drop(columns="_task_order").reset_index(drop=True)
 
 def load_results(results_dir) -> pd.DataFrame:
     "One row per results file in `results_dir`: identity, headline metrics (0-1), dev/test selection metric, cost."
     results_dir = Path(results_dir)
-    if not results_dir.is_dir(): raise UserError(f"expected a results folder, {results_dir} is not a directory")
+    if not results_dir.is_dir():
+        raise UserError(f"expected a results folder, {results_dir} is not a directory")
     rows = []
-    for p in sorted(results_dir.glob("*.json")):
-        try: res = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            _log.warning(f"skipping {p}: not a readable JSON file ({e.__class__.__name__})"); continue
-        if not isinstance(res, dict) or not {"run_id", "status", "task", "model", "mode"} <= set(res):
-            _log.warning(f"skipping {p}: not a results file (expected an object with run_id, status, task, model, mode)"); continue
-        rows.append(_row(res, p, results_dir))
-    cols = ["run_id", "status", "task", "model", "mode", "seed", "fraction", "shots", "draw", *HEADLINE_COLUMNS, "dev", "test",
-            "n_test", "wall_seconds", "train_seconds", "eval_seconds", "gpu_hours", "cpu_seconds", "samples_per_second",
-            "peak_rss_mb", "oom_retries", "device", "precision", "synthetic_demo", "error", "path", "items"]
-    df = pd.DataFrame(rows, columns=cols)
-    for c in ("seed", "shots", "draw"): df[c] = df[c].astype("Int64")
-    df["fraction"] = df["fraction"].astype(float)
-    task_order = {t: i for i, t in enumerate(TASKS)}
-    df = df.assign(_t=df.task.map(task_order)).sort_values(["_t", "mode", "model", "fraction", "shots", "seed", "draw"],
-                                                           na_position="first", kind="stable")
-    return df.drop(columns="_t").reset_index(drop=True)
-
-# %% ../nbs/90_report.ipynb #f5bde2b6
-def _bits_to_matrix(masks) -> np.ndarray:
-    "(n,) integer bit masks -> (n, 7) 0/1 matrix; bit i is CLIP_LABELS[i]."
-    m = np.asarray(masks, dtype=np.int64).reshape(-1)
-    return ((m[:, None] >> np.arange(len(CLIP_LABELS))) & 1).astype(int)
+    for path in sorted(results_dir.glob("*.json")):
+        record = results.read_results(path)
+        if record is None or not {"run_id", "status", "task", "model", "mode"} <= set(record):
+            _log.warning(f"skipping {path}: not a results file "
+                         "(expected a JSON object with run_id, status, task, model, mode)")
+            continue
+        rows.append(_row(record, path, results_dir))
+    table = pd.DataFrame(rows, columns=_RESULT_COLUMNS)
+    for column in ("seed", "shots", "draw"):
+        table[column] = table[column].astype("Int64")
+    table["fraction"] = table["fraction"].astype(float)
+    return _sort_by_task(table, ["mode", "model", "fraction", "shots", "seed", "draw"], na_position="first",
+                         kind="stable")
 
 # %% ../nbs/90_report.ipynb #28b7948d
+def _items_file(results_dir, run_id:str) -> str:
+    "Where a unit's items file is, relative to `results_dir`: `items/<run_id>.json`, else where its results file says."
+    default = f"items/{run_id}.json"
+    if (Path(results_dir)/default).is_file():
+        return default
+    record = results.read_results(results.results_path(results_dir, run_id)) or {}
+    return record.get("items") or default
+
 def load_items(results_dir,             # the grid's results folder
                run_id:str,              # the unit
                variant:str|None=None,   # a variant name (ICL: e.g. "generate"); default the primary one
               ) -> dict:
     "One unit's per-item outcomes (ids and scores, no text) for `variant` (default: the primary variant)."
-    p = Path(results_dir)/"items"/f"{run_id}.json"
-    if not p.is_file():
-        try: rel = json.loads((Path(results_dir)/f"{run_id}.json").read_text()).get("items")
-        except (OSError, ValueError): rel = None
-        if rel: p = Path(results_dir)/rel
-    try: d = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"expected the per-item outcomes of unit {run_id} in {p}: {e.__class__.__name__}") from None
-    variants = d.get("variants") or {}
-    name = variant or d.get("primary")
+    relative = _items_file(results_dir, run_id)
+    items_file = results.read_items(results_dir, relative)
+    variants = items_file.get("variants") or {}
+    name = variant or items_file.get("primary")
     if name not in variants:
-        raise UserError(f"{p}: no variant {name!r}; expected one of {sorted(variants)}")
-    return {**variants[name], "task": d.get("task"), "variant": name}
+        raise UserError(f"{Path(results_dir)/relative}: no variant {name!r}; expected one of {sorted(variants)}")
+    return {**variants[name], "task": items_file.get("task"), "variant": name}
 
-def _item_metric(task:str, metric:str, it:dict) -> Callable[[np.ndarray], float]:
-    "metric(idx) on the items at positions idx (0-1 scale)."
-    if task == "mednli":
-        if metric != "accuracy": raise UserError(f"MedNLI items give accuracy only, not {metric!r}")
-        c = (np.asarray(it["gold"]) == np.asarray(it["pred"])).astype(float)
-        return lambda idx: float(c[idx].mean())
-    if task == "radqa":
-        if metric not in ("exact", "f1"): raise UserError(f"RadQA items give exact and f1, not {metric!r}")
-        v = np.asarray(it[metric], float)
-        return lambda idx: float(v[idx].mean())
-    if metric not in ("micro_f1", "macro_f1"): raise UserError(f"CLIP items give micro_f1 and macro_f1, not {metric!r}")
-    y, p = _bits_to_matrix(it["gold"]), _bits_to_matrix(it["pred"])
+def _check_item_metric(task:str, metric:str) -> None:
+    "A UserError unless `metric` is one `task`'s items give (its table metrics)."
+    known = tuple(get_task(task).table_metrics())
+    if metric not in known:
+        raise UserError(f"{task} items give {', '.join(known)}, not {metric!r}")
+
+def _clip_f1_over_items(metric:str, items:dict) -> Callable[[np.ndarray], float]:
+    "CLIP micro- or macro-F1 of the items at `positions`, from per-item label counts."
+    gold, pred = metrics.clip_bits_to_matrix(items["gold"]), metrics.clip_bits_to_matrix(items["pred"])
     # Per-item counts: a resample's F1 is the F1 of its summed counts, the same arithmetic as multilabel_scores.
-    tp, fp, fn = y & p, (1 - y) & p, y & (1 - p)
-    def f(idx):
-        t, f_, n = tp[idx].sum(0), fp[idx].sum(0), fn[idx].sum(0)
-        if metric == "micro_f1": return float(metrics._f1_from_counts(t.sum(), f_.sum(), n.sum()))
-        return float(metrics._f1_from_counts(t, f_, n).mean())
-    return f
+    true_pos, false_pos, false_neg = gold & pred, (1 - gold) & pred, gold & (1 - pred)
+
+    def f1_at(positions):
+        tp, fp, fn = true_pos[positions].sum(0), false_pos[positions].sum(0), false_neg[positions].sum(0)
+        if metric == "micro_f1":
+            return float(metrics.f1_from_counts(tp.sum(), fp.sum(), fn.sum()))
+        return float(metrics.f1_from_counts(tp, fp, fn).mean())
+    return f1_at
+
+def _metric_over_items(task:str, metric:str, items:dict) -> Callable[[np.ndarray], float]:
+    "metric(positions): `metric` (0-1) over the items at `positions` (a bootstrap resample is an index array)."
+    _check_item_metric(task, metric)
+    if task == "mednli":
+        correct = (np.asarray(items["gold"]) == np.asarray(items["pred"])).astype(float)
+        return lambda positions: float(correct[positions].mean())
+    if task == "radqa":
+        per_item = np.asarray(items[metric], float)
+        return lambda positions: float(per_item[positions].mean())
+    return _clip_f1_over_items(metric, items)
 
 def clip_scores_from_masks(gold, pred) -> dict:
     "CLIP micro/macro/per-label F1 from integer label masks (bit i = CLIP_LABELS[i]), via `metrics.multilabel_scores`."
-    return metrics.multilabel_scores(_bits_to_matrix(gold), _bits_to_matrix(pred))
+    return metrics.multilabel_scores(metrics.clip_bits_to_matrix(gold), metrics.clip_bits_to_matrix(pred))
 
 # %% ../nbs/90_report.ipynb #ceec8b06
-def _align(items:Sequence[dict]) -> tuple[list[str], list[np.ndarray]]:
+def _align(item_lists:Sequence[dict]) -> tuple[list[str], list[np.ndarray]]:
     "Common ids (first unit's order) and, per unit, the positions of those ids in its lists."
-    if not items: return [], []
-    common = set(items[0]["ids"])
-    for it in items[1:]: common &= set(it["ids"])
-    ids = [i for i in items[0]["ids"] if i in common]
-    pos = [{i: k for k, i in enumerate(it["ids"])} for it in items]
-    return ids, [np.array([p[i] for i in ids], dtype=int) for p in pos]
+    if not item_lists:
+        return [], []
+    common = set(item_lists[0]["ids"])
+    for items in item_lists[1:]:
+        common &= set(items["ids"])
+    ids = [item_id for item_id in item_lists[0]["ids"] if item_id in common]
+    position_of = [{item_id: k for k, item_id in enumerate(items["ids"])} for items in item_lists]
+    return ids, [np.array([positions[item_id] for item_id in ids], dtype=int) for positions in position_of]
 
-def _subset(it:dict, pos:np.ndarray) -> dict:
-    return {k: (np.asarray(v)[pos].tolist() if isinstance(v, list) else v) for k, v in it.items()}
+def _take(items:dict, positions:np.ndarray) -> dict:
+    "The per-item lists of `items` at `positions` (other fields as they are)."
+    return {key: (np.asarray(value)[positions].tolist() if isinstance(value, list) else value)
+            for key, value in items.items()}
 
-def _load_many(results_dir, run_ids:Sequence[str]) -> dict:
+def _load_items_of(results_dir, run_ids:Sequence[str]) -> dict:
     "run_id -> items (primary variant); units whose items cannot be read are left out with a warning."
-    out = {}
-    for r in run_ids:
-        try: out[r] = load_items(results_dir, r)
-        except UserError as e: _log.warning(f"no per-item outcomes for unit {r}: {e}")
-    return out
+    loaded = {}
+    for run_id in run_ids:
+        try:
+            loaded[run_id] = load_items(results_dir, run_id)
+        except UserError as e:
+            _log.warning(f"no per-item outcomes for unit {run_id}: {e}")
+    return loaded
+
+def _cached_items(results_dir, run_ids:Sequence[str], cache:dict) -> list[dict|None]:
+    "The items of each unit (None when unreadable), read once per unit into `cache`."
+    for run_id in run_ids:
+        if run_id not in cache:
+            cache[run_id] = _load_items_of(results_dir, [run_id]).get(run_id)
+    return [cache[run_id] for run_id in run_ids]
 
 # %% ../nbs/90_report.ipynb #dc9d3752
 SYNTHETIC_BANNER = ("> **Synthetic data and demo models — not a reproduction of Lehman et al. 2023.** "
@@ -190,407 +252,570 @@ SYNTHETIC_BANNER = ("> **Synthetic data and demo models — not a reproduction o
 
 def synthetic_notice(df_or_manifest) -> str:
     "The Markdown banner when any unit (DataFrame) or the grid (manifest dict) is synthetic, else ''."
-    if df_or_manifest is None: return ""
+    if df_or_manifest is None:
+        return ""
     if isinstance(df_or_manifest, pd.DataFrame):
-        synth = "synthetic_demo" in df_or_manifest and bool(df_or_manifest["synthetic_demo"].fillna(False).astype(bool).any())
-    elif isinstance(df_or_manifest, Mapping): synth = bool(df_or_manifest.get("synthetic", False))
-    else: raise UserError(f"expected a results DataFrame or a manifest dict, got {type(df_or_manifest).__name__}")
-    return SYNTHETIC_BANNER if synth else ""
+        flags = df_or_manifest.get("synthetic_demo")
+        synthetic = flags is not None and bool(flags.fillna(False).astype(bool).any())
+    elif isinstance(df_or_manifest, Mapping):
+        synthetic = bool(df_or_manifest.get("synthetic", False))
+    else:
+        raise UserError(f"expected a results DataFrame or a manifest dict, got {type(df_or_manifest).__name__}")
+    return SYNTHETIC_BANNER if synthetic else ""
 
 def load_manifest(grid_dir) -> dict|None:
     "The runner's `<grid_dir>/manifest.json`, or None when there is none (or it is unreadable: logged)."
-    p = Path(grid_dir)/"manifest.json"
-    if not p.exists(): return None
-    try: return json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e: _log.warning(f"ignoring {p}: not readable JSON ({e.__class__.__name__})"); return None
+    path = Path(grid_dir)/"manifest.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        _log.warning(f"ignoring {path}: not readable JSON ({e.__class__.__name__})")
+        return None
 
 # %% ../nbs/90_report.ipynb #b1d64723
-def _fmt_unit(r) -> str:
-    "seed 0, 25 % / 1-shot draw 0"
+def _unit_label(row) -> str:
+    "How a unit is named in tables and legends: 'seed 0, 25 %' or '1-shot, draw 0, seed 0'."
     parts = []
-    if r.get("mode") == "icl":
-        if not pd.isna(r.get("shots")): parts.append(f"{int(r['shots'])}-shot")
-        if not pd.isna(r.get("draw")): parts.append(f"draw {int(r['draw'])}")
-    elif not pd.isna(r.get("fraction")): parts.append(f"{100 * r['fraction']:g} %")
-    if not pd.isna(r.get("seed")): parts.append(f"seed {int(r['seed'])}")
+    if row.get("mode") == "icl":
+        if not pd.isna(row.get("shots")):
+            parts.append(f"{int(row['shots'])}-shot")
+        if not pd.isna(row.get("draw")):
+            parts.append(f"draw {int(row['draw'])}")
+    elif not pd.isna(row.get("fraction")):
+        parts.append(f"{100 * row['fraction']:g} %")
+    if not pd.isna(row.get("seed")):
+        parts.append(f"seed {int(row['seed'])}")
     return ", ".join(parts)
+
+def _shorten(error, limit:int=80):
+    "An error message cut to `limit` characters (with '...'); anything else as it is."
+    return error if not isinstance(error, str) or len(error) <= limit else error[:limit - 3] + "..."
 
 def units_table(df:pd.DataFrame) -> pd.DataFrame:
     "Per-unit status, test metrics (0-1), dev selection metric and cost, one readable row per unit."
-    cols = ["run_id", "status", "seed", "fraction", "shots", "draw"]
-    cols += [c for c in HEADLINE_COLUMNS if c in df and df[c].notna().any()]
-    cols += ["dev", "n_test", "wall_seconds", "train_seconds", "gpu_hours", "device", "error"]
-    t = df[[c for c in cols if c in df]].copy()
-    for c in ("fraction", "shots", "draw"):
-        if c in t and t[c].isna().all(): t = t.drop(columns=c)
-    if "error" in t:
-        if t["error"].isna().all(): t = t.drop(columns="error")
-        else: t["error"] = t["error"].map(lambda e: e if not isinstance(e, str) or len(e) <= 80 else e[:77] + "...")
-    for c in HEADLINE_COLUMNS + ("dev",):
-        if c in t: t[c] = t[c].round(3)
-    for c in ("wall_seconds", "train_seconds"):
-        if c in t: t[c] = t[c].round(1)
-    return t.reset_index(drop=True)
+    columns = ["run_id", "status", "seed", "fraction", "shots", "draw"]
+    columns += [column for column in HEADLINE_COLUMNS if column in df and df[column].notna().any()]
+    columns += ["dev", "n_test", "wall_seconds", "train_seconds", "gpu_hours", "device", "error"]
+    table = df[[column for column in columns if column in df]].copy()
+    for column in ("fraction", "shots", "draw"):
+        if column in table and table[column].isna().all():
+            table = table.drop(columns=column)
+    if "error" in table:
+        if table["error"].isna().all():
+            table = table.drop(columns="error")
+        else:
+            table["error"] = table["error"].map(_shorten)
+    for column in HEADLINE_COLUMNS + ("dev",):
+        if column in table:
+            table[column] = table[column].round(3)
+    for column in ("wall_seconds", "train_seconds"):
+        if column in table:
+            table[column] = table[column].round(1)
+    return table.reset_index(drop=True)
+
+def _distinct(values:pd.Series) -> str:
+    "The distinct non-missing values, sorted, comma-separated."
+    return ", ".join(sorted(set(map(str, values.dropna()))))
 
 def cost_table(df:pd.DataFrame) -> pd.DataFrame:
-    "Cost per (task, model, mode): units, wall and train seconds (mean and total), GPU-hours, throughput, memory, OOM retries."
-    ok = df[df.status == "ok"]
-    if ok.empty: return pd.DataFrame()
-    g = ok.groupby(["task", "model", "mode"], sort=False)
-    t = pd.DataFrame({"units": g.size(), "wall_s_mean": g.wall_seconds.mean(), "wall_s_total": g.wall_seconds.sum(),
-                      "train_s_mean": g.train_seconds.mean(), "gpu_hours_total": g.gpu_hours.sum(min_count=1),
-                      "samples_per_s": g.samples_per_second.mean(), "peak_rss_mb": g.peak_rss_mb.max(),
-                      "oom_retries": g.oom_retries.sum(min_count=1),
-                      "device": g.device.agg(lambda s: ", ".join(sorted(set(map(str, s.dropna()))))),
-                      "precision": g.precision.agg(lambda s: ", ".join(sorted(set(map(str, s.dropna()))))),})
-    return t.dropna(axis=1, how="all").round(3).reset_index()
+    "Cost per (task, model, mode): units, wall and train seconds, GPU-hours, throughput, memory, OOM retries."
+    finished = df[df.status == "ok"]
+    if finished.empty:
+        return pd.DataFrame()
+    groups = finished.groupby(["task", "model", "mode"], sort=False)
+    table = pd.DataFrame({"units": groups.size(),
+                          "wall_s_mean": groups.wall_seconds.mean(),
+                          "wall_s_total": groups.wall_seconds.sum(),
+                          "train_s_mean": groups.train_seconds.mean(),
+                          "gpu_hours_total": groups.gpu_hours.sum(min_count=1),
+                          "samples_per_s": groups.samples_per_second.mean(),
+                          "peak_rss_mb": groups.peak_rss_mb.max(),
+                          "oom_retries": groups.oom_retries.sum(min_count=1),
+                          "device": groups.device.agg(_distinct),
+                          "precision": groups.precision.agg(_distinct)})
+    return table.dropna(axis=1, how="all").round(3).reset_index()
 
 # %% ../nbs/90_report.ipynb #fcd7ac0a
-def _results(path) -> dict:
-    try: return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError): return {}
+def _read_record(path) -> dict:
+    "The results record in `path`, or {} when it cannot be read."
+    return results.read_results(path) or {}
 
-def _history(res:dict) -> pd.DataFrame:
+def _dev_history(record:dict) -> pd.DataFrame:
     "A fine-tuning unit's dev history with the selection metric as `value` (0-1)."
-    h = pd.DataFrame(res.get("dev_history") or [])
-    key = res.get("dev_metric") or SELECTION.get(res.get("task"), "")
-    if h.empty or key not in h: return pd.DataFrame(columns=["epoch", "step", "train_seconds", "value"])
-    h["value"] = h[key].astype(float)
+    history = pd.DataFrame(record.get("dev_history") or [])
+    task = record.get("task")
+    key = record.get("dev_metric") or _selection_metric(task) or ""
+    if history.empty or key not in history:
+        return pd.DataFrame(columns=["epoch", "step", "train_seconds", "value"])
+    history["value"] = history[key].astype(float)
     # The trainer logs RadQA dev F1 on 0-1 while results' metrics use the official 0-100: accept either.
-    if res.get("task") == "radqa" and key in _SQUAD_KEYS and h["value"].max() > 1.0: h["value"] /= 100
-    return h
+    if task in TASKS and history["value"].max() > 1.0:
+        history["value"] = to_unit_scale(task, key, history["value"])
+    return history
 
 def _metric_label(task:str, metric:str|None=None) -> str:
-    metric = metric or SELECTION.get(task, "")
-    return METRIC_LABELS.get(_col(task, metric), f"{task} {metric}")
+    "The table label of `task`'s `metric` (default: its selection metric), e.g. 'RadQA F1'."
+    metric = metric or _selection_metric(task) or ""
+    return METRIC_LABELS.get(_column(task, metric), f"{task} {metric}")
+
+def _new_axes(ax, figsize:tuple):
+    "(figure, axes): those of `ax`, or a new figure of `figsize`."
+    return (ax.figure, ax) if ax is not None else plt.subplots(figsize=figsize)
+
+def _plot_dev_curves(ax, finetuned:pd.DataFrame, task:str) -> None:
+    "One line per fine-tuning unit: dev selection metric against the optimizer step."
+    frames = []
+    for _, row in finetuned.iterrows():
+        history = _dev_history(_read_record(row.path))
+        if len(history):
+            frames.append(history.assign(unit=f"{row.model}: {_unit_label(row)}"))
+    if frames:  # dashes per unit: identical curves stay visible
+        sns.lineplot(pd.concat(frames, ignore_index=True), x="step", y="value", hue="unit", style="unit",
+                     markers=True, ax=ax)
+    ax.set(xlabel="optimizer step", ylabel=f"dev {_metric_label(task)} (0-1)",
+           title=f"{task}: dev score during fine-tuning")
+
+def _plot_icl_by_shots(ax, icl_units:pd.DataFrame, task:str) -> None:
+    "ICL: test selection metric against shots, each draw a point, the mean per shot count a line."
+    points = icl_units.assign(shots=icl_units.shots.astype(int))
+    sns.stripplot(points, x="shots", y="test", hue="model", dodge=False, size=7, ax=ax, jitter=0.05)
+    means = points.groupby(["model", "shots"]).test.mean().reset_index()
+    sns.pointplot(means, x="shots", y="test", hue="model", markers="_", linestyles="-", ax=ax, legend=False)
+    ax.set(xlabel="in-context examples (shots)", ylabel=f"test {_metric_label(task)} (0-1)",
+           title=f"{task}: in-context learning by shots (points = draws)")
 
 def plot_learning_curve(results_dir, df:pd.DataFrame, ax=None):
-    "Dev metric vs optimizer step per fine-tuning unit; ICL: test metric vs shots (draws as points). Returns the figure."
-    ok = df[df.status == "ok"]
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 4))
-    task = ok.task.iloc[0] if len(ok) else ""
-    ft, icl = ok[ok["mode"] == "finetune"], ok[ok["mode"] == "icl"]
-    if len(ft):
-        frames = []
-        for _, r in ft.iterrows():
-            h = _history(_results(r.path))
-            if len(h): frames.append(h.assign(unit=f"{r.model}: {_fmt_unit(r)}"))
-        if frames:
-            sns.lineplot(pd.concat(frames, ignore_index=True), x="step", y="value", hue="unit", style="unit", markers=True, ax=ax)  # dashes: identical curves stay visible
-        ax.set(xlabel="optimizer step", ylabel=f"dev {_metric_label(task)} (0-1)", title=f"{task}: dev score during fine-tuning")
-    elif len(icl):
-        pts = icl.assign(shots=icl.shots.astype(int))
-        sns.stripplot(pts, x="shots", y="test", hue="model", dodge=False, size=7, ax=ax, jitter=0.05)
-        means = pts.groupby(["model", "shots"]).test.mean().reset_index()
-        sns.pointplot(means, x="shots", y="test", hue="model", markers="_", linestyles="-", ax=ax, legend=False)
-        ax.set(xlabel="in-context examples (shots)", ylabel=f"test {_metric_label(task)} (0-1)",
-               title=f"{task}: in-context learning by shots (points = draws)")
+    "Dev metric vs optimizer step per fine-tuning unit; ICL: test metric vs shots (draws as points); the figure."
+    finished = df[df.status == "ok"]
+    fig, ax = _new_axes(ax, (7, 4))
+    task = finished.task.iloc[0] if len(finished) else ""
+    finetuned, icl_units = finished[finished["mode"] == "finetune"], finished[finished["mode"] == "icl"]
+    if len(finetuned):
+        _plot_dev_curves(ax, finetuned, task)
+    elif len(icl_units):
+        _plot_icl_by_shots(ax, icl_units, task)
     else:
-        ax.text(0.5, 0.5, "no finished units", ha="center", va="center", transform=ax.transAxes); ax.set_axis_off()
-    if ax.get_legend() is not None: sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), frameon=False, title=None)
+        ax.text(0.5, 0.5, "no finished units", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    if ax.get_legend() is not None:
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), frameon=False, title=None)
     fig.tight_layout()
     return fig
 
 # %% ../nbs/90_report.ipynb #9878c50d
+def _finished_at_largest_fraction(df:pd.DataFrame, task:str) -> pd.DataFrame:
+    "The ok units of `task`, at the largest training fraction when the units have fractions (ICL units: all)."
+    finished = df[(df.status == "ok") & (df.task == task)]
+    if finished.fraction.notna().any():
+        finished = finished[finished.fraction == finished.fraction.max()]
+    return finished
+
 def confusion_matrix(results_dir, df:pd.DataFrame) -> pd.DataFrame:
     "MedNLI gold x predicted counts summed over ok units at the largest fraction (a 'parse failure' column for -1)."
-    ok = df[(df.status == "ok") & (df.task == "mednli")]
-    if ok.fraction.notna().any(): ok = ok[ok.fraction == ok.fraction.max()]
-    cols = list(MEDNLI_LABELS) + ["parse failure"]
-    m = np.zeros((len(MEDNLI_LABELS), len(cols)), dtype=int)
-    for it in _load_many(results_dir, list(ok.run_id)).values():
-        g, p = np.asarray(it["gold"]), np.asarray(it["pred"])
-        np.add.at(m, (g, np.where(p < 0, len(MEDNLI_LABELS), p)), 1)
-    out = pd.DataFrame(m, index=pd.Index(MEDNLI_LABELS, name="gold"), columns=pd.Index(cols, name="predicted"))
-    return out
+    finished = _finished_at_largest_fraction(df, "mednli")
+    columns = list(MEDNLI_LABELS) + ["parse failure"]
+    counts = np.zeros((len(MEDNLI_LABELS), len(columns)), dtype=int)
+    for items in _load_items_of(results_dir, list(finished.run_id)).values():
+        gold, pred = np.asarray(items["gold"]), np.asarray(items["pred"])
+        np.add.at(counts, (gold, np.where(pred < 0, len(MEDNLI_LABELS), pred)), 1)
+    return pd.DataFrame(counts, index=pd.Index(MEDNLI_LABELS, name="gold"),
+                        columns=pd.Index(columns, name="predicted"))
 
-def plot_confusion(cm:pd.DataFrame, ax=None, title:str="MedNLI confusion (counts summed over units)"):
+def plot_confusion(counts:pd.DataFrame, ax=None, title:str="MedNLI confusion (counts summed over units)"):
     "Heatmap of a confusion matrix with counts; returns the figure."
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 4))
-    sns.heatmap(cm, annot=True, fmt="d", cmap="Blues", cbar=False, ax=ax)
+    fig, ax = _new_axes(ax, (6, 4))
+    sns.heatmap(counts, annot=True, fmt="d", cmap="Blues", cbar=False, ax=ax)
     ax.set(title=title, xlabel="predicted label", ylabel="gold label")
-    ax.tick_params(axis="x", rotation=20); ax.tick_params(axis="y", rotation=0)
+    ax.tick_params(axis="x", rotation=20)
+    ax.tick_params(axis="y", rotation=0)
     fig.tight_layout()
     return fig
 
 # %% ../nbs/90_report.ipynb #4c77ec15
 ANSWER_BINS = ((1, 3, "1-3"), (4, 10, "4-10"), (11, 30, "11-30"), (31, 10**9, ">30"))
 
-def _qa_rows(it:dict) -> list[dict]:
-    em, f1 = np.asarray(it["exact"], float), np.asarray(it["f1"], float)
-    has, words, empty = np.asarray(it["has_answer"], bool), np.asarray(it["answer_words"]), np.asarray(it["pred_empty"], bool)
-    groups = [("all", np.ones_like(has)), ("HasAns", has), ("NoAns", ~has)]
-    groups += [(f"HasAns, answer {lab} words", has & (words >= lo) & (words <= hi)) for lo, hi, lab in ANSWER_BINS]
-    return [{"group": g, "n": int(m.sum()), "exact": em[m].mean() if m.any() else math.nan,
-             "f1": f1[m].mean() if m.any() else math.nan, "no_answer_rate": empty[m].mean() if m.any() else math.nan}
-            for g, m in groups]
+def _mean_or_nan(values:np.ndarray, mask:np.ndarray) -> float:
+    "The mean of `values` where `mask`, NaN when the mask is empty."
+    return values[mask].mean() if mask.any() else math.nan
+
+def _qa_rows(items:dict) -> list[dict]:
+    "One unit's EM, F1 and no-answer rate for all items, HasAns, NoAns and each answer-length bin."
+    exact, f1 = np.asarray(items["exact"], float), np.asarray(items["f1"], float)
+    has_answer, words = np.asarray(items["has_answer"], bool), np.asarray(items["answer_words"])
+    predicted_empty = np.asarray(items["pred_empty"], bool)
+    groups = [("all", np.ones_like(has_answer)), ("HasAns", has_answer), ("NoAns", ~has_answer)]
+    groups += [(f"HasAns, answer {label} words", has_answer & (words >= low) & (words <= high))
+               for low, high, label in ANSWER_BINS]
+    return [{"group": group, "n": int(mask.sum()), "exact": _mean_or_nan(exact, mask), "f1": _mean_or_nan(f1, mask),
+             "no_answer_rate": _mean_or_nan(predicted_empty, mask)} for group, mask in groups]
 
 def qa_breakdown(results_dir, df:pd.DataFrame) -> pd.DataFrame:
     "RadQA EM/F1 (0-1) and predicted-no-answer rate for HasAns/NoAns and by gold answer length, mean over ok units."
-    ok = df[(df.status == "ok") & (df.task == "radqa")]
-    if ok.fraction.notna().any(): ok = ok[ok.fraction == ok.fraction.max()]
-    rows = [r for it in _load_many(results_dir, list(ok.run_id)).values() for r in _qa_rows(it)]
-    if not rows: return pd.DataFrame(columns=["group", "n", "exact", "f1", "no_answer_rate"])
-    t = pd.DataFrame(rows).groupby("group", sort=False).mean().reset_index()
-    return t.assign(n=t.n.round(1))
+    finished = _finished_at_largest_fraction(df, "radqa")
+    rows = [row for items in _load_items_of(results_dir, list(finished.run_id)).values() for row in _qa_rows(items)]
+    if not rows:
+        return pd.DataFrame(columns=["group", "n", "exact", "f1", "no_answer_rate"])
+    table = pd.DataFrame(rows).groupby("group", sort=False).mean().reset_index()
+    return table.assign(n=table.n.round(1))
 
 # %% ../nbs/90_report.ipynb #81206b53
+def _label_scores(items:dict) -> pd.DataFrame:
+    "One unit's per-label precision, recall, F1 and support."
+    gold, pred = metrics.clip_bits_to_matrix(items["gold"]), metrics.clip_bits_to_matrix(items["pred"])
+    tp, fp, fn = (gold & pred).sum(0), ((1 - gold) & pred).sum(0), (gold & (1 - pred)).sum(0)
+    precision = np.divide(tp, tp + fp, out=np.zeros(len(tp)), where=(tp + fp) > 0)
+    recall = np.divide(tp, tp + fn, out=np.zeros(len(tp)), where=(tp + fn) > 0)
+    return pd.DataFrame({"label": CLIP_LABELS, "precision": precision, "recall": recall,
+                         "f1": metrics.f1_from_counts(tp, fp, fn), "support": gold.sum(0)})
+
 def per_label_f1(results_dir, df:pd.DataFrame) -> pd.DataFrame:
     "CLIP per-label precision, recall, F1 and support (gold positives), mean over ok units at the largest fraction."
-    ok = df[(df.status == "ok") & (df.task == "clip")]
-    if ok.fraction.notna().any(): ok = ok[ok.fraction == ok.fraction.max()]
-    frames = []
-    for it in _load_many(results_dir, list(ok.run_id)).values():
-        y, p = _bits_to_matrix(it["gold"]), _bits_to_matrix(it["pred"])
-        tp, fp, fn = (y & p).sum(0), ((1 - y) & p).sum(0), (y & (1 - p)).sum(0)
-        prec = np.divide(tp, tp + fp, out=np.zeros(len(tp)), where=(tp + fp) > 0)
-        rec = np.divide(tp, tp + fn, out=np.zeros(len(tp)), where=(tp + fn) > 0)
-        frames.append(pd.DataFrame({"label": CLIP_LABELS, "precision": prec, "recall": rec,
-                                    "f1": metrics._f1_from_counts(tp, fp, fn), "support": y.sum(0)}))
-    if not frames: return pd.DataFrame(columns=["label", "precision", "recall", "f1", "support"])
+    finished = _finished_at_largest_fraction(df, "clip")
+    frames = [_label_scores(items) for items in _load_items_of(results_dir, list(finished.run_id)).values()]
+    if not frames:
+        return pd.DataFrame(columns=["label", "precision", "recall", "f1", "support"])
     return pd.concat(frames).groupby("label", sort=False).mean().reset_index()
 
 # %% ../nbs/90_report.ipynb #81b43ba8
+def _finetuned_at_full_data(df:pd.DataFrame) -> pd.DataFrame:
+    "The ok fine-tuning units trained on 100 % of the training data."
+    at_full_data = np.isclose(df.fraction.astype(float).fillna(-1), 1.0)
+    return df[(df.status == "ok") & (df["mode"] == "finetune") & at_full_data]
+
 def _table_rows(df:pd.DataFrame) -> pd.DataFrame:
     "The ok rows Table 3 uses: fine-tuning at fraction 1.0, and every ICL unit."
-    ok = df[df.status == "ok"]
-    ft = ok[(ok["mode"] == "finetune") & np.isclose(ok.fraction.astype(float).fillna(-1), 1.0)]
-    return pd.concat([ft, ok[ok["mode"] == "icl"]])
+    return pd.concat([_finetuned_at_full_data(df), df[(df.status == "ok") & (df["mode"] == "icl")]])
 
 def _row_keys(rows:pd.DataFrame) -> list[tuple]:
+    "Table 3's (model, mode, shots) rows: fine-tuning first, then ICL; by model and shots."
     keys = rows[["model", "mode", "shots"]].drop_duplicates()
-    keys = keys.assign(_m=(keys["mode"] != "finetune").astype(int)).sort_values(["_m", "model", "shots"], na_position="first")
-    return [(r.model, r["mode"], None if pd.isna(r.shots) else int(r.shots)) for _, r in keys.iterrows()]
+    keys = keys.assign(_icl=(keys["mode"] != "finetune").astype(int))
+    keys = keys.sort_values(["_icl", "model", "shots"], na_position="first")
+    return [(key.model, key["mode"], None if pd.isna(key.shots) else int(key.shots)) for _, key in keys.iterrows()]
 
-def _select(rows, model, mode, shots):
-    m = (rows.model == model) & (rows["mode"] == mode)
-    return rows[m & (rows.shots.isna() if shots is None else (rows.shots == shots))]
+def _units_of_row(rows:pd.DataFrame, model:str, mode:str, shots:int|None) -> pd.DataFrame:
+    "The units of one Table 3 row."
+    same_shots = rows.shots.isna() if shots is None else (rows.shots == shots)
+    return rows[(rows.model == model) & (rows["mode"] == mode) & same_shots]
 
-def _boot_mean(results_dir, run_ids, task, metric, n_boot, seed, cache) -> dict:
+def _seed_averaged_ci(results_dir, run_ids, task, metric, n_boot, seed, cache) -> dict:
     "Seed-averaged item metric and its bootstrap CI over common items; NaN when items are missing or < 2 common."
-    for r in run_ids:
-        if r not in cache: cache.update(_load_many(results_dir, [r]) or {r: None})
-    its = [cache[r] for r in run_ids if cache.get(r) is not None]
-    nan = dict(point=math.nan, low=math.nan, high=math.nan, n_items=0)
-    if not its or len(its) < len(run_ids): return nan
-    ids, pos = _align(its)
-    if len(ids) < 2: return nan
-    fns = [_item_metric(task, metric, _subset(it, p)) for it, p in zip(its, pos)]
-    ci = metrics.bootstrap_ci(lambda idx: float(np.mean([f(idx) for f in fns])), len(ids), n_boot=n_boot, seed=seed)
-    return {**ci, "n_items": len(ids)}
+    item_lists = [items for items in _cached_items(results_dir, run_ids, cache) if items is not None]
+    no_interval = dict(point=math.nan, low=math.nan, high=math.nan, n_items=0)
+    if not item_lists or len(item_lists) < len(run_ids):
+        return no_interval
+    ids, positions = _align(item_lists)
+    if len(ids) < 2:
+        return no_interval
+    scores = [_metric_over_items(task, metric, _take(items, pos)) for items, pos in zip(item_lists, positions)]
+    seed_mean = lambda resample: float(np.mean([score(resample) for score in scores]))
+    interval = metrics.bootstrap_ci(seed_mean, len(ids), n_boot=n_boot, seed=seed)
+    return {**interval, "n_items": len(ids)}
 
-def table3(results_dir, df:pd.DataFrame, n_boot:int=1000, seed:int=0) -> pd.DataFrame:
+def _metric_cells(results_dir, units:pd.DataFrame, task:str, metric:str, n_boot:int, seed:int, cache:dict) -> dict:
+    "One Table 3 cell group: mean, sd, n over the row's units of `task`, and the bootstrap interval."
+    units = units[units.task == task]
+    column = _column(task, metric)
+    values = units[metric].astype(float).dropna()
+    interval = {}
+    if len(units):
+        interval = _seed_averaged_ci(results_dir, list(units.run_id), task, metric, n_boot, seed, cache)
+    return {column: values.mean() if len(values) else math.nan,
+            f"{column}_sd": values.std(ddof=1) if len(values) > 1 else math.nan,
+            f"{column}_n": len(values),
+            f"{column}_low": interval.get("low", math.nan),
+            f"{column}_high": interval.get("high", math.nan)}
+
+def table3(results_dir, df:pd.DataFrame, n_boot:int=N_BOOT, seed:int=0) -> pd.DataFrame:
     "Paper-style Table 3: per (model, mode, shots) and task metric: mean, sd, n units, 95% bootstrap CI (0-1)."
-    rows, cache, out = _table_rows(df), {}, []
+    rows, cache, table_rows = _table_rows(df), {}, []
     for model, mode, shots in _row_keys(rows):
-        sel = _select(rows, model, mode, shots)
-        rec = {"model": model, "mode": mode, "shots": shots}
+        units = _units_of_row(rows, model, mode, shots)
+        table_row = {"model": model, "mode": mode, "shots": shots}
         for task, metric in METRICS:
-            u = sel[sel.task == task]
-            c = _col(task, metric)
-            vals = u[metric].astype(float).dropna()
-            ci = _boot_mean(results_dir, list(u.run_id), task, metric, n_boot, seed, cache) if len(u) else {}
-            rec.update({c: vals.mean() if len(vals) else math.nan, f"{c}_sd": vals.std(ddof=1) if len(vals) > 1 else math.nan,
-                        f"{c}_n": len(vals), f"{c}_low": ci.get("low", math.nan), f"{c}_high": ci.get("high", math.nan)})
-        out.append(rec)
-    t = pd.DataFrame(out)
-    if len(t): t["shots"] = t["shots"].astype("Int64")
-    return t
+            table_row.update(_metric_cells(results_dir, units, task, metric, n_boot, seed, cache))
+        table_rows.append(table_row)
+    table = pd.DataFrame(table_rows)
+    if len(table):
+        table["shots"] = table["shots"].astype("Int64")
+    return table
 
 # %% ../nbs/90_report.ipynb #a84090b9
-def _f3(x:float) -> str:
-    s = f"{x:.3f}"
-    return s.replace("0.", ".", 1) if s.startswith("0.") else s.replace("-0.", "-.", 1)
-
-def _f2(x:float) -> str:
-    s = f"{x:.2f}"
-    return s.replace("0.", ".", 1) if s.startswith("0.") else s.replace("-0.", "-.", 1)
+def _paper_number(value:float, digits:int=3) -> str:
+    "`value` as the paper prints it: `digits` decimals, no leading zero (.818, -.05, 1.000)."
+    text = f"{value:.{digits}f}"
+    if text.startswith("0."):
+        return text.replace("0.", ".", 1)
+    return text.replace("-0.", "-.", 1)
 
 def _row_label(model, mode, shots) -> str:
-    if mode == "finetune": return f"{model} (fine-tuned)"
+    "A Table 3 row name: 'model (fine-tuned)', 'model (ICL, 1-shot)'."
+    if mode == "finetune":
+        return f"{model} (fine-tuned)"
     return f"{model} (ICL, {int(shots)}-shot)" if shots is not None and not pd.isna(shots) else f"{model} (ICL)"
 
-def format_table3(t3:pd.DataFrame, mark:str="**") -> pd.DataFrame:
+def _metric_cell(row, column:str, best:float, mark:str) -> str:
+    "'.818 ± .004 [.80, .83]' for one row and column, wrapped in `mark` when it is the column's best; '—' if absent."
+    if pd.isna(row[column]):
+        return "—"
+    text = _paper_number(row[column])
+    if not pd.isna(row[f"{column}_sd"]):
+        text += f" ± {_paper_number(row[f'{column}_sd'])}"
+    if not pd.isna(row[f"{column}_low"]):
+        text += f" [{_paper_number(row[f'{column}_low'], 2)}, {_paper_number(row[f'{column}_high'], 2)}]"
+    return f"{mark}{text}{mark}" if mark and np.isclose(row[column], best) else text
+
+def format_table3(headline:pd.DataFrame,  # `table3`'s output
+                  mark:str="**",          # wraps the best mean of each column ("" for none)
+                 ) -> pd.DataFrame:
     "Display strings '.818 ± .004 [.80, .83]' per task metric, the best mean per column wrapped in `mark`."
-    out = pd.DataFrame(index=pd.Index([_row_label(r.model, r["mode"], r.shots) for _, r in t3.iterrows()], name="model"))
+    row_names = [_row_label(row.model, row["mode"], row.shots) for _, row in headline.iterrows()]
+    table = pd.DataFrame(index=pd.Index(row_names, name="model"))
     for task, metric in METRICS:
-        c = _col(task, metric)
-        if c not in t3 or t3[c].isna().all(): continue
-        best = t3[c].max()
-        cells = []
-        for _, r in t3.iterrows():
-            if pd.isna(r[c]): cells.append("—"); continue
-            s = _f3(r[c])
-            if not pd.isna(r[f"{c}_sd"]): s += f" ± {_f3(r[f'{c}_sd'])}"
-            if not pd.isna(r[f"{c}_low"]): s += f" [{_f2(r[f'{c}_low'])}, {_f2(r[f'{c}_high'])}]"
-            cells.append(f"{mark}{s}{mark}" if mark and np.isclose(r[c], best) else s)
-        out[METRIC_LABELS[c]] = cells
-    return out
+        column = _column(task, metric)
+        if column not in headline or headline[column].isna().all():
+            continue
+        best = headline[column].max()
+        table[METRIC_LABELS[column]] = [_metric_cell(row, column, best, mark) for _, row in headline.iterrows()]
+    return table
 
 # %% ../nbs/90_report.ipynb #adc7da7a
-def _paper(mode, acc, em, f1, mi, ma, paper_name, source="Table 3"):
-    return {"mode": mode, "paper_name": paper_name, "source": source, "mednli_accuracy": acc, "radqa_exact": em,
-            "radqa_f1": f1, "clip_micro_f1": mi, "clip_macro_f1": ma}
+class PaperResult(Spec):
+    "One model's published row: its name in the paper, the mode it was run in, where it is printed, its scores."
+    paper_name: str                              # the paper's name of the model (the registry's `paper_name`)
+    mode: Literal["finetune", "icl"]             # compared with our rows of the same mode
+    source: Literal["Table 3", "appendix"]
+    scores: dict[str, dict[str, float]]          # task -> metric -> value on 0-1 (the registry's task and metric names)
 
-PAPER_TABLE3 = {
-    "t5-base": _paper("finetune", .818, .479, .662, .767, .594, "T5-Base"),
-    "clinical-t5-base": _paper("finetune", .855, .531, .710, .793, .652, "Clinical-T5-Base"),
-    "roberta-large": _paper("finetune", .852, .521, .684, .793, .677, "RoBERTa-Large"),
-    "bioclinroberta": _paper("finetune", .900, .604, .759, .805, .707, "BioClinRoBERTa"),
-    "gatortron": _paper("finetune", .883, .583, .759, .791, .690, "GatorTron"),
-    "t5-large": _paper("finetune", .849, .537, .700, .779, .629, "T5-Large"),
-    "clinical-t5-large": _paper("finetune", .872, .550, .745, .800, .663, "Clinical-T5-Large"),
-    "pubmedgpt": _paper("finetune", .870, .512, .698, .819, .666, "PubMedGPT"),
-    "t5-3b": _paper("finetune", .869, .568, .729, .780, .640, "T5-XL"),
-    "flan-t5-xxl": _paper("icl", .808, .300, .602, .164, .178, "Flan-T5-XXL"),
-    "bioclinicalbert": _paper("finetune", .815, .457, .626, .777, .649, "ClinicalBERT", "appendix"),
-    "clinical-t5-base-ckpt": _paper("finetune", .852, .507, .689, .772, .605, "Clinical-T5-Base-Ckpt", "appendix"),
-    "scifive": _paper("finetune", .835, .506, .697, .769, .603, "SciFive", "appendix"),
-}
+class PaperResults(Spec):
+    "The file `params/paper_results.yaml`."
+    paper: str                                   # the publication, for the reader
+    models: dict[str, PaperResult]               # registry model name -> its published row
 
-def compare_with_paper(t3:pd.DataFrame) -> pd.DataFrame:
+def _score_problems(model:str, scores:dict, file:str) -> list[Problem]:
+    "What is wrong with one row's scores: tasks or metrics Table 3 does not have, values outside 0-1."
+    problems = []
+    for task, values in scores.items():
+        for metric, value in values.items():
+            where = f"models.{model}.scores.{task}.{metric}"
+            if (task, metric) not in METRICS:
+                expected = ", ".join(f"{t}.{m}" for t, m in METRICS)
+                problems.append(Problem(file, where, f"unknown task or metric; expected one of {expected}"))
+            elif not 0 <= value <= 1:
+                problems.append(Problem(file, where, f"a score on the 0-1 scale (got {value!r})"))
+    return problems
+
+def paper_results(params:Path|None=None, # a params/ folder; default `config.params_dir()`
+                 ) -> dict[str, PaperResult]:
+    "The paper's published rows (Table 3 and appendix) by registry model name, from `params/paper_results.yaml`."
+    path = Path(params or params_dir())/"paper_results.yaml"
+    published = validate_spec(PaperResults, read_yaml(path), str(path))
+    problems = [problem for model, row in published.models.items()
+                for problem in _score_problems(model, row.scores, str(path))]
+    if problems:
+        raise DataError(problems)
+    return published.models
+
+def compare_with_paper(headline:pd.DataFrame,                       # `table3`'s output
+                       paper:Mapping[str, PaperResult]|None=None,  # default `paper_results()`
+                      ) -> pd.DataFrame:
     "Long table of (model, mode, shots, metric): ours vs the paper's number and ours - paper, for rows in both."
+    paper = paper_results() if paper is None else paper
     rows = []
-    for _, r in t3.iterrows():
-        p = PAPER_TABLE3.get(r.model)
-        if p is None or p["mode"] != r["mode"]: continue
+    for _, row in headline.iterrows():
+        published = paper.get(row.model)
+        if published is None or published.mode != row["mode"]:
+            continue
         for task, metric in METRICS:
-            c = _col(task, metric)
-            if c in r and not pd.isna(r[c]):
-                rows.append({"model": r.model, "paper_name": p["paper_name"], "mode": r["mode"], "shots": r.shots,
-                             "metric": METRIC_LABELS[c], "ours": r[c], "paper": p[c], "difference": r[c] - p[c],
-                             "source": p["source"]})
-    return pd.DataFrame(rows, columns=["model", "paper_name", "mode", "shots", "metric", "ours", "paper", "difference", "source"])
+            column = _column(task, metric)
+            theirs = published.scores.get(task, {}).get(metric)
+            if column in row and not pd.isna(row[column]) and theirs is not None:
+                rows.append({"model": row.model, "paper_name": published.paper_name, "mode": row["mode"],
+                             "shots": row.shots, "metric": METRIC_LABELS[column], "ours": row[column],
+                             "paper": theirs, "difference": row[column] - theirs, "source": published.source})
+    return pd.DataFrame(rows, columns=["model", "paper_name", "mode", "shots", "metric", "ours", "paper", "difference",
+                                       "source"])
 
 # %% ../nbs/90_report.ipynb #47a49623
+_PAIR_COLUMNS = ["a", "b", "task", "metric", "seeds", "n_items", "a_mean", "b_mean", "diff", "low", "high", "test",
+                 "p_value", "p_boot", "mcnemar_b", "mcnemar_c", "reason"]
+
+def _uncompared(model_a:str, model_b:str, task:str) -> dict:
+    "A clinical_vs_general row before (or without) the comparison: names set, numbers missing."
+    row = dict.fromkeys(_PAIR_COLUMNS, math.nan)
+    row.update(a=model_a, b=model_b, task=task, metric=_metric_label(task), seeds="", n_items=0, test="",
+               mcnemar_b=pd.NA, mcnemar_c=pd.NA, reason="")
+    return row
+
+def _correct(items:dict) -> np.ndarray:
+    "Per-item correctness (0/1) of MedNLI-style items."
+    return (np.asarray(items["gold"]) == np.asarray(items["pred"])).astype(int)
+
+def _mcnemar_over_seeds(items_a:list[dict], items_b:list[dict]) -> dict:
+    "McNemar per matched seed on per-item correctness: the largest p and the discordant counts summed."
+    tests = [metrics.mcnemar(_correct(a), _correct(b)) for a, b in zip(items_a, items_b)]
+    return {"test": "McNemar (max p over seeds)", "p_value": max(test["p_value"] for test in tests),
+            "mcnemar_b": sum(test["b"] for test in tests), "mcnemar_c": sum(test["c"] for test in tests)}
+
+def _paired_scores(task:str, items_a:list[dict], items_b:list[dict], n_boot:int, seed:int) -> dict:
+    "Seed-averaged selection metric of both models, paired-bootstrap diff, CI and p (McNemar where it is accuracy)."
+    metric = dev_metric(task)
+    scores_a = [_metric_over_items(task, metric, items) for items in items_a]
+    scores_b = [_metric_over_items(task, metric, items) for items in items_b]
+    mean_a = lambda resample: float(np.mean([score(resample) for score in scores_a]))
+    mean_b = lambda resample: float(np.mean([score(resample) for score in scores_b]))
+    n_items = len(items_a[0]["ids"])
+    boot = metrics.paired_bootstrap(mean_a, mean_b, n_items, n_boot=n_boot, seed=seed)
+    every_item = np.arange(n_items)
+    scores = dict(a_mean=mean_a(every_item), b_mean=mean_b(every_item), diff=boot["diff"], low=boot["low"],
+                  high=boot["high"], p_boot=boot["p_value"], test="paired bootstrap", p_value=boot["p_value"])
+    if metric == "accuracy":  # per-item 0/1 outcomes: McNemar's exact test per seed
+        scores.update(_mcnemar_over_seeds(items_a, items_b))
+    return scores
+
+def _compare_pair(results_dir, finetuned:pd.DataFrame, model_a:str, model_b:str, task:str, n_boot:int, seed:int,
+                  cache:dict) -> dict:
+    "One clinical_vs_general row: the seed-matched comparison of two models on `task`, or why there is none."
+    row = _uncompared(model_a, model_b, task)
+    units_a = finetuned[(finetuned.model == model_a) & (finetuned.task == task)]
+    units_b = finetuned[(finetuned.model == model_b) & (finetuned.task == task)]
+    seeds = sorted(set(units_a.seed.dropna()) & set(units_b.seed.dropna()))
+    if units_a.empty or units_b.empty:
+        row["reason"] = f"no finished fine-tuning units at 100 % for {model_a if units_a.empty else model_b}"
+        return row
+    if not seeds:
+        seeds_a, seeds_b = sorted(map(int, units_a.seed.dropna())), sorted(map(int, units_b.seed.dropna()))
+        row["reason"] = f"no matched seeds ({model_a}: {seeds_a}, {model_b}: {seeds_b})"
+        return row
+    run_ids = [units[units.seed == s].run_id.iloc[0] for units in (units_a, units_b) for s in seeds]
+    item_lists = _cached_items(results_dir, run_ids, cache)
+    if any(items is None for items in item_lists):
+        row.update(seeds=", ".join(map(str, seeds)), reason="per-item outcomes missing")
+        return row
+    ids, positions = _align(item_lists)
+    aligned = [_take(items, pos) for items, pos in zip(item_lists, positions)]
+    row.update(seeds=", ".join(str(int(s)) for s in seeds), n_items=len(ids))
+    if len(ids) < 2:
+        row["reason"] = "fewer than 2 common test items"
+        return row
+    row.update(_paired_scores(task, aligned[:len(seeds)], aligned[len(seeds):], n_boot, seed))
+    return row
+
+def _with_holm(comparisons:pd.DataFrame) -> pd.DataFrame:
+    "Add Holm-corrected p-values over the rows that have one, and `significant` (p_holm < 0.05)."
+    has_p = comparisons.p_value.notna()
+    comparisons["p_holm"] = math.nan
+    if has_p.any():
+        comparisons.loc[has_p, "p_holm"] = metrics.holm(comparisons.loc[has_p, "p_value"].astype(float).tolist())
+    comparisons["significant"] = comparisons.p_holm.lt(0.05)
+    return comparisons
+
 def clinical_vs_general(results_dir, df:pd.DataFrame,
                         pairs:Sequence[Sequence[str]],  # (model a, model b): diff = a - b, usually (clinical, general)
-                        n_boot:int=1000, seed:int=0) -> pd.DataFrame:
+                        n_boot:int=N_BOOT, seed:int=0) -> pd.DataFrame:
     "Paired comparison per pair and task: seed-matched diff of the selection metric, CI, p (McNemar for MedNLI), Holm."
-    ok = df[(df.status == "ok") & (df["mode"] == "finetune") & np.isclose(df.fraction.astype(float).fillna(-1), 1.0)]
-    tasks = [t for t in TASKS if t in set(df.task)]
+    finetuned = _finetuned_at_full_data(df)
+    tasks = [task for task in TASKS if task in set(df.task)]
     rows, cache = [], {}
     for pair in pairs:
-        if len(pair) != 2: raise UserError(f"each pair must name two models (clinical, general), got {pair!r}")
-        a, b = pair
+        if len(pair) != 2:
+            raise UserError(f"each pair must name two models (clinical, general), got {pair!r}")
+        model_a, model_b = pair
         for task in tasks:
-            metric = SELECTION[task]
-            rec = {"a": a, "b": b, "task": task, "metric": _metric_label(task), "seeds": "", "n_items": 0,
-                   "a_mean": math.nan, "b_mean": math.nan, "diff": math.nan, "low": math.nan, "high": math.nan,
-                   "test": "", "p_value": math.nan, "p_boot": math.nan, "mcnemar_b": pd.NA, "mcnemar_c": pd.NA, "reason": ""}
-            ua, ub = ok[(ok.model == a) & (ok.task == task)], ok[(ok.model == b) & (ok.task == task)]
-            seeds = sorted(set(ua.seed.dropna()) & set(ub.seed.dropna()))
-            if ua.empty or ub.empty:
-                rec["reason"] = f"no finished fine-tuning units at 100 % for {a if ua.empty else b}"
-                rows.append(rec); continue
-            if not seeds:
-                rec["reason"] = f"no matched seeds ({a}: {sorted(map(int, ua.seed.dropna()))}, {b}: {sorted(map(int, ub.seed.dropna()))})"
-                rows.append(rec); continue
-            ra = [ua[ua.seed == s].run_id.iloc[0] for s in seeds]
-            rb = [ub[ub.seed == s].run_id.iloc[0] for s in seeds]
-            for r in ra + rb:
-                if r not in cache: cache.update(_load_many(results_dir, [r]) or {r: None})
-            its = [cache[r] for r in ra + rb]
-            if any(it is None for it in its):
-                rec.update(seeds=", ".join(map(str, seeds)), reason="per-item outcomes missing"); rows.append(rec); continue
-            ids, pos = _align(its)
-            subs = [_subset(it, p) for it, p in zip(its, pos)]
-            rec.update(seeds=", ".join(str(int(s)) for s in seeds), n_items=len(ids))
-            if len(ids) < 2: rec["reason"] = "fewer than 2 common test items"; rows.append(rec); continue
-            k = len(seeds)
-            fa = [_item_metric(task, metric, s) for s in subs[:k]]
-            fb = [_item_metric(task, metric, s) for s in subs[k:]]
-            ma = lambda idx: float(np.mean([f(idx) for f in fa]))
-            mb = lambda idx: float(np.mean([f(idx) for f in fb]))
-            pb = metrics.paired_bootstrap(ma, mb, len(ids), n_boot=n_boot, seed=seed)
-            full = np.arange(len(ids))
-            rec.update(a_mean=ma(full), b_mean=mb(full), diff=pb["diff"], low=pb["low"], high=pb["high"], p_boot=pb["p_value"],
-                       test="paired bootstrap", p_value=pb["p_value"])
-            if task == "mednli":
-                tests = [metrics.mcnemar((np.asarray(x["gold"]) == np.asarray(x["pred"])).astype(int),
-                                         (np.asarray(y["gold"]) == np.asarray(y["pred"])).astype(int))
-                         for x, y in zip(subs[:k], subs[k:])]
-                rec.update(test="McNemar (max p over seeds)", p_value=max(t["p_value"] for t in tests),
-                           mcnemar_b=sum(t["b"] for t in tests), mcnemar_c=sum(t["c"] for t in tests))
-            rows.append(rec)
-    out = pd.DataFrame(rows, columns=["a", "b", "task", "metric", "seeds", "n_items", "a_mean", "b_mean", "diff", "low", "high",
-                                      "test", "p_value", "p_boot", "mcnemar_b", "mcnemar_c", "reason"])
-    has_p = out.p_value.notna()
-    out["p_holm"] = math.nan
-    if has_p.any(): out.loc[has_p, "p_holm"] = metrics.holm(out.loc[has_p, "p_value"].astype(float).tolist())
-    out["significant"] = out.p_holm.lt(0.05)
-    return out
+            rows.append(_compare_pair(results_dir, finetuned, model_a, model_b, task, n_boot, seed, cache))
+    return _with_holm(pd.DataFrame(rows, columns=_PAIR_COLUMNS))
 
 # %% ../nbs/90_report.ipynb #47ffc6b9
 def limited_data(df:pd.DataFrame) -> pd.DataFrame:
     "Fine-tuning test selection metric by task, model and training fraction: mean, sd over seeds, n."
-    ok = df[(df.status == "ok") & (df["mode"] == "finetune")]
-    if ok.empty: return pd.DataFrame(columns=["task", "metric", "model", "fraction", "percent", "mean", "sd", "n"])
-    g = ok.groupby(["task", "model", "fraction"], sort=False).test
-    t = pd.DataFrame({"mean": g.mean(), "sd": g.std(ddof=1), "n": g.size()}).reset_index()
-    t.insert(1, "metric", t.task.map(_metric_label))
-    t.insert(4, "percent", 100 * t.fraction)
-    t["_t"] = t.task.map({k: i for i, k in enumerate(TASKS)})
-    return t.sort_values(["_t", "model", "fraction"]).drop(columns="_t").reset_index(drop=True)
+    finetuned = df[(df.status == "ok") & (df["mode"] == "finetune")]
+    if finetuned.empty:
+        return pd.DataFrame(columns=["task", "metric", "model", "fraction", "percent", "mean", "sd", "n"])
+    scores = finetuned.groupby(["task", "model", "fraction"], sort=False).test
+    table = pd.DataFrame({"mean": scores.mean(), "sd": scores.std(ddof=1), "n": scores.size()}).reset_index()
+    table.insert(1, "metric", table.task.map(_metric_label))
+    table.insert(4, "percent", 100 * table.fraction)
+    return _sort_by_task(table, ["model", "fraction"])
 
 def _facets(tasks, width=4.2, height=3.6):
-    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(width * max(1, len(tasks)) + 1.8, height), squeeze=False)
+    "A figure with one panel per task (at least one) and its list of axes."
+    panels = max(1, len(tasks))
+    fig, axes = plt.subplots(1, panels, figsize=(width * panels + 1.8, height), squeeze=False)
     return fig, list(axes[0])
 
 def _legend_outside(fig, axes):
-    "One legend right of the panels, built from the first panel that has one."
+    "One legend right of the panels, built from the entries of every panel (each label once)."
     handles, labels = [], []
     for ax in axes:
-        h, l = ax.get_legend_handles_labels()
-        for hh, ll in zip(h, l):
-            if ll not in labels and not ll.startswith("_"): handles.append(hh); labels.append(ll)
-        if ax.get_legend() is not None: ax.get_legend().remove()
-    if handles: fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels and not label.startswith("_"):
+                handles.append(handle)
+                labels.append(label)
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    if handles:
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
+
+def _note_if_empty(tasks, axes, text:str) -> None:
+    "Write `text` on the only panel when there is no task to plot."
+    if not tasks:
+        axes[0].text(0.5, 0.5, text, ha="center", transform=axes[0].transAxes)
 
 def plot_limited_data(df:pd.DataFrame):
     "Test selection metric vs % of training data per task, one line per model, band = ± sd over seeds."
-    ok = df[(df.status == "ok") & (df["mode"] == "finetune")].assign(percent=lambda d: 100 * d.fraction)
-    tasks = [t for t in TASKS if t in set(ok.task)]
+    finetuned = df[(df.status == "ok") & (df["mode"] == "finetune")].assign(percent=lambda d: 100 * d.fraction)
+    tasks = [task for task in TASKS if task in set(finetuned.task)]
     fig, axes = _facets(tasks)
     for ax, task in zip(axes, tasks):
-        d = ok[ok.task == task]
-        sns.lineplot(d, x="percent", y="test", hue="model", marker="o", errorbar="sd", ax=ax, hue_order=sorted(set(ok.model)))
+        units = finetuned[finetuned.task == task]
+        sns.lineplot(units, x="percent", y="test", hue="model", marker="o", errorbar="sd", ax=ax,
+                     hue_order=sorted(set(finetuned.model)))
         ax.set_xscale("log")
-        xs = sorted(d.percent.unique())
-        ax.set_xticks(xs, [f"{x:g} %" for x in xs])
+        percents = sorted(units.percent.unique())
+        ax.set_xticks(percents, [f"{x:g} %" for x in percents])
         ax.minorticks_off()
         ax.set(xlabel="training data (% of train, log scale)", ylabel=f"test {_metric_label(task)} (0-1)", title=task)
-    if not tasks: axes[0].text(0.5, 0.5, "no fine-tuning units", ha="center", transform=axes[0].transAxes)
+    _note_if_empty(tasks, axes, "no fine-tuning units")
     fig.suptitle("Limited data: score vs training fraction (band = ± sd over seeds)")
     _legend_outside(fig, axes)
     return fig
 
+def _with_setting(rows:pd.DataFrame) -> pd.DataFrame:
+    "`rows` with a `setting` column: 'fine-tuned' or 'ICL k-shot'."
+    settings = ["fine-tuned" if mode == "finetune" else f"ICL {int(shots)}-shot"
+                for mode, shots in zip(rows["mode"], rows.shots)]
+    return rows.assign(setting=settings)
+
+def _setting_order(setting:str) -> tuple[int, int]:
+    "Sort key of a setting: fine-tuned first, then ICL by shots."
+    return (0, 0) if setting == "fine-tuned" else (1, int(setting.split()[1].split("-")[0]))
+
 def icl_vs_finetune(df:pd.DataFrame) -> pd.DataFrame:
     "Test selection metric per task and model: fine-tuned (100 %) vs ICL per shot count; mean, sd, n."
     rows = _table_rows(df)
-    if rows.empty: return pd.DataFrame(columns=["task", "metric", "model", "setting", "mean", "sd", "n"])
-    rows = rows.assign(setting=[("fine-tuned" if m == "finetune" else f"ICL {int(s)}-shot") for m, s in zip(rows["mode"], rows.shots)])
-    g = rows.groupby(["task", "model", "setting"], sort=False).test
-    t = pd.DataFrame({"mean": g.mean(), "sd": g.std(ddof=1), "n": g.size()}).reset_index()
-    t.insert(1, "metric", t.task.map(_metric_label))
-    t["_t"] = t.task.map({k: i for i, k in enumerate(TASKS)})
-    t["_s"] = t.setting.map(lambda s: (0, 0) if s == "fine-tuned" else (1, int(s.split()[1].split("-")[0])))
-    return t.sort_values(["_t", "model", "_s"]).drop(columns=["_t", "_s"]).reset_index(drop=True)
+    if rows.empty:
+        return pd.DataFrame(columns=["task", "metric", "model", "setting", "mean", "sd", "n"])
+    scores = _with_setting(rows).groupby(["task", "model", "setting"], sort=False).test
+    table = pd.DataFrame({"mean": scores.mean(), "sd": scores.std(ddof=1), "n": scores.size()}).reset_index()
+    table.insert(1, "metric", table.task.map(_metric_label))
+    table["_setting"] = table.setting.map(_setting_order)
+    return _sort_by_task(table, ["model", "_setting"]).drop(columns="_setting")
 
 def plot_icl_vs_finetune(df:pd.DataFrame):
     "Bars of the test selection metric per setting (fine-tuned, ICL k-shot) and model, per task; whiskers = sd."
-    rows = _table_rows(df)
-    rows = rows.assign(setting=[("fine-tuned" if m == "finetune" else f"ICL {int(s)}-shot") for m, s in zip(rows["mode"], rows.shots)])
-    tasks = [t for t in TASKS if t in set(rows.task)]
+    rows = _with_setting(_table_rows(df))
+    tasks = [task for task in TASKS if task in set(rows.task)]
     fig, axes = _facets(tasks)
-    order = sorted(set(rows.setting), key=lambda s: (0, 0) if s == "fine-tuned" else (1, int(s.split()[1].split("-")[0])))
+    order = sorted(set(rows.setting), key=_setting_order)
     for ax, task in zip(axes, tasks):
-        sns.barplot(rows[rows.task == task], x="setting", y="test", hue="model", order=order, hue_order=sorted(set(rows.model)),
-                    errorbar="sd", ax=ax)
+        sns.barplot(rows[rows.task == task], x="setting", y="test", hue="model", order=order,
+                    hue_order=sorted(set(rows.model)), errorbar="sd", ax=ax)
         ax.set(xlabel="", ylabel=f"test {_metric_label(task)} (0-1)", title=task)
         ax.tick_params(axis="x", rotation=30)
-    if not tasks: axes[0].text(0.5, 0.5, "no units", ha="center", transform=axes[0].transAxes)
+    _note_if_empty(tasks, axes, "no units")
     fig.suptitle("In-context learning vs fine-tuning (whiskers = sd over seeds / draws)")
     _legend_outside(fig, axes)
     return fig
@@ -603,202 +828,294 @@ def _log_axis(ax):
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
 
-def _cost_axis(ok:pd.DataFrame) -> tuple[str, str]:
+def _cost_axis(units:pd.DataFrame) -> tuple[str, str]:
     "GPU-hours when every unit ran on CUDA, else wall-clock seconds (CPU or mixed)."
-    if len(ok) and (ok.device == "cuda").all(): return "gpu_hours", "GPU-hours per unit (log scale)"
+    if len(units) and (units.device == "cuda").all():
+        return "gpu_hours", "GPU-hours per unit (log scale)"
     return "wall_seconds", "wall-clock seconds per unit, CPU (log scale)"
 
 def plot_cost_vs_score(df:pd.DataFrame):
     "Test selection metric vs compute per unit (GPU-hours on CUDA, else wall seconds; log x), per task."
-    ok = _table_rows(df)
-    col, label = _cost_axis(ok)
-    ok = ok[ok[col].astype(float) > 0]
-    tasks = [t for t in TASKS if t in set(ok.task)]
+    units = _table_rows(df)
+    cost_column, cost_label = _cost_axis(units)
+    units = units[units[cost_column].astype(float) > 0]
+    tasks = [task for task in TASKS if task in set(units.task)]
     fig, axes = _facets(tasks)
     for ax, task in zip(axes, tasks):
-        sns.scatterplot(ok[ok.task == task], x=col, y="test", hue="model", style="mode", s=60, ax=ax,
-                        hue_order=sorted(set(ok.model)), style_order=sorted(set(ok["mode"])))
+        sns.scatterplot(units[units.task == task], x=cost_column, y="test", hue="model", style="mode", s=60, ax=ax,
+                        hue_order=sorted(set(units.model)), style_order=sorted(set(units["mode"])))
         _log_axis(ax)
-        ax.set(xlabel=label, ylabel=f"test {_metric_label(task)} (0-1)", title=task)
-    if not tasks: axes[0].text(0.5, 0.5, "no units with recorded cost", ha="center", transform=axes[0].transAxes)
+        ax.set(xlabel=cost_label, ylabel=f"test {_metric_label(task)} (0-1)", title=task)
+    _note_if_empty(tasks, axes, "no units with recorded cost")
     fig.suptitle("Cost vs score (fine-tuning at 100 % and ICL units)")
     _legend_outside(fig, axes)
     return fig
 
 # %% ../nbs/90_report.ipynb #7b85b70f
+_EFFICIENCY_COLUMNS = ["best_dev", "epochs_to_best", "steps_to_best", "train_seconds_to_best", "gpu_hours_to_best",
+                       "total_train_seconds"]
+
+def _to_best(unit) -> dict|None:
+    "One fine-tuning unit's best dev score and the epoch, step and compute to reach it; None without a history."
+    record = _read_record(unit.path)
+    history = _dev_history(record)
+    if history.empty:
+        return None
+    best = history.loc[history.value.idxmax()]  # idxmax: the first evaluation at the maximum
+    gpus = _lookup(record, "cost", "devices") or 1
+    seconds = float(best.get("train_seconds", math.nan))
+    return {"task": unit.task, "model": unit.model, "seed": unit.seed, "best_dev": best.value,
+            "epochs_to_best": float(best.get("epoch", math.nan)), "steps_to_best": float(best.get("step", math.nan)),
+            "train_seconds_to_best": seconds,
+            "gpu_hours_to_best": seconds * gpus / 3600 if unit.device == "cuda" else math.nan,
+            "total_train_seconds": unit.train_seconds, "evaluations": len(history)}
+
 def efficiency(results_dir, df:pd.DataFrame) -> pd.DataFrame:
-    "Per model x task: epochs, steps and train seconds (GPU-hours on CUDA) to reach the best dev score, mean over seeds."
-    ok = df[(df.status == "ok") & (df["mode"] == "finetune") & np.isclose(df.fraction.astype(float).fillna(-1), 1.0)]
-    rows = []
-    for _, r in ok.iterrows():
-        res = _results(r.path)
-        h = _history(res)
-        if h.empty: continue
-        best = h.loc[h.value.idxmax()]  # idxmax: the first evaluation at the maximum
-        gpus = _get(res, "cost", "devices") or 1
-        secs = float(best.get("train_seconds", math.nan))
-        rows.append({"task": r.task, "model": r.model, "seed": r.seed, "best_dev": best.value,
-                     "epochs_to_best": float(best.get("epoch", math.nan)), "steps_to_best": float(best.get("step", math.nan)),
-                     "train_seconds_to_best": secs, "gpu_hours_to_best": secs * gpus / 3600 if r.device == "cuda" else math.nan,
-                     "total_train_seconds": r.train_seconds, "evaluations": len(h)})
-    if not rows: return pd.DataFrame(columns=["task", "model", "seeds", "best_dev", "epochs_to_best", "steps_to_best",
-                                              "train_seconds_to_best", "gpu_hours_to_best", "total_train_seconds"])
-    t = pd.DataFrame(rows)
-    g = t.groupby(["task", "model"], sort=False)
-    out = g[["best_dev", "epochs_to_best", "steps_to_best", "train_seconds_to_best", "gpu_hours_to_best", "total_train_seconds"]].mean()
-    out.insert(0, "seeds", g.size())
-    out = out.dropna(axis=1, how="all").reset_index()
-    out["_t"] = out.task.map({k: i for i, k in enumerate(TASKS)})
-    return out.sort_values(["_t", "model"]).drop(columns="_t").reset_index(drop=True)
+    "Per model x task: epochs, steps, train seconds (GPU-hours on CUDA) to the best dev score, mean over seeds."
+    per_unit = [_to_best(unit) for _, unit in _finetuned_at_full_data(df).iterrows()]
+    per_unit = [row for row in per_unit if row is not None]
+    if not per_unit:
+        return pd.DataFrame(columns=["task", "model", "seeds", *_EFFICIENCY_COLUMNS])
+    groups = pd.DataFrame(per_unit).groupby(["task", "model"], sort=False)
+    table = groups[_EFFICIENCY_COLUMNS].mean()
+    table.insert(0, "seeds", groups.size())
+    table = table.dropna(axis=1, how="all").reset_index()
+    return _sort_by_task(table, ["model"])
 
 # %% ../nbs/90_report.ipynb #6137fc0b
 def _counts_table(values:Sequence, name:str) -> pd.DataFrame:
-    s = pd.Series([v if v is not None else "—" for v in values], dtype=object)
-    t = s.value_counts(sort=False).rename("units").reset_index()
-    return t.rename(columns={t.columns[0]: name})
+    "How many units have each value (None shown as '—'), as a table with columns `name` and `units`."
+    series = pd.Series([value if value is not None else "—" for value in values], dtype=object)
+    table = series.value_counts(sort=False).rename("units").reset_index()
+    return table.rename(columns={table.columns[0]: name})
 
-def _fmt_spec(unit:Mapping) -> str:
-    return ", ".join(f"{k}={v}" for k, v in (unit or {}).items())
+def _spec_text(unit:Mapping) -> str:
+    "A manifest unit spec as 'seed=0, fraction=1.0'."
+    return ", ".join(f"{key}={value}" for key, value in (unit or {}).items())
+
+def _package_table(provenances:list[dict]) -> pd.DataFrame:
+    "Each package and the versions the units recorded."
+    versions = {}
+    for prov in provenances:
+        for package, version in (prov.get("packages") or {}).items():
+            versions.setdefault(package, set()).add(str(version))
+    rows = [{"package": package, "versions": ", ".join(sorted(found))} for package, found in sorted(versions.items())]
+    return pd.DataFrame(rows, columns=["package", "versions"])
+
+def _data_table(provenances:list[dict], tasks:list[str]) -> pd.DataFrame:
+    "Units per (task, data hash): the first 16 hex digits of the release's sha256."
+    rows = [{"task": task, "data_hash": (prov.get("data_hash") or "—")[:16]}
+            for prov, task in zip(provenances, tasks)]
+    return pd.DataFrame(rows, columns=["task", "data_hash"]).value_counts(sort=False).rename("units").reset_index()
+
+def _device_table(records:list[dict]) -> pd.DataFrame:
+    "Units per (mode, device type, device name, precision)."
+    rows = []
+    for record in records:
+        prov = record.get("provenance") or {}
+        rows.append({"mode": record.get("mode"),
+                     "device": _lookup(prov, "device", "type", default="—"),
+                     "name": _lookup(prov, "device", "name", default="—"),
+                     "precision": prov.get("precision") or "—"})
+    devices = pd.DataFrame(rows, columns=["mode", "device", "name", "precision"])
+    return devices.value_counts(sort=False).rename("units").reset_index()
+
+def _missing_units(df:pd.DataFrame, manifest:dict|None) -> pd.DataFrame:
+    "The units without results: from the manifest when there is one, else the results files that are not ok."
+    missing = []
+    if manifest:
+        for experiment in manifest.get("experiments", []):
+            for unit in experiment.get("units", []):
+                if unit.get("status") != "ok":
+                    missing.append({"task": experiment.get("task"), "model": experiment.get("model"),
+                                    "mode": experiment.get("mode"), "unit": _spec_text(unit.get("unit")),
+                                    "status": unit.get("status"), "error": (unit.get("error") or "")[:120]})
+    else:
+        for _, row in df[df.status != "ok"].iterrows():
+            missing.append({"task": row.task, "model": row.model, "mode": row["mode"], "unit": _unit_label(row),
+                            "status": row.status, "error": row.error[:120] if isinstance(row.error, str) else ""})
+    return pd.DataFrame(missing, columns=["task", "model", "mode", "unit", "status", "error"])
+
+def _provenance_notes(provenances:list[dict], code:pd.DataFrame, data:pd.DataFrame, missing:pd.DataFrame) -> str:
+    "What a reader should know about the provenance, in sentences."
+    notes = []
+    if any(str(prov.get("git_commit", "")).endswith("+dirty") for prov in provenances):
+        notes.append("Some units ran from a working tree with uncommitted changes (`+dirty`).")
+    if len(code) > 1:
+        notes.append(f"Units ran on {len(code)} different code versions.")
+    if data.groupby("task").size().gt(1).any():
+        notes.append("A task was read from more than one data release (different hashes).")
+    if len(missing):
+        notes.append(f"{len(missing)} unit(s) without results: see the table.")
+    return " ".join(notes) or "All units: one code version, one data release per task, every unit finished."
 
 def provenance(df:pd.DataFrame, manifest:dict|None=None) -> dict:
     "Code, packages, data hashes, devices/precision and unfinished units, as DataFrames (plus `notes`, a string)."
-    ok = df[df.status == "ok"]
-    res = [(_results(p), t) for p, t in zip(ok.path, ok.task)]
-    prov = [(r.get("provenance") or {}, t) for r, t in res]
-    code = _counts_table([f"{p.get('code_version', '—')} @ {p.get('git_commit', '—')}" for p, _ in prov], "code_version @ git_commit")
-    pk = {}
-    for p, _ in prov:
-        for k, v in (p.get("packages") or {}).items(): pk.setdefault(k, set()).add(str(v))
-    packages = pd.DataFrame([{"package": k, "versions": ", ".join(sorted(v))} for k, v in sorted(pk.items())], columns=["package", "versions"])
-    data = (pd.DataFrame([{"task": t, "data_hash": (p.get("data_hash") or "—")[:16]} for p, t in prov], columns=["task", "data_hash"])
-            .value_counts(sort=False).rename("units").reset_index())
-    dev = pd.DataFrame([{"mode": r.get("mode"), "device": _get(p, "device", "type", default="—"), "name": _get(p, "device", "name", default="—"),
-                         "precision": p.get("precision") or "—"} for (p, _), (r, _) in zip(prov, res)],
-                       columns=["mode", "device", "name", "precision"])
-    devices = dev.value_counts(sort=False).rename("units").reset_index()
-    miss = []
-    if manifest:
-        for e in manifest.get("experiments", []):
-            for u in e.get("units", []):
-                if u.get("status") != "ok":
-                    miss.append({"task": e.get("task"), "model": e.get("model"), "mode": e.get("mode"), "unit": _fmt_spec(u.get("unit")),
-                                 "status": u.get("status"), "error": (u.get("error") or "")[:120]})
-    else:
-        for _, r in df[df.status != "ok"].iterrows():
-            miss.append({"task": r.task, "model": r.model, "mode": r["mode"], "unit": _fmt_unit(r), "status": r.status,
-                         "error": (r.error or "")[:120] if isinstance(r.error, str) else ""})
-    missing = pd.DataFrame(miss, columns=["task", "model", "mode", "unit", "status", "error"])
-    notes = []
-    if any(str(p.get("git_commit", "")).endswith("+dirty") for p, _ in prov):
-        notes.append("Some units ran from a working tree with uncommitted changes (`+dirty`).")
-    if len(code) > 1: notes.append(f"Units ran on {len(code)} different code versions.")
-    if data.groupby("task").size().gt(1).any(): notes.append("A task was read from more than one data release (different hashes).")
-    if len(missing): notes.append(f"{len(missing)} unit(s) without results: see the table.")
-    return {"code": code, "packages": packages, "data": data, "devices": devices, "missing": missing,
-            "notes": " ".join(notes) or "All units: one code version, one data release per task, every unit finished."}
+    finished = df[df.status == "ok"]
+    records = [_read_record(path) for path in finished.path]
+    provenances = [record.get("provenance") or {} for record in records]
+    versions = [f"{prov.get('code_version', '—')} @ {prov.get('git_commit', '—')}" for prov in provenances]
+    code = _counts_table(versions, "code_version @ git_commit")
+    data = _data_table(provenances, list(finished.task))
+    missing = _missing_units(df, manifest)
+    return {"code": code, "packages": _package_table(provenances), "data": data, "devices": _device_table(records),
+            "missing": missing, "notes": _provenance_notes(provenances, code, data, missing)}
 
 # %% ../nbs/90_report.ipynb #e8205503
 def save_figure(fig, figures_dir, name:str) -> Path:
     "Save `fig` as `<figures_dir>/<name>.png` (120 dpi, tight); returns the path."
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name or ""): raise UserError(f"figure name must be letters, digits, _ . - only, got {name!r}")
-    p = Path(figures_dir)/f"{name.removesuffix('.png')}.png"
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=120, bbox_inches="tight")
-    return p
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name or ""):
+        raise UserError(f"figure name must be letters, digits, _ . - only, got {name!r}")
+    path = Path(figures_dir)/f"{name.removesuffix('.png')}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
 
-def _cell(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA: return ""
-    if isinstance(v, (float, np.floating)): return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
-    return str(v).replace("|", "\\|").replace("\n", " ")
+def _cell(value) -> str:
+    "One Markdown table cell: numbers to 4 significant digits, '|' escaped, missing values empty."
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return ""
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
 
 def md_table(df:pd.DataFrame, index:bool|None=None) -> str:
     "A DataFrame as a Markdown pipe table (index shown when it is named or not a plain range)."
-    if df is None or len(df) == 0: return "_(none)_"
-    if index is None: index = df.index.name is not None or not isinstance(df.index, pd.RangeIndex)
-    d = df.reset_index() if index else df
-    head = [str(c) for c in d.columns]
+    if df is None or len(df) == 0:
+        return "_(none)_"
+    if index is None:
+        index = df.index.name is not None or not isinstance(df.index, pd.RangeIndex)
+    table = df.reset_index() if index else df
+    head = [str(column) for column in table.columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in d.itertuples(index=False, name=None)]
+    lines += ["| " + " | ".join(_cell(value) for value in row) + " |"
+              for row in table.itertuples(index=False, name=None)]
     return "\n".join(lines)
 
+def _part_lines(part, grid_dir:Path) -> list[str]:
+    "The Markdown of one section part: a table, a figure link (relative to the grid), or the text; then a blank line."
+    if isinstance(part, pd.DataFrame):
+        return [md_table(part), ""]
+    if isinstance(part, Path):
+        return [f"![{part.stem}]({Path(os.path.relpath(part, grid_dir)).as_posix()})", ""]
+    return [str(part), ""]
+
+def _summary_head(grid_dir:Path, title:str|None) -> list[str]:
+    "The summary's title, the synthetic banner when it applies and the grid's description."
+    manifest = load_manifest(grid_dir)
+    try:
+        df = load_results(grid_dir/"results")
+    except UserError:
+        df = None
+    notice = synthetic_notice(manifest) or synthetic_notice(df)
+    name = (manifest or {}).get("grid") or grid_dir.name
+    lines = [f"# {title or f'Summary: {name}'}", ""]
+    if notice:
+        lines += [notice, ""]
+    if manifest and manifest.get("description"):
+        lines += [str(manifest["description"]).strip(), ""]
+    return lines
+
 def summary_markdown(grid_dir,
-                     sections:Sequence[tuple[str, object]]|Mapping[str, object], # title -> part or list of parts: str (Markdown), DataFrame (table), Path (figure)
+                     sections:Sequence[tuple[str, object]]|Mapping[str, object], # title -> part or list of parts
                      title:str|None=None,   # default: "Summary: <grid>" from the manifest
                     ) -> str:
     "The Markdown summary: title, the synthetic banner when it applies, then each section's text, tables and figures."
+    # A part is a str (Markdown), a DataFrame (a table), a Path (a figure) or None (left out).
     grid_dir = Path(grid_dir)
-    manifest = load_manifest(grid_dir)
-    try: df = load_results(grid_dir/"results")
-    except UserError: df = None
-    notice = synthetic_notice(manifest) or synthetic_notice(df)
-    name = (manifest or {}).get("grid") or grid_dir.name
-    out = [f"# {title or f'Summary: {name}'}", ""]
-    if notice: out += [notice, ""]
-    if manifest and manifest.get("description"): out += [str(manifest["description"]).strip(), ""]
-    items = sections.items() if isinstance(sections, Mapping) else sections
-    for head, parts in items:
-        out += [f"## {head}", ""]
+    lines = _summary_head(grid_dir, title)
+    for head, parts in (sections.items() if isinstance(sections, Mapping) else sections):
+        lines += [f"## {head}", ""]
         for part in (parts if isinstance(parts, (list, tuple)) else [parts]):
-            if part is None: continue
-            if isinstance(part, pd.DataFrame): out += [md_table(part), ""]
-            elif isinstance(part, Path):
-                rel = Path(os.path.relpath(part, grid_dir)).as_posix()
-                out += [f"![{part.stem}]({rel})", ""]
-            else: out += [str(part), ""]
-    return "\n".join(out).rstrip() + "\n"
+            if part is not None:
+                lines += _part_lines(part, grid_dir)
+    return "\n".join(lines).rstrip() + "\n"
 
 def write_summary_md(grid_dir, sections, title:str|None=None) -> Path:
     "Write `summary_markdown(...)` to `<grid_dir>/summary.md` atomically; returns the path."
     return atomic_write_text(Path(grid_dir)/"summary.md", summary_markdown(grid_dir, sections, title))
 
 # %% ../nbs/90_report.ipynb #e52b568a
-def format_pairs(cg:pd.DataFrame) -> pd.DataFrame:
+def format_pairs(comparisons:pd.DataFrame,  # `clinical_vs_general`'s output
+                ) -> pd.DataFrame:
     "The clinical-vs-general table a reader needs: means, difference with its interval, the test, raw and Holm p."
-    v = cg.assign(CI=[f"[{a:.3f}, {b:.3f}]" if pd.notna(a) else "" for a, b in zip(cg["low"], cg["high"])])
-    if "mcnemar_b" in v and v["mcnemar_b"].notna().any():  # discordant pairs (a right, b wrong / a wrong, b right)
-        v["test"] = [f"{x} (b={int(b)}, c={int(c)})" if pd.notna(b) else x for x, b, c in zip(v["test"], v["mcnemar_b"], v["mcnemar_c"])]
-    cols = ["a", "b", "task", "metric", "seeds", "n_items", "a_mean", "b_mean", "diff", "CI", "test", "p_value", "p_holm", "significant"]
-    if "reason" in v and v["reason"].fillna("").astype(str).str.len().any(): cols.append("reason")
-    return v[[c for c in cols if c in v]]
+    intervals = [f"[{low:.3f}, {high:.3f}]" if pd.notna(low) else ""
+                 for low, high in zip(comparisons["low"], comparisons["high"])]
+    pairs = comparisons.assign(CI=intervals)
+    if "mcnemar_b" in pairs and pairs["mcnemar_b"].notna().any():  # discordant pairs (a right, b wrong / the reverse)
+        pairs["test"] = [f"{test} (b={int(b)}, c={int(c)})" if pd.notna(b) else test
+                         for test, b, c in zip(pairs["test"], pairs["mcnemar_b"], pairs["mcnemar_c"])]
+    columns = ["a", "b", "task", "metric", "seeds", "n_items", "a_mean", "b_mean", "diff", "CI", "test", "p_value",
+               "p_holm", "significant"]
+    if "reason" in pairs and pairs["reason"].fillna("").astype(str).str.len().any():
+        columns.append("reason")
+    return pairs[[column for column in columns if column in pairs]]
 
-def summary_sections(grid_dir, n_boot:int=1000, seed:int=0) -> list[tuple[str, list]]:
+def _table3_section(headline:pd.DataFrame, n_boot:int) -> tuple[str, list]:
+    return ("Table 3: test results", [
+        "Mean ± sd over units (fine-tuning: seeds at 100 % of the training data; in-context learning: draws and seeds "
+        f"per shot count) and, in brackets, a 95 % percentile bootstrap interval ({n_boot} resamples) of the "
+        "seed-averaged metric over test items. All metrics on a 0–1 scale; the best value per column in bold.",
+        format_table3(headline)])
+
+def _paper_section(compared:pd.DataFrame) -> tuple[str, list]:
+    no_rows = "No model of this grid is in the paper's Table 3 (e.g. the demo models): nothing to compare."
+    return ("Comparison with the paper", [
+        "Our rows next to Lehman et al. 2023 (Table 3 and appendix), for the models both have.",
+        compared if len(compared) else no_rows])
+
+def _pairs_section(pairs:pd.DataFrame) -> tuple[str, list]:
+    if not len(pairs):
+        return ("Clinical vs general models", ["The grid names no (clinical, general) pairs to compare.", None])
+    return ("Clinical vs general models", [
+        "Seed-matched paired comparisons of the grid's (clinical, general) pairs on each task's selection metric: "
+        "the difference (first model − second) with a paired-bootstrap interval; MedNLI p-values from McNemar's "
+        "test (the largest over seeds), the other tasks' from the paired bootstrap; Holm-corrected over all rows.",
+        format_pairs(pairs)])
+
+def _figure_sections(grid_dir:Path, df:pd.DataFrame) -> list[tuple[str, list]]:
+    "Limited data, ICL vs fine-tuning and cost: each a table and a figure saved into `<grid_dir>/figures/`."
+    def saved(fig, name):
+        path = save_figure(fig, grid_dir/"figures", name)
+        plt.close(fig)
+        return path
+    return [
+        ("Limited data", [
+            "Test score by the share of the training data used (the same seeded subsets for every model).",
+            limited_data(df), saved(plot_limited_data(df), "limited_data")]),
+        ("In-context learning vs fine-tuning", [
+            icl_vs_finetune(df), saved(plot_icl_vs_finetune(df), "icl_vs_finetune")]),
+        ("Cost vs score", ["GPU-hours when every unit ran on a GPU, otherwise wall-clock seconds, against the test "
+                           "selection metric.", cost_table(df), saved(plot_cost_vs_score(df), "cost_vs_score")])]
+
+def _efficiency_section(efficiency_table:pd.DataFrame) -> tuple[str, list]:
+    return ("Efficiency: compute to the best dev score", [
+        "Per model and task (fine-tuning at 100 %): epochs, optimizer steps and training seconds until the dev metric "
+        "first reached its best value, averaged over seeds, next to the whole run's training time.",
+        efficiency_table])
+
+def _provenance_section(prov:dict) -> tuple[str, list]:
+    return ("Provenance", [prov["notes"], "Code", prov["code"], "Packages", prov["packages"],
+                           "Data (sha256, first 16 hex digits)", prov["data"], "Devices and precision", prov["devices"],
+                           "Units without results", prov["missing"]])
+
+def summary_sections(grid_dir, n_boot:int=N_BOOT, seed:int=0) -> list[tuple[str, list]]:
     "Every summary view as (title, [text, tables, figure paths]), figures saved into `<grid_dir>/figures/`."
     grid_dir = Path(grid_dir)
     manifest = load_manifest(grid_dir) or {}
     df = load_results(grid_dir/"results")
-    def fig(f, name):
-        p = save_figure(f, grid_dir/"figures", name); plt.close(f); return p
-    t3 = table3(grid_dir/"results", df, n_boot=n_boot, seed=seed)
-    cmp = compare_with_paper(t3)
+    headline = table3(grid_dir/"results", df, n_boot=n_boot, seed=seed)
     pairs = manifest.get("compare") or []
-    cg = clinical_vs_general(grid_dir/"results", df, pairs, n_boot=n_boot, seed=seed) if pairs else pd.DataFrame()
-    pv = provenance(df, manifest or None)
-    return [
-        ("Table 3: test results", [
-            "Mean ± sd over units (fine-tuning: seeds at 100 % of the training data; in-context learning: draws and seeds "
-            f"per shot count) and, in brackets, a 95 % percentile bootstrap interval ({n_boot} resamples) of the "
-            "seed-averaged metric over test items. All metrics on a 0–1 scale; the best value per column in bold.",
-            format_table3(t3)]),
-        ("Comparison with the paper", ["Our rows next to Lehman et al. 2023 (Table 3 and appendix), for the models both have.",
-            cmp if len(cmp) else "No model of this grid is in the paper's Table 3 (e.g. the demo models): nothing to compare."]),
-        ("Clinical vs general models", [
-            "Seed-matched paired comparisons of the grid's (clinical, general) pairs on each task's selection metric: the "
-            "difference (first model − second) with a paired-bootstrap interval; MedNLI p-values from McNemar's test (the "
-            "largest over seeds), the other tasks' from the paired bootstrap; Holm-corrected over all rows."
-            if len(cg) else "The grid names no (clinical, general) pairs to compare.", format_pairs(cg) if len(cg) else None]),
-        ("Limited data", ["Test score by the share of the training data used (the same seeded subsets for every model).",
-                          limited_data(df), fig(plot_limited_data(df), "limited_data")]),
-        ("In-context learning vs fine-tuning", [icl_vs_finetune(df), fig(plot_icl_vs_finetune(df), "icl_vs_finetune")]),
-        ("Cost vs score", ["GPU-hours when every unit ran on a GPU, otherwise wall-clock seconds, against the test "
-                           "selection metric.", cost_table(df), fig(plot_cost_vs_score(df), "cost_vs_score")]),
-        ("Efficiency: compute to the best dev score", [
-            "Per model and task (fine-tuning at 100 %): epochs, optimizer steps and training seconds until the dev metric "
-            "first reached its best value, averaged over seeds, next to the whole run's training time.",
-            efficiency(grid_dir/"results", df)]),
-        ("Provenance", [pv["notes"], "Code", pv["code"], "Packages", pv["packages"], "Data (sha256, first 16 hex digits)",
-                        pv["data"], "Devices and precision", pv["devices"], "Units without results", pv["missing"]]),
-    ]
+    compared_pairs = pd.DataFrame()
+    if pairs:
+        compared_pairs = clinical_vs_general(grid_dir/"results", df, pairs, n_boot=n_boot, seed=seed)
+    return [_table3_section(headline, n_boot),
+            _paper_section(compare_with_paper(headline)),
+            _pairs_section(compared_pairs),
+            *_figure_sections(grid_dir, df),
+            _efficiency_section(efficiency(grid_dir/"results", df)),
+            _provenance_section(provenance(df, manifest or None))]
 
-def summarize(grid_dir, n_boot:int=1000, seed:int=0) -> Path:
+def summarize(grid_dir, n_boot:int=N_BOOT, seed:int=0) -> Path:
     "Build every summary view of `grid_dir`, save the figures and write `summary.md`; returns its path."
     return write_summary_md(grid_dir, summary_sections(grid_dir, n_boot=n_boot, seed=seed))

@@ -1,4 +1,4 @@
-"""Run a grid: expand it into (task, model, mode) notebooks and their units, execute each notebook with papermill, skip finished units, keep going past failures, and write a manifest and a failures list.
+"""Run a grid from the parent process: plan its (task, model, mode) notebooks and their units (each unit's identity computed once, here), execute the notebooks with the executors, skip finished units, keep going past failures, and write a manifest and a failures list.
 
 Docs: https://clinical-repro.github.io/clinical_repro/runner.html.md"""
 
@@ -6,68 +6,62 @@ Docs: https://clinical-repro.github.io/clinical_repro/runner.html.md"""
 
 # %% ../nbs/88_runner.ipynb #ad57be42
 from __future__ import annotations
-import datetime, hashlib, json, os, sys, threading, time, traceback
+import datetime, hashlib, json, os, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .core import UserError, atomic_write_json, atomic_write_text, sha256_json, get_logger, temporary_environ
+from .core import UserError, atomic_write_json, atomic_write_text, get_logger, temporary_environ
 from .config import params_dir, code_version
-from .data import load_task, MissingTaskError
-from . import grid as G, models, synthetic
+from .grid import Experiment, Grid, expand, grid_path, load_grid, notebook_name, report_path
+from .governance import check_data_location, network_guard_env, scan_leaks
+from .units import (demo_data_complete, demo_data_dir, ensure_demo_data, identify, load_task_or_none,
+                                  unit_label)
+from . import executors, models, results
 
 # %% auto #0
-__all__ = ['FINISHED', 'templates_dir', 'grid_dir', 'demo_data_dir', 'ensure_demo_data', 'resolve_data_dir', 'UnitState',
-           'unit_label', 'fallback_id', 'identify', 'unit_state', 'write_failure', 'run_experiment',
-           'notebook_parameters', 'experiment_states', 'load_grid_data', 'plan_grid', 'failures', 'kernel_env',
-           'notebook_complete', 'clean_temporaries', 'run_grid', 'leak_scan', 'default_units', 'error_examples',
-           'summary_inputs_hash', 'summarize_grid', 'grid_folders']
+__all__ = ['templates_dir', 'grid_dir', 'resolve_data_dir', 'UnitState', 'read_state', 'unit_state', 'overrides_of',
+           'experiment_states', 'load_grid_data', 'plan_grid', 'planned_units', 'states_after', 'now_utc',
+           'manifest_of', 'manifest_entry', 'failures', 'kernel_env', 'notebook_complete', 'clean_temporaries',
+           'notebook_parameters', 'ProgressWatcher', 'GridRun', 'check_executor', 'plan_run', 'to_run', 'print_plan',
+           'run_grid', 'leak_scan', 'summary_inputs_hash', 'export_html', 'summary_is_current', 'summarize_grid',
+           'grid_folders']
 
 # %% ../nbs/88_runner.ipynb #fce64458
 def templates_dir() -> Path:
     "The papermill templates: `$CLINICAL_REPRO_TEMPLATES`, else `nbs/experiments/` beside `params/`."
     env = os.environ.get("CLINICAL_REPRO_TEMPLATES")
-    d = Path(env).expanduser() if env else params_dir().parent/"nbs"/"experiments"
-    if not (d/"experiment.ipynb").is_file():
-        raise UserError(f"no experiment template in {d}: expected experiment.ipynb there (set CLINICAL_REPRO_TEMPLATES)")
-    return d
+    folder = Path(env).expanduser() if env else params_dir().parent/"nbs"/"experiments"
+    if not (folder/"experiment.ipynb").is_file():
+        raise UserError(f"no experiment template in {folder}: expected experiment.ipynb there "
+                        "(set CLINICAL_REPRO_TEMPLATES)")
+    return folder
 
-def grid_dir(grid:G.Grid, reports) -> Path:
+def grid_dir(grid:Grid, reports) -> Path:
     "`<reports>/<grid>`."
     return Path(reports)/grid.grid
 
-def demo_data_dir(size:str, seed:int) -> Path:
-    "Where a synthetic grid's data is written by default."
-    return models.default_cache_dir().parent/"demo-data"/f"{size}-seed{seed}"
-
-def _demo_complete(d:Path, size:str, seed:int) -> bool:
-    try: m = json.loads((d/synthetic.DEMO_MARKER).read_text())
-    except (OSError, ValueError): return False
-    return m.get("complete") is True and m.get("size") == size and m.get("seed") == seed
-
-def ensure_demo_data(d=None, size:str="demo", seed:int=0) -> Path:
-    "The synthetic demo releases in `d` (default: the cache), written unless a complete copy is there."
-    d = Path(d).expanduser() if d else demo_data_dir(size, seed)
-    if not _demo_complete(d, size, seed): synthetic.write_demo_data(d, seed=seed, size=size)
-    return d.resolve()
-
-def resolve_data_dir(grid:G.Grid, data_dir=None, write:bool=True) -> Path:
-    "The data folder of a run: `--data-dir`, else the grid's `data.dir`, else (synthetic) the demo folder, written if needed."
-    syn = grid.data.synthetic
-    if data_dir is not None: d = Path(data_dir).expanduser()
-    elif grid.data.dir is not None: d = Path(grid.data.dir).expanduser()
-    elif syn is not None: d = demo_data_dir(syn.size, syn.seed)
-    else: raise UserError(f"{grid.source}: this grid runs on the PhysioNet releases: pass --data-dir (the folder holding "
-                          "mednli/, radqa/, clip/)")
-    if syn is not None and write: ensure_demo_data(d, syn.size, syn.seed)
-    if not d.is_dir() and (write or syn is None): raise UserError(f"data folder {d} does not exist")
-    return d.resolve() if d.exists() else d
+def resolve_data_dir(grid:Grid, data_dir=None, write:bool=True) -> Path:
+    "The data folder of a run: `--data-dir`, else the grid's `data.dir`, else (synthetic) the demo folder (written)."
+    synthetic = grid.data.synthetic
+    if data_dir is not None:
+        folder = Path(data_dir).expanduser()
+    elif grid.data.dir is not None:
+        folder = Path(grid.data.dir).expanduser()
+    elif synthetic is not None:
+        folder = demo_data_dir(synthetic.size, synthetic.seed)
+    else:
+        raise UserError(f"{grid.source}: this grid runs on the PhysioNet releases: pass --data-dir (the folder "
+                        "holding mednli/, radqa/, clip/)")
+    if synthetic is not None and write:
+        ensure_demo_data(folder, synthetic.size, synthetic.seed)
+    if not folder.is_dir() and (write or synthetic is None):
+        raise UserError(f"data folder {folder} does not exist")
+    return folder.resolve() if folder.exists() else folder
 
 # %% ../nbs/88_runner.ipynb #ba48f08e
-FINISHED = ("ok", "not_applicable")
-
 @dataclass
 class UnitState:
     "One unit of an experiment as the runner sees it."
@@ -77,390 +71,416 @@ class UnitState:
     results: str|None       # results file, relative to the grid folder
     error: str|None = None
 
-def unit_label(mode:str, unit:dict) -> str:
-    "A short human label of a unit."
-    if mode == "finetune": return f"seed {unit['seed']}, fraction {unit['fraction']:g}"
-    return f"{unit['shots']} shots, draw {unit['draw']}, seed {unit['seed']}"
+def read_state(unit:dict, run_id:str, results_dir, grid_folder) -> UnitState:
+    "The state of a named unit, from its results file (no identity is computed)."
+    path = results.results_path(results_dir, run_id)
+    status, error = results.unit_status(path)
+    return UnitState(unit, run_id, status, os.path.relpath(path, grid_folder) if path.exists() else None, error)
 
-def fallback_id(task:str, model:str, mode:str, unit:dict) -> str:
-    "The name of a failure record when the unit's run_id is unknown."
-    return "failed-" + sha256_json({"task": task, "model": model, "mode": mode, "unit": unit})[:16]
-
-def identify(task:str, model:str, mode:str, unit:dict, data_dir, results_dir, *, train_overrides=None, task_overrides=None,
-             overrides_source:str="", data=None) -> str:
-    "The run_id of a unit (no model is loaded)."
-    if mode == "finetune":
-        from clinical_repro.experiment import unit_identity
-        return unit_identity(task, model, data_dir, results_dir, train_overrides=train_overrides, task_overrides=task_overrides,
-                             overrides_source=overrides_source, data=data, **unit)[3]
-    from clinical_repro.icl import icl_identity
-    return icl_identity(task, model, data_dir, data=data, **unit)[2]
-
-def _load_or_none(data_dir, task):
-    try: return load_task(data_dir, task)
-    except Exception: return None  # noqa: BLE001 - a missing or invalid task is reported per unit
-
-def _read_status(p:Path) -> tuple[str, str|None]:
-    "A unit's status from its results file: todo when there is none, or it is corrupt (then it runs again)."
-    if not p.exists(): return "todo", None
-    try: r = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError): r = None
-    if not isinstance(r, dict) or r.get("status") not in FINISHED + ("failed",):
-        return "todo", f"results file {p} is corrupt (not a results JSON object): the unit runs again"
-    return r["status"], r.get("error")
-
-def unit_state(task, model, mode, unit, data_dir, results_dir, *, grid_folder=None, **kw) -> UnitState:
-    "Identity and state of one unit, from its results file."
-    results_dir = Path(results_dir); base = Path(grid_folder) if grid_folder else results_dir.parent
-    try: rid = identify(task, model, mode, unit, data_dir, results_dir, **kw)
-    except Exception as e:  # noqa: BLE001 - any reason a unit cannot be named is reported, not raised
-        fb = results_dir/f"{fallback_id(task, model, mode, unit)}.json"
-        return UnitState(unit, None, "failed", os.path.relpath(fb, base), f"{type(e).__name__}: {e}")
-    p = results_dir/f"{rid}.json"
-    status, err = _read_status(p)
-    return UnitState(unit, rid, status, os.path.relpath(p, base) if p.exists() else None, err)
-
-# %% ../nbs/88_runner.ipynb #258aec46
-def write_failure(results_dir, run_id:str|None, task:str, model:str, mode:str, unit:dict, exc:BaseException) -> Path:
-    "Write the failure record of a unit (atomically); returns its path."
-    rid = run_id or fallback_id(task, model, mode, unit)
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    p = Path(results_dir)/f"{rid}.json"
-    atomic_write_json(p, {"run_id": rid, "status": "failed", "task": task, "model": model, "mode": mode, "unit": unit,
-                          "error": f"{type(exc).__name__}: {exc}", "traceback": tb[-4000:],
-                          "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
-    return p
-
-def run_experiment(task:str, model:str, mode:str, units:list, data_dir, results_dir, *, train_overrides:dict|None=None,
-                   task_overrides:dict|None=None, overrides_source:str="", progress:bool=True) -> list[dict]:
-    "Run the unfinished units of one experiment; returns one row per unit (label, run_id, status, seconds, error)."
-    results_dir = Path(results_dir); results_dir.mkdir(parents=True, exist_ok=True)
-    from clinical_repro.experiment import run_unit
-    from clinical_repro.icl import run_icl_unit
-    log = get_logger("clinical_repro.runner")
-    data = _load_or_none(data_dir, task)  # a missing task is reported by each unit's identity step
-    kw = dict(train_overrides=train_overrides, task_overrides=task_overrides, overrides_source=overrides_source) if mode == "finetune" else {}
-    rows = []
-    for unit in tqdm(units, desc=f"{task} / {model} / {mode}", unit="unit", disable=not progress):
-        t0 = time.perf_counter()
-        st = unit_state(task, model, mode, unit, data_dir, results_dir, data=data, **kw)
-        row = {"unit": unit_label(mode, unit), "run_id": st.run_id, "status": st.status, "seconds": 0.0, "error": st.error, "cached": True}
-        if st.status not in FINISHED:
-            row["cached"] = False
-            try:
-                if st.run_id is None: raise UserError(st.error)
-                if mode == "finetune": res = run_unit(task, model, data_dir, results_dir, data=data, **unit, **kw)
-                else: res = run_icl_unit(task, model, data_dir, results_dir, data=data, **unit)
-                row["status"], row["error"] = res["status"], None
-                (results_dir/f"{fallback_id(task, model, mode, unit)}.json").unlink(missing_ok=True)
-            except Exception as e:  # noqa: BLE001 - a unit's failure is recorded, the others go on
-                row["status"], row["error"] = "failed", f"{type(e).__name__}: {e}"
-                try: write_failure(results_dir, st.run_id, task, model, mode, unit, e)
-                except OSError as w: row["error"] += f" (and its failure record could not be written: {w})"
-                log.error(f"{task} / {model} / {mode}, {row['unit']}: failed: {row['error']}")
-        row["seconds"] = round(time.perf_counter() - t0, 2)
-        rows.append(row)
-    lost = [r for r in rows if r["error"] and "failure record could not be written" in r["error"]]
-    if lost:  # nothing on disk says what happened to these units (a full disk, say): fail loudly, after the others ran
-        raise UserError("; ".join(f"{task} / {model} / {mode}, {r['unit']}: {r['error']}" for r in lost))
-    return rows
-
-# %% ../nbs/88_runner.ipynb #ee4548c3
-def _now() -> str: return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-def notebook_parameters(exp:G.Experiment, units:list, data_dir, reports, grid:G.Grid) -> dict:
-    "The papermill parameters of one experiment's notebook."
-    return {"task": exp.task, "model": exp.model, "mode": exp.mode, "units": [dict(u) for u in units],
-            "data_dir": str(data_dir), "reports_dir": str(Path(reports).resolve()), "grid": grid.grid,
-            "train_overrides": dict(exp.train_overrides), "task_overrides": dict(exp.task_overrides),
-            "overrides_source": exp.overrides_source, "show_examples": bool(grid.show_examples)}
-
-def _execute(template:Path, out_nb:Path, params:dict) -> str|None:
-    "Execute one notebook with papermill; the error text when it fails, else None."
-    import papermill as pm
-    out_nb.parent.mkdir(parents=True, exist_ok=True)
+def unit_state(task, model, mode, unit, data_dir, results_dir, *, grid_folder=None, **identity_args) -> UnitState:
+    "Identity and state of one unit (`identity_args`: `units.identify`'s overrides and data)."
+    results_dir = Path(results_dir)
+    grid_folder = Path(grid_folder) if grid_folder else results_dir.parent
     try:
-        # The kernel starts in the notebook's folder. (papermill's own `cwd=` would chdir the whole runner process,
-        # which races when several notebooks run at once; nbclient's resources path sets only the kernel's.)
-        pm.execute_notebook(str(template), str(out_nb), parameters=params, kernel_name="python3",
-                            resources={"metadata": {"path": str(out_nb.parent)}}, progress_bar=False, log_output=False)
-        return None
-    except pm.PapermillExecutionError as e: return f"notebook cell {e.exec_count} raised {e.ename}: {e.evalue}"
-    except Exception as e: return f"{type(e).__name__}: {e}"  # noqa: BLE001 - kernel died, template unreadable, ...
+        run_id = identify(task, model, mode, unit, data_dir, results_dir, **identity_args)
+    except Exception as e:  # noqa: BLE001 - any reason a unit cannot be named is reported, not raised
+        fallback = results.results_path(results_dir, results.fallback_id(task, model, mode, unit))
+        return UnitState(unit, None, "failed", os.path.relpath(fallback, grid_folder), f"{type(e).__name__}: {e}")
+    return read_state(unit, run_id, results_dir, grid_folder)
 
-class _Watcher:
-    "Advances a progress bar as the results files of the running notebook's units appear."
-    def __init__(self, bar, paths:list[Path]):
-        self.bar, self.paths, self.seen, self.stop = bar, paths, set(), threading.Event()
-        self.t = threading.Thread(target=self._run, daemon=True)
-    def _run(self):
-        while not self.stop.wait(1.0): self.poll()
-    def poll(self):
-        for p in self.paths:
-            if p not in self.seen and _read_status(p)[0] in FINISHED + ("failed",):
-                self.seen.add(p); self.bar.update(1)
-    def __enter__(self): self.t.start(); return self
-    def __exit__(self, *a): self.stop.set(); self.t.join(); self.poll()
+# %% ../nbs/88_runner.ipynb #d4e70107
+def overrides_of(exp:Experiment) -> dict:
+    "The identity arguments of an experiment's units beyond the unit itself (fine-tuning: the overrides)."
+    if exp.mode != "finetune":
+        return {}
+    return dict(train_overrides=exp.train_overrides, task_overrides=exp.task_overrides,
+                overrides_source=exp.overrides_source)
 
-def experiment_states(grid:G.Grid, exp:G.Experiment, data_dir, reports, data=None) -> list[UnitState]:
+def experiment_states(grid:Grid, exp:Experiment, data_dir, reports, data=None) -> list[UnitState]:
     "The state of each unit of one experiment (`data`: the task's records, loaded once by the caller)."
-    gdir = grid_dir(grid, reports)
-    kw = dict(train_overrides=exp.train_overrides, task_overrides=exp.task_overrides,
-              overrides_source=exp.overrides_source) if exp.mode == "finetune" else {}
-    return [unit_state(exp.task, exp.model, exp.mode, dict(u), data_dir, gdir/"results", grid_folder=gdir, data=data, **kw)
-            for u in exp.units]
+    folder = grid_dir(grid, reports)
+    return [unit_state(exp.task, exp.model, exp.mode, dict(unit), data_dir, folder/"results", grid_folder=folder,
+                       data=data, **overrides_of(exp))
+            for unit in exp.units]
 
-def load_grid_data(grid:G.Grid, data_dir) -> dict:
+def load_grid_data(grid:Grid, data_dir) -> dict:
     "Each task's records, loaded once per run (None for a task that is missing or invalid: its units report why)."
-    return {t: _load_or_none(data_dir, t) for t in grid.tasks}
+    return {task: load_task_or_none(data_dir, task) for task in grid.tasks}
 
-def plan_grid(grid:G.Grid, data_dir, reports, data:dict|None=None) -> list[tuple[G.Experiment, list[UnitState]]]:
+def plan_grid(grid:Grid, data_dir, reports, data:dict|None=None) -> list[tuple[Experiment, list[UnitState]]]:
     "Every experiment of the grid with the state of each of its units (`data`: from `load_grid_data`)."
     data = load_grid_data(grid, data_dir) if data is None else data
-    return [(e, experiment_states(grid, e, data_dir, reports, data[e.task])) for e in G.expand(grid)]
+    return [(exp, experiment_states(grid, exp, data_dir, reports, data[exp.task])) for exp in expand(grid)]
 
-def _manifest(grid, data_dir, gdir, started, t0, executor, entries) -> dict:
+def planned_units(states:list[UnitState]) -> list[dict]:
+    "The units handed to a notebook: each unit's keyword arguments and the `run_id` planned for it."
+    return [{**state.unit, "run_id": state.run_id} for state in states]
+
+# %% ../nbs/88_runner.ipynb #b13e71c6
+def states_after(states:list[UnitState], grid_folder, error:str|None, notebook) -> list[UnitState]:
+    "Unit states once an experiment's notebook has run, from the results files of the planned run_ids."
+    after = []
+    for state in states:
+        if state.run_id is not None:
+            state = read_state(state.unit, state.run_id, Path(grid_folder)/"results", grid_folder)
+        if state.status == "todo":
+            why = error or f"the notebook finished without writing this unit's results file (see {notebook})"
+            state = UnitState(state.unit, state.run_id, "failed", state.results, why)
+        after.append(state)
+    return after
+
+# %% ../nbs/88_runner.ipynb #ee4548c3
+def now_utc() -> str:
+    "The time now, UTC, to the second (ISO 8601)."
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+def manifest_of(grid:Grid, data_dir, started:str, start_clock:float, executor:str, entries:list) -> dict:
+    "The manifest of a run (`start_clock`: `time.perf_counter()` when it started)."
     return {"grid": grid.grid, "description": grid.description, "source": grid.source,
-            "synthetic": grid.data.synthetic is not None, "data_dir": str(data_dir), "compare": [list(p) for p in grid.compare],
-            "show_examples": grid.show_examples, "started": started, "finished": _now(),
-            "seconds": round(time.perf_counter() - t0, 2), "executor": executor, "experiments": entries}
+            "synthetic": grid.data.synthetic is not None, "data_dir": str(data_dir),
+            "compare": [list(pair) for pair in grid.compare], "show_examples": grid.show_examples,
+            "started": started, "finished": now_utc(), "seconds": round(time.perf_counter() - start_clock, 2),
+            "executor": executor, "experiments": entries}
 
-def _entry(exp, gdir, states, status, seconds, error=None) -> dict:
-    return {"task": exp.task, "model": exp.model, "mode": exp.mode, "notebook": f"{exp.task}/{G.notebook_name(exp)}",
-            "status": status, "seconds": round(seconds, 2), "error": error,
-            "units": [{"unit": s.unit, "label": unit_label(exp.mode, s.unit), "run_id": s.run_id, "status": s.status,
-                       "results": s.results, "error": s.error} for s in states]}
+def manifest_entry(exp:Experiment, states:list[UnitState], status:str, seconds:float, error:str|None=None) -> dict:
+    "One experiment of the manifest: its notebook, status, time, error and units."
+    units = [{"unit": s.unit, "label": unit_label(exp.mode, s.unit), "run_id": s.run_id, "status": s.status,
+              "results": s.results, "error": s.error} for s in states]
+    return {"task": exp.task, "model": exp.model, "mode": exp.mode, "notebook": f"{exp.task}/{notebook_name(exp)}",
+            "status": status, "seconds": round(seconds, 2), "error": error, "units": units}
 
 def failures(manifest:dict) -> list[dict]:
     "The failed units of a manifest (and notebooks that failed after their units finished), with notebook and error."
     out = []
-    for e in manifest["experiments"]:
-        where = {"task": e["task"], "model": e["model"], "mode": e["mode"], "notebook": e["notebook"]}
-        bad = [u for u in e["units"] if u["status"] not in FINISHED]
-        out += [{**where, "unit": u["label"], "run_id": u["run_id"], "results": u["results"], "error": u["error"] or e.get("error")}
-                for u in bad]
-        if e.get("error") and not bad:
-            out.append({**where, "unit": "(the notebook's views)", "run_id": None, "results": None, "error": e["error"]})
+    for exp in manifest["experiments"]:
+        where = {"task": exp["task"], "model": exp["model"], "mode": exp["mode"], "notebook": exp["notebook"]}
+        bad = [u for u in exp["units"] if u["status"] not in results.FINISHED]
+        out += [{**where, "unit": u["label"], "run_id": u["run_id"], "results": u["results"],
+                 "error": u["error"] or exp.get("error")} for u in bad]
+        if exp.get("error") and not bad:
+            out.append({**where, "unit": "(the notebook's views)", "run_id": None, "results": None,
+                        "error": exp["error"]})
     return out
 
-def kernel_env(grid:G.Grid, jobs:int=1) -> dict:
+# %% ../nbs/88_runner.ipynb #a68a6564
+def kernel_env(grid:Grid, jobs:int=1) -> dict:
     "What the kernels run with: the runner's pid (crash tests), offline flags when no model needs a download, threads."
-    from clinical_repro.governance import network_guard_env
-    reg = models.load_registry()
+    registry = models.load_registry()
     names = set(grid.finetune.models if grid.finetune else []) | set(grid.icl.models if grid.icl else [])
     # Trackers and telemetry always off; demo and local models only: the Hugging Face libraries offline as well.
-    env = {"CLINICAL_REPRO_RUNNER_PID": str(os.getpid()), **network_guard_env(offline=all(reg[m].hub_id is None for m in names))}
+    offline = all(registry[name].hub_id is None for name in names)
+    env = {"CLINICAL_REPRO_RUNNER_PID": str(os.getpid()), **network_guard_env(offline=offline)}
     if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # several notebooks at once on CPU share the cores
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
     return env
 
-def notebook_complete(nb:Path) -> bool:
-    "True when papermill finished `nb` without an exception (a killed run leaves it unfinished or unreadable)."
-    try: meta = json.loads(Path(nb).read_text(encoding="utf-8"))["metadata"].get("papermill", {})
-    except (OSError, ValueError, KeyError, AttributeError, TypeError): return False
+def notebook_complete(notebook) -> bool:
+    "True when papermill finished `notebook` without an exception (a killed run leaves it unfinished or unreadable)."
+    try:
+        meta = json.loads(Path(notebook).read_text(encoding="utf-8"))["metadata"].get("papermill", {})
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return False
     return meta.get("end_time") is not None and not meta.get("exception")
 
-def clean_temporaries(gdir:Path) -> int:
+def clean_temporaries(grid_folder) -> int:
     "Remove the `.<name>.*.tmp` files that a killed write leaves (run one runner per grid folder at a time)."
-    n = 0
-    for p in Path(gdir).rglob(".*.tmp"):
-        if p.is_file(): p.unlink(missing_ok=True); n += 1
-    return n
+    removed = 0
+    for path in Path(grid_folder).rglob(".*.tmp"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
-def _print_plan(grid, plan, todo, data_dir, gdir, reports, out):
-    n_units = sum(len(s) for _, s in plan)
-    out(f"grid {grid.grid} ({grid.source}): {len(plan)} notebooks, {n_units} units; data {data_dir}; reports {gdir}")
-    for e, s in plan:
-        cached = sum(u.status in FINISHED for u in s)
-        out(f"  {G.report_path(e, reports)}: {len(s)} units, {cached} cached, {len(s) - cached} to run")
-        for u in s:
-            if u.status not in FINISHED: out(f"      {unit_label(e.mode, u.unit)}: {u.status}{' - ' + u.error if u.error else ''}")
-    out(f"would run {sum(u.status not in FINISHED for _, s in todo for u in s)} of {n_units} units in {len(todo)} notebooks")
+# %% ../nbs/88_runner.ipynb #cadcf423
+def notebook_parameters(exp:Experiment, states:list[UnitState], data_dir, reports, grid:Grid) -> dict:
+    "The papermill parameters of one experiment's notebook (its units with their planned run_ids)."
+    return {"task": exp.task, "model": exp.model, "mode": exp.mode, "units": planned_units(states),
+            "data_dir": str(data_dir), "reports_dir": str(Path(reports).resolve()), "grid": grid.grid,
+            "train_overrides": dict(exp.train_overrides), "task_overrides": dict(exp.task_overrides),
+            "overrides_source": exp.overrides_source, "show_examples": bool(grid.show_examples)}
 
-def _after(grid, e, data_dir, reports, data, err, nb) -> list[UnitState]:
-    "Unit states once an experiment's notebook has run: a unit with no results file is failed, with the reason."
-    out = []
-    for u in experiment_states(grid, e, data_dir, reports, data):
-        if u.status == "todo":
-            why = err or f"the notebook finished without writing this unit's results file (see {nb})"
-            u = UnitState(u.unit, u.run_id, "failed", u.results, why)
-        out.append(u)
-    return out
+class ProgressWatcher:
+    "Advances a progress bar as the results files of the running notebook's units appear (a context manager)."
+    def __init__(self, bar, paths:list[Path]):
+        self.bar, self.paths, self.seen = bar, paths, set()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+
+    def watch(self):
+        "Poll every second until stopped."
+        while not self.stop.wait(1.0):
+            self.poll()
+
+    def poll(self):
+        "Count the results files that appeared since the last poll."
+        for path in self.paths:
+            if path not in self.seen and results.unit_status(path)[0] in results.STATUSES:
+                self.seen.add(path)
+                self.bar.update(1)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.poll()
+
+# %% ../nbs/88_runner.ipynb #ad571c68
+class GridRun:
+    "One execution of a planned grid: manifest entries, log and progress; local or Ray."
+    def __init__(self, grid:Grid, data_dir, reports, plan:list, todo:list, executor:str="local", progress:bool=True):
+        self.grid, self.data_dir, self.reports, self.executor = grid, data_dir, Path(reports), executor
+        self.todo, self.folder = todo, grid_dir(grid, reports)
+        self.started, self.start_clock = now_utc(), time.perf_counter()
+        log_file = self.folder/"logs"/f"run-{self.started.replace(':', '')[:17]}.log"
+        self.log = get_logger("clinical_repro.runner", log_file)
+        self.entries = {(exp.task, exp.model, exp.mode): manifest_entry(exp, states, "cached", 0.0)
+                        for exp, states in plan}
+        self.lock, self.ray_info, self.clocks = threading.Lock(), {}, {}
+        self.units = sum(len(states) for _, states in plan)
+        self.to_run = sum(s.status not in results.FINISHED for _, states in todo for s in states)
+        self.bar = tqdm(total=self.to_run, desc=f"grid {grid.grid}", unit="unit", disable=not progress, file=sys.stderr)
+        self.calls = [{"template": str(templates_dir()/"experiment.ipynb"),
+                       "out_nb": str(report_path(exp, self.reports).resolve()),
+                       "params": notebook_parameters(exp, states, data_dir, self.reports, grid)}
+                      for exp, states in todo]
+
+    def watcher(self, index:int) -> ProgressWatcher:
+        "The progress watcher of notebook `index`: the results files of its units still to run."
+        paths = [results.results_path(self.folder/"results", s.run_id) for s in self.todo[index][1]
+                 if s.run_id and s.status not in results.FINISHED]
+        return ProgressWatcher(self.bar, paths)
+
+    def save(self) -> dict:
+        "Write the manifest and the failures list as they are now; returns the manifest."
+        manifest = manifest_of(self.grid, self.data_dir, self.started, self.start_clock, self.executor,
+                               list(self.entries.values()))
+        if self.ray_info:
+            manifest["ray"] = self.ray_info
+        atomic_write_json(self.folder/"manifest.json", manifest)
+        atomic_write_json(self.folder/"failures.json", failures(manifest))
+        return manifest
+
+    def begin(self, index:int):
+        "Notebook `index` starts."
+        exp = self.todo[index][0]
+        with self.lock:
+            self.bar.set_postfix_str(f"{exp.task}/{exp.model}__{exp.mode}")
+            self.log.info(f"notebook {index + 1}/{len(self.todo)}: {self.calls[index]['out_nb']}")
+        self.clocks[index] = time.perf_counter()
+
+    def done(self, index:int, error:str|None):
+        "Notebook `index` finished (`error`: why it failed, or None): read its units back, save the manifest."
+        exp, states = self.todo[index]
+        notebook = self.calls[index]["out_nb"]
+        after = states_after(states, self.folder, error, notebook)
+        status = "failed" if error or any(s.status == "failed" for s in after) else "ok"
+        seconds = time.perf_counter() - self.clocks.get(index, self.start_clock)
+        with self.lock:
+            self.entries[(exp.task, exp.model, exp.mode)] = manifest_entry(exp, after, status, seconds, error)
+            if error:
+                self.log.error(f"{notebook}: {error} (partial notebook kept)")
+            for state in after:
+                if state.status == "failed":
+                    self.log.error(f"  {unit_label(exp.mode, state.unit)}: {state.error}")
+            self.save()
+
+    def run_one(self, index:int, execute=executors.execute_notebook):
+        "Execute notebook `index` here."
+        self.begin(index)
+        call = self.calls[index]
+        with self.watcher(index):
+            error = execute(call["template"], call["out_nb"], call["params"])
+        self.done(index, error)
+
+    def run_local(self, jobs:int=1, execute=executors.execute_notebook):
+        "Execute the notebooks here, `jobs` at a time."
+        if jobs == 1:
+            for index in range(len(self.todo)):
+                self.run_one(index, execute)
+            return
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            for future in [pool.submit(self.run_one, index, execute) for index in range(len(self.todo))]:
+                future.result()
+
+    def run_ray(self, env:dict, address:str|None=None, jobs:int=1):
+        "Execute the notebooks as Ray tasks (with `env` and the driver's variables), writing into the shared folder."
+        if not self.calls:
+            return
+        for index in range(len(self.todo)):
+            self.clocks[index] = time.perf_counter()
+        watchers = [self.watcher(index) for index in range(len(self.todo))]
+        for watcher in watchers:
+            watcher.__enter__()
+        calls = [{**call, "env": {**executors.driver_env(), **env}} for call in self.calls]
+        try:
+            info = executors.run_on_ray(calls, self.done, address=address, log=self.log,
+                                        max_parallel=jobs if jobs > 1 else None)
+        finally:
+            for watcher in watchers:
+                watcher.__exit__()
+        with self.lock:
+            self.ray_info.update({key: value for key, value in info.items() if key != "calls"})
+
+    def execute(self, jobs:int=1, ray_address:str|None=None, execute=executors.execute_notebook) -> dict:
+        "Run the notebooks to run with the run's executor; returns the final manifest."
+        if removed := clean_temporaries(self.folder):
+            self.log.info(f"removed {removed} temporary file(s) left by an interrupted run")
+        self.log.info(f"grid {self.grid.grid}: {len(self.entries)} notebooks, {self.units} units, "
+                      f"{self.units - self.to_run} finished before; data {self.data_dir}")
+        self.save()
+        env = kernel_env(self.grid, jobs if self.executor == "local" else 1)
+        with temporary_environ(env):
+            if self.executor == "ray":
+                self.run_ray(env, ray_address, jobs)
+            else:
+                self.run_local(jobs, execute)
+        self.bar.close()
+        manifest = self.save()
+        failed = len(failures(manifest))
+        self.log.info(f"grid {self.grid.grid} done in {manifest['seconds']:.0f} s: {self.units - failed} of "
+                      f"{self.units} units finished, {failed} failed; manifest {self.folder/'manifest.json'}")
+        return manifest
+
+# %% ../nbs/88_runner.ipynb #32f3560b
+def check_executor(executor:str, jobs:int) -> None:
+    "Refuse an unknown executor, fewer than one job, or the Ray executor without Ray."
+    if executor not in ("local", "ray"):
+        raise UserError(f"executor {executor!r}: expected local or ray")
+    if jobs < 1:
+        raise UserError(f"jobs must be 1 or more, got {jobs}")
+    if executor == "ray" and not executors.ray_available():
+        raise UserError(f"--executor ray: Ray is not installed. {executors.INSTALL_HINT}")
+
+def plan_run(grid:Grid, data_dir, reports, dry_run:bool, out=print) -> list[tuple[Experiment, list[UnitState]]]:
+    "The plan of a run (a dry run on demo data not written yet: every unit to do, unnamed)."
+    synthetic = grid.data.synthetic
+    if dry_run and synthetic is not None and not demo_data_complete(data_dir, synthetic.size, synthetic.seed):
+        out(f"the synthetic demo data will be written to {data_dir} first")
+        return [(exp, [UnitState(dict(u), None, "todo", None) for u in exp.units]) for exp in expand(grid)]
+    return plan_grid(grid, data_dir, reports)
+
+def to_run(plan:list, reports) -> list:
+    "The experiments whose notebook must run: a unit not finished, or a notebook missing or incomplete."
+    return [(exp, states) for exp, states in plan
+            if any(s.status not in results.FINISHED for s in states)
+            or not notebook_complete(report_path(exp, reports))]
+
+def print_plan(grid:Grid, plan:list, todo:list, data_dir, reports, out=print) -> None:
+    "What a run would do: per notebook, its cached units and those to run (with why)."
+    units = sum(len(states) for _, states in plan)
+    out(f"grid {grid.grid} ({grid.source}): {len(plan)} notebooks, {units} units; data {data_dir}; "
+        f"reports {grid_dir(grid, reports)}")
+    for exp, states in plan:
+        cached = sum(s.status in results.FINISHED for s in states)
+        out(f"  {report_path(exp, reports)}: {len(states)} units, {cached} cached, {len(states) - cached} to run")
+        for s in states:
+            if s.status not in results.FINISHED:
+                out(f"      {unit_label(exp.mode, s.unit)}: {s.status}{' - ' + s.error if s.error else ''}")
+    would = sum(s.status not in results.FINISHED for _, states in todo for s in states)
+    out(f"would run {would} of {units} units in {len(todo)} notebooks")
 
 def run_grid(grid_file, data_dir=None, reports="reports", *, dry_run:bool=False, executor:str="local", jobs:int=1,
              ray_address:str|None=None, progress:bool=True, scan:bool=True, out=print) -> dict:
-    "Run (or, with `dry_run`, show) a grid, `jobs` notebooks at a time; then scan the reports for leaks. Returns the manifest."
-    if executor not in ("local", "ray"): raise UserError(f"executor {executor!r}: expected local or ray")
-    if jobs < 1: raise UserError(f"jobs must be 1 or more, got {jobs}")
-    if executor == "ray":
-        from clinical_repro import executors
-        if not executors.ray_available(): raise UserError(f"--executor ray: Ray is not installed. {executors.INSTALL_HINT}")
-    grid = G.load_grid(G.grid_path(str(grid_file)))
+    "Run (or, with `dry_run`, show) a grid, `jobs` notebooks at a time; then scan the reports for leaks; the manifest."
+    check_executor(executor, jobs)
+    grid = load_grid(grid_path(str(grid_file)))
     reports = Path(reports).resolve()  # notebooks run in their own folders: every path they get is absolute
-    gdir = grid_dir(grid, reports)
     data_dir = resolve_data_dir(grid, data_dir, write=not dry_run)
-    syn = grid.data.synthetic
-    if syn is None:
-        from clinical_repro.governance import check_data_location
+    if grid.data.synthetic is None:
         check_data_location(data_dir)
-    if dry_run and syn is not None and not _demo_complete(data_dir, syn.size, syn.seed):
-        out(f"the synthetic demo data will be written to {data_dir} first")
-        plan = [(e, [UnitState(dict(u), None, "todo", None) for u in e.units]) for e in G.expand(grid)]
-    else: data = load_grid_data(grid, data_dir); plan = plan_grid(grid, data_dir, reports, data)
-    todo = [(e, s) for e, s in plan if any(u.status not in FINISHED for u in s) or not notebook_complete(G.report_path(e, reports))]
+    plan = plan_run(grid, data_dir, reports, dry_run, out)
+    todo = to_run(plan, reports)
     if dry_run:
-        _print_plan(grid, plan, todo, data_dir, gdir, reports, out)
-        return _manifest(grid, data_dir, gdir, _now(), time.perf_counter(), executor, [_entry(e, gdir, s, "planned", 0.0) for e, s in plan])
-    started, t0 = _now(), time.perf_counter()
-    log = get_logger("clinical_repro.runner", gdir/"logs"/f"run-{started.replace(':', '')[:17]}.log")
-    if (n := clean_temporaries(gdir)): log.info(f"removed {n} temporary file(s) left by an interrupted run")
-    n_units, n_run = sum(len(s) for _, s in plan), sum(u.status not in FINISHED for _, s in todo for u in s)
-    log.info(f"grid {grid.grid}: {len(plan)} notebooks, {n_units} units, {n_units - n_run} finished before; data {data_dir}")
-    template = templates_dir()/"experiment.ipynb"
-    entries = {(e.task, e.model, e.mode): _entry(e, gdir, s, "cached", 0.0) for e, s in plan}
-    lock, ray_info = threading.Lock(), {}
-    def save():
-        m = _manifest(grid, data_dir, gdir, started, t0, executor, list(entries.values()))
-        if ray_info: m["ray"] = ray_info
-        atomic_write_json(gdir/"manifest.json", m); atomic_write_json(gdir/"failures.json", failures(m))
-        return m
-    save()
-    bar = tqdm(total=n_run, desc=f"grid {grid.grid}", unit="unit", disable=not progress, file=sys.stderr)
-    calls = [{"template": str(template), "out_nb": str(G.report_path(e, reports).resolve()),
-              "params": notebook_parameters(e, [u.unit for u in s], data_dir, reports, grid)} for e, s in todo]
-    watchers = [_Watcher(bar, [gdir/"results"/f"{u.run_id}.json" for u in s if u.run_id and u.status not in FINISHED]) for _, s in todo]
-    starts = {}
-    def begin(i):
-        e = todo[i][0]
-        with lock:
-            bar.set_postfix_str(f"{e.task}/{e.model}__{e.mode}")
-            log.info(f"notebook {i + 1}/{len(todo)}: {calls[i]['out_nb']}")
-        starts[i] = time.perf_counter()
-    def done(i, err):
-        e = todo[i][0]; nb = calls[i]["out_nb"]
-        after = _after(grid, e, data_dir, reports, data[e.task], err, nb)
-        status = "failed" if err or any(u.status == "failed" for u in after) else "ok"
-        with lock:
-            entries[(e.task, e.model, e.mode)] = _entry(e, gdir, after, status, time.perf_counter() - starts.get(i, t0), err)
-            if err: log.error(f"{nb}: {err} (partial notebook kept)")
-            for u in after:
-                if u.status == "failed": log.error(f"  {unit_label(e.mode, u.unit)}: {u.error}")
-            save()
-    env = kernel_env(grid, jobs if executor == "local" else 1)
-    with temporary_environ(env):
-        if executor == "ray" and calls:  # every notebook a Ray task; results land in the same (shared) reports folder
-            for i in range(len(todo)): starts[i] = time.perf_counter()
-            for w in watchers: w.__enter__()
-            try:
-                info = executors.run_on_ray([{**c, "env": {**executors.driver_env(), **env}} for c in calls], done,
-                                            address=ray_address, log=log, max_parallel=jobs if jobs > 1 else None)
-            finally:
-                for w in watchers: w.__exit__()
-            with lock: ray_info.update({k: v for k, v in info.items() if k != "calls"})
-        elif executor == "local":
-            def one(i):
-                begin(i)
-                with watchers[i]: err = _execute(Path(calls[i]["template"]), Path(calls[i]["out_nb"]), calls[i]["params"])
-                done(i, err)
-            if jobs == 1:
-                for i in range(len(todo)): one(i)
-            else:
-                with ThreadPoolExecutor(max_workers=jobs) as pool:
-                    for f in [pool.submit(one, i) for i in range(len(todo))]: f.result()
-    bar.close()
-    m = save()
-    fails = failures(m)
-    log.info(f"grid {grid.grid} done in {m['seconds']:.0f} s: {n_units - len(fails)} of {n_units} units finished, "
-             f"{len(fails)} failed; manifest {gdir/'manifest.json'}")
-    if scan: m = leak_scan(m, gdir, log)
-    return m
+        print_plan(grid, plan, todo, data_dir, reports, out)
+        entries = [manifest_entry(exp, states, "planned", 0.0) for exp, states in plan]
+        return manifest_of(grid, data_dir, now_utc(), time.perf_counter(), executor, entries)
+    run = GridRun(grid, data_dir, reports, plan, todo, executor, progress)
+    manifest = run.execute(jobs, ray_address)
+    return leak_scan(manifest, run.folder, run.log) if scan else manifest
 
-def leak_scan(manifest:dict, gdir, log) -> dict:
-    "Scan the grid's reports for verbatim spans of the data, log the verdict, record it in the manifest; returns the manifest."
-    from clinical_repro.governance import scan_leaks
-    rep = scan_leaks(manifest["data_dir"], gdir)
-    if rep.leaks: log.error(f"leak scan: {len(rep.leaks)} verbatim span(s) of the data in the reports of {gdir} (clinical-repro scan-leaks for the list)")
-    else: log.info(f"leak scan: {rep.files_scanned} report files checked, no verbatim span of the data")
-    manifest = {**manifest, "leak_scan": {"files_scanned": rep.files_scanned, "leaks": len(rep.leaks)}}
-    atomic_write_json(Path(gdir)/"manifest.json", manifest)
+def leak_scan(manifest:dict, grid_folder, log) -> dict:
+    "Scan the grid's reports for verbatim spans of the data, log the verdict, record it in the manifest; returns it."
+    report = scan_leaks(manifest["data_dir"], grid_folder)
+    if report.leaks:
+        log.error(f"leak scan: {len(report.leaks)} verbatim span(s) of the data in the reports of {grid_folder} "
+                  "(clinical-repro scan-leaks for the list)")
+    else:
+        log.info(f"leak scan: {report.files_scanned} report files checked, no verbatim span of the data")
+    manifest = {**manifest, "leak_scan": {"files_scanned": report.files_scanned, "leaks": len(report.leaks)}}
+    atomic_write_json(Path(grid_folder)/"manifest.json", manifest)
     return manifest
 
-# %% ../nbs/88_runner.ipynb #d7043755
-def default_units(mode:str, seeds=(0,), fractions=(1.0,), shots=(1,), draws:int=1, limit:int|None=None, dev_n:int=200) -> list[dict]:
-    "Units of one experiment from seeds / fractions (finetune) or shots / draws / seeds (icl), in the grid's order."
-    if mode == "finetune": return [{"seed": int(s), "fraction": float(f)} for f in fractions for s in seeds]
-    if mode == "icl": return [{"shots": int(k), "draw": d, "seed": int(s), "limit": limit, "dev_n": dev_n}
-                              for k in shots for d in range(draws if k > 0 else 1) for s in seeds]
-    raise UserError(f"mode {mode!r}: expected finetune or icl")
-
-def error_examples(task:str, data_dir, results_dir, run_id:str, n:int=5):
-    "Up to `n` wrongly predicted test items of one unit, with their text (call only with show_examples on)."
-    import pandas as pd
-    res = json.loads((Path(results_dir)/f"{run_id}.json").read_text())
-    items = json.loads((Path(results_dir)/res["items"]).read_text())
-    v = items["variants"][items["primary"]]
-    pred = json.loads((Path(results_dir)/res["predictions"]).read_text())["test"]
-    if res["mode"] == "icl":
-        key = {"mednli": "rank", "radqa": "answer"}.get(task)
-        pred = pred[task][key] if key else pred[items["primary"]]["labels"]
-    td = load_task(data_dir, task)
-    recs = {r.id: r for r in td.splits["test"]}
-    if task == "radqa": wrong = [i for i, f in zip(v["ids"], v["f1"]) if f < 1]
-    else: wrong = [i for i, g, p in zip(v["ids"], v["gold"], v["pred"]) if g != p]
-    rows = []
-    for i in wrong[:n]:
-        r = recs[i]
-        if task == "mednli": rows.append({"premise": r.premise, "hypothesis": r.hypothesis, "gold": r.label, "predicted": pred[i]})
-        elif task == "radqa": rows.append({"question": r.question, "gold": " | ".join(r.answer_texts) or "(no answer)", "predicted": pred[i] or "(no answer)"})
-        else: rows.append({"sentence": r.text, "gold": ", ".join(r.labels) or "(none)", "predicted": ", ".join(pred[i] or []) if pred[i] is not None else "(unparsable)"})
-    return pd.DataFrame(rows)
-
 # %% ../nbs/88_runner.ipynb #7b61529b
-def summary_inputs_hash(gdir) -> str:
-    "Hash of what the summary reads: results and item files, the manifest (without its times), the template and the code."
-    gdir = Path(gdir); h = hashlib.sha256()
-    for p in sorted((gdir/"results").glob("*.json")) + sorted((gdir/"results"/"items").glob("*.json")):
-        h.update(p.name.encode()); h.update(p.read_bytes())
-    try: m = json.loads((gdir/"manifest.json").read_text())
-    except (OSError, ValueError): m = {}
-    for k in ("started", "finished", "seconds", "executor", "leak_scan"): m.pop(k, None)
-    for e in m.get("experiments", []):  # how long a notebook took, or whether it ran this time, is not summarised
-        for k in ("seconds", "status"): e.pop(k, None)
-    h.update(json.dumps(m, sort_keys=True).encode())
-    h.update((templates_dir()/"summary.ipynb").read_bytes()); h.update(code_version().encode())
-    return h.hexdigest()
+def summary_inputs_hash(grid_folder) -> str:
+    "Hash of what the summary reads: results and item files, the manifest (without times), the template, the code."
+    grid_folder, digest = Path(grid_folder), hashlib.sha256()
+    files = sorted((grid_folder/"results").glob("*.json")) + sorted((grid_folder/"results"/"items").glob("*.json"))
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    try:
+        manifest = json.loads((grid_folder/"manifest.json").read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    for key in ("started", "finished", "seconds", "executor", "leak_scan"):
+        manifest.pop(key, None)
+    for exp in manifest.get("experiments", []):  # how long a notebook took, or whether it ran now, is not summarised
+        for key in ("seconds", "status"):
+            exp.pop(key, None)
+    digest.update(json.dumps(manifest, sort_keys=True).encode())
+    digest.update((templates_dir()/"summary.ipynb").read_bytes())
+    digest.update(code_version().encode())
+    return digest.hexdigest()
 
-def _export_html(nb_path:Path, html_path:Path):
+def export_html(notebook:Path, html_path:Path) -> None:
     "The executed summary as standalone HTML: inputs hidden, figures embedded."
     import nbformat
     from nbconvert import HTMLExporter
-    exp = HTMLExporter(template_name="lab", exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
-    body, _ = exp.from_notebook_node(nbformat.read(str(nb_path), as_version=4))
+    exporter = HTMLExporter(template_name="lab", exclude_input=True, exclude_input_prompt=True,
+                            exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(str(notebook), as_version=4))
     atomic_write_text(html_path, body)
 
-def summarize_grid(gdir, n_boot:int=1000, force:bool=False, log=None) -> dict:
-    "Write summary.ipynb, summary.html, summary.md and figures/ for one grid folder; returns their paths and whether it was cached."
-    gdir = Path(gdir).resolve()
-    if not (gdir/"manifest.json").is_file(): raise UserError(f"{gdir}: no manifest.json (run the grid first: clinical-repro run GRID.yaml)")
+def summary_is_current(grid_folder:Path, paths:dict, inputs_hash:str) -> bool:
+    "True when the summary files exist and were made from inputs with this hash."
+    try:
+        stamp = json.loads((grid_folder/"summary.inputs.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return stamp.get("hash") == inputs_hash and all(p.exists() for p in paths.values())
+
+def summarize_grid(grid_folder,
+                   n_boot:int|None=None,   # bootstrap resamples; None: the summary's default (`report.N_BOOT`)
+                   force:bool=False, log=None) -> dict:
+    "Write summary.ipynb, .html, .md and figures/ for one grid folder; returns their paths and whether it was cached."
+    grid_folder = Path(grid_folder).resolve()
+    if not (grid_folder/"manifest.json").is_file():
+        raise UserError(f"{grid_folder}: no manifest.json (run the grid first: clinical-repro run GRID.yaml)")
     log = log or get_logger("clinical_repro.runner")
-    paths = {k: gdir/f"summary.{k}" for k in ("ipynb", "html", "md")}
-    h = summary_inputs_hash(gdir)
-    stamp = gdir/"summary.inputs.json"
-    try: same = json.loads(stamp.read_text()).get("hash") == h and all(p.exists() for p in paths.values())
-    except (OSError, ValueError): same = False
-    if same and not force: return {**{k: str(v) for k, v in paths.items()}, "cached": True}
-    err = _execute(templates_dir()/"summary.ipynb", paths["ipynb"], {"grid_dir": str(gdir), "n_boot": int(n_boot)})
-    if err: raise UserError(f"the summary notebook failed: {err}; see {paths['ipynb']}")
-    _export_html(paths["ipynb"], paths["html"])
-    if not paths["md"].is_file(): raise UserError(f"the summary notebook did not write {paths['md']}")
-    atomic_write_json(stamp, {"hash": h, "time": _now()})
-    log.info(f"summary of {gdir.name}: {paths['html']}")
-    return {**{k: str(v) for k, v in paths.items()}, "cached": False}
+    paths = {kind: grid_folder/f"summary.{kind}" for kind in ("ipynb", "html", "md")}
+    inputs_hash = summary_inputs_hash(grid_folder)
+    if summary_is_current(grid_folder, paths, inputs_hash) and not force:
+        return {**{kind: str(path) for kind, path in paths.items()}, "cached": True}
+    error = executors.execute_notebook(templates_dir()/"summary.ipynb", paths["ipynb"],
+                                       {"grid_dir": str(grid_folder), "n_boot": n_boot})
+    if error:
+        raise UserError(f"the summary notebook failed: {error}; see {paths['ipynb']}")
+    export_html(paths["ipynb"], paths["html"])
+    if not paths["md"].is_file():
+        raise UserError(f"the summary notebook did not write {paths['md']}")
+    atomic_write_json(grid_folder/"summary.inputs.json", {"hash": inputs_hash, "time": now_utc()})
+    log.info(f"summary of {grid_folder.name}: {paths['html']}")
+    return {**{kind: str(path) for kind, path in paths.items()}, "cached": False}
 
 def grid_folders(reports) -> list[Path]:
     "`reports` itself when it holds a manifest, else its sub-folders that do."
     reports = Path(reports)
-    if (reports/"manifest.json").is_file(): return [reports]
-    found = sorted(p.parent for p in reports.glob("*/manifest.json"))
-    if not found: raise UserError(f"no grid reports under {reports}: expected <reports>/<grid>/manifest.json (run a grid first)")
+    if (reports/"manifest.json").is_file():
+        return [reports]
+    found = sorted(path.parent for path in reports.glob("*/manifest.json"))
+    if not found:
+        raise UserError(f"no grid reports under {reports}: expected <reports>/<grid>/manifest.json (run a grid first)")
     return found

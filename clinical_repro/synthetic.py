@@ -1,4 +1,4 @@
-"""Demo data in the exact PhysioNet layouts of MedNLI, RadQA and CLIP: clinical-sounding, learnable, deterministic per seed.
+"""Demo MedNLI, RadQA and CLIP in their exact PhysioNet layouts: clinical-sounding, learnable, deterministic per seed.
 
 Docs: https://clinical-repro.github.io/clinical_repro/synthetic.html.md"""
 
@@ -6,19 +6,24 @@ Docs: https://clinical-repro.github.io/clinical_repro/synthetic.html.md"""
 
 # %% ../nbs/30_synthetic.ipynb #e6e963ec
 from __future__ import annotations
-import ast, csv, io, json, random, re, uuid
+import ast, csv, functools, io, json, random, re, uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
+from pydantic import Field
+
+from .core import (SPLITS, DataError, Problem, UserError, atomic_write_text, atomic_write_json,
+                                 sha256_file)
+from .config import Spec, params_dir, read_yaml, validate_spec
+from .tasks import MEDNLI_LABELS, CLIP_LABELS
 from .data import MEDNLI_FILES, RADQA_FILES, CLIP_FILES
-from .core import (MEDNLI_LABELS, CLIP_LABELS, SPLITS, UserError,
-                                 atomic_write_text, atomic_write_json, sha256_file)
 
 # %% auto #0
 __all__ = ['DEMO_SIZES', 'MEDNLI_RELEASE', 'RADQA_RELEASE', 'CLIP_RELEASE', 'CLIP_ID_FILES', 'DEMO_MARKER', 'LABEL_NOISE',
-           'RADQA_UNANSWERABLE', 'DemoSize', 'demo_size', 'tokenize', 'ptb_parse', 'binary_parse', 'mednli_pair',
-           'mednli_split', 'radqa_report', 'radqa_split', 'clip_note', 'clip_split', 'write_demo_data',
-           'bag_of_words_baselines']
+           'RADQA_UNANSWERABLE', 'VOCABULARY_FILE', 'DemoSize', 'demo_size', 'tokenize', 'read_vocabulary', 'ptb_parse',
+           'binary_parse', 'mednli_pair', 'mednli_split', 'radqa_report', 'radqa_split', 'clip_note', 'clip_split',
+           'write_demo_data', 'bag_of_words_baselines']
 
 # %% ../nbs/30_synthetic.ipynb #bbef27f4
 @dataclass(frozen=True)
@@ -48,7 +53,8 @@ RADQA_UNANSWERABLE = 0.28  # share of unanswerable RadQA questions, as in the re
 def demo_size(size:str, # a key of `DEMO_SIZES`
              ) -> DemoSize:
     "The `DemoSize` called `size`; a `UserError` listing the sizes otherwise."
-    if size not in DEMO_SIZES: raise UserError(f"unknown demo data size {size!r}; expected one of {', '.join(DEMO_SIZES)}")
+    if size not in DEMO_SIZES:
+        raise UserError(f"unknown demo data size {size!r}; expected one of {', '.join(DEMO_SIZES)}")
     return DEMO_SIZES[size]
 
 # %% ../nbs/30_synthetic.ipynb #16f27cc3
@@ -63,176 +69,143 @@ def tokenize(text:str, # one sentence
     "Word tokens as in the CLIP release: punctuation split off, titles like `Dr.` kept whole."
     return _TOKEN.findall(text)
 
-def _choice(rng, xs): return xs[rng.randrange(len(xs))]
-def _cap(s:str) -> str: return s[:1].upper() + s[1:]
-def _bare(s:str) -> str: return re.sub(r"^(a|an|the) ", "", s)
+def _choice(rng, xs):
+    return xs[rng.randrange(len(xs))]
+def _cap(s:str) -> str:
+    return s[:1].upper() + s[1:]
+def _bare(s:str) -> str:
+    return re.sub(r"^(a|an|the) ", "", s)
 
 # %% ../nbs/30_synthetic.ipynb #c586ec0b
-# (premise forms, lay name, broader class): the premise uses clinical shorthand, hypotheses lay words.
-_CONDITIONS = [
-    (("HTN", "hypertension", "poorly controlled hypertension"), "high blood pressure", "cardiovascular disease"),
-    (("DM2", "type 2 diabetes", "insulin-dependent diabetes", "diabetes complicated by neuropathy"), "diabetes", "an endocrine disorder"),
-    (("CAD", "coronary artery disease s/p stent to the LAD", "three-vessel CAD"), "coronary artery disease", "heart disease"),
-    (("CHF", "congestive heart failure with an EF of 25%", "diastolic heart failure"), "heart failure", "heart disease"),
-    (("atrial fibrillation on coumadin", "paroxysmal AF", "AFib"), "an irregular heart rhythm", "heart disease"),
-    (("COPD", "COPD on 2L home O2", "severe emphysema"), "chronic lung disease", "lung disease"),
-    (("asthma", "moderate persistent asthma"), "asthma", "lung disease"),
-    (("CKD stage 4", "ESRD on hemodialysis", "chronic kidney disease"), "kidney disease", "renal disease"),
-    (("alcoholic cirrhosis", "HCV cirrhosis complicated by ascites", "cirrhosis"), "liver disease", "liver disease"),
-    (("prior CVA with residual left-sided weakness", "ischemic stroke", "CVA"), "a stroke", "neurologic disease"),
-    (("seizure disorder", "epilepsy on keppra"), "seizures", "neurologic disease"),
-    (("dementia", "Alzheimer's dementia"), "dementia", "cognitive impairment"),
-    (("hypothyroidism",), "an underactive thyroid", "an endocrine disorder"),
-    (("depression", "bipolar disorder", "schizophrenia"), "a psychiatric illness", "psychiatric disease"),
-    (("metastatic breast cancer", "NSCLC s/p lobectomy", "prostate cancer", "non-Hodgkin lymphoma", "colon cancer on FOLFOX"), "cancer", "a malignancy"),
-    (("HIV on HAART", "HIV with a CD4 count of 150"), "HIV", "an immunodeficiency"),
-    (("prior DVT", "PE on warfarin", "recurrent DVTs"), "blood clots", "thromboembolic disease"),
-    (("peripheral vascular disease", "PVD s/p fem-pop bypass"), "poor circulation in the legs", "vascular disease"),
-    (("morbid obesity", "obesity with a BMI of 42"), "obesity", "a weight problem"),
-    (("hyperlipidemia", "HLD"), "high cholesterol", "a metabolic disorder"),
-    (("GERD",), "acid reflux", "a gastrointestinal disorder"),
-    (("alcohol abuse", "EtOH abuse with prior withdrawal seizures"), "alcohol use disorder", "substance abuse"),
-    (("rheumatoid arthritis on methotrexate",), "rheumatoid arthritis", "an autoimmune disease"),
-]
-_COND_PREDS = {
-    "entailment": ("has {lay}", "has a history of {lay}", "has {cls}", "has a chronic medical condition", "has a known history of {cls}"),
-    "contradiction": ("has no history of {lay}", "has never been diagnosed with {lay}", "has no medical problems",
-                      "has no significant past medical history", "is a healthy individual", "does not have {lay}"),
-    "neutral": ("has a family history of {lay}", "was diagnosed with {lay} last year", "is not compliant with medications",
-                "has {other}", "has no history of {other}", "has complications from {lay}", "was diagnosed with {other} as a child"),
-}
-# (premise forms, lay name)
-_SYMPTOMS = [
-    (("chest pain", "substernal chest pressure radiating to the left arm"), "chest pain"),
-    (("shortness of breath", "dyspnea on exertion", "worsening SOB"), "shortness of breath"),
-    (("fevers and chills", "fever to 101"), "a fever"),
-    (("abdominal pain", "RUQ pain", "epigastric pain"), "abdominal pain"),
-    (("nausea and vomiting", "intractable vomiting"), "nausea"),
-    (("altered mental status", "confusion", "somnolence"), "confusion"),
-    (("syncope", "a syncopal episode"), "a fainting episode"),
-    (("hematemesis", "coffee-ground emesis"), "vomiting of blood"),
-    (("melena", "bright red blood per rectum"), "GI bleeding"),
-    (("headache", "a severe occipital headache"), "a headache"),
-    (("palpitations",), "palpitations"),
-    (("a productive cough", "cough productive of green sputum"), "a cough"),
-    (("bilateral lower extremity edema", "leg swelling"), "leg swelling"),
-    (("generalized weakness", "fatigue"), "weakness"),
-    (("dysuria and urinary frequency",), "urinary symptoms"),
-    (("low back pain",), "back pain"),
-    (("diarrhea", "watery diarrhea"), "diarrhea"),
-]
-_SYMPTOM_PREDS = {
-    "entailment": ("has {lay}", "complains of {lay}", "presented with {lay}", "is symptomatic", "reports {lay}"),
-    "contradiction": ("denies {bare}", "has no {bare}", "is asymptomatic", "is symptom free", "presented without {bare}"),
-    "neutral": ("has had {lay} for years", "has {lay} only at night", "has chronic {bare}", "had {lay} after eating",
-                "has {other}", "does not have {other_bare}"),
-}
-_DENIED_PREDS = {
-    "entailment": ("does not have {bare}", "has no {bare}", "denies {bare}", "is without {bare}"),
-    "contradiction": ("has {lay}", "complains of {lay}", "reports {lay}", "presented with {lay}"),
-    "neutral": ("had {lay} last week", "has a history of {lay}", "is worried about {bare}", "has {other}"),
-}
-# labs and vitals: (premise phrase with {v}, value range, decimals, entailment, contradiction, neutral predicates)
-_LABS = [
-    ("a sodium of {v}", (112, 128), 0, ("has hyponatremia", "has low sodium", "has an electrolyte abnormality"),
-     ("has normal sodium", "has hypernatremia", "has normal electrolytes"), ("has SIADH", "drinks a lot of water", "has had a seizure")),
-    ("a potassium of {v}", (6.0, 7.4), 1, ("has hyperkalemia", "has high potassium", "has an electrolyte abnormality"),
-     ("has hypokalemia", "has normal potassium", "has normal electrolytes"), ("has peaked T waves", "takes potassium supplements", "needs dialysis")),
-    ("a creatinine of {v} from a baseline of 1.0", (2.4, 6.8), 1, ("has acute kidney injury", "has elevated creatinine", "has worsening renal function"),
-     ("has normal renal function", "has normal kidney function", "has no kidney injury"), ("needs dialysis", "received IV contrast recently", "has a urinary obstruction")),
-    ("a WBC of {v}", (16, 29), 1, ("has leukocytosis", "has an elevated white count", "has an abnormal blood count"),
-     ("has a normal white count", "has leukopenia", "has a normal blood count"), ("has pneumonia", "has bacteremia", "has an infection")),
-    ("a hematocrit of {v}", (17, 24), 1, ("has anemia", "has a low hematocrit", "has a low blood count"),
-     ("has a normal hematocrit", "has polycythemia", "has no anemia"), ("needs a blood transfusion", "has iron deficiency", "is bleeding")),
-    ("a glucose of {v}", (420, 790), 0, ("has hyperglycemia", "has high blood sugar", "has an elevated glucose"),
-     ("has hypoglycemia", "has normal blood sugar", "has a low glucose"), ("is in DKA", "missed insulin doses", "has diabetes")),
-    ("a troponin of {v}", (0.3, 4.5), 2, ("has an elevated troponin", "has evidence of cardiac injury", "has a positive troponin"),
-     ("has negative cardiac enzymes", "has a normal troponin", "has no cardiac injury"), ("had a heart attack", "needs a cardiac catheterization", "has coronary artery disease")),
-    ("an INR of {v}", (4.0, 9.5), 1, ("has an elevated INR", "has a supratherapeutic INR", "has a coagulopathy"),
-     ("has a normal INR", "has normal coagulation", "has a subtherapeutic INR"), ("is bleeding", "takes too much coumadin", "has liver disease")),
-    ("a platelet count of {v}", (9, 60), 0, ("has thrombocytopenia", "has low platelets", "has an abnormal blood count"),
-     ("has a normal platelet count", "has thrombocytosis", "has no thrombocytopenia"), ("is bleeding", "has HIT", "needs a platelet transfusion")),
-    ("a lactate of {v}", (4.1, 9.0), 1, ("has an elevated lactate", "has lactic acidosis", "has an abnormal lactate"),
-     ("has a normal lactate", "has no acidosis", "has a low lactate"), ("is septic", "has bowel ischemia", "needs pressors")),
-    ("a temperature of {v}", (38.6, 40.3), 1, ("has a fever", "is febrile", "has an elevated temperature"),
-     ("is afebrile", "has a normal temperature", "has no fever"), ("has an infection", "has sepsis", "has pneumonia")),
-    ("a heart rate in the {v}s", (120, 160), -1, ("is tachycardic", "has a fast heart rate", "has tachycardia"),
-     ("is bradycardic", "has a normal heart rate", "has a slow heart rate"), ("is in atrial fibrillation", "is dehydrated", "is anxious")),
-    ("a blood pressure of {v}/110", (190, 230), 0, ("is hypertensive", "has high blood pressure", "has elevated blood pressure"),
-     ("is hypotensive", "has low blood pressure", "has normal blood pressure"), ("has a hypertensive emergency", "stopped taking blood pressure medications", "has a headache")),
-    ("a systolic blood pressure in the {v}s", (60, 80), -1, ("is hypotensive", "has low blood pressure", "is in shock"),
-     ("is hypertensive", "has high blood pressure", "has normal blood pressure"), ("is septic", "needs pressors", "is bleeding")),
-    ("an oxygen saturation of {v}% on room air", (76, 87), 0, ("is hypoxic", "has low oxygen saturation", "has hypoxemia"),
-     ("has normal oxygen saturation", "is not hypoxic", "has a normal oxygen level"), ("needs intubation", "has pneumonia", "has a pulmonary embolism")),
-]
-# (premise forms, class): forms fit "was given ...", "was started on ..." and "received ..."
-_TREATMENTS = [
-    (("lasix 40 mg IV", "IV furosemide"), "a diuretic"), (("IV vancomycin and zosyn", "ceftriaxone and azithromycin", "levofloxacin"), "antibiotics"),
-    (("a heparin drip", "enoxaparin"), "a blood thinner"), (("an insulin drip", "sliding scale insulin"), "insulin"),
-    (("aspirin 325 mg", "aspirin and plavix"), "antiplatelet medication"), (("sublingual nitroglycerin", "a nitro drip"), "nitrates"),
-    (("morphine 4 mg IV", "dilaudid 1 mg IV"), "pain medication"), (("lorazepam 2 mg IV", "valium per CIWA"), "a benzodiazepine"),
-    (("2 units of PRBCs", "1 unit of packed red cells"), "a blood transfusion"), (("3 L of IV fluids", "a normal saline bolus"), "fluids"),
-    (("solumedrol 125 mg IV", "prednisone 60 mg"), "steroids"), (("albuterol and ipratropium nebs", "continuous nebulizers"), "bronchodilators"),
-    (("a pantoprazole drip", "IV protonix"), "acid suppression"), (("kayexalate", "calcium gluconate and insulin"), "treatment for hyperkalemia"),
-    (("levetiracetam 1 g", "fosphenytoin"), "an antiepileptic"), (("metoprolol 5 mg IV x3", "a diltiazem drip"), "rate control medication"),
-]
-_TREATMENT_PREDS = {
-    "entailment": ("received {cls}", "was given {cls}", "was treated with {cls}", "was given medication"),
-    "contradiction": ("did not receive {cls}", "received no medications", "was not treated", "refused all treatment"),
-    "neutral": ("had an allergic reaction to {cls}", "responded well to {cls}", "will be discharged on {cls}",
-                "has taken {cls} before", "received {other}", "did not receive {other}"),
-}
-# (premise forms, entailment, contradiction, neutral predicates); forms are past-tense verb phrases
-_PROCEDURES = [
-    (("was intubated for airway protection", "required intubation"), ("was intubated", "required mechanical ventilation", "needed airway support"),
-     ("was never intubated", "did not require intubation", "breathed without support"), ("was extubated the next day", "developed pneumonia on the ventilator", "was intubated for a week")),
-    (("underwent cardiac catheterization", "underwent cardiac cath with two drug-eluting stents"), ("had a cardiac catheterization", "underwent a procedure", "had a heart procedure"),
-     ("has never had a cardiac procedure", "did not undergo any procedure", "was managed without a procedure"), ("had a complication from the catheterization", "needs bypass surgery", "had a heart attack")),
-    (("was admitted to the MICU", "was transferred to the MICU for closer monitoring"), ("was admitted to the ICU", "required intensive care", "was in the intensive care unit"),
-     ("was never in the ICU", "was discharged from the emergency department", "was managed on the floor"), ("was in the ICU for a week", "will go to rehab", "was intubated in the ICU")),
-    (("had an EGD that showed a bleeding duodenal ulcer", "underwent EGD with clipping of a gastric ulcer"), ("had an endoscopy", "has an ulcer", "has a bleeding ulcer"),
-     ("has never had an endoscopy", "has no ulcer", "had a normal endoscopy"), ("has H. pylori", "takes NSAIDs", "needs surgery for the ulcer")),
-    (("underwent CABG", "had emergent CABG x3"), ("had heart surgery", "had coronary bypass surgery", "had surgery"),
-     ("has never had surgery", "has never had heart surgery", "did not have surgery"), ("had a sternal wound infection", "had a valve replaced", "had a stroke after surgery")),
-    (("had a chest tube placed", "had a left-sided chest tube placed"), ("had a chest tube", "had a procedure", "had a tube in the chest"),
-     ("did not have a chest tube", "did not have a procedure", "has never had a chest tube"), ("has a pneumothorax", "had an empyema", "had a lung collapse")),
-    (("was started on hemodialysis", "underwent emergent dialysis"), ("received dialysis", "was dialyzed", "needed dialysis"),
-     ("has never been on dialysis", "did not need dialysis", "did not receive dialysis"), ("will need a kidney transplant", "needs dialysis for life", "has a fistula")),
-    (("had a head CT that showed a subdural hematoma", "was found to have a subdural hematoma on head CT"), ("has a brain bleed", "has an intracranial hemorrhage", "had head imaging"),
-     ("has no intracranial bleeding", "had a normal head CT", "has no brain bleed"), ("fell at home", "needs neurosurgery", "takes a blood thinner")),
-]
-_DEMOGRAPHIC_NEUTRAL = ("lives alone", "is married", "is a smoker", "works in construction", "lives in a nursing home",
-                        "has three children", "has no children", "is not married", "has no known allergies", "drinks alcohol daily")
+VOCABULARY_FILE = "synthetic.yaml"  # in `params/`
+_Words = Annotated[tuple[str, ...], Field(min_length=1)]  # texts to draw from: never empty
+
+class _Predicates(Spec):
+    "Hypothesis predicates per MedNLI label (`{slots}` filled from the fact)."
+    entailment: _Words
+    contradiction: _Words
+    neutral: _Words
+
+class _Condition(Spec):
+    forms: _Words  # premise forms, clinical shorthand
+    lay: str       # hypotheses use lay words
+    broader: str   # the broader class
+
+class _Symptom(Spec):
+    forms: _Words
+    lay: str
+
+class _Lab(_Predicates):
+    phrase: str                              # with `{v}`, the value
+    values: tuple[int | float, int | float]  # drawn uniformly from this range; ints stay ints
+    decimals: int                            # as charted; -1: rounded to tens
+
+class _Treatment(Spec):
+    forms: _Words
+    drug_class: str
+
+class _Procedure(_Predicates):
+    forms: _Words  # past-tense verb phrases
+
+class _MednliWords(Spec):
+    conditions: Annotated[tuple[_Condition, ...], Field(min_length=3)]
+    condition_predicates: _Predicates
+    symptoms: Annotated[tuple[_Symptom, ...], Field(min_length=3)]
+    symptom_predicates: _Predicates
+    denied_predicates: _Predicates
+    labs: Annotated[tuple[_Lab, ...], Field(min_length=1)]
+    treatments: Annotated[tuple[_Treatment, ...], Field(min_length=2)]
+    treatment_predicates: _Predicates
+    procedures: Annotated[tuple[_Procedure, ...], Field(min_length=1)]
+    demographic_neutral: _Words
+    premises: _Words
+    subjects: _Words
+
+class _Negative(Spec):
+    share: float       # of reports with the topic that state it absent
+    sentences: _Words  # stating it absent
+
+class _Topic(Spec):
+    exams: str                                             # letters of the modalities it appears on
+    questions: tuple[tuple[str, str], ...]                 # (question, the mark answering it); neg: stated absent
+    impression_questions: tuple[tuple[str, str], ...] = ()
+    unasked: _Words                                        # asked of reports that never mention it: unanswerable
+    negative: _Negative | None = None
+
+class _Exam(Spec):
+    title: str
+    modality: str
+    technique: str
+
+class _RadqaWords(Spec):
+    lobes: _Words
+    sides: _Words
+    topics: dict[str, _Topic]
+    exams: Annotated[tuple[_Exam, ...], Field(min_length=1)]
+    indications: _Words
+    requests: _Words
+    no_acute: _Words
+
+class _Drug(Spec):
+    name: str
+    dose: str
+
+class _TwoLabels(Spec):
+    first: Literal[CLIP_LABELS]
+    second: Literal[CLIP_LABELS]
+    template: str
+
+class _Ambiguous(Spec):
+    template: str
+    label: Literal[CLIP_LABELS]
+    share: float  # of the notes where it is labelled
+
+class _ClipWords(Spec):
+    names: _Words
+    services: _Words
+    drugs: Annotated[tuple[_Drug, ...], Field(min_length=1)]
+    when: _Words
+    days: _Words
+    slots: dict[str, _Words]
+    labelled: dict[Literal[CLIP_LABELS], _Words]
+    two_labels: tuple[_TwoLabels, ...]
+    early: dict[str, _Words | None]  # in note order; `hpi: null` marks the MedNLI-style history
+    late_unlabelled: _Words
+    ambiguous: Annotated[tuple[_Ambiguous, ...], Field(min_length=1)]
+
+class _Vocabulary(Spec):
+    mednli: _MednliWords
+    radqa: _RadqaWords
+    clip: _ClipWords
+
+_SLOT_NAMES = ("lab", "img", "proc", "sx", "dx", "SERVICE", "allergy", "invasive")  # `clip.slots`, in draw order
+
+def read_vocabulary(path=None, # a vocabulary YAML file; default `params/synthetic.yaml`
+                   ) -> _Vocabulary:
+    "The demo generator's vocabulary, validated: a missing or malformed table is a `DataError` naming file and key."
+    path = Path(path) if path else params_dir()/VOCABULARY_FILE
+    vocabulary = validate_spec(_Vocabulary, read_yaml(path), str(path))
+    clip = vocabulary.clip
+    problems = [Problem(str(path), f"clip.slots.{name}", "a list of texts (Field required)")
+                for name in _SLOT_NAMES if name not in clip.slots]
+    problems += [Problem(str(path), f"clip.labelled.{label}", "templates for every CLIP label (Field required)")
+                 for label in CLIP_LABELS if label not in clip.labelled]
+    if clip.early.get("hpi", ()) is not None:
+        problems.append(Problem(str(path), "clip.early.hpi", "null, where the MedNLI-style history goes"))
+    if problems:
+        raise DataError(problems)
+    return vocabulary
+
+@functools.cache
+def _vocab() -> _Vocabulary:
+    "The vocabulary of `params/`, read once per process."
+    return read_vocabulary()
 
 # %% ../nbs/30_synthetic.ipynb #208bca69
-_PREMISES = (
-    "{demo} with a history of {hx} who presents with {sx}.",
-    "{demo} with {hx} presented to the ED with {sx}.",
-    "{demo} with PMH significant for {hx} presenting with {sx} and found to have {lab}.",
-    "{Pron} presented with {sx} and was found to have {lab}.",
-    "{Pron} reports {sx} for the past {days} days, but denies {den}.",
-    "{demo} with {hx} who presented with {sx}; {pron} denies {den}.",
-    "On arrival to the ED {pron} was noted to have {lab}, and {pron} was given {tx}.",
-    "In the ED, initial vitals were notable for {lab}.",
-    "Labs were notable for {lab}.",
-    "{Pron} {proc} and was given {tx}.",
-    "{demo} with {hx} who {proc} after presenting with {sx}.",
-    "Past medical history is notable for {hx}.",
-    "{demo} with {hx}, transferred from an outside hospital after {pron} {proc}.",
-    "{Pron} has a history of {hx} and was recently admitted for {sx}.",
-    "{demo} with {hx} admitted with {sx}, found to have {lab}, and started on {tx}.",
-    "History of {hx}.",
-    "{Pron} was started on {tx} for {sx}.",
-    "{demo} with {hx} who was found down at home and {proc}.",
-    "{Pron} denies {den} and has been taking all of {pos} medications.",
-    "{demo} with {hx} who was found to have {lab} at {pos} PCP's office and was sent to the ED.",
-    "{Pron} complains of {sx}.", "No {den_bare}.", "{Pron} {proc}.", "{demo} with {hx}.", "{Pron} was given {tx} in the ED.",
-    "Exam notable for {lab}.",
-)
-
 def _demo_phrase(rng, age:int, male:bool) -> str:
     return _choice(rng, (f"{age} yo {'M' if male else 'F'}", f"{age} year old {'man' if male else 'woman'}",
-                         f"{age} y/o {'male' if male else 'female'}", f"This is a {age} year old {'gentleman' if male else 'lady'}"))
+                         f"{age} y/o {'male' if male else 'female'}",
+                         f"This is a {age} year old {'gentleman' if male else 'lady'}"))
 
 def _demo_preds(age:int, male:bool) -> dict:
     sex, other = ("male", "female") if male else ("female", "male")
@@ -240,52 +213,98 @@ def _demo_preds(age:int, male:bool) -> dict:
     older = ("is elderly", "is over 60") if age >= 65 else ("is an adult", "is over 18")
     return {"entailment": (f"is {sex}", f"is a {noun}") + older,
             "contradiction": (f"is {other}", f"is a {other_noun}", "is a child", "is a teenager", "is younger than 18"),
-            "neutral": _DEMOGRAPHIC_NEUTRAL}
+            "neutral": _vocab().mednli.demographic_neutral}
 
-def _fill_preds(preds:dict, **kw) -> dict:
-    return {l: tuple(p.format(**kw) for p in ps) for l, ps in preds.items()}
+def _fill_preds(preds:_Predicates, **kw) -> dict:
+    "label -> predicates, their `{slots}` filled from `kw`."
+    return {label: tuple(p.format(**kw) for p in getattr(preds, label)) for label in _Predicates.model_fields}
+
+def _history_slot(rng) -> tuple[str, list[dict]]:
+    "`{hx}`: one to three chronic conditions in clinical shorthand, and a fact per condition."
+    words = _vocab().mednli
+    conditions = rng.sample(words.conditions, rng.choice((1, 1, 1, 2, 2, 3)))
+    lay_names = {condition.lay for condition in conditions}
+    others = [condition for condition in words.conditions if condition.lay not in lay_names]
+    forms = [_choice(rng, condition.forms) for condition in conditions]
+    text = forms[0] if len(forms) == 1 else ", ".join(forms[:-1]) + " and " + forms[-1]
+    facts = []
+    for condition in conditions:
+        other = _choice(rng, others).lay
+        predicates = _fill_preds(words.condition_predicates, lay=condition.lay, cls=condition.broader, other=other)
+        facts.append({"kind": "condition", "preds": predicates})
+    return text, facts
+
+def _symptom_slot(rng, symptom:_Symptom, unmentioned:list) -> tuple[str, dict]:
+    "`{sx}`: a presenting symptom, and its fact (neutral hypotheses may name a symptom never mentioned)."
+    text = _choice(rng, symptom.forms)
+    other = _choice(rng, unmentioned).lay
+    lay = symptom.lay
+    predicates = _fill_preds(_vocab().mednli.symptom_predicates, lay=lay, bare=_bare(lay), other=other,
+                             other_bare=_bare(other))
+    return text, {"kind": "symptom", "preds": predicates}
+
+def _denied_slot(rng, denied:_Symptom, unmentioned:list) -> tuple[str, dict]:
+    "`{den}`: a symptom the patient denies, and its fact."
+    text = _choice(rng, denied.forms)
+    lay = denied.lay
+    other = _choice(rng, unmentioned).lay
+    predicates = _fill_preds(_vocab().mednli.denied_predicates, lay=lay, bare=_bare(lay), other=other)
+    return text, {"kind": "denied", "preds": predicates}
+
+def _lab_slot(rng) -> tuple[str, dict]:
+    "`{lab}`: an abnormal lab value or vital sign, rounded as charted, and its fact."
+    lab = _choice(rng, _vocab().mednli.labs)
+    value = rng.uniform(*lab.values)
+    if lab.decimals < 0:
+        value = int(round(value, -1))
+    elif lab.decimals == 0:
+        value = int(round(value))
+    else:
+        value = round(value, lab.decimals)
+    return lab.phrase.format(v=value), {"kind": "lab", "preds": _fill_preds(lab)}
+
+def _treatment_slot(rng) -> tuple[str, dict]:
+    "`{tx}`: a treatment given, and its fact (neutral hypotheses may name another treatment)."
+    words = _vocab().mednli
+    treatment, other = rng.sample(words.treatments, 2)
+    text = _choice(rng, treatment.forms)
+    predicates = _fill_preds(words.treatment_predicates, cls=treatment.drug_class, other=other.drug_class)
+    return text, {"kind": "treatment", "preds": predicates}
+
+def _procedure_slot(rng) -> tuple[str, dict]:
+    "`{proc}`: a procedure, as a past-tense verb phrase, and its fact."
+    procedure = _choice(rng, _vocab().mednli.procedures)
+    return _choice(rng, procedure.forms), {"kind": "procedure", "preds": _fill_preds(procedure)}
 
 def _premise(rng, male:bool|None=None) -> tuple[str, list[dict]]:
     "One premise sentence and the facts it states, each with hypothesis predicates per label."
-    tpl = _choice(rng, _PREMISES)
+    words = _vocab().mednli
+    template = _choice(rng, words.premises)
     age, coin = rng.randint(19, 94), rng.random() < 0.5
     male = coin if male is None else male  # a CLIP note keeps one patient's sex throughout
     pron, pos = ("he", "his") if male else ("she", "her")
-    slots, facts = {"pron": pron, "Pron": _cap(pron), "pos": pos, "days": rng.randint(2, 10)}, []
-    if "{demo}" in tpl:
+    slots = {"pron": pron, "Pron": _cap(pron), "pos": pos, "days": rng.randint(2, 10)}
+    facts = []
+    if "{demo}" in template:
         slots["demo"] = _demo_phrase(rng, age, male)
         facts.append({"kind": "demo", "preds": _demo_preds(age, male)})
-    if "{hx}" in tpl:
-        conds = rng.sample(_CONDITIONS, rng.choice((1, 1, 1, 2, 2, 3)))
-        lays = {c[1] for c in conds}
-        others = [c for c in _CONDITIONS if c[1] not in lays]
-        forms = [_choice(rng, c[0]) for c in conds]
-        slots["hx"] = forms[0] if len(forms) == 1 else ", ".join(forms[:-1]) + " and " + forms[-1]
-        for c in conds:
-            facts.append({"kind": "condition", "preds": _fill_preds(_COND_PREDS, lay=c[1], cls=c[2], other=_choice(rng, others)[1])})
-    sx, den = rng.sample(_SYMPTOMS, 2)
-    unmentioned = [s for s in _SYMPTOMS if s is not sx and s is not den]
-    if "{sx}" in tpl:
-        slots["sx"] = _choice(rng, sx[0]); o = _choice(rng, unmentioned)[1]
-        facts.append({"kind": "symptom", "preds": _fill_preds(_SYMPTOM_PREDS, lay=sx[1], bare=_bare(sx[1]), other=o, other_bare=_bare(o))})
-    if "{den" in tpl:
-        slots["den"] = _choice(rng, den[0]); slots["den_bare"] = _bare(slots["den"])
-        facts.append({"kind": "denied", "preds": _fill_preds(_DENIED_PREDS, lay=den[1], bare=_bare(den[1]), other=_choice(rng, unmentioned)[1])})
-    if "{lab}" in tpl:
-        phrase, (lo, hi), dec, ent, con, neu = _choice(rng, _LABS)
-        v = rng.uniform(lo, hi)
-        v = int(round(v, -1)) if dec < 0 else (int(round(v)) if dec == 0 else round(v, dec))
-        slots["lab"] = phrase.format(v=v)
-        facts.append({"kind": "lab", "preds": {"entailment": ent, "contradiction": con, "neutral": neu}})
-    if "{tx}" in tpl:
-        tx, other = rng.sample(_TREATMENTS, 2)
-        slots["tx"] = _choice(rng, tx[0])
-        facts.append({"kind": "treatment", "preds": _fill_preds(_TREATMENT_PREDS, cls=tx[1], other=other[1])})
-    if "{proc}" in tpl:
-        forms, ent, con, neu = _choice(rng, _PROCEDURES)
-        slots["proc"] = _choice(rng, forms)
-        facts.append({"kind": "procedure", "preds": {"entailment": ent, "contradiction": con, "neutral": neu}})
-    text = tpl.format(**slots)
+    if "{hx}" in template:
+        slots["hx"], condition_facts = _history_slot(rng)
+        facts += condition_facts
+    symptom, denied = rng.sample(words.symptoms, 2)  # drawn for every template, so the stream does not depend on it
+    unmentioned = [s for s in words.symptoms if s is not symptom and s is not denied]
+    slot_writers = (("sx", "{sx}", lambda: _symptom_slot(rng, symptom, unmentioned)),
+                    ("den", "{den", lambda: _denied_slot(rng, denied, unmentioned)),
+                    ("lab", "{lab}", lambda: _lab_slot(rng)),
+                    ("tx", "{tx}", lambda: _treatment_slot(rng)),
+                    ("proc", "{proc}", lambda: _procedure_slot(rng)))
+    for slot, marker, write_slot in slot_writers:
+        if marker in template:
+            slots[slot], fact = write_slot()
+            facts.append(fact)
+    if "den" in slots:
+        slots["den_bare"] = _bare(slots["den"])
+    text = template.format(**slots)
     return text[:1].upper() + text[1:], facts
 
 # %% ../nbs/30_synthetic.ipynb #5aadb075
@@ -298,14 +317,22 @@ _BRACKETS = {"(": "-LRB-", ")": "-RRB-"}
 
 def _pos(tok:str) -> str:
     t = tok.lower()
-    if t in _POS: return _POS[t]
-    if tok in _BRACKETS: return _BRACKETS[tok]
-    if tok in ",;:": return "," if tok == "," else ":"
-    if tok in ".!?": return "."
-    if tok[0].isdigit(): return "CD"
-    if t.endswith("ed") and len(t) > 4: return "VBN"
-    if t.endswith("ing") and len(t) > 5: return "VBG"
-    if tok.isupper() and len(tok) > 1: return "NNP"
+    if t in _POS:
+        return _POS[t]
+    if tok in _BRACKETS:
+        return _BRACKETS[tok]
+    if tok in ",;:":
+        return "," if tok == "," else ":"
+    if tok in ".!?":
+        return "."
+    if tok[0].isdigit():
+        return "CD"
+    if t.endswith("ed") and len(t) > 4:
+        return "VBN"
+    if t.endswith("ing") and len(t) > 5:
+        return "VBG"
+    if tok.isupper() and len(tok) > 1:
+        return "NNP"
     return "NNS" if t.endswith("s") and len(t) > 3 and not t.endswith("ss") else "NN"
 
 def ptb_parse(tokens:list[str], # the sentence's tokens, as `tokenize` gives them
@@ -322,14 +349,14 @@ def binary_parse(tokens:list[str], # the sentence's tokens, as `tokenize` gives 
                 ) -> str:
     "A right-branching binary bracketing in SNLI's `( a ( b c ) )` style."
     toks = [_BRACKETS.get(t, t) for t in tokens]
-    if len(toks) < 2: return " ".join(toks)
+    if len(toks) < 2:
+        return " ".join(toks)
     s = f"( {toks[-2]} {toks[-1]} )"
-    for t in reversed(toks[:-2]): s = f"( {t} {s} )"
+    for t in reversed(toks[:-2]):
+        s = f"( {t} {s} )"
     return s
 
 # %% ../nbs/30_synthetic.ipynb #daeba37b
-_SUBJECTS = ("Patient", "Patient", "The patient", "The patient", "Pt")
-
 def _pair_id(rng) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128)))
 
@@ -342,8 +369,9 @@ def mednli_pair(rng:random.Random, # the split's random stream
     # label noise: keep the gold label, take the hypothesis written for another one
     source = _choice(rng, [l for l in MEDNLI_LABELS if l != label]) if rng.random() < LABEL_NOISE else label
     pool = fact["preds"][source]
-    if source == "neutral" and rng.random() < 0.2: pool = _DEMOGRAPHIC_NEUTRAL
-    hyp = f"{_choice(rng, _SUBJECTS)} {_choice(rng, pool)}" + ("." if rng.random() < 0.4 else "")
+    if source == "neutral" and rng.random() < 0.2:
+        pool = _vocab().mednli.demographic_neutral
+    hyp = f"{_choice(rng, _vocab().mednli.subjects)} {_choice(rng, pool)}" + ("." if rng.random() < 0.4 else "")
     t1, t2 = tokenize(premise), tokenize(hyp)
     return {"sentence1": premise, "sentence2": hyp, "pairID": _pair_id(rng), "gold_label": label,
             "sentence1_parse": ptb_parse(t1), "sentence2_parse": ptb_parse(t2),
@@ -360,53 +388,59 @@ def mednli_split(seed:int, # the demo-data seed
     return [mednli_pair(rng, l) for l in labels]
 
 # %% ../nbs/30_synthetic.ipynb #c2a8df8f
-# Each topic generator returns (findings sentence, {key: substring to mark}, [(question, key)], impression or None);
-# an impression may itself be (text, marks, questions). Negative findings are answers too: "Is there X?" -> "No X".
-_LOBES = ("right upper lobe", "right middle lobe", "right lower lobe", "left upper lobe", "lingula", "left lower lobe")
-_SIDES = ("right", "left")
+# Each topic generator returns (findings sentence, {key: substring to mark}, impression or None); an impression may
+# itself be (text, marks). The vocabulary's `radqa.topics` holds the questions, each naming the mark that answers it:
+# a question is asked when its mark is there. Negative findings are answers too: "Is there X?" -> "No X".
+def _negative_finding(rng, topic:_Topic):
+    "On a `topic.negative.share` of draws, the topic stated absent (its mark: `neg`), as a generator returns it."
+    negative = topic.negative
+    if negative is None or rng.random() >= negative.share:
+        return None
+    sentence = _choice(rng, negative.sentences)
+    return sentence, {"neg": sentence.rstrip(".")}, None
 
-def _f_effusion(rng):
-    if rng.random() < 0.35:
-        s = _choice(rng, ("No pleural effusion.", "There is no pleural effusion.", "No large pleural effusion is seen."))
-        return s, {"neg": s.rstrip(".")}, [("Is there a pleural effusion?", "neg"), ("Is there fluid around the lungs?", "neg")], None
-    size, side = _choice(rng, ("small", "moderate", "large", "trace")), _choice(rng, _SIDES + ("bilateral",))
+def _lobes() -> tuple[str, ...]:
+    return _vocab().radqa.lobes
+def _sides() -> tuple[str, ...]:
+    return _vocab().radqa.sides
+
+def _effusion_finding(rng):
+    size, side = _choice(rng, ("small", "moderate", "large", "trace")), _choice(rng, (*_sides(), "bilateral"))
     eff = f"{size} {side} pleural effusion" + ("s" if side == "bilateral" else "")
-    change = _choice(rng, ("", ", slightly increased since the prior study", ", unchanged from prior", ", decreased compared to the prior exam"))
+    change = _choice(rng,
+                     ("", ", slightly increased since the prior study", ", unchanged from prior",
+                      ", decreased compared to the prior exam"))
     s = _choice(rng, (f"There is a {eff}{change}.", f"{_cap(eff)}{change}, with adjacent compressive atelectasis."))
-    if side == "bilateral": s = s.replace("There is a ", "There are ")
-    marks, qs = {"eff": eff, "size": size, "sent": s.rstrip(".")}, [("Is there a pleural effusion?", "eff"), ("How large is the pleural effusion?", "size"),
-                 ("Is there fluid around the lungs?", "sent")]
-    if side != "bilateral": marks["side"] = side; qs.append(("Which side is the effusion on?", "side"))
-    if change: marks["change"] = change[2:]; qs.append(("Has the effusion changed?", "change"))
-    return s, marks, qs, f"{_cap(eff)}{change}."
+    if side == "bilateral":
+        s = s.replace("There is a ", "There are ")
+    marks = {"eff": eff, "size": size, "sent": s.rstrip(".")}
+    if side != "bilateral":
+        marks["side"] = side
+    if change:
+        marks["change"] = change[2:]
+    return s, marks, f"{_cap(eff)}{change}."
 
-def _f_pneumothorax(rng):
-    if rng.random() < 0.45:
-        s = _choice(rng, ("No pneumothorax.", "There is no evidence of pneumothorax.", "No pneumothorax is identified."))
-        return s, {"neg": s.rstrip(".")}, [("Is there a pneumothorax?", "neg"), ("Is there a collapsed lung?", "neg")], None
-    size, side, cm = _choice(rng, ("small", "tiny", "moderate", "large")), _choice(rng, _SIDES), round(rng.uniform(0.3, 4.5), 1)
+def _pneumothorax_finding(rng):
+    size = _choice(rng, ("small", "tiny", "moderate", "large"))
+    side = _choice(rng, _sides())
+    cm = round(rng.uniform(0.3, 4.5), 1)
     s = f"There is a {size} {side} apical pneumothorax measuring {cm} cm."
-    return (s, {"ptx": f"{size} {side} apical pneumothorax", "cm": f"{cm} cm", "where": f"{side} apical"},
-            [("Is there a pneumothorax?", "ptx"), ("How large is the pneumothorax?", "cm"), ("Where is the pneumothorax?", "where")],
-            f"{_cap(size)} {side} pneumothorax.")
+    marks = {"ptx": f"{size} {side} apical pneumothorax", "cm": f"{cm} cm", "where": f"{side} apical"}
+    return s, marks, f"{_cap(size)} {side} pneumothorax."
 
-def _f_consolidation(rng):
-    if rng.random() < 0.35:
-        s = _choice(rng, ("No focal consolidation.", "The lungs are clear without focal consolidation.", "There is no focal consolidation to suggest pneumonia."))
-        return s, {"neg": s.rstrip(".")}, [("Is there evidence of pneumonia?", "neg"), ("Is there an infiltrate?", "neg")], None
-    kind, lobe = _choice(rng, ("Patchy opacity", "Dense consolidation", "Focal airspace opacity", "Ill-defined opacity")), _choice(rng, _LOBES)
-    concern = _choice(rng, ("concerning for pneumonia", "which may represent aspiration", "likely atelectasis, though infection cannot be excluded"))
+def _consolidation_finding(rng):
+    kind, lobe = _choice(rng,
+                         ("Patchy opacity", "Dense consolidation", "Focal airspace opacity",
+                          "Ill-defined opacity")), _choice(rng, _lobes())
+    concern = _choice(rng,
+                      ("concerning for pneumonia", "which may represent aspiration",
+                       "likely atelectasis, though infection cannot be excluded"))
     s = f"{kind} in the {lobe}, {concern}."
-    return (s, {"sent": s.rstrip("."), "lobe": lobe, "concern": concern},
-            [("Is there evidence of pneumonia?", "sent"), ("Where is the opacity?", "lobe"), ("What is the opacity concerning for?", "concern"),
-             ("Is there an infiltrate?", "sent")], f"{kind} in the {lobe}, {concern}.")
+    return s, {"sent": s.rstrip("."), "lobe": lobe, "concern": concern}, f"{kind} in the {lobe}, {concern}."
 
-def _f_nodule(rng):
-    if rng.random() < 0.25:
-        s = _choice(rng, ("No suspicious pulmonary nodules.", "No pulmonary nodules are seen."))
-        return s, {"neg": s.rstrip(".")}, [("Are there any lung nodules?", "neg")], None
+def _nodule_finding(rng):
     size = f"{rng.randint(3, 19)} mm" if rng.random() < 0.7 else f"{round(rng.uniform(1.0, 2.8), 1)} cm"
-    kind, lobe = _choice(rng, ("solid", "ground-glass", "part-solid", "calcified")), _choice(rng, _LOBES)
+    kind, lobe = _choice(rng, ("solid", "ground-glass", "part-solid", "calcified")), _choice(rng, _lobes())
     tail = _choice(rng, ("", f" (series 3, image {rng.randint(20, 140)})"))
     change = _choice(rng, (" is unchanged from the prior study", " is new since the prior exam", " is seen"))
     s = f"A {size} {kind} nodule in the {lobe}{tail}{change}."
@@ -414,168 +448,184 @@ def _f_nodule(rng):
                        "Recommend follow-up CT in 3 months to assess for growth.",
                        "No follow-up is needed for this calcified, benign-appearing nodule." if kind == "calcified"
                        else "A PET-CT could be considered for further characterization, or follow-up CT in 3 months."))
-    return (s, {"size": size, "lobe": lobe, "kind": kind, "sent": s.rstrip(".")},
-            [("How big is the nodule?", "size"), ("Where is the nodule?", "lobe"), ("What type of nodule is it?", "kind"),
-             ("Is there a lung nodule?", "sent")], (f"{size} {lobe} nodule. {fu}", {"fu": fu.rstrip(".")}, [("What follow-up is recommended?", "fu")]))
+    marks = {"size": size, "lobe": lobe, "kind": kind, "sent": s.rstrip(".")}
+    return s, marks, (f"{size} {lobe} nodule. {fu}", {"fu": fu.rstrip(".")})
 
-def _f_mass(rng):
-    a, b, lobe = round(rng.uniform(2.0, 6.5), 1), round(rng.uniform(1.5, 5.0), 1), _choice(rng, _LOBES)
+def _mass_finding(rng):
+    a, b, lobe = round(rng.uniform(2.0, 6.5), 1), round(rng.uniform(1.5, 5.0), 1), _choice(rng, _lobes())
     extra = _choice(rng, ("", " with associated hilar lymphadenopathy", " abutting the pleura"))
     s = f"There is a {a} x {b} cm spiculated mass in the {lobe}{extra}, concerning for primary lung malignancy."
-    return (s, {"dims": f"{a} x {b} cm", "lobe": lobe, "concern": "primary lung malignancy"},
-            [("What are the dimensions of the mass?", "dims"), ("Where is the mass located?", "lobe"), ("What is the mass concerning for?", "concern")],
-            f"{a} cm spiculated {lobe} mass, concerning for malignancy. Recommend tissue sampling.")
+    impression = f"{a} cm spiculated {lobe} mass, concerning for malignancy. Recommend tissue sampling."
+    return s, {"dims": f"{a} x {b} cm", "lobe": lobe, "concern": "primary lung malignancy"}, impression
 
-def _f_heart(rng):
-    if rng.random() < 0.55:
-        s = _choice(rng, ("Heart size is normal.", "The cardiomediastinal silhouette is within normal limits.", "The heart is normal in size."))
-        return s, {"sent": s.rstrip(".")}, [("Is the heart enlarged?", "sent"), ("What is the heart size?", "sent")], None
+def _heart_finding(rng):
     deg = _choice(rng, ("mildly", "moderately", "severely"))
     s = _choice(rng, (f"The heart is {deg} enlarged.", f"The cardiac silhouette is {deg} enlarged, unchanged."))
-    return s, {"deg": f"{deg} enlarged", "sent": s.rstrip(".")}, [("Is the heart enlarged?", "deg"), ("What is the heart size?", "deg"),
-                                                                   ("Is there cardiomegaly?", "sent")], f"{_cap(deg)} enlarged heart."
+    return s, {"deg": f"{deg} enlarged", "sent": s.rstrip(".")}, f"{_cap(deg)} enlarged heart."
 
-def _f_edema(rng):
-    if rng.random() < 0.4:
-        s = _choice(rng, ("No pulmonary edema.", "There is no pulmonary vascular congestion or edema."))
-        return s, {"neg": s.rstrip(".")}, [("Is there pulmonary edema?", "neg"), ("Is there evidence of fluid overload?", "neg")], None
+def _edema_finding(rng):
     deg = _choice(rng, ("mild", "moderate", "severe"))
-    s = f"There is {deg} pulmonary edema" + _choice(rng, (" with bilateral interstitial markings", " and vascular congestion", "")) + "."
-    return (s, {"deg": deg, "sent": s.rstrip(".")}, [("Is there pulmonary edema?", "sent"), ("How severe is the pulmonary edema?", "deg"),
-                                                     ("Is there evidence of fluid overload?", "sent")], f"{_cap(deg)} pulmonary edema.")
+    extent = _choice(rng, (" with bilateral interstitial markings", " and vascular congestion", ""))
+    s = f"There is {deg} pulmonary edema" + extent + "."
+    return s, {"deg": deg, "sent": s.rstrip(".")}, f"{_cap(deg)} pulmonary edema."
 
-def _f_ett(rng):
+def _ett_finding(rng):
     cm = round(rng.uniform(1.5, 7.0), 1)
-    s = _choice(rng, (f"An endotracheal tube terminates {cm} cm above the carina.", f"The ET tube tip is {cm} cm above the carina, in appropriate position."))
-    return s, {"pos": f"{cm} cm above the carina"}, [("Where is the endotracheal tube?", "pos"), ("Where does the ET tube terminate?", "pos")], None
+    s = _choice(rng,
+                (f"An endotracheal tube terminates {cm} cm above the carina.",
+                 f"The ET tube tip is {cm} cm above the carina, in appropriate position."))
+    return s, {"pos": f"{cm} cm above the carina"}, None
 
-def _f_line(rng):
+def _line_finding(rng):
     tip = _choice(rng, ("mid SVC", "low SVC", "cavoatrial junction", "right atrium"))
-    s = _choice(rng, (f"A {_choice(rng, _SIDES)} internal jugular central venous catheter terminates in the {tip}.",
-                      f"A {_choice(rng, _SIDES)} PICC line tip is in the {tip}."))
-    return s, {"tip": f"in the {tip}"}, [("Where does the central line terminate?", "tip"), ("Where is the tip of the catheter?", "tip")], None
+    s = _choice(rng, (f"A {_choice(rng, _sides())} internal jugular central venous catheter terminates in the {tip}.",
+                      f"A {_choice(rng, _sides())} PICC line tip is in the {tip}."))
+    return s, {"tip": f"in the {tip}"}, None
 
-def _f_ngt(rng):
+def _ngt_finding(rng):
     s = _choice(rng, ("A nasogastric tube courses below the diaphragm with the tip in the stomach.",
-                      "An enteric tube terminates in the proximal duodenum.", "The feeding tube tip is in the gastric body."))
-    where = re.search(r"(in the [a-z ]+)\.$", s).group(1)
-    return s, {"where": where}, [("Where is the nasogastric tube?", "where"), ("Is the feeding tube in the stomach?", "where")], None
+                      "An enteric tube terminates in the proximal duodenum.",
+                      "The feeding tube tip is in the gastric body."))
+    return s, {"where": re.search(r"(in the [a-z ]+)\.$", s).group(1)}, None
 
-def _f_fracture(rng):
-    if rng.random() < 0.4:
-        s = _choice(rng, ("No acute displaced rib fractures are identified.", "No acute osseous abnormality."))
-        return s, {"neg": s.rstrip(".")}, [("Are there any rib fractures?", "neg"), ("Is there a fracture?", "neg")], None
-    side, ribs = _choice(rng, _SIDES), _choice(rng, ("5th and 6th", "6th through 8th", "4th", "9th and 10th"))
+def _fracture_finding(rng):
+    side, ribs = _choice(rng, _sides()), _choice(rng, ("5th and 6th", "6th through 8th", "4th", "9th and 10th"))
     disp = _choice(rng, ("minimally displaced", "nondisplaced", "displaced"))
     s = f"There are acute, {disp} fractures of the {side} {ribs} {_choice(rng, ('lateral', 'posterior'))} ribs."
-    return (s, {"ribs": f"{side} {ribs}", "disp": disp, "sent": s.rstrip(".")},
-            [("Which ribs are fractured?", "ribs"), ("Are the fractures displaced?", "disp"), ("Are there any rib fractures?", "sent")],
-            f"Acute {side} {ribs} rib fractures.")
+    return s, {"ribs": f"{side} {ribs}", "disp": disp, "sent": s.rstrip(".")}, f"Acute {side} {ribs} rib fractures."
 
-def _f_atelectasis(rng):
+def _atelectasis_finding(rng):
     where = _choice(rng, ("Bibasilar", "Left basilar", "Right basilar"))
     s = _choice(rng, (f"{where} atelectasis.", f"{where} subsegmental atelectasis is noted."))
-    return s, {"where": where, "sent": s.rstrip(".")}, [("Is there atelectasis?", "sent"), ("Where is the atelectasis?", "where")], None
+    return s, {"where": where, "sent": s.rstrip(".")}, None
 
-def _f_surgery(rng):
+def _surgery_finding(rng):
     s, what = _choice(rng, (("Median sternotomy wires and mediastinal clips are noted from prior CABG.", "prior CABG"),
                             ("Postsurgical changes from a right upper lobectomy.", "a right upper lobectomy")))
-    return s, {"what": what}, [("What prior surgery did the patient have?", "what"), ("Is there evidence of prior surgery?", "what")], None
+    return s, {"what": what}, None
 
-def _f_emphysema(rng):
+def _emphysema_finding(rng):
     s = _choice(rng, ("The lungs are hyperinflated, consistent with emphysema.", "Moderate centrilobular emphysema."))
-    return s, {"sent": s.rstrip(".")}, [("Is there evidence of emphysema?", "sent"), ("Is there evidence of COPD?", "sent")], None
+    return s, {"sent": s.rstrip(".")}, None
 
-# topic -> (generator, questions asked when the report never mentions it, exams it appears on: p portable, x PA/lateral, c CT)
-_TOPICS = {
-    "effusion": (_f_effusion, ("Is there a pleural effusion?", "How large is the pleural effusion?", "Which side is the effusion on?"), "pxc"),
-    "pneumothorax": (_f_pneumothorax, ("Is there a pneumothorax?", "How large is the pneumothorax?", "Is there a collapsed lung?"), "pxc"),
-    "consolidation": (_f_consolidation, ("Is there evidence of pneumonia?", "Where is the opacity?", "Is there an infiltrate?"), "pxc"),
-    "nodule": (_f_nodule, ("How big is the nodule?", "Where is the nodule?", "Are there any lung nodules?", "What follow-up is recommended?"), "pxc"),
-    "mass": (_f_mass, ("What are the dimensions of the mass?", "Where is the mass located?", "Is there a lung mass?"), "c"),
-    "heart": (_f_heart, ("Is the heart enlarged?", "What is the heart size?", "Is there cardiomegaly?"), "pxc"),
-    "edema": (_f_edema, ("Is there pulmonary edema?", "Is there evidence of fluid overload?", "How severe is the pulmonary edema?"), "pxc"),
-    "ett": (_f_ett, ("Where is the endotracheal tube?", "Where does the ET tube terminate?"), "p"),
-    "line": (_f_line, ("Where does the central line terminate?", "Where is the tip of the catheter?"), "pc"),
-    "ngt": (_f_ngt, ("Where is the nasogastric tube?", "Is the feeding tube in the stomach?"), "p"),
-    "fracture": (_f_fracture, ("Are there any rib fractures?", "Which ribs are fractured?", "Is there a fracture?"), "pxc"),
-    "atelectasis": (_f_atelectasis, ("Is there atelectasis?", "Where is the atelectasis?"), "pxc"),
-    "surgery": (_f_surgery, ("What prior surgery did the patient have?", "Is there evidence of prior surgery?"), "pxc"),
-    "emphysema": (_f_emphysema, ("Is there evidence of emphysema?", "Is there evidence of COPD?"), "pxc"),
-}
-_EXAMS = (("CHEST (PORTABLE AP)", "p", "Single frontal view of the chest."), ("CHEST (PA AND LAT)", "x", "PA and lateral views of the chest."),
-          ("CT CHEST WITHOUT CONTRAST", "c", "Multidetector CT of the chest without IV contrast. Axial, coronal and sagittal reformats."),
-          ("CT CHEST WITH CONTRAST", "c", "Contrast-enhanced CT of the chest after 75 mL Omnipaque."))
-_INDICATIONS = ("shortness of breath and hypoxia", "fever and productive cough", "chest pain after a fall", "new oxygen requirement",
-                "line placement", "intubated, assess tube position", "weight loss and hemoptysis",
-                "history of CHF with worsening dyspnea", "pleuritic chest pain")
+# topic -> its generator; the vocabulary's `radqa.topics` gives each the questions asked of reports that never
+# mention it, and the exams it appears on (p portable, x PA/lateral, c CT)
+_FINDINGS = {"effusion": _effusion_finding, "pneumothorax": _pneumothorax_finding,
+             "consolidation": _consolidation_finding, "nodule": _nodule_finding, "mass": _mass_finding,
+             "heart": _heart_finding, "edema": _edema_finding, "ett": _ett_finding, "line": _line_finding,
+             "ngt": _ngt_finding, "fracture": _fracture_finding, "atelectasis": _atelectasis_finding,
+             "surgery": _surgery_finding, "emphysema": _emphysema_finding}
+
+@functools.cache
+def _topics() -> dict[str, tuple]:
+    "topic -> (generator, `_Topic`), in `_FINDINGS` order; the vocabulary must describe exactly these topics."
+    described = _vocab().radqa.topics
+    if set(described) != set(_FINDINGS):
+        where = str(params_dir()/VOCABULARY_FILE)
+        raise DataError([Problem(where, "radqa.topics", f"exactly the topics {', '.join(_FINDINGS)}")])
+    return {name: (generator, described[name]) for name, generator in _FINDINGS.items()}
 
 # %% ../nbs/30_synthetic.ipynb #0e444b7d
 class _Text:
     "Concatenate pieces of text, recording the character span of marked substrings."
-    def __init__(self): self.parts, self.n, self.spans = [], 0, {}
+    def __init__(self):
+        self.parts, self.n, self.spans = [], 0, {}
     def add(self, text:str, marks:dict|None=None, prefix:str=""):
         for k, sub in (marks or {}).items():
             i = text.find(sub)
-            if i < 0: i = text.lower().find(sub.lower())  # a mark may start the sentence, capitalised
+            if i < 0:
+                i = text.lower().find(sub.lower())  # a mark may start the sentence, capitalised
             assert i >= 0, (sub, text)
             self.spans[prefix + k] = (self.n + i, self.n + i + len(sub))
-        self.parts.append(text); self.n += len(text)
+        self.parts.append(text)
+        self.n += len(text)
         return self
     @property
-    def text(self) -> str: return "".join(self.parts)
+    def text(self) -> str:
+        return "".join(self.parts)
 
 def _wrap(text:str, width:int) -> str:
     "Hard-wrap lines longer than `width` by turning spaces into newlines: same length, so offsets stay valid."
     chars, start, last_space = list(text), 0, None
     for i, c in enumerate(chars):
-        if c == "\n": start, last_space = i + 1, None; continue
-        if c == " ": last_space = i
+        if c == "\n":
+            start, last_space = i + 1, None
+            continue
+        if c == " ":
+            last_space = i
         if i - start >= width and last_space is not None and last_space > start:
-            chars[last_space] = "\n"; start, last_space = last_space + 1, None
+            chars[last_space] = "\n"
+            start, last_space = last_space + 1, None
     return "".join(chars)
 
 # %% ../nbs/30_synthetic.ipynb #09c682a6
+def _report_header(rng, report:_Text, exam:str, technique:str) -> None:
+    "EXAMINATION, INDICATION (an answer: `ind`), TECHNIQUE and COMPARISON sections."
+    age, male = rng.randint(21, 95), rng.random() < 0.5
+    report.add(f"EXAMINATION:  {exam}\n\n")
+    words = _vocab().radqa
+    indication = f"{age}-year-old {'man' if male else 'woman'} with {_choice(rng, words.indications)}. "
+    indication += _choice(rng, words.requests)
+    report.add("INDICATION:  ").add(indication, {"ind": indication}).add("\n\n")
+    report.add(f"TECHNIQUE:  {technique}\n\n")
+    prior_date = f"21{rng.randint(10, 99)}-0{rng.randint(1, 9)}-{rng.randint(10, 28)}"
+    comparison = _choice(rng, ("None.", f"Chest radiograph from {prior_date}.", "Prior CT chest."))
+    report.add("COMPARISON:  " + comparison + "\n\n")
+
+def _report_findings(rng, report:_Text, present:list[str]) -> tuple[list, list]:
+    "FINDINGS: one sentence per present topic. Returns (question, span key) pairs and the topics' impressions."
+    report.add("FINDINGS: \n\n")
+    questions, impressions, findings_start = [], [], report.n
+    topics = _topics()
+    for name in present:
+        generator, topic = topics[name]
+        sentence, marks, impression = _negative_finding(rng, topic) or generator(rng)
+        report.add(sentence + " ", marks, prefix=name + ":")
+        questions += [(question, name + ":" + key) for question, key in topic.questions if key in marks]
+        if impression and isinstance(impression, tuple):
+            text, impression_marks = impression
+            asked = [(question, key) for question, key in topic.impression_questions if key in impression_marks]
+            impressions.append((name, (text, impression_marks, asked)))
+        elif impression:
+            impressions.append((name, (impression, {}, [])))
+    report.spans["findings"] = (findings_start, report.n - 1)
+    report.parts[-1] = report.parts[-1][:-1]  # drop the trailing space
+    report.n -= 1
+    return questions, impressions
+
+def _report_impression(rng, report:_Text, impressions:list) -> list:
+    "IMPRESSION: the topics' impressions, numbered when several (or a normal one). Returns its questions."
+    report.add("\n\nIMPRESSION: \n\n")
+    if not impressions:
+        impressions = [("", (_choice(rng, _vocab().radqa.no_acute), {}, []))]
+    separator, impression_start = _choice(rng, ("\n", " ")), report.n  # one per line, or run together
+    questions = []
+    for number, (topic, (text, marks, topic_questions)) in enumerate(impressions, 1):
+        if len(impressions) > 1:
+            report.add(("" if number == 1 else separator) + f"{number}. ")
+        report.add(text, marks, prefix=topic + ":imp:")
+        questions += [(question, topic + ":imp:" + key) for question, key in topic_questions]
+    report.spans["impression"] = (impression_start, report.n)
+    report.add("\n")
+    return questions
+
 def radqa_report(rng:random.Random, # the split's random stream
                 ) -> tuple[str, list, list]:
     "One report: its text, answerable (question, start, end) triples and unanswerable questions."
-    exam, modality, technique = _choice(rng, _EXAMS)
-    allowed = [t for t, v in _TOPICS.items() if modality in v[2]]
+    exam = _choice(rng, _vocab().radqa.exams)
+    allowed = [name for name, (_, topic) in _topics().items() if exam.modality in topic.exams]
     present = rng.sample(allowed, rng.randint(3, min(7, len(allowed))))
-    age, male = rng.randint(21, 95), rng.random() < 0.5
-    t = _Text()
-    t.add(f"EXAMINATION:  {exam}\n\n")
-    ind = f"{age}-year-old {'man' if male else 'woman'} with {_choice(rng, _INDICATIONS)}. " + _choice(rng, (
-        "Evaluate for acute cardiopulmonary process.", "Evaluate for pneumonia.", "Assess for interval change.", "Please evaluate for effusion."))
-    t.add("INDICATION:  ").add(ind, {"ind": ind}).add("\n\n")
-    t.add(f"TECHNIQUE:  {technique}\n\n")
-    t.add("COMPARISON:  " + _choice(rng, ("None.", f"Chest radiograph from 21{rng.randint(10, 99)}-0{rng.randint(1, 9)}-{rng.randint(10, 28)}.",
-                                         "Prior CT chest.")) + "\n\n")
-    t.add("FINDINGS: \n\n")
-    qs, impressions, f_start = [], [], t.n
-    for topic in present:
-        s, marks, tq, imp = _TOPICS[topic][0](rng)
-        t.add(s + " ", marks, prefix=topic + ":")
-        qs += [(q, topic + ":" + k) for q, k in tq]
-        if imp: impressions.append((topic, imp) if isinstance(imp, tuple) else (topic, (imp, {}, [])))
-    t.spans["findings"] = (f_start, t.n - 1)
-    t.parts[-1] = t.parts[-1][:-1]; t.n -= 1  # drop the trailing space
-    t.add("\n\nIMPRESSION: \n\n")
-    if not impressions: impressions = [("", (_choice(rng, ("No acute cardiopulmonary process.", "No acute intrathoracic abnormality.")), {}, []))]
-    sep, i_start = _choice(rng, ("\n", " ")), t.n  # numbered impressions: one per line, or run together
-    for i, (topic, (s, marks, tq)) in enumerate(impressions, 1):
-        if len(impressions) > 1: t.add(("" if i == 1 else sep) + f"{i}. ")
-        t.add(s, marks, prefix=topic + ":imp:")
-        qs += [(q, topic + ":imp:" + k) for q, k in tq]
-    t.spans["impression"] = (i_start, t.n)
-    t.add("\n")
-    qs += [(q, "impression") for q in ("What is the impression?", "What are the main findings of this study?")]
-    qs += [(q, "findings") for q in ("Describe the findings.", "What are the findings?")]
-    qs += [(q, "ind") for q in ("Why was this exam performed?", "What is the indication for the study?")]
+    report = _Text()
+    _report_header(rng, report, exam.title, exam.technique)
+    questions, impressions = _report_findings(rng, report, present)
+    questions += _report_impression(rng, report, impressions)
+    questions += [(q, "impression") for q in ("What is the impression?", "What are the main findings of this study?")]
+    questions += [(q, "findings") for q in ("Describe the findings.", "What are the findings?")]
+    questions += [(q, "ind") for q in ("Why was this exam performed?", "What is the indication for the study?")]
     width = _choice(rng, (None, None, None, 76, 90))
-    text = _wrap(t.text, width) if width else t.text
-    answerable = [(q, *t.spans[k]) for q, k in qs]
-    absent = [q for topic, v in _TOPICS.items() if topic not in present for q in v[1]]
+    text = _wrap(report.text, width) if width else report.text
+    answerable = [(question, *report.spans[key]) for question, key in questions]
+    absent = [q for name, (_, topic) in _topics().items() if name not in present for q in topic.unasked]
     return text, answerable, absent
 
 # %% ../nbs/30_synthetic.ipynb #a8966989
@@ -591,150 +641,56 @@ def radqa_split(seed:int, # the demo-data seed
     data, k, report_id = [], 0, start_id
     while k < n:
         text, answerable, absent = radqa_report(rng)
-        rng.shuffle(answerable); rng.shuffle(absent)
+        rng.shuffle(answerable)
+        rng.shuffle(absent)
         # long answers are rarer than short ones, as in the release: put them last in the queue half the time
         answerable.sort(key=lambda x: (x[2] - x[1] > 120) and rng.random() < 0.5)
         pools, qas, seen = {True: [(q, 0, 0) for q in absent], False: answerable}, [], set()
         for _ in range(rng.randint(3, 6)):
-            if k == n: break
+            if k == n:
+                break
             pool = pools[flags[k]]
-            while pool and pool[0][0] in seen: pool.pop(0)  # one report never asks the same question twice
-            if not pool: break
-            q, a, b = pool.pop(0); seen.add(q)
+            while pool and pool[0][0] in seen:
+                pool.pop(0)  # one report never asks the same question twice
+            if not pool:
+                break
+            q, a, b = pool.pop(0)
+            seen.add(q)
             qas.append({"id": f"{report_id}_{len(qas) + 1}", "question": q, "is_impossible": flags[k],
                         "answers": [] if flags[k] else [{"text": text[a:b], "answer_start": a}]})
             k += 1
-        if qas: data.append({"title": str(report_id), "paragraphs": [{"context": text, "qas": qas}]})
+        if qas:
+            data.append({"title": str(report_id), "paragraphs": [{"context": text, "qas": qas}]})
         report_id += 1
     return {"version": "v2.0", "data": data}
 
 # %% ../nbs/30_synthetic.ipynb #636d26c9
-_NAMES = ("Smith", "Johnson", "Patel", "Nguyen", "Garcia", "Cohen", "O'Brien", "Kim", "Rossi", "Murphy", "Chen", "Levine", "Walsh", "Singh")
-_SERVICES = ("cardiology", "pulmonary", "nephrology", "hepatology", "neurology", "GI", "oncology", "endocrine", "infectious disease")
-_DRUGS = (("metoprolol", "25 mg twice daily"), ("lisinopril", "10 mg daily"), ("furosemide", "40 mg daily"), ("warfarin", "5 mg daily"),
-          ("atorvastatin", "80 mg daily"), ("prednisone", "40 mg daily"), ("levofloxacin", "750 mg daily"), ("insulin glargine", "20 units at bedtime"),
-          ("amiodarone", "200 mg daily"), ("apixaban", "5 mg twice daily"), ("levetiracetam", "500 mg twice daily"), ("spironolactone", "25 mg daily"))
-_WHEN = ("in 1 week", "in 2 weeks", "in 1-2 weeks", "in 4 weeks", "within 1 month", "next week", "in 3 months")
-_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday")
-
 def _fill(rng, tpl:str, male:bool) -> str:
     "Fill the slot names used by the CLIP templates."
-    d, dose = _choice(rng, _DRUGS)
+    words = _vocab().clip
+    drug = _choice(rng, words.drugs)
     pron = "He" if male else "She"
-    slots = {"name": _choice(rng, _NAMES), "name2": _choice(rng, _NAMES), "service": _choice(rng, _SERVICES), "drug": d, "dose": dose,
-             "when": _choice(rng, _WHEN), "day": _choice(rng, _DAYS), "date": f"{rng.randint(1, 12)}/{rng.randint(1, 28)}",
-             "time": f"{rng.randint(8, 16)}:{_choice(rng, ('00', '15', '30', '45'))}", "phone": f"({rng.randint(200, 989)}) {rng.randint(200, 989)}-{rng.randint(1000, 9999)}",
+    slots = {"name": _choice(rng, words.names), "name2": _choice(rng, words.names),
+             "service": _choice(rng, words.services), "drug": drug.name, "dose": drug.dose,
+             "when": _choice(rng, words.when), "day": _choice(rng, words.days),
+             "date": f"{rng.randint(1, 12)}/{rng.randint(1, 28)}",
+             "time": f"{rng.randint(8, 16)}:{_choice(rng, ('00', '15', '30', '45'))}",
+             "phone": f"({rng.randint(200, 989)}) {rng.randint(200, 989)}-{rng.randint(1000, 9999)}",
              "n": rng.randint(2, 14), "y": rng.randint(10, 99), "m": rng.randint(1, 9), "d": rng.randint(10, 19),
-             "d2": rng.randint(20, 28), **{f"x{i}": rng.randint(0, 9) for i in range(6)}, "Pron": pron, "pos": "his" if pron == "He" else "her", "Pos": "His" if pron == "He" else "Her",
-             "lab": _choice(rng, ("potassium", "creatinine", "electrolytes", "CBC", "INR", "LFTs", "TSH", "magnesium")),
-             "img": _choice(rng, ("chest CT", "echocardiogram", "renal ultrasound", "MRI of the brain", "CT of the abdomen", "chest x-ray")),
-             "proc": _choice(rng, ("colonoscopy", "EGD", "paracentesis", "bone marrow biopsy", "cardiac catheterization", "bronchoscopy", "TEE")),
-             "sx": _choice(rng, ("chest pain", "shortness of breath", "fevers", "abdominal pain", "confusion", "bleeding")),
-             "dx": _choice(rng, ("pneumonia", "CHF exacerbation", "COPD exacerbation", "GI bleed", "sepsis", "atrial fibrillation", "cellulitis", "DKA")),
-             "SERVICE": _choice(rng, ("MEDICINE", "CARDIOLOGY", "SURGERY", "NEUROLOGY", "CARDIOTHORACIC")),
-             "allergy": _choice(rng, ("Penicillins", "No Known Allergies / Adverse Drug Reactions", "Sulfa (Sulfonamide Antibiotics)", "Codeine")),
-             "invasive": _choice(rng, ("None", "None", "cardiac catheterization", "intubation", "EGD", "PICC line placement"))}
+             "d2": rng.randint(20, 28), **{f"x{i}": rng.randint(0, 9) for i in range(6)}, "Pron": pron,
+             "pos": "his" if pron == "He" else "her", "Pos": "His" if pron == "He" else "Her"}
+    slots.update({name: _choice(rng, words.slots[name]) for name in _SLOT_NAMES})
     return _cap(tpl.format(**slots))
 
-_LABELLED = {
-    "Appointment-related followup": (
-        "Follow up with Dr. {name} in {service} clinic {when}.", "Please call Dr. {name}'s office at {phone} to schedule an appointment {when}.",
-        "You have an appointment with your PCP Dr. {name} on {date} at {time}.", "Provider: {name}, MD Phone: {phone} Date/Time: {date} {time}",
-        "Please see your primary care doctor {when}.", "The {service} clinic will contact you with an appointment time.",
-        "You are scheduled to see {service} on {date}.", "Make an appointment with {service} {when}.", "Dr. {name} would like to see you {when}."),
-    "Medication-related followups": (
-        "Please continue {drug} {dose} until your follow up visit, where the dose will be reviewed.",
-        "Your {drug} dose should be adjusted by your PCP based on your blood pressure.",
-        "Take {drug} {dose} for {n} more days, then stop.", "{drug} was started at {dose}; please have this dose reviewed at your next visit.",
-        "Do not restart aspirin until cleared by your {service} doctor.", "Please stop taking {drug} until you see {service}.",
-        "Your {drug} was increased to {dose}; your doctor may need to change it depending on your weight.",
-        "Dr. {name} will decide whether to continue {drug} after {n} weeks."),
-    "Lab-related followup": (
-        "Please have your INR checked on {day} with results to Dr. {name}.", "You will need blood work {when} to check your {lab}.",
-        "Have your {lab} drawn at the VNA visit on {date}.", "Please get labs drawn within {n} days to recheck your {lab}.",
-        "Your {lab} should be rechecked {when}.", "A nurse will draw your {lab} on {day} and fax the results to Dr. {name}."),
-    "Procedure-related followup": (
-        "You are scheduled for a {proc} on {date}.", "Dr. {name} will perform an outpatient {proc} {when} to evaluate healing.",
-        "Please return for staple removal in {n} days.", "You will need a repeat {proc} as an outpatient.",
-        "A {proc} should be arranged {when} by your {service} doctor."),
-    "Imaging-related followup": (
-        "Repeat chest CT in 3 months to follow the {n} mm nodule.", "You should have a follow up {img} {when}.",
-        "Please obtain a {img} {when} to reassess.", "A {img} will be scheduled as an outpatient.",
-        "Dr. {name} recommends a repeat {img} {when}."),
-    "Case-specific instructions for patient": (
-        "Do not lift more than {n} lbs for 6 weeks.", "Do not drive while taking oxycodone.",
-        "Weigh yourself every morning and call your doctor if your weight increases by more than 3 lbs.",
-        "Keep your left arm in the sling at all times.", "Follow a 2 gram sodium diet.", "Limit your fluid intake to 1.5 liters per day.",
-        "You may shower but do not bathe or swim for {n} days.", "Keep the incision clean and dry and do not apply lotion to it.",
-        "Check your blood sugar before each meal and at bedtime."),
-    "Other helpful contextual information": (
-        "Blood cultures from {date} were still pending at the time of discharge.", "{Pos} daughter is {pos} health care proxy.",
-        "{Pos} code status was changed to DNR/DNI during this admission.",
-        "The pathology results from the biopsy are pending and will be followed up by Dr. {name}.",
-        "{Pron} was discharged to a rehab facility for ongoing physical therapy."),
-}
-# a second label that reads naturally with the first: (first, second, template)
-_TWO_LABELS = (
-    ("Appointment-related followup", "Lab-related followup", "Follow up with Dr. {name} {when} and have your {lab} checked at that visit."),
-    ("Appointment-related followup", "Imaging-related followup", "You will see Dr. {name} in {service} clinic after a repeat {img} {when}."),
-    ("Medication-related followups", "Lab-related followup", "Your warfarin dose will be adjusted based on your INR, which should be checked on {day}."),
-    ("Procedure-related followup", "Appointment-related followup", "Follow up with Dr. {name} in {service} clinic to schedule your {proc}."),
-    ("Case-specific instructions for patient", "Medication-related followups", "Do not drive while taking oxycodone, and stop it once your pain improves."),
-)
 _LABEL_WEIGHTS = (0.30, 0.20, 0.13, 0.07, 0.08, 0.14, 0.08)  # in CLIP_LABELS order; appointments dominate, as released
-_EARLY = (  # (section, templates) in note order; all unlabelled
-    ("header", ("Admission Date: 21{y}-0{m}-{d} Discharge Date: 21{y}-0{m}-{d2}", "Service: {SERVICE}", "Allergies: {allergy}", "Attending: {name}, MD")),
-    ("complaint", ("Chief Complaint: {sx}", "Major Surgical or Invasive Procedure: {invasive}")),
-    ("hpi", None),  # MedNLI-style history sentences
-    ("history", ("Of note, {pos} {dx} has been followed by {service} as an outpatient.", "Social History: Lives with {pos} wife, quit smoking 20 years ago.",
-                 "Family History: Father with MI at age 60.", "{Pron} was last seen by Dr. {name} {n} weeks ago.")),
-    ("exam", ("Vitals: T 98.{x0} BP 13{x1}/8{x2} HR 8{x3} RR 18 O2 sat 9{x4}% on RA", "General: alert and oriented x3, in no acute distress",
-              "HEENT: NCAT, PERRL, EOMI, MMM", "Lungs: crackles at the bases bilaterally", "CV: RRR, no murmurs, rubs or gallops",
-              "Abd: soft, non-tender, non-distended", "Ext: 2+ pitting edema bilaterally")),
-    ("results", ("BLOOD WBC-1{x0}.2 Hgb-1{x1}.1 Hct-3{x2}.0 Plt-2{x3}5", "BLOOD Glucose-1{x4}8 UreaN-2{x5} Creat-1.{x0} Na-13{x1} K-4.{x2}",
-                 "CXR on admission showed a {n} mm nodule in the right upper lobe.", "ECHO: EF 55%, no wall motion abnormalities.",
-                 "CT head: no acute intracranial process.", "{Pos} INR on admission was 3.{x3}.")),
-    ("course", ("# {dx}: {Pron} was treated with IV antibiotics with improvement.", "{Pos} INR was monitored daily and remained therapeutic.",
-                "Cardiology was consulted and followed {pos} progress throughout the admission.", "{Pos} {drug} was held on admission and restarted on {date}.",
-                "Blood cultures from admission grew MSSA.", "{Pron} was seen by physical therapy who recommended a walker.",
-                "{Pron} underwent {proc} on hospital day {n} without complications.", "A {img} on admission showed no acute process.",
-                "{Pron} had labs checked daily and {pos} {lab} normalized.", "The renal team followed {pos} creatinine closely.",
-                "{Pron} had {pos} {lab} checked on {day} and it was within normal limits.", "A {img} was obtained on {date} and was unchanged from prior.",
-                "{Pron} had an appointment with Dr. {name} in {service} clinic last month.", "{drug} was continued at {dose} during the admission.",
-                "{Pron} was scheduled for a {proc} before admission, which was done on hospital day {n}.",
-                "Dr. {name} from {service} saw {pos} in consultation on {date} and recommended {drug}.",
-                "{Pron} had been told to follow a 2 gram sodium diet but has not been adherent.")),
-    ("meds", ("1. {drug} {dose}", "Disp: *30 Tablet(s)* Refills: *2*", "2. {drug} {dose}", "Discharge Medications: ")),
-    ("dx", ("Discharge Diagnosis: {dx}", "Discharge Condition: stable", "Discharge Disposition: Home With Service",
-            "Mental Status: Clear and coherent.")),
-)
-_LATE_UNLABELLED = (
-    "You were admitted to the hospital for {dx}.", "Please take all of your medications as prescribed.",
-    "It was a pleasure taking care of you.", "The following changes were made to your medications:", "Followup Instructions:",
-    "Your {img} showed no acute process.", "You had a procedure called a {proc}.",
-    "You were followed by the {service} team while you were here.", "Discharge Instructions:",
-    "We checked your {lab} daily while you were here.", "You had a {img} which did not show anything new.",
-    "We held your {drug} while you were in the hospital.", "You were seen by Dr. {name} from {service} during this admission.",
-    "Your blood pressure was well controlled on {drug} {dose}.")
-
-# sentences annotators label one way in some notes and the other way in others: (template, label, share labelled)
-_AMBIGUOUS = (
-    ("Please call your doctor or return to the ED if you experience {sx}, fevers, or any other concerning symptoms.", "Case-specific instructions for patient", 0.4),
-    ("Please take all of your medications as prescribed.", "Medication-related followups", 0.3),
-    ("Continue all other home medications.", "Medication-related followups", 0.5),
-    ("We started {drug} for your {dx}.", "Medication-related followups", 0.4),
-    ("Your INR was 2.{x5} on the day of discharge.", "Lab-related followup", 0.3),
-    ("You should follow up with your PCP as needed.", "Appointment-related followup", 0.5),
-    ("{Pron} will need ongoing physical therapy.", "Other helpful contextual information", 0.5),
-    ("Avoid strenuous activity until you feel better.", "Case-specific instructions for patient", 0.4),
-)
 
 def _labelled_sentence(rng, label:str, male:bool) -> tuple[str, list[str]]:
-    combos = [c for c in _TWO_LABELS if c[0] == label]
+    words = _vocab().clip
+    combos = [combo for combo in words.two_labels if combo.first == label]
     if combos and rng.random() < 0.25:
-        a, b, tpl = _choice(rng, combos)
-        return _fill(rng, tpl, male), [a, b]
-    return _fill(rng, _choice(rng, _LABELLED[label]), male), [label]
+        combo = _choice(rng, combos)
+        return _fill(rng, combo.template, male), [combo.first, combo.second]
+    return _fill(rng, _choice(rng, words.labelled[label]), male), [label]
 
 def clip_note(rng:random.Random, # the split's random stream
               n_sent:int, # sentences in the note
@@ -742,25 +698,32 @@ def clip_note(rng:random.Random, # the split's random stream
               keep:int=0, # the first `keep` labels are exempt from label noise
              ) -> list[tuple[str, list[str]]]:
     "One note of `n_sent` sentences: unlabelled sections first, then a discharge section holding `labels`."
-    male = rng.random() < 0.5
+    words, male = _vocab().clip, rng.random() < 0.5
     late = [_labelled_sentence(rng, l, male) for l in labels]
     n_late_plain = min(n_sent - len(late) - 3, rng.randint(1, 4))
     for _ in range(n_late_plain):
         if rng.random() < 0.4:
-            tpl, label, p = _choice(rng, _AMBIGUOUS)
-            late.append((_fill(rng, tpl, male), [label] if rng.random() < p else []))
-        else: late.append((_fill(rng, _choice(rng, _LATE_UNLABELLED), male), []))
+            sentence = _choice(rng, words.ambiguous)
+            text = _fill(rng, sentence.template, male)
+            late.append((text, [sentence.label] if rng.random() < sentence.share else []))
+        else:
+            late.append((_fill(rng, _choice(rng, words.late_unlabelled), male), []))
     # noise: discharge-section sentences annotators could read either way
     for i, (s, ls) in enumerate(late):
         if i >= keep and rng.random() < LABEL_NOISE:
             late[i] = (s, [] if ls else [_choice(rng, CLIP_LABELS)])
     rng.shuffle(late)
     sections = []
-    for section, tpls in _EARLY:
-        if tpls is None: sections.append([_premise(rng, male)[0] for _ in range(rng.randint(2, 4))]); hpi = sections[-1]
-        else: sections.append([_fill(rng, tpls[i], male) for i in sorted(rng.sample(range(len(tpls)), min(len(tpls), rng.randint(2, 4))))])
+    for section, tpls in words.early.items():
+        if tpls is None:
+            sections.append([_premise(rng, male)[0] for _ in range(rng.randint(2, 4))])
+            hpi = sections[-1]
+        else:
+            chosen = sorted(rng.sample(range(len(tpls)), min(len(tpls), rng.randint(2, 4))))
+            sections.append([_fill(rng, tpls[i], male) for i in chosen])
     need = n_sent - len(late)
-    while sum(map(len, sections)) < need: hpi.append(_premise(rng, male)[0])  # long notes: a longer history
+    while sum(map(len, sections)) < need:
+        hpi.append(_premise(rng, male)[0])  # long notes: a longer history
     early = [s for sec in sections for s in sec]
     keep = sorted(rng.sample(range(len(early)), need))
     return [(early[i], []) for i in keep] + late
@@ -776,7 +739,8 @@ def clip_split(rng:random.Random, # the split's random stream
     slots = [j for j, k in enumerate(n_lab) for _ in range(k)]  # one entry per labelled sentence of the split
     rng.shuffle(slots)
     cover = {j: [] for j in range(n_notes)}
-    for label, j in zip(CLIP_LABELS, slots): cover[j].append(label)  # each label one distinct sentence
+    for label, j in zip(CLIP_LABELS, slots):
+        cover[j].append(label)  # each label one distinct sentence
     rest = iter(rng.choices(CLIP_LABELS, weights=_LABEL_WEIGHTS, k=total))
     return [clip_note(rng, n, cover[j] + [next(rest) for _ in range(k - len(cover[j]))], keep=len(cover[j]))
             for j, (n, k) in enumerate(zip(lengths, n_lab))]
@@ -786,7 +750,8 @@ def _mednli_files(seed:int, spec:DemoSize) -> tuple[dict, dict]:
     files, summary = {}, {}
     for split, n in zip(SPLITS, spec.mednli_pairs):
         recs = mednli_split(seed, split, n)
-        files[f"{MEDNLI_RELEASE}/{MEDNLI_FILES[split]}"] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
+        files[f"{MEDNLI_RELEASE}/{MEDNLI_FILES[split]}"] = "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                                   for r in recs)
         summary[split] = {"items": n, "labels": {l: sum(r["gold_label"] == l for r in recs) for l in MEDNLI_LABELS}}
     return files, summary
 
@@ -812,7 +777,8 @@ def _clip_files(seed:int, spec:DemoSize) -> tuple[dict, dict]:
         for doc, note in zip(doc_ids, notes):
             for i, (sent, labels) in enumerate(note):
                 rows.append((doc, i, repr(tokenize(sent)), repr([f"I-{l}" for l in labels])))
-                for l in labels: counts[l] += 1
+                for l in labels:
+                    counts[l] += 1
         files[f"{CLIP_RELEASE}/{CLIP_ID_FILES[split]}"] = "".join(f"{d}\n" for d in doc_ids)
         summary[split] = {"notes": n_notes, "items": sum(map(len, notes)), "labels": counts}
     buf = io.StringIO()
@@ -825,8 +791,10 @@ def _clip_files(seed:int, spec:DemoSize) -> tuple[dict, dict]:
 # %% ../nbs/30_synthetic.ipynb #477867a3
 def _owned(out:Path) -> set[str]:
     "Files an earlier `write_demo_data` wrote under `out` (empty when `out` holds no demo data)."
-    try: return set(json.loads((out/DEMO_MARKER).read_text(encoding="utf-8"))["files"])
-    except (OSError, ValueError, KeyError, TypeError): return set()
+    try:
+        return set(json.loads((out/DEMO_MARKER).read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
 
 def write_demo_data(out, # folder to write into; created if absent, other contents left alone
                     seed:int=0, # same seed, byte-identical files; another seed, other data
@@ -834,20 +802,26 @@ def write_demo_data(out, # folder to write into; created if absent, other conten
                    ) -> dict: # task -> split -> counts, exactly what a loader will find
     "Write synthetic MedNLI, RadQA and CLIP releases in their PhysioNet layouts under `out`."
     spec, out = demo_size(size), Path(out)
-    if out.exists() and not out.is_dir(): raise UserError(f"--out {out}: expected a folder, found a file")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: expected a folder, found a file")
     files, summary = {}, {}
     for task, make in (("mednli", _mednli_files), ("radqa", _radqa_files), ("clip", _clip_files)):
-        f, summary[task] = make(seed, spec); files.update(f)
+        f, summary[task] = make(seed, spec)
+        files.update(f)
     owned = _owned(out)
     clash = [rel for rel in files if (out/rel).exists() and rel not in owned]
-    if clash: raise UserError(f"{out/clash[0]} exists and was not written by demo-data; refusing to overwrite it "
-                              f"({len(clash)} such file(s)). Choose an empty folder for --out.")
-    marker = {"note": "SYNTHETIC demo data written by clinical_repro; not MedNLI, RadQA or CLIP.", "seed": seed, "size": size}
+    if clash:
+        raise UserError(f"{out/clash[0]} exists and was not written by demo-data; refusing to overwrite it "
+                        f"({len(clash)} such file(s)). Choose an empty folder for --out.")
+    marker = {"note": "SYNTHETIC demo data written by clinical_repro; not MedNLI, RadQA or CLIP.", "seed": seed,
+              "size": size}
     # listed before writing, so a crash halfway leaves files a rerun may still replace
     atomic_write_json(out/DEMO_MARKER, {**marker, "complete": False, "files": sorted(owned | set(files))})
-    for rel, text in files.items(): atomic_write_text(out/rel, text)
+    for rel, text in files.items():
+        atomic_write_text(out/rel, text)
     atomic_write_json(out/DEMO_MARKER, {**marker, "complete": True, "files": sorted(files),
-                                        "sha256": {rel: sha256_file(out/rel) for rel in sorted(files)}, "summary": summary})
+                                        "sha256": {rel: sha256_file(out/rel) for rel in sorted(files)},
+                                        "summary": summary})
     return summary
 
 # %% ../nbs/30_synthetic.ipynb #64f1c058
@@ -859,14 +833,16 @@ def bag_of_words_baselines(out, # a folder written by `write_demo_data` (size de
     from sklearn.metrics import accuracy_score, f1_score
     out = Path(out)
     def nli(split):
-        recs = [json.loads(l) for l in (out/MEDNLI_RELEASE/MEDNLI_FILES[split]).read_text(encoding="utf-8").splitlines()]
+        lines = (out/MEDNLI_RELEASE/MEDNLI_FILES[split]).read_text(encoding="utf-8").splitlines()
+        recs = [json.loads(line) for line in lines]
         return [r["sentence1"] + " || " + r["sentence2"] for r in recs], [r["gold_label"] for r in recs]
     (xt, yt), (xd, yd) = nli("train"), nli("dev")
     vec = TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True)
     clf = LogisticRegression(max_iter=2000, C=4.0).fit(vec.fit_transform(xt), yt)
     scores = {"mednli_accuracy": float(accuracy_score(yd, clf.predict(vec.transform(xd)))), "mednli_chance": 1 / 3}
     with open(out/CLIP_RELEASE/"sentence_level.csv", newline="", encoding="utf-8") as f:
-        rows = {(r["doc_id"], int(r["sent_index"])): (" ".join(ast.literal_eval(r["sentence"])), bool(ast.literal_eval(r["labels"])))
+        rows = {(r["doc_id"], int(r["sent_index"])): (" ".join(ast.literal_eval(r["sentence"])),
+                                                      bool(ast.literal_eval(r["labels"])))
                 for r in csv.DictReader(f)}
     def clip(split):
         docs = set((out/CLIP_RELEASE/CLIP_ID_FILES[split]).read_text().split())

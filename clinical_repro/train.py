@@ -29,12 +29,14 @@ __all__ = ['is_oom', 'free_memory', 'BatchPlan', 'plan_batches', 'probe_per_devi
 # %% ../nbs/70_train.ipynb #fbf9f0df
 def is_oom(e:BaseException) -> bool:
     "Whether `e` is a device out-of-memory error."
-    return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+    if isinstance(e, torch.cuda.OutOfMemoryError): return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
 
 def free_memory() -> None:
     "Release cached device memory after an OOM or between runs."
     gc.collect()
-    if torch.cuda.is_available(): torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 # %% ../nbs/70_train.ipynb #57d85785
 @dataclass
@@ -50,20 +52,24 @@ class BatchPlan:
 
     def halve_train(self) -> "BatchPlan":
         "Half the per-device batch, twice the accumulation: same effective batch."
-        if self.per_device < 2: raise UserError("out of memory at a per-device batch of 1: the model does not fit this device (try a smaller max length or a larger GPU)")
+        if self.per_device < 2:
+            raise UserError("out of memory at a per-device batch of 1: the model does not fit this device "
+                            "(try a smaller max length or a larger GPU)")
         return BatchPlan(self.per_device // 2, self.accumulation * 2, self.devices, self.eval_batch)
 
     def halve_eval(self) -> "BatchPlan":
         "Half the evaluation batch."
-        if self.eval_batch < 2: raise UserError("out of memory evaluating one example at a time: the model does not fit this device")
+        if self.eval_batch < 2:
+            raise UserError("out of memory evaluating one example at a time: the model does not fit this device")
         return BatchPlan(self.per_device, self.accumulation, self.devices, self.eval_batch // 2)
 
 def plan_batches(effective:int, max_per_device:int, devices:int=1, eval_factor:int=4) -> BatchPlan:
     "The largest per-device batch ≤ `max_per_device` that divides the effective batch exactly."
     if effective % devices: raise UserError(f"effective batch {effective} is not divisible by {devices} devices")
-    per = effective // devices
-    b = max(d for d in range(1, min(per, max(1, max_per_device)) + 1) if per % d == 0)
-    return BatchPlan(b, per // b, devices, b * eval_factor)
+    per_device_share = effective // devices
+    largest = min(per_device_share, max(1, max_per_device))
+    per_device = max(size for size in range(1, largest + 1) if per_device_share % size == 0)
+    return BatchPlan(per_device, per_device_share // per_device, devices, per_device * eval_factor)
 
 # %% ../nbs/70_train.ipynb #8b87fcbb
 def probe_per_device_batch(model_factory:Callable, collator, features:list[dict], start:int, lengths:list[int],
@@ -73,30 +79,37 @@ def probe_per_device_batch(model_factory:Callable, collator, features:list[dict]
     order = np.argsort(lengths)[::-1]
     model = model_factory().cuda().train()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    b = start
+    per_device = start
     try:
-        while b >= 1:
-            batch = collator([features[i] for i in order[:b]])
-            batch = {k: v.cuda() for k, v in batch.items() if hasattr(v, "cuda")}
+        while per_device >= 1:
+            batch = collator([features[i] for i in order[:per_device]])
+            batch = {key: value.cuda() for key, value in batch.items() if hasattr(value, "cuda")}
             try:
                 with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
-                    out = model(**batch)
-                out.loss.backward()
+                    output = model(**batch)
+                output.loss.backward()
                 model.zero_grad(set_to_none=True)
-                return b
+                return per_device
             except Exception as e:
                 if not is_oom(e): raise
-                if log: log.info(f"probe: per-device batch {b} does not fit on the longest examples; trying {b // 2}")
-                model.zero_grad(set_to_none=True); del batch; free_memory(); b //= 2
+                if log:
+                    log.info(f"probe: per-device batch {per_device} does not fit on the longest examples; "
+                             f"trying {per_device // 2}")
+                model.zero_grad(set_to_none=True)
+                del batch
+                free_memory()
+                per_device //= 2
         raise UserError("out of memory at a per-device batch of 1 on the longest examples")
     finally:
-        del model; free_memory()
+        del model
+        free_memory()
 
 # %% ../nbs/70_train.ipynb #c340a5f2
 def make_collator(family:str, tokenizer, model=None, pad_to_multiple_of:int=8):
     "Dynamic padding to a small multiple: encoders pad inputs; seq2seq also pads labels with -100."
     if family == "seq2seq":
-        return DataCollatorForSeq2Seq(tokenizer, model=model, pad_to_multiple_of=pad_to_multiple_of, label_pad_token_id=-100)
+        return DataCollatorForSeq2Seq(tokenizer, model=model, pad_to_multiple_of=pad_to_multiple_of,
+                                      label_pad_token_id=-100)
     return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
 
 # %% ../nbs/70_train.ipynb #5ad83fc8
@@ -109,8 +122,10 @@ class UnitTrainer(Seq2SeqTrainer):
     def _get_eval_sampler(self, eval_dataset): return SequentialSampler(eval_dataset)
     def training_step(self, model, inputs, num_items_in_batch=None):
         crash_point("train_step")
-        m = inputs.get("attention_mask")
-        if m is not None: self._real = self._real + m.sum(); self.padded_tokens += m.numel()
+        attention_mask = inputs.get("attention_mask")
+        if attention_mask is not None:
+            self._real = self._real + attention_mask.sum()
+            self.padded_tokens += attention_mask.numel()
         self.examples += len(inputs["input_ids"])
         return super().training_step(model, inputs, num_items_in_batch)
     @property
@@ -120,29 +135,37 @@ class UnitTrainer(Seq2SeqTrainer):
         crash_point("evaluate")
         try: return super().evaluation_loop(*args, **kwargs)
         except Exception as e:
-            if is_oom(e): self.oom_phase = "eval"
+            if is_oom(e):
+                self.oom_phase = "eval"
             raise
 
 class DevHistory(TrainerCallback):
     "Record each dev evaluation with the training time spent so far (for the cost-to-best-score question)."
     def __init__(self, path=None):
         "Kept in `path` (beside the checkpoints) so a resumed unit continues the history and the time it had spent."
-        self.path, self.rows, self.train_seconds, self._t = path, [], 0.0, None
+        self.path, self.rows, self.train_seconds, self._step_started = path, [], 0.0, None
         if path is not None and Path(path).is_file():
-            saved = json.loads(Path(path).read_text()); self.rows, self.train_seconds = saved["rows"], saved["train_seconds"]
+            saved = json.loads(Path(path).read_text())
+            self.rows, self.train_seconds = saved["rows"], saved["train_seconds"]
     def _save(self):
-        if self.path is not None: atomic_write_json(self.path, {"rows": self.rows, "train_seconds": self.train_seconds})
+        if self.path is not None:
+            atomic_write_json(self.path, {"rows": self.rows, "train_seconds": self.train_seconds})
     def on_train_begin(self, args, state, control, **kw):
         # Evaluations after the checkpoint we resume from are redone: drop their rows (their time stays spent).
         self.rows = [r for r in self.rows if r["step"] <= state.global_step]
-    def on_step_begin(self, args, state, control, **kw): self._t = time.perf_counter()
+    def on_step_begin(self, args, state, control, **kw):
+        self._step_started = time.perf_counter()
     def on_step_end(self, args, state, control, **kw):
-        if self._t is not None: self.train_seconds += time.perf_counter() - self._t; self._t = None
-    def on_save(self, args, state, control, **kw): self._save()
+        if self._step_started is not None:
+            self.train_seconds += time.perf_counter() - self._step_started
+            self._step_started = None
+    def on_save(self, args, state, control, **kw):
+        self._save()
     def on_evaluate(self, args, state, control, metrics=None, **kw):
         self.rows.append({"epoch": round(float(state.epoch or 0), 4), "step": state.global_step,
                           "train_seconds": round(self.train_seconds, 3),
-                          **{k[5:]: float(v) for k, v in (metrics or {}).items() if k.startswith("eval_") and isinstance(v, (int, float))}})
+                          **{key[5:]: float(value) for key, value in (metrics or {}).items()
+                             if key.startswith("eval_") and isinstance(value, (int, float))}})
         self._save()
 
 # %% ../nbs/70_train.ipynb #d3fdda23
@@ -159,7 +182,7 @@ def training_arguments(spec:TrainSpec, plan:BatchPlan, work_dir:Path, seed:int, 
     total = spec.max_steps or math.ceil(steps_per_epoch * spec.epochs)
     by_steps = spec.eval_steps is not None or spec.max_steps is not None
     every = spec.eval_steps or (spec.max_steps if spec.max_steps else steps_per_epoch)
-    gen = generation or {}
+    generation = generation or {}
     return Seq2SeqTrainingArguments(
         output_dir=str(work_dir), seed=seed, data_seed=seed,
         per_device_train_batch_size=plan.per_device, gradient_accumulation_steps=plan.accumulation,
@@ -176,12 +199,13 @@ def training_arguments(spec:TrainSpec, plan:BatchPlan, work_dir:Path, seed:int, 
         train_sampling_strategy="group_by_length" if spec.length_grouped else "random",
         report_to="none", push_to_hub=False,
         # On a GPU, fetching and collating overlap the device's work; on CPU the workers would compete with compute.
-        dataloader_num_workers=2 if device_type == "cuda" else 0, dataloader_persistent_workers=device_type == "cuda",
+        dataloader_num_workers=2 if device_type == "cuda" else 0,
+        dataloader_persistent_workers=device_type == "cuda",
         dataloader_pin_memory=device_type == "cuda",
         # The default checks the loss for NaN/inf on every micro-batch: a device->host sync that stalls the host.
         logging_nan_inf_filter=False,
-        predict_with_generate=family == "seq2seq", generation_num_beams=gen.get("num_beams"),
-        generation_max_length=gen.get("max_length"), disable_tqdm=False,
+        predict_with_generate=family == "seq2seq", generation_num_beams=generation.get("num_beams"),
+        generation_max_length=generation.get("max_length"), disable_tqdm=False,
     )
 
 # %% ../nbs/70_train.ipynb #0d3855e9
@@ -199,66 +223,83 @@ class FitResult:
     best_step: int|None
     counts: dict
 
+def _record_oom(e:BaseException, trainer:UnitTrainer, plan:BatchPlan, work_dir:Path, retries:list, log) -> BatchPlan:
+    "After an OOM in training or evaluation: the halved plan, with the retry recorded and logged."
+    phase = trainer.oom_phase or "train"
+    step = trainer.state.global_step
+    halved = plan.halve_eval() if phase == "eval" else plan.halve_train()
+    last = last_complete_checkpoint(work_dir)
+    retries.append({"phase": phase, "step": step, "from": asdict(plan), "to": asdict(halved),
+                    "resumed_from": last and Path(last).name, "error": str(e).splitlines()[0][:200]})
+    log.warning(f"out of memory in {phase} at step {step}: per-device batch {plan.per_device}->{halved.per_device}, "
+                f"accumulation {plan.accumulation}->{halved.accumulation}, "
+                f"eval batch {plan.eval_batch}->{halved.eval_batch}; resuming from the last checkpoint")
+    return halved
+
 def fit(model_factory:Callable, tokenizer, train_ds, dev_ds, spec:TrainSpec, *, family:str, work_dir, seed:int,
         precision:str, dev_metric:str, compute_metrics:Callable, plan:BatchPlan, generation:dict|None=None,
         callbacks:list|None=None, log=None) -> FitResult:
     "Fine-tune with the Trainer; recover from OOM (train or eval) and from interruption by resuming from checkpoints."
     log = log or get_logger()
-    work_dir = Path(work_dir); work_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
     retries, history = [], DevHistory(work_dir/"dev_history.json")
     resumed = last_complete_checkpoint(work_dir) is not None
-    if resumed: log.info(f"resuming from {last_complete_checkpoint(work_dir)}")
+    if resumed:
+        log.info(f"resuming from {last_complete_checkpoint(work_dir)}")
     counts = {"examples": 0, "real_tokens": 0, "padded_tokens": 0}
     while True:
         set_seed(seed)
         model = model_factory()
         args = training_arguments(spec, plan, work_dir, seed, precision, dev_metric, len(train_ds), family, generation)
-        cbs = [history] + list(callbacks or [])
-        if spec.early_stopping_patience: cbs.append(EarlyStoppingCallback(spec.early_stopping_patience))
-        trainer = UnitTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=dev_ds, processing_class=tokenizer,
+        trainer_callbacks = [history] + list(callbacks or [])
+        if spec.early_stopping_patience:
+            trainer_callbacks.append(EarlyStoppingCallback(spec.early_stopping_patience))
+        trainer = UnitTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=dev_ds,
+                              processing_class=tokenizer,
                               data_collator=make_collator(family, tokenizer, model, spec.pad_to_multiple_of),
-                              compute_metrics=compute_metrics, callbacks=cbs)
-        ckpt = last_complete_checkpoint(work_dir)
+                              compute_metrics=compute_metrics, callbacks=trainer_callbacks)
         try:
-            trainer.train(resume_from_checkpoint=ckpt)
+            trainer.train(resume_from_checkpoint=last_complete_checkpoint(work_dir))
             break
         except Exception as e:
             if not is_oom(e): raise
-            for k in counts: counts[k] += getattr(trainer, k)  # work done before the OOM was done (and cost time)
-            phase = trainer.oom_phase or "train"
-            step = trainer.state.global_step
-            new = plan.halve_eval() if phase == "eval" else plan.halve_train()
-            last = last_complete_checkpoint(work_dir)
-            retries.append({"phase": phase, "step": step, "from": asdict(plan), "to": asdict(new), "resumed_from": last and Path(last).name,
-                            "error": str(e).splitlines()[0][:200]})
-            log.warning(f"out of memory in {phase} at step {step}: per-device batch {plan.per_device}->{new.per_device}, "
-                        f"accumulation {plan.accumulation}->{new.accumulation}, eval batch {plan.eval_batch}->{new.eval_batch}; resuming from the last checkpoint")
-            plan = new
-            del trainer, model; free_memory()
-    st = trainer.state
-    for k in counts: counts[k] += getattr(trainer, k)
-    return FitResult(trainer=trainer, plan=plan, retries=retries, resumed=resumed, optimizer_steps=st.global_step,
-                     train_seconds=history.train_seconds, dev_history=history.rows, best_dev=st.best_metric,
-                     best_step=_step_of(st.best_model_checkpoint),
-                     counts=counts)
+            for key in counts:
+                counts[key] += getattr(trainer, key)  # work done before the OOM was done (and cost time)
+            plan = _record_oom(e, trainer, plan, work_dir, retries, log)
+            del trainer, model
+            free_memory()
+    state = trainer.state
+    for key in counts:
+        counts[key] += getattr(trainer, key)
+    return FitResult(trainer=trainer, plan=plan, retries=retries, resumed=resumed, optimizer_steps=state.global_step,
+                     train_seconds=history.train_seconds, dev_history=history.rows, best_dev=state.best_metric,
+                     best_step=_step_of(state.best_model_checkpoint), counts=counts)
 
 def last_complete_checkpoint(work_dir) -> str|None:
     "The newest `checkpoint-N` that a kill did not cut short; half-written newer ones are deleted."
-    def step(p):
-        try: return int(p.name.split("-")[-1])
-        except ValueError: return -1
-    for p in sorted(Path(work_dir).glob("checkpoint-*"), key=step, reverse=True):
+    def step(folder):
+        try:
+            return int(folder.name.split("-")[-1])
+        except ValueError:
+            return -1
+    for folder in sorted(Path(work_dir).glob("checkpoint-*"), key=step, reverse=True):
         # The Trainer writes trainer_state.json last: it reads back with the folder's step only when the save finished.
-        try: ok = json.loads((p/"trainer_state.json").read_text())["global_step"] == step(p)
-        except (OSError, ValueError, KeyError, TypeError): ok = False
-        if ok: return str(p)
-        shutil.rmtree(p, ignore_errors=True)
+        try:
+            complete = json.loads((folder/"trainer_state.json").read_text())["global_step"] == step(folder)
+        except (OSError, ValueError, KeyError, TypeError):
+            complete = False
+        if complete: return str(folder)
+        shutil.rmtree(folder, ignore_errors=True)
     return None
 
-def _step_of(ckpt) -> int|None:
+def _step_of(checkpoint) -> int|None:
     "Global step of a `checkpoint-N` folder name."
-    try: return int(Path(ckpt).name.split("-")[-1]) if ckpt else None
-    except ValueError: return None
+    if not checkpoint: return None
+    try:
+        return int(Path(checkpoint).name.split("-")[-1])
+    except ValueError:
+        return None
 
 # %% ../nbs/70_train.ipynb #e86093d4
 def predict_safely(trainer:UnitTrainer, ds, plan:BatchPlan, retries:list, log=None, **gen_kwargs):
@@ -268,36 +309,43 @@ def predict_safely(trainer:UnitTrainer, ds, plan:BatchPlan, retries:list, log=No
     trainer.compute_metrics = None
     while True:
         trainer.args.per_device_eval_batch_size = plan.eval_batch
-        try: return trainer.predict(ds, **gen_kwargs), plan
+        try:
+            return trainer.predict(ds, **gen_kwargs), plan
         except Exception as e:
             if not is_oom(e): raise
-            new = plan.halve_eval()
-            retries.append({"phase": "predict", "step": trainer.state.global_step, "from": asdict(plan), "to": asdict(new),
-                            "resumed_from": None, "error": str(e).splitlines()[0][:200]})
-            log.warning(f"out of memory predicting: eval batch {plan.eval_batch}->{new.eval_batch}")
-            plan = new; free_memory()
+            halved = plan.halve_eval()
+            retries.append({"phase": "predict", "step": trainer.state.global_step, "from": asdict(plan),
+                            "to": asdict(halved), "resumed_from": None, "error": str(e).splitlines()[0][:200]})
+            log.warning(f"out of memory predicting: eval batch {plan.eval_batch}->{halved.eval_batch}")
+            plan = halved
+            free_memory()
 
 def remove_checkpoints(work_dir) -> None:
     "Delete a unit's checkpoints (kept only while resume or the best model needs them)."
-    for p in Path(work_dir).glob("checkpoint-*"): shutil.rmtree(p, ignore_errors=True)
+    for folder in Path(work_dir).glob("checkpoint-*"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 # %% ../nbs/70_train.ipynb #2a78c41f
 def peak_memory_mb() -> dict:
     "Peak GPU memory allocated (when CUDA is used) and peak resident memory of this process."
     out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    if torch.cuda.is_available(): out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    if torch.cuda.is_available():
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
 
-def cost_summary(fr:FitResult, wall_seconds:float, eval_seconds:float, device:dict) -> dict:
+def cost_summary(fit_result:FitResult, wall_seconds:float, eval_seconds:float, device:dict) -> dict:
     "The cost block of a results file."
-    c = fr.counts; ts = max(fr.train_seconds, 1e-9)
+    counts, plan = fit_result.counts, fit_result.plan
+    train_seconds = max(fit_result.train_seconds, 1e-9)
     gpus = device.get("count", 1) if device.get("type") == "cuda" else 0
-    return {"wall_seconds": round(wall_seconds, 3), "train_seconds": round(fr.train_seconds, 3), "eval_seconds": round(eval_seconds, 3),
-            "train_samples": c["examples"], "samples_per_second": round(c["examples"] / ts, 3),
-            "real_tokens": c["real_tokens"], "tokens_per_second": round(c["real_tokens"] / ts, 1),
-            "padding_efficiency": round(c["real_tokens"] / c["padded_tokens"], 4) if c["padded_tokens"] else None,
-            "gpu_hours": round(gpus * fr.train_seconds / 3600, 6), "cpu_seconds": round(fr.train_seconds if not gpus else 0.0, 3),
-            "per_device_batch": fr.plan.per_device, "accumulation": fr.plan.accumulation, "devices": fr.plan.devices,
-            "effective_batch": fr.plan.effective, "eval_batch": fr.plan.eval_batch,
-            "oom_retries": len(fr.retries), "retries": fr.retries, "resumed": fr.resumed, "optimizer_steps": fr.optimizer_steps,
+    padding_efficiency = round(counts["real_tokens"] / counts["padded_tokens"], 4) if counts["padded_tokens"] else None
+    return {"wall_seconds": round(wall_seconds, 3), "train_seconds": round(fit_result.train_seconds, 3),
+            "eval_seconds": round(eval_seconds, 3), "train_samples": counts["examples"],
+            "samples_per_second": round(counts["examples"] / train_seconds, 3), "real_tokens": counts["real_tokens"],
+            "tokens_per_second": round(counts["real_tokens"] / train_seconds, 1),
+            "padding_efficiency": padding_efficiency, "gpu_hours": round(gpus * fit_result.train_seconds / 3600, 6),
+            "cpu_seconds": round(fit_result.train_seconds if not gpus else 0.0, 3),
+            "per_device_batch": plan.per_device, "accumulation": plan.accumulation, "devices": plan.devices,
+            "effective_batch": plan.effective, "eval_batch": plan.eval_batch, "oom_retries": len(fit_result.retries),
+            "retries": fit_result.retries, "resumed": fit_result.resumed, "optimizer_steps": fit_result.optimizer_steps,
             **peak_memory_mb()}

@@ -2,7 +2,7 @@
 and check that nothing is lost, duplicated or corrupt, and that the results equal an uninterrupted run's.
 
     python tests/crash_harness.py --kills 24 --out /tmp/crash      # the full set (minutes); prints the counts
-    tests/test_crash.py runs a sample in CI.
+    tests/test_crash.py runs a sample in CI, and the full set with `pytest --campaign`.
 
 Kills are of two kinds: *targeted*, through the crash points the code carries (`clinical_repro.core.crash_point`:
 `$CLINICAL_REPRO_CRASH_AT` = `train_step@N`, `evaluate@N`, `write:<file pattern>@N`), which kill the kernel and the
@@ -10,13 +10,12 @@ runner at that exact moment, as a power cut would; and *random*, after a random 
 (training, evaluation, papermill writing a notebook, the runner writing its manifest).
 """
 from __future__ import annotations
-import argparse, json, os, random, signal, subprocess, sys, time, uuid
+import argparse, json, os, random, signal, subprocess, time, uuid
 from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from conftest import BIN, cli_env
 
 GRID = """
 grid: crash
@@ -35,22 +34,16 @@ icl: {{models: [t5-tiny-demo], shots: [0, 1], limit: 8, dev_n: 4}}
 TARGETS = ["train_step@4", "evaluate@2", "write:????????????????.json@3", "write:manifest.json@2"]
 
 
-def _env(tag:str, crash:str|None=None) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLINICAL_REPRO_CRASH")}
-    env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CLINICAL_REPRO_CRASH_TAG": tag,
-                "CLINICAL_REPRO_PARAMS": str(ROOT / "params"), "CLINICAL_REPRO_TEMPLATES": str(ROOT / "nbs" / "experiments")})
-    if crash: env["CLINICAL_REPRO_CRASH_AT"] = crash
-    return env
-
-
 def kill_tagged(tag:str) -> int:
     "SIGKILL every process started for this run (the runner, its kernels, orphans included); returns how many."
     n = 0
     for p in psutil.process_iter():
         try:
             if p.pid != os.getpid() and p.environ().get("CLINICAL_REPRO_CRASH_TAG") == tag:
-                p.kill(); n += 1
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess): pass
+                p.kill()
+                n += 1
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
     return n
 
 
@@ -58,28 +51,35 @@ def run(grid:Path, reports:Path, *, crash:str|None=None, delay:float|None=None, 
     "One runner process: killed after `delay` s, or by the crash point `crash`, or left to finish. What happened."
     tag = uuid.uuid4().hex
     cmd = [str(BIN / "clinical-repro"), "run", str(grid), "--reports", str(reports), "--no-summary"]
-    p = subprocess.Popen(cmd, env=_env(tag, crash), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    env = cli_env({"CLINICAL_REPRO_CRASH_TAG": tag, "CLINICAL_REPRO_CRASH_AT": crash})   # crash None: no crash point
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     t0 = time.perf_counter()
-    try: p.wait(timeout=delay if delay is not None else timeout)
-    except subprocess.TimeoutExpired: pass
+    try:
+        p.wait(timeout=delay if delay is not None else timeout)
+    except subprocess.TimeoutExpired:
+        pass
     killed_by_us = p.poll() is None
     extra = kill_tagged(tag)
     p.wait()
-    err = p.stderr.read(); p.stderr.close()
-    return {"rc": p.returncode, "killed": killed_by_us or p.returncode == -signal.SIGKILL, "seconds": time.perf_counter() - t0,
+    err = p.stderr.read()
+    p.stderr.close()
+    return {"rc": p.returncode, "killed": killed_by_us or p.returncode == -signal.SIGKILL,
+            "seconds": time.perf_counter() - t0,
             "orphans_killed": extra, "crash": crash, "delay": delay, "stderr_tail": err[-1500:]}
 
 
 def check(reports:Path) -> dict:
-    "Every unit has exactly one valid, finished results file; nothing else in results/; no temporaries; notebooks complete."
+    ("Every unit has exactly one valid, finished results file; nothing else in results/; no temporaries; "
+     "notebooks complete.")
     gdir = reports / "crash"
     m = json.loads((gdir / "manifest.json").read_text())
     expected = sorted(u["results"] for e in m["experiments"] for u in e["units"])
     assert all(u["status"] in ("ok", "not_applicable") for e in m["experiments"] for u in e["units"]), m
     on_disk = sorted(str(p.relative_to(gdir)) for p in (gdir / "results").glob("*.json"))
     assert on_disk == expected, (on_disk, expected)
-    for r in expected: assert json.loads((gdir / r).read_text())["status"] == "ok"
+    for r in expected:
+        assert json.loads((gdir / r).read_text())["status"] == "ok"
     tmps = [str(p) for p in gdir.rglob(".*.tmp")]
     assert not tmps, tmps
     for e in m["experiments"]:
@@ -94,7 +94,8 @@ def outcomes(reports:Path) -> dict:
     for p in (reports / "crash" / "results").glob("*.json"):
         r = json.loads(p.read_text())
         hist = [round(h.get("loss", 0.0), 5) for h in r.get("dev_history", [])]
-        out[(r["model"], r["mode"], r["seed"], r["shots"], r["fraction"])] = (json.dumps(r["metrics"]["test"], sort_keys=True), hist)
+        out[(r["model"], r["mode"], r["seed"], r["shots"], r["fraction"])] = (
+            json.dumps(r["metrics"]["test"], sort_keys=True), hist)
     return out
 
 
@@ -102,7 +103,8 @@ def summary_tables(md:str) -> dict:
     "The sections of summary.md that hold results (not cost, time or provenance)."
     parts, head = {}, None
     for line in md.splitlines():
-        if line.startswith("## "): head = line[3:]
+        if line.startswith("## "):
+            head = line[3:]
         elif head and any(head.startswith(h) for h in ("Table 3", "Clinical vs general", "Limited data", "In-context")):
             parts.setdefault(head, []).append(line)
     return parts
@@ -118,7 +120,7 @@ def _verify(out:Path, done:Path, clean:Path) -> int:
     tables = []
     for d in (clean, done):
         r = subprocess.run([str(BIN / "clinical-repro"), "summarize", "--reports", str(d / "crash"), "--n-boot", "200"],
-                           env=_env(uuid.uuid4().hex), capture_output=True, text=True)
+                           env=cli_env(), capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
         tables.append(summary_tables((d / "crash" / "summary.md").read_text()))
     assert tables[0] == tables[1], tables
@@ -141,16 +143,23 @@ def campaign(out:Path, data:Path, kills:int, seed:int=0, log=print) -> dict:
     rng = random.Random(seed)
     events, folders = [], []
     def kill(kind, folder, crash=None, delay=None):
-        e = run(grid, folder, crash=crash, delay=delay); e["kind"] = kind; events.append(e)
-        log(f"{kind:6s} {folder.name:8s} {crash or f'after {delay:.1f} s':32s} -> {'killed' if e['killed'] else 'finished first'} "
+        e = run(grid, folder, crash=crash, delay=delay)
+        e["kind"] = kind
+        events.append(e)
+        log(f"{kind:6s} {folder.name:8s} {crash or f'after {delay:.1f} s':32s} -> "
+            f"{'killed' if e['killed'] else 'finished first'} "
             f"(rc {e['rc']}, {e['seconds']:.1f} s, {e['orphans_killed']} other process(es) killed)")
     targeted = TARGETS[:kills]
-    if targeted: folders.append(out / "targeted")
-    for c in targeted: kill("target", out / "targeted", crash=c)
+    if targeted:
+        folders.append(out / "targeted")
+    for c in targeted:
+        kill("target", out / "targeted", crash=c)
     for r in range((kills - len(targeted) + 1) // 2):
-        folder = out / f"round{r}"; folders.append(folder)
+        folder = out / f"round{r}"
+        folders.append(folder)
         kill("random", folder, delay=rng.uniform(3.0, 0.9 * clean_s))
-        if len(events) < kills: kill("random", folder, delay=rng.uniform(3.0, 0.6 * clean_s))
+        if len(events) < kills:
+            kill("random", folder, delay=rng.uniform(3.0, 0.6 * clean_s))
     units = 0
     for folder in folders:
         final = run(grid, folder)
@@ -171,8 +180,10 @@ if __name__ == "__main__":
     from clinical_repro.synthetic import write_demo_data
     out = Path(args.out)
     if out.exists():
-        import shutil; shutil.rmtree(out)
-    data = out / "data"; write_demo_data(data, seed=3, size="tiny")
+        import shutil
+        shutil.rmtree(out)
+    data = out / "data"
+    write_demo_data(data, seed=3, size="tiny")
     res = campaign(out, data, args.kills, args.seed)
     print(json.dumps({k: v for k, v in res.items() if k != "events"}, indent=1))
     print("every unit: exactly one valid results file; metrics and dev losses equal to the uninterrupted run's")

@@ -1,19 +1,12 @@
 """Bad inputs end to end: each gives a clear message and leaves the rest of the grid intact.
 (A model that fails to load: tests/test_runner.py; a killed run: tests/test_crash.py.)"""
-import json, os, shutil, subprocess, sys
+import json, shutil, subprocess
 from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def cli(args, cwd, **env):
-    e = {k: v for k, v in os.environ.items() if not k.startswith("CLINICAL_REPRO_")}
-    e.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CLINICAL_REPRO_PARAMS": str(ROOT / "params"),
-              "CLINICAL_REPRO_TEMPLATES": str(ROOT / "nbs" / "experiments"), **env})
-    return subprocess.run([str(BIN / "clinical-repro"), *args], capture_output=True, text=True, env=e, cwd=cwd, timeout=900)
+from clinical_repro.grid import load_grid
+from clinical_repro.runner import plan_grid
+from clinical_repro.tasks import get_task
+from conftest import PARAMS
 
 
 GRID = """
@@ -37,76 +30,73 @@ def results(gdir) -> dict:
     return {json.loads(p.read_text())["task"]: json.loads(p.read_text()) for p in (gdir / "results").glob("*.json")}
 
 
-def test_malformed_grid_yaml_names_file_and_line_and_writes_nothing(tmp_path, tiny_release):
+def test_malformed_grid_yaml_names_file_and_line_and_writes_nothing(tmp_path, tiny_release, run_cli):
     g = grid_file(tmp_path, tiny_release[0])
     g.write_text(g.read_text().replace("seeds: [0]", "seeds: [0"))
-    r = cli(["run", str(g), "--reports", str(tmp_path / "reports")], tmp_path)
+    r = run_cli("run", g, "--reports", tmp_path / "reports")
     assert r.returncode == 2 and str(g) in r.stderr and "line" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "reports").exists()
 
 
-def test_missing_task_folder_fails_its_units_only(tmp_path, release):
+def test_missing_task_folder_fails_its_units_only(tmp_path, release, run_cli):
     shutil.rmtree(release / "radqa")
     g = grid_file(tmp_path, release)
-    r = cli(["run", str(g), "--reports", str(tmp_path / "reports"), "--no-summary"], tmp_path)
+    r = run_cli("run", g, "--reports", tmp_path / "reports", "--no-summary")
     assert r.returncode == 1
     gdir = tmp_path / "reports" / "bad"
     fails = json.loads((gdir / "failures.json").read_text())
     assert [f["task"] for f in fails] == ["radqa"]
-    assert "physionet.org/content/radqa" in fails[0]["error"] and str(release) in fails[0]["error"]
+    assert get_task("radqa").physionet_page in fails[0]["error"] and str(release) in fails[0]["error"]
     assert results(gdir)["mednli"]["status"] == "ok"
 
 
-def test_corrupt_results_file_is_run_again(tmp_path, tiny_release):
+def test_corrupt_results_file_is_run_again(tmp_path, tiny_release, run_cli):
     g = grid_file(tmp_path, tiny_release[0], tasks="mednli")
     reports = tmp_path / "reports"
-    assert cli(["run", str(g), "--reports", str(reports), "--no-summary"], tmp_path).returncode == 0
+    assert run_cli("run", g, "--reports", reports, "--no-summary").returncode == 0
     res = next((reports / "bad" / "results").glob("*.json"))
     good = json.loads(res.read_text())
     res.write_text('{"run_id": "' + good["run_id"] + '", "status": "ok", "metr')   # cut off mid-write
-    dry = cli(["run", str(g), "--reports", str(reports), "--dry-run"], tmp_path)
+    dry = run_cli("run", g, "--reports", reports, "--dry-run")
     assert "is corrupt" in dry.stdout and str(res) in dry.stdout and "would run 1 of 1 units" in dry.stdout
-    r = cli(["run", str(g), "--reports", str(reports), "--no-summary"], tmp_path)
+    r = run_cli("run", g, "--reports", reports, "--no-summary")
     assert r.returncode == 0, r.stderr[-2000:]
     again = json.loads(res.read_text())
     assert again["status"] == "ok" and again["metrics"] == good["metrics"]
 
 
-def test_full_disk_fails_one_unit_cleanly_and_the_rest_completes(tmp_path, tiny_release):
+def test_full_disk_fails_one_unit_cleanly_and_the_rest_completes(tmp_path, tiny_release, run_cli, monkeypatch):
     g = grid_file(tmp_path, tiny_release[0])
     reports = tmp_path / "reports"
-    plan = cli(["run", str(g), "--reports", str(reports), "--dry-run"], tmp_path)
+    plan = run_cli("run", g, "--reports", reports, "--dry-run")
     assert plan.returncode == 0
-    from clinical_repro.runner import plan_grid
-    from clinical_repro.grid import load_grid
-    from clinical_repro.core import UserError
     # the run_id of the MedNLI unit: its results file is the write that finds the disk full
-    os.environ["CLINICAL_REPRO_PARAMS"] = str(ROOT / "params")
+    monkeypatch.setenv("CLINICAL_REPRO_PARAMS", str(PARAMS))
     states = dict((e.task, s) for e, s in plan_grid(load_grid(g), tiny_release[0], reports))
     rid = states["mednli"][0].run_id
-    r = cli(["run", str(g), "--reports", str(reports), "--no-summary"], tmp_path, CLINICAL_REPRO_DISK_FULL=f"write:{rid}.json")
+    r = run_cli("run", g, "--reports", reports, "--no-summary", env={"CLINICAL_REPRO_DISK_FULL": f"write:{rid}.json"})
     assert r.returncode == 1
     gdir = reports / "bad"
     fails = json.loads((gdir / "failures.json").read_text())
     assert [f["task"] for f in fails] == ["mednli"] and "No space left on device" in fails[0]["error"], fails
     assert not (gdir / "results" / f"{rid}.json").exists() and not list(gdir.rglob(".*.tmp"))
     assert results(gdir)["radqa"]["status"] == "ok"
-    r = cli(["run", str(g), "--reports", str(reports), "--no-summary"], tmp_path)   # space freed: it completes
+    r = run_cli("run", g, "--reports", reports, "--no-summary")   # space freed: it completes
     assert r.returncode == 0 and json.loads((gdir / "results" / f"{rid}.json").read_text())["status"] == "ok"
 
 
-def test_data_inside_a_git_work_tree_is_refused(tmp_path, tiny_release):
+def test_data_inside_a_git_work_tree_is_refused(tmp_path, tiny_release, run_cli):
     repo = tmp_path / "repo"
     shutil.copytree(tiny_release[0], repo / "data")
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     g = grid_file(tmp_path, repo / "data", tasks="mednli")
-    r = cli(["run", str(g), "--reports", str(tmp_path / "reports")], tmp_path)
+    r = run_cli("run", g, "--reports", tmp_path / "reports")
     assert r.returncode == 2 and str(repo / "data") in r.stderr and ".gitignore" in r.stderr
     assert not (tmp_path / "reports").exists()
     (repo / "data" / "SYNTHETIC_DEMO_DATA.json").unlink()   # as real releases: single units are guarded too
-    r = cli(["finetune", "--task", "mednli", "--model", "minilm-demo", "--data-dir", str(repo / "data"),
-             "--out", str(tmp_path / "units")], tmp_path)
+    r = run_cli("finetune", "--task", "mednli", "--model", "minilm-demo", "--data-dir", repo / "data",
+                "--out", tmp_path / "units")
     assert r.returncode == 2 and "not git-ignored" in r.stderr and not (tmp_path / "units").exists()
     (repo / ".gitignore").write_text("data/\n")
-    r = cli(["run", str(g), "--reports", str(tmp_path / "reports"), "--dry-run"], tmp_path)
+    r = run_cli("run", g, "--reports", tmp_path / "reports", "--dry-run")
     assert r.returncode == 0, r.stderr[-2000:]

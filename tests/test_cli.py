@@ -1,30 +1,20 @@
 """The user-facing commands end to end on synthetic releases: demo-data, check-data, score, subsets."""
-import json, random, shutil, subprocess, sys, time, zipfile
-from pathlib import Path
+import json, random, shutil, zipfile
 
 import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
-from clinical_repro.cli import main
-from clinical_repro.core import CLIP_LABELS, MEDNLI_LABELS, SPLITS, TASKS
+from clinical_repro.core import SPLITS
 from clinical_repro.data import load_task
+from clinical_repro.tasks import CLIP_LABELS, MEDNLI_LABELS, TASKS, data_fractions, get_task
 import squad2_reference
 from conftest import find, tree_state
 
-BIN = Path(sys.executable).parent
 
-
-def run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    assert "Traceback" not in out.out + out.err
-    return rc, out.out, out.err
-
-
-def test_check_data_reports_exactly_what_demo_data_wrote(tiny_release, capsys):
+def test_check_data_reports_exactly_what_demo_data_wrote(tiny_release, run_main):
     d, written = tiny_release
-    rc, out, _ = run(capsys, "check-data", "--data-dir", d, "--json")
+    rc, out, _ = run_main("check-data", "--data-dir", d, "--json")
     assert rc == 0
     rep = json.loads(out)
     for t in TASKS:
@@ -40,60 +30,65 @@ def test_check_data_reports_exactly_what_demo_data_wrote(tiny_release, capsys):
     assert set(rep["clip"]["splits"]["train"]["labels"]) == set(CLIP_LABELS)
 
 
-def test_console_scripts_on_a_fresh_folder(tmp_path):
+def test_console_scripts_on_a_fresh_folder(tmp_path, run_cli):
     d = tmp_path / "demo"
-    r = subprocess.run([str(BIN / "clinical-repro"), "demo-data", "--out", str(d), "--size", "tiny"], capture_output=True, text=True)
+    packaged = {"CLINICAL_REPRO_PARAMS": None, "CLINICAL_REPRO_TEMPLATES": None}   # what an installed package finds
+    r = run_cli("demo-data", "--out", d, "--size", "tiny", cwd=tmp_path, env=packaged)
     assert r.returncode == 0, r.stderr
     assert "SYNTHETIC" in r.stdout
-    r = subprocess.run([str(BIN / "clinical-repro"), "check-data", "--data-dir", str(d)], capture_output=True, text=True)
+    r = run_cli("check-data", "--data-dir", d, cwd=tmp_path, env=packaged)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "mednli: ok" in r.stdout and "radqa: ok" in r.stdout and "clip: ok" in r.stdout
 
 
-def test_demo_data_is_deterministic_per_seed(tmp_path, capsys):
+def test_demo_data_is_deterministic_per_seed(tmp_path, run_main):
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
-        assert run(capsys, "demo-data", "--out", tmp_path / name, "--size", "tiny", "--seed", seed)[0] == 0
+        assert run_main("demo-data", "--out", tmp_path / name, "--size", "tiny", "--seed", seed)[0] == 0
     assert tree_state(tmp_path / "a") == tree_state(tmp_path / "b")
     assert tree_state(tmp_path / "a") != tree_state(tmp_path / "c")
 
 
-def test_demo_data_refuses_a_file_as_out(tmp_path, capsys):
-    f = tmp_path / "file"; f.write_text("x")
-    rc, _, err = run(capsys, "demo-data", "--out", f)
+def test_demo_data_refuses_a_file_as_out(tmp_path, run_main):
+    f = tmp_path / "file"
+    f.write_text("x")
+    rc, _, err = run_main("demo-data", "--out", f)
     assert rc == 2 and "expected a folder" in err and f.read_text() == "x"
 
 
-def test_missing_tasks_point_to_physionet(tiny_release, tmp_path, capsys):
+def test_missing_tasks_point_to_physionet(tiny_release, tmp_path, run_main):
     d = tmp_path / "data"
     shutil.copytree(tiny_release[0] / "radqa", d / "radqa")
-    rc, out, _ = run(capsys, "check-data", "--data-dir", d, "--json")
+    rc, out, _ = run_main("check-data", "--data-dir", d, "--json")
     rep = json.loads(out)
     assert rc == 0  # every present task is valid
     assert rep["radqa"]["status"] == "ok"
-    assert rep["mednli"] == {**rep["mednli"], "status": "missing", "help": "https://physionet.org/content/mednli/1.0.0/"}
-    assert rep["clip"]["status"] == "missing" and rep["clip"]["help"].startswith("https://physionet.org/content/")
-    rc, out, err = run(capsys, "check-data", "--data-dir", tmp_path)   # no task at all: non-zero, said plainly
+    assert rep["mednli"] == {**rep["mednli"], "status": "missing", "help": get_task("mednli").physionet_page}
+    assert rep["clip"]["status"] == "missing" and rep["clip"]["help"] == get_task("clip").physionet_page
+    rc, out, err = run_main("check-data", "--data-dir", tmp_path)   # no task at all: non-zero, said plainly
     assert rc == 1 and "No task found" in err
 
 
 def test_mednli_from_the_zip_equals_the_extracted_folder(tiny_release, tmp_path):
     src = find(tiny_release[0], "mli_train_v1.jsonl").parent
-    z = tmp_path / "zipped" / "mednli" / f"{src.name}.zip"; z.parent.mkdir(parents=True)
+    z = tmp_path / "zipped" / "mednli" / f"{src.name}.zip"
+    z.parent.mkdir(parents=True)
     with zipfile.ZipFile(z, "w") as zf:
         for f in sorted(src.iterdir()): zf.write(f, f"{src.name}/{f.name}")
-    a = load_task(tiny_release[0], "mednli"); b = load_task(tmp_path / "zipped", "mednli")
+    a = load_task(tiny_release[0], "mednli")
+    b = load_task(tmp_path / "zipped", "mednli")
     assert a.splits == b.splits and list(b.files) == [z.name]
 
 
 # ---- score ----------------------------------------------------------------------------------------------------
 
-def test_score_mednli_equals_sklearn(tiny_release, tmp_path, capsys):
+def test_score_mednli_equals_sklearn(tiny_release, tmp_path, run_main):
     gold_path = find(tiny_release[0], "mli_test_v1.jsonl")
     gold = [json.loads(l) for l in gold_path.read_text().splitlines() if l.strip()]
     rng = random.Random(7)
     pred = {g["pairID"]: (g["gold_label"] if rng.random() < 0.6 else rng.choice(MEDNLI_LABELS)) for g in gold}
-    pp = tmp_path / "pred.json"; pp.write_text(json.dumps(pred))
-    rc, out, _ = run(capsys, "score", "mednli", "--gold", gold_path, "--pred", pp, "--json")
+    pp = tmp_path / "pred.json"
+    pp.write_text(json.dumps(pred))
+    rc, out, _ = run_main("score", "mednli", "--gold", gold_path, "--pred", pp, "--json")
     res = json.loads(out)
     y, yh = [g["gold_label"] for g in gold], [pred[g["pairID"]] for g in gold]
     assert rc == 0 and res["n"] == len(gold)
@@ -113,24 +108,29 @@ def _radqa_preds(gold_path, seed):
                 kind = rng.randrange(5)
                 if qa["answers"] and kind == 0: p = qa["answers"][0]["text"]
                 elif qa["answers"] and kind == 1:
-                    toks = qa["answers"][0]["text"].split(); p = " ".join(toks[: max(1, len(toks) // 2)])
+                    toks = qa["answers"][0]["text"].split()
+                    p = " ".join(toks[: max(1, len(toks) // 2)])
                 elif qa["answers"] and kind == 2: p = "The " + qa["answers"][0]["text"].upper() + "."
                 elif kind == 3: p = ""
                 else: p = " ".join(rng.sample(words, min(3, len(words))))
                 preds[qa["id"]] = p
                 probs[qa["id"]] = round(rng.random(), 3)
-    return {qa["id"]: [a["text"] for a in qa["answers"]] for art in data["data"] for par in art["paragraphs"] for qa in par["qas"]}, preds, probs
+    return {qa["id"]: [a["text"] for a in qa["answers"]]
+            for art in data["data"] for par in art["paragraphs"] for qa in par["qas"]}, preds, probs
 
 
 @pytest.mark.parametrize("with_na_probs", [False, True])
-def test_score_radqa_follows_the_official_squad2_rules(tiny_release, tmp_path, capsys, with_na_probs):
+def test_score_radqa_follows_the_official_squad2_rules(tiny_release, tmp_path, run_main, with_na_probs):
     gold_path = find(tiny_release[0], "test.json")
     golds, preds, probs = _radqa_preds(gold_path, seed=3)
-    pp = tmp_path / "pred.json"; pp.write_text(json.dumps(preds))
+    pp = tmp_path / "pred.json"
+    pp.write_text(json.dumps(preds))
     argv = ["score", "radqa", "--gold", gold_path, "--pred", pp, "--json"]
     if with_na_probs:
-        na = tmp_path / "na.json"; na.write_text(json.dumps(probs)); argv += ["--na-prob", na]
-    rc, out, _ = run(capsys, *argv)
+        na = tmp_path / "na.json"
+        na.write_text(json.dumps(probs))
+        argv += ["--na-prob", na]
+    rc, out, _ = run_main(*argv)
     assert rc == 0
     res = json.loads(out)
     ref = squad2_reference.evaluate(golds, preds, probs if with_na_probs else None)
@@ -141,15 +141,16 @@ def test_score_radqa_follows_the_official_squad2_rules(tiny_release, tmp_path, c
         assert {"best_exact", "best_exact_thresh", "best_f1", "best_f1_thresh"} <= set(res)
 
 
-def test_score_clip_equals_sklearn(tiny_release, tmp_path, capsys):
+def test_score_clip_equals_sklearn(tiny_release, tmp_path, run_main):
     td = load_task(tiny_release[0], "clip")
     rng = np.random.default_rng(1)
     y = np.array([[l in r.labels for l in CLIP_LABELS] for r in td.splits["test"]], dtype=int)
     flip = rng.random(y.shape) < 0.15
     yh = np.where(flip, 1 - y, y)
     pred = {r.id: [l for l, v in zip(CLIP_LABELS, row) if v] for r, row in zip(td.splits["test"], yh)}
-    pp = tmp_path / "pred.json"; pp.write_text(json.dumps(pred))
-    rc, out, _ = run(capsys, "score", "clip", "--gold", tiny_release[0] / "clip", "--pred", pp, "--json")
+    pp = tmp_path / "pred.json"
+    pp.write_text(json.dumps(pred))
+    rc, out, _ = run_main("score", "clip", "--gold", tiny_release[0] / "clip", "--pred", pp, "--json")
     res = json.loads(out)
     assert rc == 0 and res["n"] == len(y)
     assert res["micro_f1"] == pytest.approx(f1_score(y, yh, average="micro", zero_division=0))
@@ -158,41 +159,44 @@ def test_score_clip_equals_sklearn(tiny_release, tmp_path, capsys):
     assert [res["per_label_f1"][l] for l in CLIP_LABELS] == pytest.approx(list(per))
 
 
-def test_score_rejects_incomplete_or_foreign_predictions(tiny_release, tmp_path, capsys):
+def test_score_rejects_incomplete_or_foreign_predictions(tiny_release, tmp_path, run_main):
     gold_path = find(tiny_release[0], "mli_test_v1.jsonl")
     ids = [json.loads(l)["pairID"] for l in gold_path.read_text().splitlines() if l.strip()]
-    pp = tmp_path / "pred.json"; pp.write_text(json.dumps({i: "neutral" for i in ids[1:]} | {"nope": "neutral"}))
-    rc, _, err = run(capsys, "score", "mednli", "--gold", gold_path, "--pred", pp)
+    pp = tmp_path / "pred.json"
+    pp.write_text(json.dumps({i: "neutral" for i in ids[1:]} | {"nope": "neutral"}))
+    rc, _, err = run_main("score", "mednli", "--gold", gold_path, "--pred", pp)
     assert rc == 2 and str(pp) in err and "1 missing" in err and ids[0] in err and "nope" in err
-    bad = tmp_path / "bad.json"; bad.write_text("{not json")
-    rc, _, err = run(capsys, "score", "mednli", "--gold", gold_path, "--pred", bad)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    rc, _, err = run_main("score", "mednli", "--gold", gold_path, "--pred", bad)
     assert rc == 2 and "bad.json: line 1 column 2: valid JSON" in err
-    rc, _, err = run(capsys, "score", "clip", "--gold", find(tiny_release[0], "sentence_level.csv"), "--pred", pp)
+    rc, _, err = run_main("score", "clip", "--gold", find(tiny_release[0], "sentence_level.csv"), "--pred", pp)
     assert rc == 2 and "expected the CLIP release folder" in err
-    rc, _, err = run(capsys, "score", "mednli", "--gold", gold_path, "--pred", pp, "--na-prob", pp)
+    rc, _, err = run_main("score", "mednli", "--gold", gold_path, "--pred", pp, "--na-prob", pp)
     assert rc == 2 and "radqa only" in err
 
 
 # ---- subsets ----------------------------------------------------------------------------------------------------
 
-def test_subsets_are_shared_nested_and_stratified(tmp_path, capsys):
+def test_subsets_are_shared_nested_and_stratified(tmp_path, run_main):
     d = tmp_path / "demo"
-    assert run(capsys, "demo-data", "--out", d, "--size", "demo")[0] == 0
+    assert run_main("demo-data", "--out", d, "--size", "demo")[0] == 0
     out = tmp_path / "subsets"
-    rc, text, _ = run(capsys, "subsets", "--data-dir", d, "--out", out)
+    rc, text, _ = run_main("subsets", "--data-dir", d, "--out", out)
     assert rc == 0 and "mednli" in text
-    files = sorted(out.iterdir()); assert len(files) == 3
+    files = sorted(out.iterdir())
+    assert len(files) == 3
     first = {p.name: p.read_bytes() for p in files}
-    run(capsys, "subsets", "--data-dir", d, "--out", out)            # a second model asks again: same files
+    run_main("subsets", "--data-dir", d, "--out", out)            # a second model asks again: same files
     assert {p.name: p.read_bytes() for p in sorted(out.iterdir())} == first
     for p in files:
         obj = json.loads(p.read_bytes())
-        sets = [obj["subsets"][k] for k in ("0.01", "0.05", "0.1", "0.25", "1")]
+        sets = [obj["subsets"][f"{fraction:g}"] for fraction in data_fractions()]
         for small, big in zip(sets, sets[1:]): assert set(small) <= set(big)
         td = load_task(d, obj["task"])
         n = len(td.notes["train"]) if obj["task"] == "clip" else len(td.splits["train"])
         assert len(sets[-1]) == n and len(set(sets[-1])) == n
-        assert [len(s) for s in sets[:-1]] == [max(1, int(n * f + 1e-9)) for f in (0.01, 0.05, 0.1, 0.25)]
+        assert [len(s) for s in sets[:-1]] == [max(1, int(n * f + 1e-9)) for f in data_fractions()[:-1]]
         if obj["task"] == "mednli":
             lab = {r.id: r.label for r in td.splits["train"]}
             quarter = [lab[i] for i in sets[3]]
@@ -204,5 +208,5 @@ def test_subsets_are_shared_nested_and_stratified(tmp_path, capsys):
             rate = sum(ans.values()) / n
             assert abs(sum(quarter) - rate * len(quarter)) <= 1
     other = tmp_path / "subsets-seed1"
-    run(capsys, "subsets", "--data-dir", d, "--out", other, "--seed", 1)
+    run_main("subsets", "--data-dir", d, "--out", other, "--seed", 1)
     assert {p.name: p.read_bytes() for p in sorted(other.iterdir())} != first

@@ -1,14 +1,26 @@
-"""Crash safety in CI: the runner killed with SIGKILL at four chosen moments (training, evaluation, a results write,
-the manifest write), then rerun: every unit ends with exactly one valid results file and the same results as an
-uninterrupted run. `python tests/crash_harness.py --kills 24` runs the full set with random kills too."""
+"""Crash safety: the runner killed with SIGKILL, then rerun: every unit ends with exactly one valid results file and
+the same results as an uninterrupted run. CI runs a sample — the four chosen moments (training, evaluation, a results
+write, the manifest write); `pytest --campaign` (or CLINICAL_REPRO_FULL_CAMPAIGNS=1) runs the full set, 24 kills with
+random ones too (also `python tests/crash_harness.py --kills 24`)."""
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
 from crash_harness import campaign, TARGETS  # noqa: E402
+
+FULL_KILLS = 24
 
 
 def test_sigkill_at_chosen_moments_loses_and_duplicates_nothing(tmp_path, tiny_release):
     res = campaign(tmp_path / "crash", tiny_release[0], kills=len(TARGETS), log=lambda *_: None)
     assert res["targeted_landed"] == len(TARGETS), [(e["crash"], e["rc"], e["stderr_tail"]) for e in res["events"]]
     assert res["units"] == 4
+
+
+@pytest.mark.campaign
+def test_full_crash_campaign_with_random_kills(tmp_path, tiny_release):
+    res = campaign(tmp_path / "crash", tiny_release[0], kills=FULL_KILLS, log=print)
+    assert res["kills_tried"] == FULL_KILLS and res["targeted_landed"] == len(TARGETS), res
+    assert res["random_landed"] > 0 and res["units"] == 4

@@ -1,16 +1,12 @@
 """Every malformed input: check-data exits non-zero, names the file, the line or record and the expectation,
 prints no traceback and writes nothing. One test per case, each on a fresh copy of the tiny synthetic releases."""
-import json, os, subprocess, sys, zipfile
-from pathlib import Path
+import json
 
 import pytest
 
-from clinical_repro.cli import main
 from clinical_repro.core import DataError
 from clinical_repro.data import load_task
 from conftest import find, tree_state
-
-BIN = Path(sys.executable).parent
 
 
 def _lines(p):
@@ -46,6 +42,18 @@ def _first(obj, answerable):
     return next(qa for qa in _qas(obj) if qa["is_impossible"] != answerable)
 
 
+def _emptied(release, task, name):
+    "Empty the release file `name`: the loader says the file is empty."
+    find(release, name).write_text("")
+    return task, name, "", "the file is empty"
+
+
+def _deleted(release, task, name):
+    "Delete one of the release's files: the loader names the task folder and the missing file."
+    find(release, name).unlink()
+    return task, task, "", f"missing {name}"
+
+
 def _csv_rows(release):
     p = find(release, "sentence_level.csv")
     return p, _lines(p)
@@ -54,7 +62,10 @@ def _csv_rows(release):
 # ---- MedNLI -------------------------------------------------------------------------------------------------
 
 def m_invalid_json(r):
-    p = find(r, "mli_dev_v1.jsonl"); ls = _lines(p); ls[2] = ls[2][:-5]; _write_lines(p, ls)
+    p = find(r, "mli_dev_v1.jsonl")
+    ls = _lines(p)
+    ls[2] = ls[2][:-5]
+    _write_lines(p, ls)
     return "mednli", p.name, "line 3", "a JSON object per line"
 
 def m_missing_field(r):
@@ -70,25 +81,20 @@ def m_unknown_label(r):
     return "mednli", p.name, "line 5", "gold_label one of entailment, neutral, contradiction"
 
 def m_duplicate_id(r):
-    dev = find(r, "mli_dev_v1.jsonl"); first_dev = json.loads(_lines(dev)[0])["pairID"]
+    dev = find(r, "mli_dev_v1.jsonl")
+    first_dev = json.loads(_lines(dev)[0])["pairID"]
     p = _edit_jsonl(r, "mli_test_v1.jsonl", 3, lambda o: json.dumps({**o, "pairID": first_dev}))
     return "mednli", p.name, f"pairID {first_dev}", "unique pairIDs across splits"
 
-def m_empty_split(r):
-    p = find(r, "mli_test_v1.jsonl"); p.write_text("")
-    return "mednli", p.name, "", "the file is empty"
-
-def m_missing_split(r):
-    p = find(r, "mli_dev_v1.jsonl"); p.unlink()
-    return "mednli", "mednli", "", "missing mli_dev_v1.jsonl"
-
 def m_not_utf8(r):
-    p = find(r, "mli_train_v1.jsonl"); p.write_bytes(p.read_bytes()[:40] + b"\xff\xfe" + p.read_bytes()[40:])
+    p = find(r, "mli_train_v1.jsonl")
+    p.write_bytes(p.read_bytes()[:40] + b"\xff\xfe" + p.read_bytes()[40:])
     return "mednli", p.name, "byte 40", "UTF-8 text"
 
 def m_bad_zip(r):
     folder = find(r, "mli_dev_v1.jsonl").parent
-    for f in folder.iterdir(): f.unlink()
+    for f in folder.iterdir():
+        f.unlink()
     folder.rmdir()
     z = r / "mednli" / "mednli-a-natural-language-inference-dataset-for-the-clinical-domain-1.0.0.zip"
     z.write_bytes(b"PK\x03\x04 this is not really a zip")
@@ -97,114 +103,115 @@ def m_bad_zip(r):
 # ---- RadQA --------------------------------------------------------------------------------------------------
 
 def r_invalid_json(r):
-    p = find(r, "dev.json"); t = p.read_text(); p.write_text(t[: len(t) // 2])
+    p = find(r, "dev.json")
+    t = p.read_text()
+    p.write_text(t[: len(t) // 2])
     return "radqa", p.name, "line ", "valid JSON"
 
+def _edit_question(release, name, answerable, change):
+    "Apply `change(qa)` to the first (un)answerable question of the RadQA file `name`; (file name, question id)."
+    edited = {}
+    def edit(obj):
+        qa = _first(obj, answerable)
+        change(qa)
+        edited["id"] = qa["id"]
+    p = _edit_json(release, name, edit)
+    return p.name, edited["id"]
+
+def _shift_first_answer(qa):
+    qa["answers"][0]["answer_start"] += 3
+
 def r_offset_mismatch(r):
-    holder = {}
-    def f(o):
-        qa = _first(o, True); qa["answers"][0]["answer_start"] += 3; holder["id"] = qa["id"]
-    p = _edit_json(r, "train.json", f)
-    return "radqa", p.name, holder["id"], "equal to the answer text"
+    name, question_id = _edit_question(r, "train.json", True, _shift_first_answer)
+    return "radqa", name, question_id, "equal to the answer text"
 
 def r_unanswerable_with_answers(r):
-    holder = {}
-    def f(o):
-        qa = _first(o, False); qa["answers"] = [{"text": "x", "answer_start": 0}]; holder["id"] = qa["id"]
-    p = _edit_json(r, "test.json", f)
-    return "radqa", p.name, holder["id"], "no answers for an unanswerable question"
+    name, question_id = _edit_question(r, "test.json", False,
+                                       lambda qa: qa.update(answers=[{"text": "x", "answer_start": 0}]))
+    return "radqa", name, question_id, "no answers for an unanswerable question"
 
 def r_answerable_without_answers(r):
-    holder = {}
-    def f(o):
-        qa = _first(o, True); qa["answers"] = []; holder["id"] = qa["id"]
-    p = _edit_json(r, "dev.json", f)
-    return "radqa", p.name, holder["id"], "at least one answer for an answerable question"
+    name, question_id = _edit_question(r, "dev.json", True, lambda qa: qa.update(answers=[]))
+    return "radqa", name, question_id, "at least one answer for an answerable question"
 
 def r_missing_field(r):
-    holder = {}
-    def f(o):
-        qa = _first(o, True); del qa["is_impossible"]; holder["id"] = qa["id"]
-    p = _edit_json(r, "dev.json", f)
-    return "radqa", p.name, holder["id"], "missing is_impossible"
+    name, question_id = _edit_question(r, "dev.json", True, lambda qa: qa.pop("is_impossible"))
+    return "radqa", name, question_id, "missing is_impossible"
 
 def r_unknown_field(r):
-    holder = {}
-    def f(o):
-        qa = _first(o, False); qa["difficulty"] = 3; holder["id"] = qa["id"]
-    p = _edit_json(r, "train.json", f)
-    return "radqa", p.name, holder["id"], "unknown difficulty"
+    name, question_id = _edit_question(r, "train.json", False, lambda qa: qa.update(difficulty=3))
+    return "radqa", name, question_id, "unknown difficulty"
 
 def r_duplicate_id(r):
     holder = {}
     def f(o):
-        a, b = _qas(o)[:2]; b["id"] = a["id"]; holder["id"] = a["id"]
+        a, b = _qas(o)[:2]
+        b["id"] = a["id"]
+        holder["id"] = a["id"]
     p = _edit_json(r, "train.json", f)
     return "radqa", p.name, holder["id"], "unique question ids"
 
-def r_missing_split(r):
-    find(r, "test.json").unlink()
-    return "radqa", "radqa", "", "missing test.json"
-
 def r_wrong_shape(r):
-    p = find(r, "dev.json"); p.write_text(json.dumps([{"context": "x"}]))
+    p = find(r, "dev.json")
+    p.write_text(json.dumps([{"context": "x"}]))
     return "radqa", p.name, "top level", '"data"'
 
 # ---- CLIP ---------------------------------------------------------------------------------------------------
 
 def c_bad_header(r):
-    p, ls = _csv_rows(r); ls[0] = "doc_id,sent_index,text,labels"; _write_lines(p, ls)
+    p, ls = _csv_rows(r)
+    ls[0] = "doc_id,sent_index,text,labels"
+    _write_lines(p, ls)
     return "clip", p.name, "line 1", "the header doc_id,sent_index,sentence,labels"
 
 def c_wrong_columns(r):
-    p, ls = _csv_rows(r); ls[3] = ls[3] + ",extra"; _write_lines(p, ls)
+    p, ls = _csv_rows(r)
+    ls[3] = ls[3] + ",extra"
+    _write_lines(p, ls)
     return "clip", p.name, "line 4", "4 columns"
 
-def c_unparsable_tokens(r):
+def _replace_sentence_row(r, index, sentence, labels):
+    "Row `index` of sentence_level.csv (0: the header) with new sentence and labels columns; (file name, where)."
     p, ls = _csv_rows(r)
-    doc, idx = ls[5].split(",")[:2]
-    ls[5] = f'{doc},{idx},"[\'Follow\', \'up\'",[]'
+    doc, sent_index = ls[index].split(",")[:2]
+    ls[index] = f"{doc},{sent_index},{sentence},{labels}"
     _write_lines(p, ls)
-    return "clip", p.name, f"line 6 (doc {doc}, sentence {idx})", "Python-literal list of strings"
+    return p.name, f"line {index + 1} (doc {doc}, sentence {sent_index})"
+
+def c_unparsable_tokens(r):
+    name, where = _replace_sentence_row(r, 5, '"[\'Follow\', \'up\'"', "[]")
+    return "clip", name, where, "Python-literal list of strings"
 
 def c_unparsable_labels(r):
-    p, ls = _csv_rows(r)
-    doc, idx = ls[2].split(",")[:2]
-    ls[2] = f'{doc},{idx},"[\'Call\', \'us\']","I-Appointment-related followup"'
-    _write_lines(p, ls)
-    return "clip", p.name, f"line 3 (doc {doc}, sentence {idx})", "labels as a Python-literal list"
+    name, where = _replace_sentence_row(r, 2, '"[\'Call\', \'us\']"', '"I-Appointment-related followup"')
+    return "clip", name, where, "labels as a Python-literal list"
 
 def c_unknown_label(r):
-    p, ls = _csv_rows(r)
-    doc, idx = ls[7].split(",")[:2]
-    ls[7] = f'{doc},{idx},"[\'Eat\', \'less\']","[\'I-Diet-related followup\']"'
-    _write_lines(p, ls)
-    return "clip", p.name, f"line 8 (doc {doc}, sentence {idx})", "among the 7 CLIP labels"
+    name, where = _replace_sentence_row(r, 7, '"[\'Eat\', \'less\']"', '"[\'I-Diet-related followup\']"')
+    return "clip", name, where, "among the 7 CLIP labels"
 
 def c_duplicate_row(r):
-    p, ls = _csv_rows(r); ls.insert(3, ls[2]); _write_lines(p, ls)
+    p, ls = _csv_rows(r)
+    ls.insert(3, ls[2])
+    _write_lines(p, ls)
     return "clip", p.name, "line 4", "one row per (doc_id, sent_index)"
 
 def c_split_header(r):
-    p = find(r, "train_ids.csv"); p.write_text("doc_id\n" + p.read_text())
+    p = find(r, "train_ids.csv")
+    p.write_text("doc_id\n" + p.read_text())
     return "clip", p.name, "line 1", "no header"
 
 def c_split_unknown_doc(r):
-    p = find(r, "val_ids.csv"); p.write_text(p.read_text() + "999999991\n")
+    p = find(r, "val_ids.csv")
+    p.write_text(p.read_text() + "999999991\n")
     return "clip", p.name, "doc 999999991", "a doc_id present in sentence_level.csv"
 
 def c_doc_in_two_splits(r):
-    tr = find(r, "train_ids.csv"); doc = _lines(tr)[0].strip()
-    p = find(r, "test_ids.csv"); p.write_text(p.read_text() + doc + "\n")
+    tr = find(r, "train_ids.csv")
+    doc = _lines(tr)[0].strip()
+    p = find(r, "test_ids.csv")
+    p.write_text(p.read_text() + doc + "\n")
     return "clip", p.name, f"doc {doc}", "each note in one split only"
-
-def c_empty_split(r):
-    p = find(r, "test_ids.csv"); p.write_text("")
-    return "clip", p.name, "", "the file is empty"
-
-def c_missing_split(r):
-    find(r, "val_ids.csv").unlink()
-    return "clip", "clip", "", "missing val_ids.csv"
 
 def c_sentence_gap(r):
     p, ls = _csv_rows(r)
@@ -212,6 +219,17 @@ def c_sentence_gap(r):
     del ls[2]  # the note's sentence 1
     _write_lines(p, ls)
     return "clip", p.name, f"doc {doc}", "without gaps"
+
+def _named(name, mutate):
+    mutate.__name__ = name
+    return mutate
+
+# An empty or a missing file, per task (the same two mutations, named for the test ids).
+m_empty_split = _named("m_empty_split", lambda r: _emptied(r, "mednli", "mli_test_v1.jsonl"))
+m_missing_split = _named("m_missing_split", lambda r: _deleted(r, "mednli", "mli_dev_v1.jsonl"))
+r_missing_split = _named("r_missing_split", lambda r: _deleted(r, "radqa", "test.json"))
+c_empty_split = _named("c_empty_split", lambda r: _emptied(r, "clip", "test_ids.csv"))
+c_missing_split = _named("c_missing_split", lambda r: _deleted(r, "clip", "val_ids.csv"))
 
 CASES = [m_invalid_json, m_missing_field, m_unknown_field, m_unknown_label, m_duplicate_id, m_empty_split,
          m_missing_split, m_not_utf8, m_bad_zip, r_invalid_json, r_offset_mismatch, r_unanswerable_with_answers,
@@ -221,14 +239,12 @@ CASES = [m_invalid_json, m_missing_field, m_unknown_field, m_unknown_label, m_du
 
 
 @pytest.mark.parametrize("mutate", CASES, ids=[c.__name__ for c in CASES])
-def test_bad_input_is_reported_clearly(release, mutate, capsys):
+def test_bad_input_is_reported_clearly(release, mutate, run_main):
     task, fname, where, expected = mutate(release)
     before = tree_state(release)
-    rc = main(["check-data", "--data-dir", str(release), "--json"])
-    out = capsys.readouterr()
+    rc, out, _ = run_main("check-data", "--data-dir", release, "--json")   # fails on a printed traceback
     assert rc == 1
-    assert "Traceback" not in out.out + out.err
-    report = json.loads(out.out)
+    report = json.loads(out)
     assert report[task]["status"] == "invalid"
     others = [t for t in report if t != task]
     assert all(report[t]["status"] == "ok" for t in others)  # one bad task leaves the others reported as valid
@@ -239,15 +255,14 @@ def test_bad_input_is_reported_clearly(release, mutate, capsys):
         load_task(release, task)
 
 
-def test_console_script_prints_no_traceback(release):
+def test_console_script_prints_no_traceback(release, run_cli):
     c_unknown_label(release)
-    r = subprocess.run([str(BIN / "clinical-repro"), "check-data", "--data-dir", str(release)], capture_output=True, text=True)
+    r = run_cli("check-data", "--data-dir", release)
     assert r.returncode == 1
     assert "Traceback" not in r.stdout + r.stderr
     assert "sentence_level.csv: line 8" in r.stdout and "among the 7 CLIP labels" in r.stdout
 
 
-def test_not_a_folder_is_a_usage_error(tmp_path, capsys):
-    rc = main(["check-data", "--data-dir", str(tmp_path / "nope")])
-    err = capsys.readouterr().err
-    assert rc == 2 and "expected a folder holding mednli/, radqa/ and clip/" in err and "Traceback" not in err
+def test_not_a_folder_is_a_usage_error(tmp_path, run_main):
+    rc, _, err = run_main("check-data", "--data-dir", tmp_path / "nope")
+    assert rc == 2 and "expected a folder holding mednli/, radqa/ and clip/" in err

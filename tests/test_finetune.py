@@ -1,20 +1,24 @@
 """Fine-tuning units end to end on the tiny synthetic releases with the offline demo models: results files, OOM
-recovery in training and evaluation, interrupt-and-resume, caching, and test labels kept out of reach."""
-import json, subprocess, sys
-from pathlib import Path
+recovery in training and evaluation, interrupt-and-resume, caching, and test labels kept out of reach.
+
+Training is the cost here, so runs are shared where the assertions allow: one straight unit (`trained_unit`) serves
+the results-file, caching and resume tests, and one interrupted unit (`interrupted_unit`) is copied by each resume
+test. Tests sharing them are in one xdist group, so one worker trains them once (with `--dist loadgroup`)."""
+import json, shutil
 
 import pytest
 import torch
 from transformers import TrainerCallback
 
 from clinical_repro import experiment
-from clinical_repro.core import CLIP_LABELS, MEDNLI_LABELS, UserError
-from clinical_repro.data import CLIPNote, CLIPSentence, NLIRecord, load_task
+from clinical_repro.core import UserError
+from clinical_repro.data import CLIPNote, CLIPSentence, NLIRecord
+from clinical_repro.tasks import CLIP_LABELS, MEDNLI_LABELS
 
-BIN = Path(sys.executable).parent
 # Small, fast units: a small effective batch and a few steps, evaluated (and checkpointed) every 2 steps.
 FAST = {"effective_batch": 16, "max_steps": 6, "eval_steps": 2}
 CLIP_FAST = {"window_tokens": 48}
+SHARED = pytest.mark.xdist_group("finetune-trained-unit")
 
 
 @pytest.fixture(autouse=True)
@@ -31,32 +35,55 @@ class Fault(TrainerCallback):
     "Raise `error` once: at the start of training step `step`, or at the `eval_call`-th evaluation batch."
     def __init__(self, error, step=None, eval_call=None):
         self.error, self.step, self.eval_call, self.fired, self.evals = error, step, eval_call, False, 0
+
     def on_step_begin(self, args, state, control, **kw):
         if self.step is not None and not self.fired and state.global_step == self.step:
-            self.fired = True; raise self.error
+            self.fired = True
+            raise self.error
+
     def on_prediction_step(self, args, state, control, **kw):
         self.evals += 1
         if self.eval_call is not None and not self.fired and self.evals == self.eval_call:
-            self.fired = True; raise self.error
+            self.fired = True
+            raise self.error
 
 
 def oom():
     return torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
 
 
+@pytest.fixture(scope="module")
+def trained_unit(tiny_release, tmp_path_factory):
+    "One straight MedNLI unit (tiny T5, 6 steps): its results and its output folder (read-only: copy to change it)."
+    out = tmp_path_factory.mktemp("trained-unit")
+    return unit(tiny_release[0], out), out
+
+
+@pytest.fixture(scope="module")
+def interrupted_unit(tiny_release, tmp_path_factory):
+    "The same unit interrupted at step 5 (checkpoints at steps 2 and 4): its output folder (copy it to resume)."
+    out = tmp_path_factory.mktemp("interrupted-unit")
+    with pytest.raises(KeyboardInterrupt):
+        unit(tiny_release[0], out, callbacks=[Fault(KeyboardInterrupt(), step=5)])
+    return out
+
+
 # ---- the results file ------------------------------------------------------------------------------------------------
 
-def test_results_file_has_the_contracted_fields(tiny_release, tmp_path):
-    res = unit(tiny_release[0], tmp_path)
-    path = tmp_path / f"{res['run_id']}.json"
+@SHARED
+def test_results_file_has_the_contracted_fields(trained_unit):
+    res, out = trained_unit
+    path = out / f"{res['run_id']}.json"
     on_disk = json.loads(path.read_text())
     assert on_disk == json.loads(json.dumps(res))
     for k in ("run_id", "status", "task", "model", "mode", "seed", "fraction", "shots", "draw", "metrics", "thresholds",
               "counts", "predictions", "config", "provenance", "cost"):
         assert k in on_disk, k
-    assert on_disk["status"] == "ok" and on_disk["mode"] == "finetune"
+    assert on_disk["status"] == "ok" and on_disk["mode"] == "finetune" and on_disk["synthetic_demo"] is True
+    assert on_disk["config"]["family"] == "seq2seq"
     assert set(on_disk["metrics"]) == {"dev", "test"}
     assert {"accuracy", "macro_f1", "n", "confusion", "parse_failures"} <= set(on_disk["metrics"]["test"])
+    assert {"n", "failures", "rate"} <= set(on_disk["metrics"]["test"]["parse_failures"])  # counted, never a class
     assert on_disk["counts"]["test"] == on_disk["metrics"]["test"]["n"] == 30
     prov = on_disk["provenance"]
     assert prov["precision"] == "fp32" and prov["device"]["type"] == "cpu"
@@ -65,19 +92,21 @@ def test_results_file_has_the_contracted_fields(tiny_release, tmp_path):
     for k in ("wall_seconds", "train_seconds", "eval_seconds", "samples_per_second", "tokens_per_second", "peak_rss_mb",
               "gpu_hours", "per_device_batch", "accumulation", "effective_batch", "oom_retries", "resumed"):
         assert k in cost, k
-    assert cost["effective_batch"] == 16 and cost["optimizer_steps"] == 6 and cost["train_samples"] == 90  # one epoch of the 90 tiny pairs, last batch short
+    # one epoch of the 90 tiny pairs, last batch short
+    assert cost["effective_batch"] == 16 and cost["optimizer_steps"] == 6 and cost["train_samples"] == 90
     assert 0 < cost["padding_efficiency"] <= 1
     assert [r["step"] for r in on_disk["dev_history"]] == [2, 4, 6]   # the per-evaluation dev metrics
-    preds = json.loads((tmp_path / on_disk["predictions"]).read_text())
+    preds = json.loads((out / on_disk["predictions"]).read_text())
     assert len(preds["test"]) == 30 and set(preds["test"].values()) <= set(MEDNLI_LABELS) | {None}
-    assert not list((tmp_path / "work" / res["run_id"]).glob("checkpoint-*"))  # removed at the end
-    assert (tmp_path / "logs" / f"{res['run_id']}.log").read_text().count("done") == 1
+    assert not list((out / "work" / res["run_id"]).glob("checkpoint-*"))  # removed at the end
+    assert (out / "logs" / f"{res['run_id']}.log").read_text().count("done") == 1
 
 
-def test_a_finished_unit_is_never_run_again(tiny_release, tmp_path, monkeypatch):
-    first = unit(tiny_release[0], tmp_path)
+@SHARED
+def test_a_finished_unit_is_never_run_again(tiny_release, trained_unit, monkeypatch):
+    first, out = trained_unit
     monkeypatch.setattr(experiment, "fit", lambda *a, **k: pytest.fail("a cached unit was trained again"))
-    assert unit(tiny_release[0], tmp_path) == json.loads(json.dumps(first))
+    assert unit(tiny_release[0], out) == json.loads(json.dumps(first))
 
 
 # ---- memory and interruptions ----------------------------------------------------------------------------------------
@@ -104,13 +133,21 @@ def test_evaluation_oom_halves_the_eval_batch_and_completes(tiny_release, tmp_pa
     assert res["metrics"]["test"]["n"] == 30
 
 
-def test_interrupted_unit_resumes_with_the_same_number_of_steps(tiny_release, tmp_path):
-    straight = unit(tiny_release[0], tmp_path / "a")
-    with pytest.raises(KeyboardInterrupt):
-        unit(tiny_release[0], tmp_path / "b", callbacks=[Fault(KeyboardInterrupt(), step=5)])
-    assert not list((tmp_path / "b").glob("*.json"))            # no results file for an unfinished unit
-    assert (tmp_path / "b" / "work" / straight["run_id"] / "checkpoint-4").is_dir()
-    resumed = unit(tiny_release[0], tmp_path / "b")
+def _copy(interrupted_unit, tmp_path):
+    "A private copy of the shared interrupted unit's output folder (each resume test mutates its own)."
+    out = tmp_path / "b"
+    shutil.copytree(interrupted_unit, out)
+    return out
+
+
+@SHARED
+def test_interrupted_unit_resumes_with_the_same_number_of_steps(tiny_release, trained_unit, interrupted_unit,
+                                                                tmp_path):
+    straight, _ = trained_unit
+    out = _copy(interrupted_unit, tmp_path)
+    assert not list(out.glob("*.json"))                          # no results file for an unfinished unit
+    assert (out / "work" / straight["run_id"] / "checkpoint-4").is_dir()
+    resumed = unit(tiny_release[0], out)
     assert resumed["run_id"] == straight["run_id"]
     assert resumed["cost"]["resumed"] is True and straight["cost"]["resumed"] is False
     assert resumed["cost"]["optimizer_steps"] == straight["cost"]["optimizer_steps"] == 6
@@ -119,18 +156,19 @@ def test_interrupted_unit_resumes_with_the_same_number_of_steps(tiny_release, tm
     assert resumed["dev_history"][0]["accuracy"] == pytest.approx(straight["dev_history"][0]["accuracy"])
 
 
-def test_a_checkpoint_cut_short_by_a_kill_is_skipped_on_resume(tiny_release, tmp_path):
-    straight = unit(tiny_release[0], tmp_path / "a")
-    with pytest.raises(KeyboardInterrupt):
-        unit(tiny_release[0], tmp_path / "b", callbacks=[Fault(KeyboardInterrupt(), step=5)])
-    work = tmp_path / "b" / "work" / straight["run_id"]
+@SHARED
+def test_a_checkpoint_cut_short_by_a_kill_is_skipped_on_resume(tiny_release, trained_unit, interrupted_unit,
+                                                               tmp_path):
+    straight, _ = trained_unit
+    out = _copy(interrupted_unit, tmp_path)
+    work = out / "work" / straight["run_id"]
     (work / "checkpoint-4" / "trainer_state.json").unlink()        # as if killed while saving checkpoint-4
-    resumed = unit(tiny_release[0], tmp_path / "b")
+    resumed = unit(tiny_release[0], out)
     assert resumed["cost"]["resumed"] is True and resumed["cost"]["optimizer_steps"] == 6
     assert resumed["metrics"]["test"]["accuracy"] == pytest.approx(straight["metrics"]["test"]["accuracy"])
 
 
-# ---- test labels ------------------------------------------------------------------------------------------------------
+# ---- test labels -----------------------------------------------------------------------------------------------------
 
 class _Phase:
     scoring = False
@@ -143,55 +181,75 @@ def _spy(cls, gold_field):
         def __getattribute__(self, name):
             if name == gold_field:
                 _Phase.reads += 1
-                if not _Phase.scoring: _Phase.early_reads += 1
+                if not _Phase.scoring:
+                    _Phase.early_reads += 1
             return object.__getattribute__(self, name)
     return Spy
 
 
+def _spied_release(real_load):
+    "`load_task` whose test records count every read of their gold field."
+    SpyNLI, SpySentence = _spy(NLIRecord, "label"), _spy(CLIPSentence, "labels")
+
+    def load(data_dir, task):
+        task_data = real_load(data_dir, task)
+        if task == "mednli":
+            test = task_data.splits["test"]
+            task_data.splits["test"] = [SpyNLI(r.id, r.premise, r.hypothesis, r.label) for r in test]
+        else:
+            task_data.notes["test"] = [
+                CLIPNote(n.doc_id, tuple(SpySentence(s.doc_id, s.sent_index, s.tokens, s.labels) for s in n.sentences))
+                for n in task_data.notes["test"]]
+            task_data.splits["test"] = [s for n in task_data.notes["test"] for s in n.sentences]
+        return task_data
+    return load
+
+
 @pytest.mark.parametrize("task", ["mednli", "clip"])
 def test_test_labels_are_read_only_by_the_final_scoring(tiny_release, tmp_path, monkeypatch, task):
-    real_load, real_score = experiment.load_task, experiment.score_test
-    SpyNLI, SpySent = _spy(NLIRecord, "label"), _spy(CLIPSentence, "labels")
-
-    def load(data_dir, t):
-        td = real_load(data_dir, t)
-        if t == "mednli":
-            td.splits["test"] = [SpyNLI(r.id, r.premise, r.hypothesis, r.label) for r in td.splits["test"]]
-        else:
-            td.notes["test"] = [CLIPNote(n.doc_id, tuple(SpySent(s.doc_id, s.sent_index, s.tokens, s.labels) for s in n.sentences))
-                                for n in td.notes["test"]]
-            td.splits["test"] = [s for n in td.notes["test"] for s in n.sentences]
-        return td
+    "Also the encoder runs of `test_every_task_trains_with_both_demo_models` (the same units, spied on)."
+    real_score = experiment.score_test
 
     def score(*a, **k):
         _Phase.scoring = True
-        try: return real_score(*a, **k)
-        finally: _Phase.scoring = False
+        try:
+            return real_score(*a, **k)
+        finally:
+            _Phase.scoring = False
 
     _Phase.early_reads = _Phase.reads = 0
-    monkeypatch.setattr(experiment, "load_task", load)
+    monkeypatch.setattr(experiment, "load_task", _spied_release(experiment.load_task))
     monkeypatch.setattr(experiment, "score_test", score)
     res = unit(tiny_release[0], tmp_path, task=task, model="minilm-demo", train={"max_steps": 2},
                task_params=CLIP_FAST if task == "clip" else None)
     assert _Phase.reads > 0                 # the spies work: scoring did read the test labels
     assert _Phase.early_reads == 0          # and nothing before it did
+    assert res["status"] == "ok" and res["config"]["family"] == "encoder" and res["synthetic_demo"] is True
+    m = res["metrics"]["test"]
     if task == "clip":
         assert 0 < res["thresholds"]["threshold"] < 1
+        assert {"micro_f1", "macro_f1", "per_label_f1"} <= set(m) and set(m["per_label_f1"]) == set(CLIP_LABELS)
+    else:
+        assert m["n"] == 30
 
 
-# ---- every task, both demo models -------------------------------------------------------------------------------------
+# ---- every task, both demo models ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("task,model", [(t, m) for m in ("minilm-demo", "t5-tiny-demo") for t in ("mednli", "radqa", "clip")])
+# MedNLI with the tiny T5 is `trained_unit`; the two encoder runs are in `test_test_labels_are_read_only_...`.
+@pytest.mark.parametrize("task,model", [("radqa", "minilm-demo"), ("radqa", "t5-tiny-demo"), ("clip", "t5-tiny-demo")])
 def test_every_task_trains_with_both_demo_models(tiny_release, tmp_path, task, model):
-    tp = {"window_tokens": 48} if task == "clip" else {"max_length": 128, "doc_stride": 32} if task == "radqa" and model == "minilm-demo" else None
-    if model == "t5-tiny-demo" and task == "clip": tp = {"window_tokens": 48, "max_source_length": 96, "num_beams": 2}
-    if model == "t5-tiny-demo" and task == "radqa": tp = {"max_source_length": 256, "max_target_length": 48}
-    res = unit(tiny_release[0], tmp_path, task=task, model=model, train={"max_steps": 2, "eval_steps": 2}, task_params=tp)
+    settings = {("radqa", "minilm-demo"): {"max_length": 128, "doc_stride": 32},
+                ("radqa", "t5-tiny-demo"): {"max_source_length": 256, "max_target_length": 48},
+                ("clip", "t5-tiny-demo"): {"window_tokens": 48, "max_source_length": 96, "num_beams": 2}}
+    task_params = settings[task, model]
+    res = unit(tiny_release[0], tmp_path, task=task, model=model, train={"max_steps": 2, "eval_steps": 2},
+               task_params=task_params)
     m = res["metrics"]["test"]
     assert res["status"] == "ok" and res["config"]["family"] == ("encoder" if model == "minilm-demo" else "seq2seq")
     if task == "radqa":
         assert {"exact", "f1", "HasAns_f1", "NoAns_f1", "total"} <= set(m) and m["total"] == 20
-        if model == "minilm-demo": assert "no_answer_threshold" in res["thresholds"]
+        if model == "minilm-demo":
+            assert "no_answer_threshold" in res["thresholds"]
     if task == "clip":
         assert {"micro_f1", "macro_f1", "per_label_f1"} <= set(m) and set(m["per_label_f1"]) == set(CLIP_LABELS)
     if model == "t5-tiny-demo":
@@ -199,18 +257,22 @@ def test_every_task_trains_with_both_demo_models(tiny_release, tmp_path, task, m
     assert res["synthetic_demo"] is True
 
 
-def test_finetune_cli(tiny_release, tmp_path):
-    r = subprocess.run([str(BIN / "clinical-repro"), "finetune", "--task", "mednli", "--model", "minilm-demo",
-                        "--data-dir", str(tiny_release[0]), "--out", str(tmp_path), "--max-steps", "2", "--json"],
-                       capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+def test_an_unset_task_setting_is_a_clear_error(tiny_release, tmp_path):
+    with pytest.raises(UserError, match="'max_length' is not set"):
+        unit(tiny_release[0], tmp_path, model="minilm-demo", task_params={"max_length": None})
+
+
+def test_finetune_cli(tiny_release, tmp_path, run_cli):
+    r = run_cli("finetune", "--task", "mednli", "--model", "minilm-demo", "--data-dir", tiny_release[0],
+                "--out", tmp_path, "--max-steps", "2", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
     assert res["status"] == "ok" and (tmp_path / f"{res['run_id']}.json").is_file()
 
 
-def test_unknown_model_is_a_clear_error(tiny_release, tmp_path):
-    r = subprocess.run([str(BIN / "clinical-repro"), "finetune", "--task", "mednli", "--model", "gpt-5",
-                        "--data-dir", str(tiny_release[0]), "--out", str(tmp_path)], capture_output=True, text=True)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "gpt-5" in r.stderr and "minilm-demo" in r.stderr and "bioclinicalbert" in r.stderr
+def test_unknown_model_is_a_clear_error(tiny_release, tmp_path, run_main):
+    code, _, err = run_main("finetune", "--task", "mednli", "--model", "gpt-5", "--data-dir", tiny_release[0],
+                            "--out", tmp_path)   # in-process: an error path needs no new interpreter
+    assert code == 2   # run_main also checks that no traceback was printed
+    assert "gpt-5" in err and "minilm-demo" in err and "bioclinicalbert" in err
     assert not any(tmp_path.iterdir())

@@ -1,6 +1,6 @@
 """Governance: the leak scan finds planted canary sentences wherever reports hide them, and nothing else;
 the data-location guard refuses a data folder git could commit."""
-import argparse, ast, contextlib, csv, io, json, os, re, shutil, subprocess
+import argparse, ast, csv, io, json, os, re, shutil, subprocess
 from pathlib import Path
 
 import nbformat
@@ -9,8 +9,8 @@ import pytest
 
 from clinical_repro.core import UserError
 from clinical_repro.data import load_task
-from clinical_repro.governance import (scan_leaks, cmd_scan_leaks, add_scan_leaks_parser, check_data_location,
-                                       network_guard_env)
+from clinical_repro.governance import scan_leaks, cmd_scan_leaks, check_data_location, network_guard_env
+from clinical_repro.results import fake_results
 from conftest import find
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,7 +24,8 @@ E = "wandering cobalt foxes painted thirteen silver kites above misty cedar vall
 PRED = "predictions/ (per-item predictions: derived data)"
 
 
-def _words(s): return len(s.split())
+def _words(s):
+    return len(s.split())
 
 
 @pytest.fixture
@@ -51,11 +52,13 @@ def planted(release):
     # a sentence followed by one of at least 4 tokens, for the span across a sentence boundary
     i = next(k for k in sorted(sents) if k + 1 in sents and len(ast.literal_eval(sents[k + 1][2])) >= 4)
     sents[i][2] = str(D.capitalize().split() + ["."])
-    out = io.StringIO(); csv.writer(out).writerows(rows)
+    out = io.StringIO()
+    csv.writer(out).writerows(rows)
     f.write_text(out.getvalue())
     where["D"] = f"{doc}:{i}"
     where["D_next"] = [t.lower() for t in ast.literal_eval(sents[i + 1][2]) if t.isalnum()][:4]
-    for t in ("mednli", "radqa", "clip"): load_task(release, t)  # still valid releases
+    for t in ("mednli", "radqa", "clip"):
+        load_task(release, t)  # still valid releases
     return release, where
 
 
@@ -84,14 +87,17 @@ def reports(planted, tmp_path):
             nbformat.v4.new_output("execute_result", data={"text/plain": repr(A.replace(" seventeen", "\nseventeen"))},
                                    execution_count=3)])])
     # B is in no source: however verbatim, it is no leak
-    _write(g / "summary.html", "<html><body><table>\n<tr><td>Marzipan <b>glaciers</b> whispered&nbsp;ninety brittle</td>"
-                               "\n<td>sonnets toward amber&#32;lighthouse keepers tonight</td></tr>\n</table></body></html>\n")
-    _write(g / "summary.md", "# Summary\n\n| report | text |\n|---|---|\n| 1 | A _tangerine_ walrus **catalogued** forty "
+    _write(g / "summary.html", "<html><body><table>\n"
+                               "<tr><td>Marzipan <b>glaciers</b> whispered&nbsp;ninety brittle</td>"
+                               "\n<td>sonnets toward amber&#32;lighthouse keepers tonight</td></tr>\n"
+                               "</table></body></html>\n")
+    _write(g / "summary.md", "# Summary\n\n| report | text |\n|---|---|\n"
+                             "| 1 | A _tangerine_ walrus **catalogued** forty "
                              "velvet umbrellas under the sleepy observatory dome. |\n")
     _write(g / "results" / "logs" / "u1.log", f"2026-01-01 INFO start\n2026-01-01 INFO unit b1: {D.capitalize()}.\n")
     _write(g / "results" / "logs" / "u2.log", "xqzz the abandoned paper mill " + " ".join(where["D_next"]) + " zzqx\n")
-    _write(g / "results" / "abc123.json", json.dumps({"run_id": "abc123", "metrics": {"dev": {"accuracy": 0.5}},
-                                                      "examples": [{"hypothesis": E.capitalize() + "."}]}))
+    fake_results(g / "results", run_id="abc123", metrics={"dev": {"accuracy": 0.5}, "test": {}},
+                 examples=[{"hypothesis": E.capitalize() + "."}])
     _write(g / "results" / "items" / "abc123.json", json.dumps({"ids": ["1", "2"], "tokens": D.split()}))
     # look close but are not leaks: 7 words of A, aggregates, the canaries' words out of order
     _write(g / "notes.txt", "we saw " + " ".join(A.split()[:7]) + " then stopped\n")
@@ -104,7 +110,8 @@ def reports(planted, tmp_path):
     return tmp_path / "reports", data, where
 
 
-def _key(l): return (l.file, l.location, l.tokens, l.task, l.split, l.field, l.record)
+def _key(l):
+    return (l.file, l.location, l.tokens, l.task, l.split, l.field, l.record)
 
 
 def test_every_planted_span_is_found_where_it_is_and_nothing_else(reports):
@@ -143,7 +150,8 @@ def test_min_tokens_sets_the_shortest_span_that_counts(reports):
     assert (l.location, l.tokens, l.record) == ("line 1", 7, where["A"])
     # a span of exactly 8 is found at 8 and not at 9
     assert [l.tokens for l in scan_leaks(data, rep, progress=False).leaks if l.file == "g/results/logs/u2.log"] == [8]
-    assert not [l for l in scan_leaks(data, rep, min_tokens=9, progress=False).leaks if l.file == "g/results/logs/u2.log"]
+    assert not [l for l in scan_leaks(data, rep, min_tokens=9, progress=False).leaks
+                if l.file == "g/results/logs/u2.log"]
 
 
 def test_predictions_are_not_scanned_and_the_text_is_never_copied(reports):
@@ -178,24 +186,16 @@ def test_short_sources_are_counted_as_undetectable(planted, tmp_path):
     assert res.too_short["mednli hypothesis"] == [sum(len(re.findall("[A-Za-z0-9]+", h)) < 8 for h in hyps), len(hyps)]
 
 
-def _run_cli(*argv):
-    p = argparse.ArgumentParser(); add_scan_leaks_parser(p.add_subparsers(dest="command"))
-    args = p.parse_args(["scan-leaks", *argv])
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err): rc = args.func(args)
-    return rc, out.getvalue(), err.getvalue()
-
-
-def test_cli_handler_exits_1_on_leaks_and_0_when_clean(reports):
+def test_cli_handler_exits_1_on_leaks_and_0_when_clean(reports, run_main):
     rep, data, _ = reports
-    rc, out, err = _run_cli("--data-dir", str(data), "--reports", str(rep))
+    rc, out, err = run_main("scan-leaks", "--data-dir", data, "--reports", rep)
     lines = out.splitlines()
     assert rc == 1 and lines[0].startswith("scanned 10 report file(s) against") and "7 leak(s)" in lines[0]
     assert len(lines) == 8 and "g/summary.md: line 5: 12-token span of radqa dev report" in out
     assert "heron" not in out + err and "show_examples" in err
-    rc, out, _ = _run_cli("--data-dir", str(data), "--reports", str(rep / "g" / "logs"))
+    rc, out, _ = run_main("scan-leaks", "--data-dir", data, "--reports", rep / "g" / "logs")
     assert rc == 0 and out.strip().endswith("no verbatim span of ≥ 8 tokens")
-    rc, out, _ = _run_cli("--data-dir", str(data), "--reports", str(rep), "--min-tokens", "12", "--json")
+    rc, out, _ = run_main("scan-leaks", "--data-dir", data, "--reports", rep, "--min-tokens", "12", "--json")
     rep_json = json.loads(out)
     assert rc == 1 and rep_json["min_tokens"] == 12 and [l["file"] for l in rep_json["leaks"]] == ["g/summary.md"]
     # the handler also takes a plain Namespace
@@ -205,7 +205,8 @@ def test_cli_handler_exits_1_on_leaks_and_0_when_clean(reports):
 
 # --- the data folder stays out of git -------------------------------------------------------------------------
 
-def _git(repo, *args): subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+def _git(repo, *args):
+    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
 
 
 @pytest.fixture
@@ -215,7 +216,8 @@ def repo(tmp_path):
     (r / "physionet" / "mednli").mkdir(parents=True)
     (r / "physionet" / "mednli" / "mli_train_v1.jsonl").write_text("{}\n")
     _git(tmp_path, "init", "-q", str(r))
-    _git(r, "config", "user.email", "t@example.org"); _git(r, "config", "user.name", "t")
+    _git(r, "config", "user.email", "t@example.org")
+    _git(r, "config", "user.name", "t")
     return r
 
 
@@ -231,14 +233,17 @@ def test_ignored_data_passes_and_so_does_a_folder_inside_it(repo):
     check_data_location(repo / "physionet" / "mednli")
     check_data_location(repo / "later")  # a folder still to be written, matched by a folder rule
     with pytest.raises(UserError, match="not git-ignored"): check_data_location(repo / "elsewhere")
-    _git(repo, "add", ".gitignore"); _git(repo, "commit", "-q", "-m", "ignore data")
+    _git(repo, "add", ".gitignore")
+    _git(repo, "commit", "-q", "-m", "ignore data")
     check_data_location(repo / "physionet")
 
 
 def test_tracked_data_is_refused_even_when_ignored(repo):
-    _git(repo, "add", "physionet"); _git(repo, "commit", "-q", "-m", "oops")
+    _git(repo, "add", "physionet")
+    _git(repo, "commit", "-q", "-m", "oops")
     (repo / ".gitignore").write_text("physionet/\n")
-    with pytest.raises(UserError, match="tracked by the git repository.*rm -r --cached"): check_data_location(repo / "physionet")
+    with pytest.raises(UserError, match="tracked by the git repository.*rm -r --cached"):
+        check_data_location(repo / "physionet")
 
 
 def test_data_outside_any_repo_passes(tmp_path):
@@ -252,4 +257,5 @@ def test_network_guard_env():
     assert {k: env[k] for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE")} == \
         {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
     online = network_guard_env(offline=False)
-    assert "HF_HUB_OFFLINE" not in online and online["HF_HUB_DISABLE_TELEMETRY"] == "1" and online["DO_NOT_TRACK"] == "1"
+    assert ("HF_HUB_OFFLINE" not in online and online["HF_HUB_DISABLE_TELEMETRY"] == "1"
+            and online["DO_NOT_TRACK"] == "1")

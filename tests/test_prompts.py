@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from clinical_repro.config import params_dir
-from clinical_repro.core import CLIP_LABELS, MEDNLI_LABELS, DataError, UserError
+from clinical_repro.core import DataError, UserError
+from clinical_repro.tasks import CLIP_LABELS, MEDNLI_LABELS
 from clinical_repro.data import load_task
 from clinical_repro.prompts import (build_prompt, choose_template, dev_sample, draw_exemplars, exemplar_ids,
                                     exemplar_stratum, is_no_answer, load_prompts, map_no_answer, prompt_version,
@@ -73,10 +74,12 @@ def test_unknown_key_names_file_and_key(params_copy):
 
 @pytest.mark.parametrize("old,new,key", [
     ("{question} Answer N/A if there is no answer or give a quote from the context:\"",
-     "Answer N/A if there is no answer or give a quote from the context:\"", "templates.0 (paper).query"),  # question dropped
-    ('query: "Context: {context}', 'query: "Context: {report}', "templates.0 (paper).query"),             # unknown field
+     # question dropped
+     "Answer N/A if there is no answer or give a quote from the context:\"", "templates.0 (paper).query"),
+    ('query: "Context: {context}', 'query: "Context: {report}', "templates.0 (paper).query"),  # unknown field
     ("context: {answer}\"", "context: {answr}\"", "templates.0 (paper).example"),
-    ('instruction: "Answer N/A if there is', 'instruction: "Answer N/A if {context} is', "templates.0 (paper).instruction"),
+    ('instruction: "Answer N/A if there is', 'instruction: "Answer N/A if {context} is',
+     "templates.0 (paper).instruction"),
 ])
 def test_placeholders_checked(params_copy, old, new, key):
     f = params_copy / "prompts" / "radqa.yaml"
@@ -103,7 +106,8 @@ def test_other_structural_errors(params_copy):
 
 def test_verbalize_and_no_answer():
     r = load_prompts("radqa")
-    assert [is_no_answer(t, r) for t in ("N/A", "n/a.", " None ", "No answer", "NOT MENTIONED", "", "no", "effusion")] == \
+    assert [is_no_answer(t, r)
+            for t in ("N/A", "n/a.", " None ", "No answer", "NOT MENTIONED", "", "no", "effusion")] == \
         [True, True, True, True, True, True, False, False]
     assert map_no_answer("N/A", r) == "" and map_no_answer(" right lower lobe ", r) == "right lower lobe"
     assert verbalize("radqa", "", r) == "N/A"
@@ -120,7 +124,8 @@ def test_verbalize_and_no_answer():
 # ---- prompt building -------------------------------------------------------------------------------------------
 
 def _check_built(task, tpl, exs, q, count, budget, room, protected):
-    "Either a prompt that fits and keeps instruction + protected fields, or a UserError only when those alone don't fit."
+    ("Either a prompt that fits and keeps instruction + protected fields, or a UserError only when those alone "
+     "don't fit.")
     long = "premise" if task == "mednli" else "context"
     minimal = tpl.separator.join([tpl.instruction, tpl.query.format(**{**q, long: " ..."})])
     try:
@@ -142,7 +147,8 @@ def _check_built(task, tpl, exs, q, count, budget, room, protected):
     if b.truncated["query_words_cut"]:
         assert b.n_exemplars == 0                       # the query is cut only after every exemplar is gone
     if not any(b.truncated.values()):
-        assert b.text == tpl.separator.join([tpl.instruction] + [tpl.example.format(**e) for e in exs] + [tpl.query.format(**q)])
+        assert b.text == tpl.separator.join([tpl.instruction] + [tpl.example.format(**e) for e in exs]
+                                            + [tpl.query.format(**q)])
     return b
 
 
@@ -154,7 +160,8 @@ def test_radqa_prompts_never_cut_question_any_budget(data, count):
     for i in range(120):
         tpl = ps.templates[i % len(ps.templates)]
         item = dev[i % len(dev)]
-        exs = [record_fields(r, ps, tpl) for r in draw_exemplars(train, rng.choice([0, 1, 3, 5]), i, 0, exemplar_stratum("radqa"))]
+        exs = [record_fields(r, ps, tpl)
+               for r in draw_exemplars(train, rng.choice([0, 1, 3, 5]), i, 0, exemplar_stratum("radqa"))]
         q = record_fields(item, ps, tpl, answer=False)
         b = _check_built("radqa", tpl, exs, q, count, rng.randint(45, 900), rng.randint(1, 40), ["question"])
         if b is None:
@@ -187,12 +194,15 @@ def test_shortening_order_hand_worked():
     exs = [{"premise": "a " * 40, "hypothesis": "h1", "answer": "neutral"},
            {"premise": "b " * 10, "hypothesis": "h2", "answer": "entailment"}]
     q = {"premise": "c " * 30, "hypothesis": "is febrile"}
-    # words: instruction 5; exemplar = "Premise:" + premise + "Hypothesis:" h "Answer:" a = 4 + premise; query 5 + premise
+    # words: instruction 5; exemplar = "Premise:" + premise + "Hypothesis:" h "Answer:" a = 4 + premise;
+    # query 5 + premise
     full = build_prompt(tpl, exs, q, words, 10_000, 10)
     assert full.n_tokens == words(full.text) == 5 + (5 + 40) + (5 + 10) + (5 + 30) == 100
-    # room for 88: a common cap c on exemplar premises with 5 + (5 + c + 1) + 15 + 35 <= 88 -> c = 27: only the longest is cut
+    # room for 88: a common cap c on exemplar premises with 5 + (5 + c + 1) + 15 + 35 <= 88 -> c = 27:
+    # only the longest is cut
     b = build_prompt(tpl, exs, q, words, 98, 10)
-    assert b.truncated == {"exemplar_words_cut": 13, "exemplars_shortened": 1, "exemplars_dropped": 0, "query_words_cut": 0}
+    assert b.truncated == {"exemplar_words_cut": 13, "exemplars_shortened": 1, "exemplars_dropped": 0,
+                           "query_words_cut": 0}
     assert "a " * 26 + "a ...\nHypothesis: h1" in b.text and "Premise: " + "b " * 10 + "\nHypothesis: h2" in b.text
     assert "c " * 30 in b.text and b.n_tokens == 88
     # room for 77: both at the 16-word floor, 5 + 22 + 15 + 35 = 77; room for 76 is too little: the last exemplar
@@ -204,7 +214,8 @@ def test_shortening_order_hand_worked():
     # room for 30, below 5 + 22 + 35 = 62 with one exemplar at the floor: no exemplar, the query premise keeps its head
     # 5 + (1 + p + 1) + 4 <= 30 -> p = 19 words of 30
     b = build_prompt(tpl, exs, q, words, 40, 10)
-    assert b.n_exemplars == 0 and b.truncated["query_words_cut"] == 11 and b.text.endswith("Hypothesis: is febrile\nAnswer:")
+    assert (b.n_exemplars == 0 and b.truncated["query_words_cut"] == 11
+            and b.text.endswith("Hypothesis: is febrile\nAnswer:"))
     assert "Premise: " + "c " * 18 + "c ...\nHypothesis" in b.text
     # instruction + "Premise: ..." + hypothesis line + "Answer:" = 11 words; room for 10 is an error naming the item
     assert words(build_prompt(tpl, exs, q, words, 21, 10).text) == 11
@@ -242,7 +253,8 @@ def test_draws_reproducible_distinct_stratified(data):
     assert exemplar_ids(draw_exemplars(train, 3, 0, 1, strat)) != a                                           # seed
     byid = {r.id: r for r in train}
     for d in range(5):
-        assert sorted(byid[i].label for i in exemplar_ids(draw_exemplars(train, 3, d, 0, strat))) == sorted(MEDNLI_LABELS)
+        assert (sorted(byid[i].label for i in exemplar_ids(draw_exemplars(train, 3, d, 0, strat)))
+                == sorted(MEDNLI_LABELS))
         assert len(set(exemplar_ids(draw_exemplars(train, 5, d, 0, strat)))) == 5
         c = Counter(byid[i].label for i in exemplar_ids(draw_exemplars(train, 5, d, 0, strat)))
         assert sorted(c.values()) == [1, 2, 2]

@@ -31,7 +31,8 @@ def roberta_tok(tmp_path_factory, radqa):
     "A RoBERTa-style byte-level BPE tokenizer (no token_type_ids, `<s> q </s></s> c </s>`) trained on the demo reports."
     from tokenizers import ByteLevelBPETokenizer
     from transformers import RobertaTokenizer
-    corpus = [r.context for rs in radqa.splits.values() for r in rs] + [r.question for rs in radqa.splits.values() for r in rs]
+    corpus = ([r.context for rs in radqa.splits.values() for r in rs]
+              + [r.question for rs in radqa.splits.values() for r in rs])
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(corpus, vocab_size=600, min_frequency=2, show_progress=False,
                             special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
@@ -160,8 +161,10 @@ def test_bad_tokenizers_and_lengths_are_user_errors(tok, radqa):
         qa_features(types.SimpleNamespace(is_fast=False, padding_side="right"), recs, train=True)
     # a question that leaves no more than doc_stride tokens for the report: an error naming it, not a Rust panic
     long_q = QARecord("lq", "t", LONG, "is " * 40 + "there effusion?", (), False)
-    with pytest.raises(UserError, match="'lq'.*doc_stride=8"): qa_features(tok, [long_q], max_length=48, doc_stride=8, train=False)
-    with pytest.raises(UserError, match="doc_stride must be smaller"): qa_features(tok, recs, max_length=64, doc_stride=64, train=True)
+    with pytest.raises(UserError, match="'lq'.*doc_stride=8"):
+        qa_features(tok, [long_q], max_length=48, doc_stride=8, train=False)
+    with pytest.raises(UserError, match="doc_stride must be smaller"):
+        qa_features(tok, recs, max_length=64, doc_stride=64, train=True)
 
 
 # ---------------------------------------------------------------- (c) post-processing by hand
@@ -229,8 +232,10 @@ def test_features_must_match_the_records():
     with pytest.raises(UserError, match="offset_mapping"):
         postprocess_qa(REC, {"example_index": [0, 0]}, start, start, max_answer_tokens=5)
     two = REC + [QARecord("s", "t", CTX, "q?", (), False)]
-    with pytest.raises(UserError, match="'s' has no window"): postprocess_qa(two, FEATS, start, start, max_answer_tokens=5)
-    with pytest.raises(UserError, match="window 1 has 3 positions but 7 tokens"): postprocess_qa(REC, FEATS, [[0.0] * 6, [0.0] * 3], start, max_answer_tokens=5)
+    with pytest.raises(UserError, match="'s' has no window"):
+        postprocess_qa(two, FEATS, start, start, max_answer_tokens=5)
+    with pytest.raises(UserError, match="window 1 has 3 positions but 7 tokens"):
+        postprocess_qa(REC, FEATS, [[0.0] * 6, [0.0] * 3], start, max_answer_tokens=5)
     short = [QARecord("r", "t", "aa bb", "q?", (), False)]
     with pytest.raises(UserError, match="run past"): postprocess_qa(short, FEATS, start, start, max_answer_tokens=5)
 
@@ -238,7 +243,8 @@ def test_features_must_match_the_records():
 # ---------------------------------------------------------------- (d) round trip
 
 def _oracle_logits(tok, recs, max_length, stride):
-    "+10 on the gold start and end tokens of every window that holds the whole answer, found from the tokenizer's offsets."
+    ("+10 on the gold start and end tokens of every window that holds the whole answer, found from the tokenizer's "
+     "offsets.")
     st, en = [], []
     for r in recs:
         for ids, offs, seq in _windows(tok, r, max_length, stride):
@@ -249,7 +255,8 @@ def _oracle_logits(tok, recs, max_length, stride):
                 if offs[ctx[0]][0] <= s and offs[ctx[-1]][1] >= e:
                     a[min(j for j in ctx if offs[j][1] > s)] = 10
                     b[max(j for j in ctx if offs[j][0] < e)] = 10
-            st.append(a); en.append(b)
+            st.append(a)
+            en.append(b)
     return st, en
 
 

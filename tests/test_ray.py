@@ -40,8 +40,8 @@ def test_local_ray_runs_notebooks_reports_failures_and_shuts_down(tmp_path, no_r
               "params": {"out": str(reports / f"out{i}.txt"), "fail": i == 1}, "env": {"CR_MARK": f"m{i}"}}
              for i in range(3)]
     # a task whose body raises on the worker (an environment variable name the OS refuses)
-    calls.append({"template": str(tpl), "out_nb": str(reports / "nb3.ipynb"), "params": {"out": str(reports / "out3.txt")},
-                  "env": {"BAD=NAME": "x"}})
+    calls.append({"template": str(tpl), "out_nb": str(reports / "nb3.ipynb"),
+                  "params": {"out": str(reports / "out3.txt")}, "env": {"BAD=NAME": "x"}})
     done = []
     info = run_on_ray(calls, lambda i, err: done.append((i, err)), max_parallel=2)
 

@@ -1,49 +1,48 @@
 """The report layer: numbers a reader of Table 3 and the paired tests relies on, checked against numpy, sklearn and
 hand-worked cases on small hand-made results/items files (no models, no data)."""
-import json, logging, math
+import json, logging, math, shutil
 from pathlib import Path
 
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
+import yaml
 from sklearn.metrics import f1_score
 
+from conftest import PARAMS
 from clinical_repro import report as R
-from clinical_repro.core import CLIP_LABELS
+from clinical_repro.core import DataError
+from clinical_repro.results import fake_results
+from clinical_repro.tasks import CLIP_LABELS, dev_metric
+
+ICL_PRIMARY = {"mednli": "rank", "radqa": "answer", "clip": "per_label"}  # the primary variants icl writes
 
 
-# ------------------------------------------------------------------ fixtures: results + items files, as the runner writes them
-def write_unit(rdir, run_id, task, model, items, *, mode="finetune", seed=0, fraction=1.0, shots=None, draw=None,
-               synthetic=False, metrics_test=None):
-    "A results file and its items file; `metrics_test` is what the unit itself reported (official scales)."
-    rdir = Path(rdir); (rdir / "items").mkdir(parents=True, exist_ok=True)
-    primary = "finetune" if mode == "finetune" else {"mednli": "rank", "radqa": "answer", "clip": "per_label"}[task]
-    test = metrics_test
-    if mode == "icl" and task != "radqa": test = {primary: metrics_test}
-    res = {"run_id": run_id, "status": "ok", "task": task, "model": model, "mode": mode, "seed": seed,
-           "fraction": fraction if mode == "finetune" else None, "shots": shots, "draw": draw,
-           "metrics": {"dev": {}, "test": test}, "dev_metric": R.SELECTION[task], "items": f"items/{run_id}.json",
-           "primary_variant": primary if mode == "icl" else None,
-           "provenance": {"git_commit": "abc", "code_version": "0.1.0", "data_hash": "d" * 64, "device": {"type": "cpu"},
-                          "packages": {"torch": "2.13"}, "precision": "fp32"},
-           "cost": {"wall_seconds": 3.0, "train_seconds": 2.0, "gpu_hours": 0.0},
-           "dev_history": [{"epoch": 1.0, "step": 5, "train_seconds": 1.0, R.SELECTION[task]: 0.5}],
-           "synthetic_demo": synthetic}
-    (rdir / f"{run_id}.json").write_text(json.dumps(res))
-    (rdir / "items" / f"{run_id}.json").write_text(json.dumps(
-        {"run_id": run_id, "task": task, "primary": primary, "variants": {primary: items}}))
+# ------------------------------------------------------------------ units: results + items files (results.fake_results)
+def write_unit(results_dir, run_id, task, model, items, *, metrics_test, mode="finetune", synthetic=False, **fields):
+    "A unit that reported `metrics_test` (official scales) with per-item outcomes `items`."
+    primary = "finetune" if mode == "finetune" else ICL_PRIMARY[task]
+    test = {primary: metrics_test} if mode == "icl" and task != "radqa" else metrics_test
+    selection = dev_metric(task)
+    return fake_results(results_dir, variants={primary: items}, run_id=run_id, task=task, model=model, mode=mode,
+                        metrics={"dev": {}, "test": test}, dev_metric=selection, synthetic_demo=synthetic,
+                        dev_history=[{"epoch": 1.0, "step": 5, "train_seconds": 1.0, selection: 0.5}], **fields)
 
 
 def nli_items(gold, pred, ids=None):
-    return {"ids": ids or [f"p{i}" for i in range(len(gold))], "gold": list(map(int, gold)), "pred": list(map(int, pred))}
+    ids = ids or [f"p{i}" for i in range(len(gold))]
+    return {"ids": ids, "gold": list(map(int, gold)), "pred": list(map(int, pred))}
 
 
-def nli_unit(rdir, run_id, model, gold, pred, seed=0, **kw):
-    acc = float(np.mean(np.asarray(gold) == np.asarray(pred)))
-    write_unit(rdir, run_id, "mednli", model, nli_items(gold, pred), seed=seed, metrics_test={"accuracy": acc}, **kw)
-    return acc
+def nli_unit(results_dir, run_id, model, gold, pred, seed=0, **fields):
+    "A MedNLI unit whose accuracy is computed from `gold` and `pred`; returns the accuracy."
+    accuracy = float(np.mean(np.asarray(gold) == np.asarray(pred)))
+    write_unit(results_dir, run_id, "mednli", model, nli_items(gold, pred), seed=seed,
+               metrics_test={"accuracy": accuracy}, **fields)
+    return accuracy
 
 
 # ------------------------------------------------------------------ Table 3
@@ -95,12 +94,48 @@ def test_clip_macro_f1_from_masks_equals_sklearn(tmp_path):
     want_macro = f1_score(bits(gold), bits(pred), average="macro", zero_division=0)
     want_micro = f1_score(bits(gold), bits(pred), average="micro", zero_division=0)
     assert R.clip_scores_from_masks(gold, pred)["macro_f1"] == pytest.approx(want_macro)
-    write_unit(tmp_path, "c", "clip", "m", {"ids": [f"d:{i}" for i in range(250)], "gold": gold.tolist(), "pred": pred.tolist()},
+    items = {"ids": [f"d:{i}" for i in range(250)], "gold": gold.tolist(), "pred": pred.tolist()}
+    write_unit(tmp_path, "c", "clip", "m", items,
                metrics_test={"micro_f1": want_micro, "macro_f1": want_macro})
     t3 = R.table3(tmp_path, R.load_results(tmp_path), n_boot=200).iloc[0]
     assert t3["clip_macro_f1_low"] < want_macro < t3["clip_macro_f1_high"]
     pl = R.per_label_f1(tmp_path, R.load_results(tmp_path))
     assert pl.f1.tolist() == pytest.approx(f1_score(bits(gold), bits(pred), average=None, zero_division=0).tolist())
+
+
+# ------------------------------------------------------------------ the paper's numbers (params/paper_results.yaml)
+def params_copy(tmp_path, edit):
+    "A params/ folder with defaults.yaml, the task files and an edited paper_results.yaml."
+    folder = tmp_path / "params"
+    shutil.copytree(PARAMS / "tasks", folder / "tasks")
+    shutil.copy(PARAMS / "defaults.yaml", folder)
+    published = yaml.safe_load((PARAMS / "paper_results.yaml").read_text())
+    edit(published)
+    (folder / "paper_results.yaml").write_text(yaml.safe_dump(published))
+    return folder
+
+
+def test_comparison_with_the_paper_reads_params(tmp_path, monkeypatch):
+    row = {"model": "gatortron", "mode": "finetune", "shots": None, "radqa_f1": 0.70}  # a row of table3
+    compared = R.compare_with_paper(pd.DataFrame([row]))
+    assert compared[["paper_name", "metric", "paper", "source"]].values.tolist() == [
+        ["GatorTron", "RadQA F1", 0.759, "Table 3"]]
+    folder = params_copy(tmp_path, lambda p: p["models"]["gatortron"]["scores"]["radqa"].update(f1=0.5))
+    monkeypatch.setenv("CLINICAL_REPRO_PARAMS", str(folder))
+    assert R.compare_with_paper(pd.DataFrame([row])).difference[0] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda p: p["models"]["t5-base"].update(seeds=3), "models.t5-base.seeds"),
+    (lambda p: p.update(tables=[]), "tables"),
+    (lambda p: p["models"]["t5-base"]["scores"]["mednli"].update(f1=0.8), "models.t5-base.scores.mednli.f1"),
+    (lambda p: p["models"]["t5-base"]["scores"]["radqa"].update(f1=66.2), "models.t5-base.scores.radqa.f1"),
+])
+def test_paper_results_are_validated_strictly(tmp_path, edit, key):
+    folder = params_copy(tmp_path, edit)
+    with pytest.raises(DataError) as error:
+        R.paper_results(folder)
+    assert "paper_results.yaml" in str(error.value) and key in str(error.value)
 
 
 # ------------------------------------------------------------------ clinical vs general
@@ -170,7 +205,8 @@ def _grid(tmp_path, synthetic):
     g = tmp_path / "grid"
     gold = np.zeros(20, int)
     nli_unit(g / "results", "u", "m", gold, np.where(np.arange(20) < 15, 0, 1), synthetic=synthetic)
-    (g / "manifest.json").write_text(json.dumps({"grid": "g", "synthetic": synthetic, "compare": [], "experiments": []}))
+    manifest = {"grid": "g", "synthetic": synthetic, "compare": [], "experiments": []}
+    (g / "manifest.json").write_text(json.dumps(manifest))
     return g
 
 
@@ -179,13 +215,16 @@ def test_summary_banner_only_for_synthetic_units(tmp_path, synthetic):
     g = _grid(tmp_path, synthetic)
     md = R.summary_markdown(g, {"Results": R.load_results(g / "results")[["model", "accuracy"]]})
     assert ("not a reproduction of Lehman et al. 2023" in md) is synthetic
-    if synthetic: assert md.index("not a reproduction") < md.index("## Results")  # the banner comes first
+    if synthetic:
+        assert md.index("not a reproduction") < md.index("## Results")  # the banner comes first
 
 
 def test_save_figure_and_summary_files(tmp_path):
     g = _grid(tmp_path, True)
-    fig, ax = plt.subplots(); ax.plot([1, 2])
-    p = R.save_figure(fig, g / "figures", "demo_plot"); plt.close(fig)
+    fig, ax = plt.subplots()
+    ax.plot([1, 2])
+    p = R.save_figure(fig, g / "figures", "demo_plot")
+    plt.close(fig)
     assert p == g / "figures" / "demo_plot.png" and p.stat().st_size > 0
     summary = R.summarize(g, n_boot=50)
     md = summary.read_text()

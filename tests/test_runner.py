@@ -1,27 +1,13 @@
 """The grid runner end to end: papermill notebooks per experiment, skip/resume, failures kept apart, the summary."""
-import json, os, subprocess, sys
-from pathlib import Path
+import json, subprocess
 
 import nbformat
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-TEMPLATE = ROOT / "nbs" / "experiments" / "experiment.ipynb"
+from conftest import BIN, TEMPLATES, cli_env
 
-
-def _env(tmp_path):
-    # Offline (a hub model must fail to load, not download), one thread per kernel (tests run two workers),
-    # the demo model cache shared with the other tests.
-    env = {k: v for k, v in os.environ.items() if k not in ("CLINICAL_T5_BASE", "OMP_NUM_THREADS")}
-    return {**env, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CLINICAL_REPRO_PARAMS": str(ROOT / "params"),
-            "CLINICAL_REPRO_TEMPLATES": str(ROOT / "nbs" / "experiments")}
-
-
-def _cli(args, tmp_path, cwd=None):
-    return subprocess.run([str(BIN / "clinical-repro"), *args], capture_output=True, text=True, env=_env(tmp_path),
-                          cwd=cwd or tmp_path, timeout=900)
-
+TEMPLATE = TEMPLATES / "experiment.ipynb"
+NO_T5_BASE = {"CLINICAL_T5_BASE": None}   # clinical-t5-base's local folder unset: its units fail with the variable
 
 def _texts(nb_path) -> str:
     "Everything a reader of the notebook sees: sources and outputs."
@@ -48,15 +34,15 @@ compare: [[roberta-base, minilm-demo]]
 
 
 @pytest.fixture(scope="module")
-def grid_run(tmp_path_factory, tiny_release):
+def grid_run(tmp_path_factory, tiny_release, run_cli):
     "One run of a small grid in which two of four experiments cannot run; then a rerun."
     tmp = tmp_path_factory.mktemp("grid")
     g = tmp / "t.yaml"
     g.write_text(GRID.format(data=tiny_release[0]))
-    first = _cli(["run", str(g), "--reports", str(tmp / "reports")], tmp)
+    first = run_cli("run", g, "--reports", tmp / "reports", env=NO_T5_BASE)
     gdir = tmp / "reports" / "t"
     stamp = {p: p.stat().st_mtime_ns for p in gdir.rglob("*") if p.is_file()}
-    second = _cli(["run", str(g), "--reports", str(tmp / "reports")], tmp)
+    second = run_cli("run", g, "--reports", tmp / "reports", env=NO_T5_BASE)
     return tmp, gdir, first, second, stamp
 
 
@@ -65,7 +51,8 @@ def test_failing_units_are_listed_and_the_others_complete(grid_run):
     assert first.returncode == 1, first.stderr[-3000:]
     fails = json.loads((gdir / "failures.json").read_text())
     by_model = {}
-    for f in fails: by_model.setdefault(f["model"], []).append(f)
+    for f in fails:
+        by_model.setdefault(f["model"], []).append(f)
     assert set(by_model) == {"roberta-base", "clinical-t5-base"}, fails
     assert len(by_model["roberta-base"]) == 2 and len(by_model["clinical-t5-base"]) == 2
     assert all("roberta-base" in f["error"] for f in by_model["roberta-base"])          # could not load offline
@@ -79,7 +66,8 @@ def test_failing_units_are_listed_and_the_others_complete(grid_run):
         for u in e["units"]:
             r = json.loads((gdir / u["results"]).read_text())
             assert r["status"] == u["status"]
-            if u["status"] == "failed": assert r["error"] and "Traceback" in r["traceback"]
+            if u["status"] == "failed":
+                assert r["error"] and "Traceback" in r["traceback"]
     # the failing experiment's notebook shows the error to its reader
     assert "roberta-base" in _texts(gdir / "mednli" / "roberta-base__finetune.ipynb")
 
@@ -100,7 +88,8 @@ def test_rerun_skips_finished_units_and_retries_failed_ones(grid_run):
     status = {(e["model"], e["mode"]): e["status"] for e in m["experiments"]}
     assert status[("minilm-demo", "finetune")] == "cached" and status[("t5-tiny-demo", "icl")] == "cached"
     for e in m["experiments"]:
-        if e["status"] != "cached": continue
+        if e["status"] != "cached":
+            continue
         for u in e["units"]:
             p = gdir / u["results"]
             assert p.stat().st_mtime_ns == stamp[p]            # not rewritten
@@ -132,17 +121,17 @@ def test_summary_files(grid_run):
     assert nb.metadata["kernelspec"]["name"] == "python3"
 
 
-def test_summarize_again_is_cached_and_force_rewrites(grid_run):
+def test_summarize_again_is_cached_and_force_rewrites(grid_run, run_cli):
     tmp, gdir, _, _, _ = grid_run
-    r = _cli(["summarize", "--reports", str(tmp / "reports")], tmp)
+    r = run_cli("summarize", "--reports", tmp / "reports", env=NO_T5_BASE)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "unchanged inputs" in r.stdout
 
 
-def test_dry_run_shows_cached_and_missing_units_and_writes_nothing(grid_run):
+def test_dry_run_shows_cached_and_missing_units_and_writes_nothing(grid_run, run_cli):
     tmp, gdir, _, _, _ = grid_run
     before = {p: p.stat().st_mtime_ns for p in gdir.rglob("*") if p.is_file()}
-    r = _cli(["run", str(tmp / "t.yaml"), "--reports", str(tmp / "reports"), "--dry-run"], tmp)
+    r = run_cli("run", tmp / "t.yaml", "--reports", tmp / "reports", "--dry-run", env=NO_T5_BASE)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "minilm-demo__finetune.ipynb: 2 units, 2 cached, 0 to run" in r.stdout
     assert "roberta-base__finetune.ipynb: 2 units, 0 cached, 2 to run" in r.stdout
@@ -150,14 +139,14 @@ def test_dry_run_shows_cached_and_missing_units_and_writes_nothing(grid_run):
     assert {p: p.stat().st_mtime_ns for p in gdir.rglob("*") if p.is_file()} == before
 
 
-def test_resume_runs_only_the_missing_unit(grid_run):
+def test_resume_runs_only_the_missing_unit(grid_run, run_cli):
     tmp, gdir, _, _, _ = grid_run
     m = json.loads((gdir / "manifest.json").read_text())
     e = next(e for e in m["experiments"] if e["model"] == "minilm-demo")
     keep, lost = (gdir / e["units"][0]["results"]), (gdir / e["units"][1]["results"])
     t_keep = keep.stat().st_mtime_ns
     lost.unlink()                                                 # as if the run had been killed before this unit
-    r = _cli(["run", str(tmp / "t.yaml"), "--reports", str(tmp / "reports"), "--no-summary"], tmp)
+    r = run_cli("run", tmp / "t.yaml", "--reports", tmp / "reports", "--no-summary", env=NO_T5_BASE)
     assert r.returncode == 1                                      # the two broken models still fail
     assert json.loads(lost.read_text())["status"] == "ok" and keep.stat().st_mtime_ns == t_keep
 
@@ -168,7 +157,7 @@ def test_template_runs_directly_with_papermill(tmp_path, tiny_release):
                         "-p", "task", "mednli", "-p", "model", "minilm-demo", "-p", "mode", "finetune",
                         "-p", "data_dir", str(tiny_release[0]), "-p", "reports_dir", str(tmp_path / "reports"),
                         "-y", "train_overrides: {max_steps: 2, eval_steps: 2, effective_batch: 8}"],
-                       capture_output=True, text=True, env=_env(tmp_path), timeout=900)
+                       capture_output=True, text=True, env=cli_env(NO_T5_BASE), timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     res = [json.loads(p.read_text()) for p in (tmp_path / "reports" / "manual" / "results").glob("*.json")]
     assert [(x["status"], x["task"], x["model"], x["seed"]) for x in res] == [("ok", "mednli", "minilm-demo", 0)]
@@ -176,14 +165,24 @@ def test_template_runs_directly_with_papermill(tmp_path, tiny_release):
     assert "Examples hidden" in _texts(out)
 
 
-def test_unknown_key_in_a_grid_is_refused_before_anything_runs(tmp_path, tiny_release):
+def test_unknown_key_in_a_grid_is_refused_before_anything_runs(tmp_path, tiny_release, run_cli):
     g = tmp_path / "bad.yaml"
     g.write_text(GRID.format(data=tiny_release[0]).replace("seeds: [0, 1]", "seeds: [0, 1]\n  seed: 3"))
-    r = _cli(["run", str(g), "--reports", str(tmp_path / "reports")], tmp_path)
+    r = run_cli("run", g, "--reports", tmp_path / "reports")
     assert r.returncode == 2 and "finetune.seed" in r.stderr and str(g) in r.stderr
     assert not (tmp_path / "reports").exists()
 
 
-def test_a_grid_on_real_data_needs_a_data_dir(tmp_path):
-    r = _cli(["run", "paper", "--reports", str(tmp_path / "reports"), "--dry-run"], tmp_path)
+def test_a_grid_on_real_data_needs_a_data_dir(tmp_path, run_cli):
+    r = run_cli("run", "paper", "--reports", tmp_path / "reports", "--dry-run")
     assert r.returncode == 2 and "--data-dir" in r.stderr
+
+
+def test_notebooks_get_the_run_ids_the_runner_planned(grid_run):
+    "Each unit's identity is computed once, by the runner, and handed to its notebook with the unit."
+    _, gdir, _, _, _ = grid_run
+    m = json.loads((gdir / "manifest.json").read_text())
+    for e in m["experiments"]:
+        handed = nbformat.read(str(gdir / e["notebook"]), as_version=4).metadata["papermill"]["parameters"]["units"]
+        assert [u["run_id"] for u in handed] == [u["run_id"] for u in e["units"]]
+        assert [{k: v for k, v in u.items() if k != "run_id"} for u in handed] == [u["unit"] for u in e["units"]]

@@ -1,26 +1,28 @@
 """The synthetic releases: exact PhysioNet layouts and fields, counts as returned, determinism per seed,
 RadQA offsets and unanswerable share, CLIP label names, safety of --out, and learnable-but-not-trivial data."""
-import ast, csv, hashlib, json, re, uuid
+import ast, csv, json, re, uuid
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from clinical_repro.core import CLIP_LABELS, MEDNLI_LABELS, SPLITS, UserError
-from clinical_repro.synthetic import (CLIP_ID_FILES, CLIP_RELEASE, DEMO_MARKER, DEMO_SIZES, MEDNLI_FILES, MEDNLI_RELEASE,
-                                      RADQA_FILES, RADQA_RELEASE, bag_of_words_baselines, tokenize, write_demo_data)
+import yaml
+
+from clinical_repro.config import params_dir
+from clinical_repro.core import SPLITS, DataError, UserError
+from clinical_repro.synthetic import (CLIP_ID_FILES, CLIP_RELEASE, DEMO_MARKER, DEMO_SIZES, MEDNLI_FILES,
+                                      MEDNLI_RELEASE, RADQA_FILES, RADQA_RELEASE, VOCABULARY_FILE,
+                                      bag_of_words_baselines, read_vocabulary, tokenize, write_demo_data)
+from clinical_repro.tasks import CLIP_LABELS, MEDNLI_LABELS
+from conftest import tree_state
 
 SNLI_FIELDS = {"pairID", "gold_label", "sentence1", "sentence2", "sentence1_parse", "sentence2_parse",
                "sentence1_binary_parse", "sentence2_binary_parse"}
 
 
-def _files(root) -> dict:
-    root = Path(root)
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def _mednli(root, split):
-    return [json.loads(l) for l in (Path(root)/MEDNLI_RELEASE/MEDNLI_FILES[split]).read_text(encoding="utf-8").splitlines()]
+    lines = (Path(root)/MEDNLI_RELEASE/MEDNLI_FILES[split]).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
 
 
 def _radqa(root, split):
@@ -46,7 +48,7 @@ def test_exactly_the_released_files(tiny_release):
     expected = {DEMO_MARKER} | {f"{MEDNLI_RELEASE}/{f}" for f in MEDNLI_FILES.values()} \
         | {f"{RADQA_RELEASE}/{f}" for f in RADQA_FILES.values()} \
         | {f"{CLIP_RELEASE}/{f}" for f in (*CLIP_ID_FILES.values(), "sentence_level.csv")}
-    assert set(_files(root)) == expected
+    assert set(tree_state(root)) == expected
     assert MEDNLI_RELEASE.endswith("mednli-a-natural-language-inference-dataset-for-the-clinical-domain-1.0.0")
     assert set(MEDNLI_FILES.values()) == {"mli_train_v1.jsonl", "mli_dev_v1.jsonl", "mli_test_v1.jsonl"}
     assert set(CLIP_ID_FILES.values()) == {"train_ids.csv", "val_ids.csv", "test_ids.csv"}
@@ -88,12 +90,14 @@ def test_radqa_is_squad2_with_exact_offsets(tiny_release):
                 assert all(h in par["context"] for h in ("EXAMINATION:", "INDICATION:", "FINDINGS:", "IMPRESSION:"))
                 for qa in par["qas"]:
                     assert set(qa) == {"id", "question", "is_impossible", "answers"}
-                    if qa["is_impossible"]: assert qa["answers"] == []
+                    if qa["is_impossible"]:
+                        assert qa["answers"] == []
                     else:
                         [a] = qa["answers"]
                         assert set(a) == {"text", "answer_start"} and a["text"]
                         assert par["context"][a["answer_start"]:a["answer_start"] + len(a["text"])] == a["text"]
-        all_qas += _qas(obj); ids += [qa["id"] for _, qa in _qas(obj)]
+        all_qas += _qas(obj)
+        ids += [qa["id"] for _, qa in _qas(obj)]
     assert len(set(ids)) == len(ids)  # unique across splits
     share = sum(qa["is_impossible"] for _, qa in all_qas) / len(all_qas)
     assert abs(share - 0.28) <= 0.03
@@ -110,7 +114,8 @@ def test_radqa_unanswerable_questions_are_about_unmentioned_things(tiny_release)
     for ctx, qa in _qas(_radqa(root, "train")):
         for phrase, word in topics.items():
             if qa["is_impossible"] and phrase in qa["question"]:
-                assert word not in ctx.lower(); checked += 1
+                assert word not in ctx.lower()
+                checked += 1
     assert checked
 
 
@@ -123,7 +128,8 @@ def test_clip_csv_and_split_files(tiny_release):
         toks, ls = ast.literal_eval(sent), ast.literal_eval(labs)
         assert isinstance(toks, list) and toks and all(isinstance(t, str) and t and " " not in t for t in toks)
         assert isinstance(ls, list) and all(l.startswith("I-") and l[2:] in CLIP_LABELS for l in ls)
-        by_doc.setdefault(int(doc), []).append(int(idx)); labels.append(ls)
+        by_doc.setdefault(int(doc), []).append(int(idx))
+        labels.append(ls)
     assert all(ix == list(range(len(ix))) for ix in by_doc.values())
     lo, hi = DEMO_SIZES["tiny"].clip_sentences
     assert all(lo <= len(ix) <= hi for ix in by_doc.values())
@@ -142,44 +148,52 @@ def test_returned_counts_are_what_is_on_disk(tiny_release):
     _, rows = _clip_rows(root)
     for i, split in enumerate(SPLITS):
         recs = _mednli(root, split)
-        assert written["mednli"][split] == {"items": len(recs), "labels": {l: sum(r["gold_label"] == l for r in recs) for l in MEDNLI_LABELS}}
+        label_counts = {label: sum(r["gold_label"] == label for r in recs) for label in MEDNLI_LABELS}
+        assert written["mednli"][split] == {"items": len(recs), "labels": label_counts}
         assert len(recs) == spec.mednli_pairs[i]
-        qas = _qas(_radqa(root, split)); un = sum(qa["is_impossible"] for _, qa in qas)
+        qas = _qas(_radqa(root, split))
+        un = sum(qa["is_impossible"] for _, qa in qas)
         assert written["radqa"][split] == {"items": len(qas), "answerable": len(qas) - un, "unanswerable": un}
         assert len(qas) == spec.radqa_questions[i]
         docs = set(_clip_ids(root, split))
         mine = [ast.literal_eval(labs) for doc, _, _, labs in rows if doc in docs]
         counts = Counter(l[2:] for ls in mine for l in ls)
-        assert written["clip"][split] == {"notes": len(docs), "items": len(mine), "labels": {l: counts[l] for l in CLIP_LABELS}}
+        assert written["clip"][split] == {"notes": len(docs), "items": len(mine),
+                                          "labels": {l: counts[l] for l in CLIP_LABELS}}
         assert len(docs) == spec.clip_notes[i]
 
 
 def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
     a, b, c = (write_demo_data(tmp_path/n, seed=s) for n, s in (("a", 5), ("b", 5), ("c", 6)))
     assert a == b
-    fa, fb, fc = _files(tmp_path/"a"), _files(tmp_path/"b"), _files(tmp_path/"c")
+    fa, fb, fc = tree_state(tmp_path/"a"), tree_state(tmp_path/"b"), tree_state(tmp_path/"c")
     assert fa == fb
     assert all(fa[k] != fc[k] for k in fa if k != DEMO_MARKER)
 
 
 def test_sizes_and_errors(tmp_path):
     assert set(DEMO_SIZES) == {"tiny", "demo"}
-    with pytest.raises(UserError, match="expected one of tiny, demo"): write_demo_data(tmp_path/"x", size="huge")
-    f = tmp_path/"file"; f.write_text("x")
-    with pytest.raises(UserError, match="expected a folder"): write_demo_data(f)
+    with pytest.raises(UserError, match="expected one of tiny, demo"):
+        write_demo_data(tmp_path/"x", size="huge")
+    f = tmp_path/"file"
+    f.write_text("x")
+    with pytest.raises(UserError, match="expected a folder"):
+        write_demo_data(f)
     assert f.read_text() == "x" and not (tmp_path/"x").exists()
 
 
 def test_out_may_hold_other_things_but_never_a_foreign_release(tmp_path):
     (tmp_path/"notes.txt").write_text("mine")
     write_demo_data(tmp_path, seed=1)
-    first = _files(tmp_path)
+    first = tree_state(tmp_path)
     write_demo_data(tmp_path, seed=2)                       # a previous demo dir may be overwritten
-    assert _files(tmp_path) != first and (tmp_path/"notes.txt").read_text() == "mine"
+    assert tree_state(tmp_path) != first and (tmp_path/"notes.txt").read_text() == "mine"
     other = tmp_path/"other"
     real = other/MEDNLI_RELEASE/MEDNLI_FILES["train"]
-    real.parent.mkdir(parents=True); real.write_text("real data\n")
-    with pytest.raises(UserError, match="not written by demo-data"): write_demo_data(other)
+    real.parent.mkdir(parents=True)
+    real.write_text("real data\n")
+    with pytest.raises(UserError, match="not written by demo-data"):
+        write_demo_data(other)
     assert real.read_text() == "real data\n" and not (other/DEMO_MARKER).exists()
     assert not list(other.rglob(".*.tmp"))                 # nothing half-written left behind
 
@@ -189,3 +203,45 @@ def test_demo_data_is_learnable_but_not_trivial(tmp_path):
     b = bag_of_words_baselines(tmp_path)
     assert b["mednli_chance"] + 0.12 <= b["mednli_accuracy"] <= 0.97
     assert b["clip_chance_f1"] + 0.2 <= b["clip_any_label_f1"] <= 0.97
+
+
+def test_the_vocabulary_is_a_params_file_of_words_not_study_parameters():
+    path = params_dir()/VOCABULARY_FILE
+    assert path.name == "synthetic.yaml"
+    head = path.read_text(encoding="utf-8").splitlines()[:8]
+    assert head[0].startswith("# Vocabulary of the synthetic demo data generator")
+    assert any("NOT study parameters" in line for line in head)
+    words = read_vocabulary()
+    assert words == read_vocabulary(path)
+    # YAML kept what the tables were: ints stay ints, decimals stay floats, "None" stays text
+    values = {lab.phrase: lab.values for lab in words.mednli.labs}
+    assert values["a sodium of {v}"] == (112, 128) and all(type(v) is int for v in values["a sodium of {v}"])
+    assert values["a potassium of {v}"] == (6.0, 7.4) and all(type(v) is float for v in values["a potassium of {v}"])
+    assert words.clip.slots["invasive"][:2] == ("None", "None") and words.clip.early["hpi"] is None
+    assert set(words.clip.labelled) == set(CLIP_LABELS)
+
+
+def _broken_vocabulary(tmp_path, edit) -> Path:
+    data = yaml.safe_load((params_dir()/VOCABULARY_FILE).read_text(encoding="utf-8"))
+    edit(data)
+    path = tmp_path/"synthetic.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda d: d["mednli"].pop("labs"), "mednli.labs: Field required"),
+    (lambda d: d.pop("radqa"), "radqa: Field required"),
+    (lambda d: d["clip"]["slots"].pop("allergy"), "clip.slots.allergy"),
+    (lambda d: d["clip"]["labelled"].pop("Lab-related followup"), "clip.labelled.Lab-related followup"),
+    (lambda d: d["clip"]["early"].update(hpi=["x"]), "clip.early.hpi"),
+    (lambda d: d["mednli"].update(subjects=[]), "mednli.subjects"),
+    (lambda d: d["clip"]["slots"].update(invasive=[None, True]), "clip.slots.invasive.0"),   # unquoted None / yes
+    (lambda d: d["mednli"]["labs"][0].update(typo=1), "mednli.labs.0.typo: unknown key"),
+])
+def test_a_missing_or_malformed_table_names_the_file_and_the_key(tmp_path, edit, key):
+    path = _broken_vocabulary(tmp_path, edit)
+    with pytest.raises(DataError) as e:
+        read_vocabulary(path)
+    assert f"{path}: {key}" in str(e.value)
+
