@@ -146,7 +146,7 @@ def model_factory(name:str, seed:int, meter:Meter):
     return make
 
 def our_train_spec(model:str, max_steps:int) -> tuple[TrainSpec, int]:
-    "The project's TrainSpec for MedNLI with this model (layered as experiment.resolve_unit does), and max_length."
+    "The project's TrainSpec for MedNLI with this model (layered as identity.resolve_unit does), and max_length."
     defaults = train_layers("encoder")
     task_settings, task_file = task_layer("mednli", "encoder")
     layers = [defaults, (task_settings.pop("_train"), task_file)]

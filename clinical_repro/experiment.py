@@ -21,48 +21,16 @@ from .config import (TrainSpec, TaskSpec, train_layers, task_layer, merge_train,
 from .tasks import TASKS, MEDNLI_LABELS, CLIP_LABELS, check_task, to_unit_scale
 from .data import TaskData, blind, load_task, ensure_subsets, select_fraction
 from . import metrics, models, inputs, qa
+from .identity import resolve_unit, unit_identity
 from .results import (finished, provenance, results_path, write_items, write_ok, write_predictions,
                                     check_planned_run_id)
 from .train import (BatchPlan, plan_batches, probe_per_device_batch, fit, predict_safely,
                                   remove_checkpoints, cost_summary, make_collator)
 
 # %% auto #0
-__all__ = ['ADAPTERS', 'NOT_MODEL_INPUTS', 'resolve_unit', 'Adapter', 'MedNLIEncoder', 'CLIPEncoder', 'RadQAEncoder', 'Text2Text',
-           'task_items', 'UnitInputs', 'unit_inputs', 'choose_batch_plan', 'score_test', 'UnitScores',
-           'predict_and_score', 'unit_identity', 'finetune_record', 'run_unit']
-
-# %% ../nbs/80_experiment.ipynb #58a7a0d1
-def _check_unit_arguments(task:str, mode:str, fraction:float) -> None:
-    "The arguments of a fine-tuning unit that are wrong before anything is read."
-    check_task(task)
-    if mode != "finetune":
-        raise UserError(f"mode {mode!r}: this function resolves fine-tuning units")
-    if not 0 < fraction <= 1:
-        raise UserError(f"fraction must be in (0, 1], got {fraction}")
-
-def resolve_unit(task:str, model:str, *, seed:int=0, fraction:float=1.0, mode:str="finetune",
-                 train_overrides:dict|None=None, task_overrides:dict|None=None, overrides_source:str="command line",
-                 registry:dict|None=None) -> dict:
-    "The fully resolved configuration of one fine-tuning unit."
-    _check_unit_arguments(task, mode, fraction)
-    resolved = models.resolve_model(model, registry)
-    if "finetune" not in resolved.spec.modes:
-        raise UserError(f"model {model!r} supports {', '.join(resolved.spec.modes)} only, not fine-tuning")
-    family = resolved.spec.family
-    models_file = str(params_dir()/"models.yaml")
-    defaults, defaults_file = train_layers(family)
-    task_settings, task_file = task_layer(task, family)
-    task_train = task_settings.pop("_train")
-    model_train = dict(resolved.spec.train or {})
-    check_keys(model_train, set(TrainSpec.model_fields), models_file, f"{model}.train")
-    train = merge_train([(defaults, defaults_file), (task_train, task_file), (model_train, models_file),
-                         (dict(train_overrides or {}), overrides_source)])
-    task_settings.update(task_overrides or {})
-    check_keys(task_settings, set(TaskSpec.model_fields), overrides_source, "task")
-    task_spec = TaskSpec.model_validate(task_settings)
-    return {"task": task, "model": model, "mode": mode, "seed": int(seed), "fraction": float(fraction),
-            "family": family, "model_source": resolved.source, "train": train.model_dump(),
-            "task_params": task_spec.model_dump()}
+__all__ = ['ADAPTERS', 'NOT_MODEL_INPUTS', 'Adapter', 'MedNLIEncoder', 'CLIPEncoder', 'RadQAEncoder', 'Text2Text', 'task_items',
+           'UnitInputs', 'unit_inputs', 'choose_batch_plan', 'score_test', 'UnitScores', 'predict_and_score',
+           'finetune_record', 'run_unit']
 
 # %% ../nbs/80_experiment.ipynb #96872f1c
 def _with_order(feats:dict) -> Dataset:
@@ -356,15 +324,6 @@ def predict_and_score(fit_result, adapter:Adapter, data:UnitInputs, task_data:Ta
     return UnitScores(dev_metrics, dev_predictions, tuned, test_metrics, test_predictions, outcomes, eval_seconds)
 
 # %% ../nbs/80_experiment.ipynb #97a470c1
-def unit_identity(task:str, model:str, data_dir, out, *, seed:int=0, fraction:float=1.0, train_overrides:dict|None=None,
-                  task_overrides:dict|None=None, overrides_source:str="command line", data:TaskData|None=None):
-    "What names a fine-tuning unit, without loading a model: (config, task data, subsets, run_id)."
-    config = resolve_unit(task, model, seed=seed, fraction=fraction, train_overrides=train_overrides,
-                          task_overrides=task_overrides, overrides_source=overrides_source)
-    task_data = data if data is not None else load_task(data_dir, task)
-    subsets = ensure_subsets(task_data, Path(out)/"subsets", seed=seed)
-    return config, task_data, subsets, make_run_id(config, f"{task_data.data_hash}:{subsets['content_hash']}")
-
 def finetune_record(run_id:str, config:dict, unit:dict, task_data:TaskData, subsets:dict, prepared:UnitInputs,
                     fit_result, scores:UnitScores, files:dict, device:dict, precision:str, resolved,
                     wall_seconds:float) -> dict:

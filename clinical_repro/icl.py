@@ -20,15 +20,15 @@ from .tasks import (MEDNLI_LABELS, CLIP_LABELS, answer_room, check_task, dev_met
                                   to_unit_scale)
 from .data import CLIPSentence, CLIPNote, TaskData, load_task, blind
 from . import metrics, models, prompts, inputs
+from .identity import clip_window_words, icl_identity
 from .results import (FINISHED, check_planned_run_id, finished, provenance, results_path, write_items,
                                     write_not_applicable, write_ok, write_predictions)
 
 # %% auto #0
-__all__ = ['sequence_logprobs', 'option_logprobs', 'rank_classify', 'cloze_logprobs', 'load_mlm', 'generate', 'check_local',
-           'clip_window_words', 'NoteWindows', 'TemplatePredictor', 'verbatim_span_rate', 'score_predictions',
-           'dev_value', 'icl_identity', 'not_applicable_reason', 'check_icl_model', 'load_icl_model', 'ICLQueries',
-           'icl_queries', 'test_gold', 'icl_variants', 'choose_templates', 'icl_outcomes', 'ICLScores', 'icl_record',
-           'run_icl_unit']
+__all__ = ['sequence_logprobs', 'option_logprobs', 'rank_classify', 'cloze_logprobs', 'load_mlm', 'generate', 'NoteWindows',
+           'TemplatePredictor', 'verbatim_span_rate', 'score_predictions', 'dev_value', 'not_applicable_reason',
+           'check_icl_model', 'load_icl_model', 'ICLQueries', 'icl_queries', 'test_gold', 'icl_variants',
+           'choose_templates', 'icl_outcomes', 'ICLScores', 'icl_record', 'run_icl_unit']
 
 # %% ../nbs/75_icl.ipynb #71a676ad
 def _check_seq2seq(model):
@@ -211,20 +211,6 @@ def generate(
             texts[i] = text.strip()
     return texts, tokens_in, tokens_out
 
-# %% ../nbs/75_icl.ipynb #bb1b6528
-_REMOTE = re.compile(r"://|^(openai|anthropic|azure|cohere|gemini|vertex)(:|$)|^(openai|anthropic):|\bgpt-?(3|4)"
-                     r"|davinci|^api\.|\bapi\.[a-z]", re.I)
-
-def check_local(name:str, spec) -> None:
-    "Raise when a model entry points at a remote API: PhysioNet data must not be sent to third-party services."
-    has_weights = spec.hub_id is not None or spec.local_path is not None or spec.builtin is not None
-    for value in (name, spec.hub_id, spec.local_path, None if has_weights else spec.paper_name):
-        if value and _REMOTE.search(value):
-            raise UserError(f"model {name!r} ({value}) looks like a remote API. ICL here runs local models only: the "
-                            "PhysioNet credentialed data-use agreement forbids sending MIMIC-derived data (MedNLI, "
-                            "RadQA, CLIP) to third-party services. Download the weights and use a hub_id or "
-                            "local_path instead.")
-
 # %% ../nbs/75_icl.ipynb #fb71d5db
 def _budget(model, tokenizer=None) -> int:
     "The model's maximum input length; T5's relative positions have none, so its pretraining 512."
@@ -234,10 +220,6 @@ def _budget(model, tokenizer=None) -> int:
     if tokenizer_max and tokenizer_max < 1_000_000:
         return min(positions, int(tokenizer_max))  # RoBERTa: 514 positions, 512 usable
     return positions
-
-def clip_window_words() -> int:
-    "Words of the note window around a CLIP sentence in a prompt (the registry's clip `icl.window_words`)."
-    return get_task("clip").icl.window_words
 
 class NoteWindows:
     "The note window around each CLIP sentence, from the sentences' notes; None for any other record."
@@ -386,37 +368,6 @@ def dev_value(task:str, scores:dict) -> float:
     "The template-choice value: the task's dev metric on the 0-1 scale (MedNLI: of rank classification)."
     metric = dev_metric(task)
     return to_unit_scale(task, metric, scores.get("rank", scores)[metric])
-
-# %% ../nbs/75_icl.ipynb #60c2a631
-def _check_icl_arguments(task:str, shots:int, draw:int, limit:int|None, normalisation:str) -> None:
-    check_task(task)
-    if shots < 0 or draw < 0:
-        raise UserError(f"shots and draw must be 0 or more, got {shots} and {draw}")
-    if limit is not None and limit < 1:
-        raise UserError(f"limit must be a positive number of items, got {limit}")
-    if normalisation not in ("sum", "mean"):
-        raise UserError(f"normalisation must be 'sum' or 'mean', got {normalisation!r}")
-
-def icl_identity(task:str, model:str, data_dir, *, shots:int, draw:int=0, seed:int=0, limit:int|None=None,
-                 template:str|None=None, normalisation:str="sum", dev_n:int|None=None, registry:dict|None=None,
-                 data=None):
-    "What names an ICL unit, without loading a model: (config, task data, run_id, resolved model)."
-    _check_icl_arguments(task, shots, draw, limit, normalisation)
-    registry = models.load_registry() if registry is None else registry
-    if model in registry:
-        check_local(model, registry[model])
-    resolved = models.resolve_model(model, registry)
-    prompt_set = prompts.load_prompts(task)
-    if template is not None:
-        prompt_set.template(template)  # unknown ids fail before any work
-    config = {"task": task, "model": model, "mode": "icl", "family": resolved.spec.family,
-              "model_source": resolved.source, "shots": int(shots), "draw": int(draw), "seed": int(seed),
-              "limit": limit, "template": template, "dev_sample": icl_dev_n() if dev_n is None else dev_n,
-              "normalisation": normalisation, "prompt_version": prompts.prompt_version(task),
-              "window_words": clip_window_words(), "answer_room": answer_room(),
-              "protocol": "cloze" if resolved.spec.family == "encoder" else "generative"}
-    task_data = data if data is not None else load_task(data_dir, task)
-    return config, task_data, make_run_id(config, task_data.data_hash), resolved
 
 # %% ../nbs/75_icl.ipynb #fe03f551
 def not_applicable_reason(task:str, model:str, spec) -> str|None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import collections, math, re, string
 from typing import Callable, Mapping, Sequence
 import numpy as np
-from scipy import stats
-from sklearn.metrics import roc_auc_score
 from .core import UserError
 from .tasks import CLIP_LABELS, MEDNLI_LABELS, check_task
 
@@ -292,6 +290,7 @@ def multilabel_auc(
     labels:Sequence[str]=CLIP_LABELS, # label names, in column order
 ) -> dict:
     "Per-label ROC-AUC and their mean over labels where both classes occur."
+    from sklearn.metrics import roc_auc_score  # imported here: it takes seconds, and most callers never need it
     gold, prob_matrix = _as_binary(y_true, len(labels), "y_true"), _as_probs(probs, len(labels), "probs")
     if gold.shape != prob_matrix.shape:
         raise UserError(f"y_true and probs must have the same shape, got {gold.shape} and {prob_matrix.shape}")
@@ -361,6 +360,7 @@ def _check_boot(n_items:int, n_boot:int, alpha:float):
     if not 0 < alpha < 1: raise UserError(f"alpha must be between 0 and 1, got {alpha!r}")
 
 def _bootstrap(stat:Callable, n_items:int, n_boot:int, alpha:float, seed:int):
+    from scipy import stats  # imported here, like scikit-learn: the command line scores and plans without them
     return stats.bootstrap((np.arange(n_items),), lambda idx: float(stat(idx)), vectorized=False, n_resamples=n_boot,
                            method="percentile", confidence_level=1 - alpha, rng=np.random.default_rng(seed))
 
@@ -413,6 +413,7 @@ def mcnemar(
     correct_b, # per item: 1 if system b is right, same items in the same order
 ) -> dict:
     "McNemar's test of two systems on the same items: dict(b, c, statistic, p_value, method)."
+    from scipy import stats
     a_right, b_right = _as_bool_vector(correct_a, "correct_a"), _as_bool_vector(correct_b, "correct_b")
     if a_right.shape != b_right.shape:
         raise UserError(f"correct_a and correct_b must cover the same items, got {a_right.size} and {b_right.size}")

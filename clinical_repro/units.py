@@ -15,6 +15,7 @@ from .core import UserError, get_logger
 from .data import load_task
 from .tasks import icl_dev_n
 from . import models, results, synthetic
+from .identity import icl_identity, unit_identity
 
 # %% auto #0
 __all__ = ['PREDICTION_KEY', 'demo_data_dir', 'demo_data_complete', 'ensure_demo_data', 'unit_label', 'unit_kwargs', 'identify',
@@ -63,11 +64,9 @@ def identify(task:str, model:str, mode:str,
     "The run_id of a unit (no model is loaded)."
     kwargs = unit_kwargs(unit)
     if mode == "finetune":
-        from clinical_repro.experiment import unit_identity
         identity = unit_identity(task, model, data_dir, results_dir, train_overrides=train_overrides,
                                  task_overrides=task_overrides, overrides_source=overrides_source, data=data, **kwargs)
         return identity[3]
-    from clinical_repro.icl import icl_identity
     return icl_identity(task, model, data_dir, data=data, **kwargs)[2]
 
 def load_task_or_none(data_dir, task:str):
