@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from clinical_repro import experiment
+from clinical_repro import experiment, identity
 from clinical_repro.core import UserError
 from clinical_repro.data import CLIPNote, CLIPSentence, NLIRecord
 from clinical_repro.tasks import CLIP_LABELS, MEDNLI_LABELS
@@ -218,7 +218,7 @@ def test_test_labels_are_read_only_by_the_final_scoring(tiny_release, tmp_path, 
             _Phase.scoring = False
 
     _Phase.early_reads = _Phase.reads = 0
-    monkeypatch.setattr(experiment, "load_task", _spied_release(experiment.load_task))
+    monkeypatch.setattr(identity, "load_task", _spied_release(identity.load_task))   # where a unit reads its data
     monkeypatch.setattr(experiment, "score_test", score)
     res = unit(tiny_release[0], tmp_path, task=task, model="minilm-demo", train={"max_steps": 2},
                task_params=CLIP_FAST if task == "clip" else None)
