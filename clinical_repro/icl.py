@@ -28,7 +28,7 @@ from .results import (FINISHED, check_planned_run_id, finished, provenance, resu
 __all__ = ['sequence_logprobs', 'option_logprobs', 'rank_classify', 'cloze_logprobs', 'load_mlm', 'generate', 'NoteWindows',
            'TemplatePredictor', 'verbatim_span_rate', 'score_predictions', 'dev_value', 'not_applicable_reason',
            'check_icl_model', 'load_icl_model', 'ICLQueries', 'icl_queries', 'test_gold', 'icl_variants',
-           'choose_templates', 'icl_outcomes', 'ICLScores', 'icl_record', 'run_icl_unit']
+           'choose_templates', 'variant_predictions', 'icl_outcomes', 'ICLScores', 'icl_record', 'run_icl_unit']
 
 # %% ../nbs/75_icl.ipynb #71a676ad
 def _check_seq2seq(model):
@@ -470,16 +470,23 @@ def choose_templates(task:str, variants:list, prompt_set, template:str|None, pre
     return choice, dev_metrics
 
 # %% ../nbs/75_icl.ipynb #b2c29164
+def variant_predictions(task:str, predictions:dict, variant:str) -> dict:
+    """One scored variant's predictions (item id -> prediction) out of a unit's predictions for a split: MedNLI and
+    RadQA keep theirs under the task (`rank`, `generate`; `answer`), CLIP under each variant (`labels`)."""
+    if task == "clip":
+        return predictions[variant]["labels"]
+    return predictions[task][variant]
+
 def icl_outcomes(task:str, variants:list, choice:dict, test_predictions:dict, gold:list) -> tuple[dict, str]:
     "Per-item outcomes of each scored variant (`metrics.item_outcomes`), and the primary variant."
     if task == "mednli":
-        final = {k: test_predictions[task][k] for k in ("rank", "generate") if k in test_predictions[task]}
-        primary = "rank"
+        scored, primary = [k for k in ("rank", "generate") if k in test_predictions[task]], "rank"
     elif task == "radqa":
-        final, primary = {"answer": test_predictions[task]["answer"]}, "answer"
+        scored, primary = ["answer"], "answer"
     else:
-        final = {v: test_predictions[v]["labels"] for v in variants}
+        scored = variants
         primary = max(variants, key=lambda v: choice[v]["scores"][choice[v]["template"]])
+    final = {variant: variant_predictions(task, test_predictions, variant) for variant in scored}
     return {k: metrics.item_outcomes(task, gold, p) for k, p in final.items()}, primary
 
 @dataclass

@@ -34,6 +34,7 @@ def resolve_unit(task:str, model:str, *, seed:int=0, fraction:float=1.0, mode:st
     "The fully resolved configuration of one fine-tuning unit."
     _check_unit_arguments(task, mode, fraction)
     resolved = models.resolve_model(model, registry)
+    models.check_available(resolved)
     if "finetune" not in resolved.spec.modes:
         raise UserError(f"model {model!r} supports {', '.join(resolved.spec.modes)} only, not fine-tuning")
     family = resolved.spec.family
@@ -100,6 +101,7 @@ def icl_identity(task:str, model:str, data_dir, *, shots:int, draw:int=0, seed:i
     if model in registry:
         check_local(model, registry[model])
     resolved = models.resolve_model(model, registry)
+    models.check_available(resolved)
     prompt_set = prompts.load_prompts(task)
     if template is not None:
         prompt_set.template(template)  # unknown ids fail before any work

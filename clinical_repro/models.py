@@ -23,7 +23,7 @@ from .config import params_dir
 # %% auto #0
 __all__ = ['FAMILIES', 'DOMAINS', 'MODES', 'BUILTINS', 'T5_TINY_DEMO', 'HEADS', 'ModelSpec', 'default_registry_path',
            'load_registry', 'ResolvedModel', 'default_cache_dir', 'minilm_demo_dir', 'resolve_model',
-           'build_t5_tiny_demo', 'load_tokenizer', 'load_model', 'choose_precision', 'device_info']
+           'build_t5_tiny_demo', 'check_available', 'load_tokenizer', 'load_model', 'choose_precision', 'device_info']
 
 # %% ../nbs/50_models.ipynb #85d91869
 FAMILIES = ("encoder", "seq2seq", "decoder")
@@ -226,12 +226,12 @@ def build_t5_tiny_demo(
     seed:int=0,                    # torch seed for the random initialisation
 ) -> Path:
     "Folder of the tiny demo T5 (safetensors + tokenizer), built once per recipe, atomically."
-    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
-    import torch
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     recipe = _t5_tiny_recipe(seed)
     out = root/f"t5-tiny-demo-{sha256_json(recipe)[:12]}"
-    if (out/_DEMO_RECORD).is_file(): return out
+    if (out/_DEMO_RECORD).is_file(): return out   # built: no torch or transformers import (planning stays fast)
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+    import torch
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{out.name}.", suffix=".tmp"))
     try:
@@ -278,6 +278,15 @@ def _load_error(resolved:ResolvedModel, what:str, e:Exception) -> UserError:
             "(download it once on a connected machine, or copy the cache)." if offline_hub else "")
     reason = str(e).splitlines()[0].rstrip(".")
     return UserError(f"model {resolved.name!r}: could not load the {what} from {where}: {reason}.{hint}")
+
+def check_available(resolved:ResolvedModel) -> None:
+    """Fail fast, before transformers is imported, when a hub model cannot load: offline (local files only) and its
+    config.json is not in the Hugging Face cache. A grid then reports the unit when it plans it."""
+    if Path(resolved.source).is_absolute() or not _load_kwargs(resolved)["local_files_only"]:
+        return
+    from huggingface_hub import try_to_load_from_cache
+    if not isinstance(try_to_load_from_cache(resolved.source, "config.json"), str):
+        raise _load_error(resolved, "configuration", FileNotFoundError("config.json is not in the Hugging Face cache"))
 
 def load_tokenizer(resolved:ResolvedModel):
     "The model's tokenizer; decoders without a pad token pad with their end-of-sequence token."

@@ -18,7 +18,7 @@ from . import models, results, synthetic
 from .identity import icl_identity, unit_identity
 
 # %% auto #0
-__all__ = ['PREDICTION_KEY', 'demo_data_dir', 'demo_data_complete', 'ensure_demo_data', 'unit_label', 'unit_kwargs', 'identify',
+__all__ = ['demo_data_dir', 'demo_data_complete', 'ensure_demo_data', 'unit_label', 'unit_kwargs', 'identify',
            'load_task_or_none', 'default_units', 'planned_state', 'run_one_unit', 'run_experiment', 'wrong_ids',
            'example_row', 'error_examples']
 
@@ -164,8 +164,6 @@ def run_experiment(task:str, model:str, mode:str,
     return rows
 
 # %% ../nbs/84_units.ipynb #a0ad1a08
-PREDICTION_KEY = {"mednli": "rank", "radqa": "answer"}   # ICL predictions: the variant whose outputs are shown
-
 def wrong_ids(task:str, outcomes:dict) -> list[str]:
     "Ids of the test items a unit got wrong, from its primary per-item outcomes."
     if task == "radqa":
@@ -190,9 +188,9 @@ def error_examples(task:str, data_dir, results_dir, run_id:str, n:int=5):
     items = results.read_items(results_dir, record["items"])
     outcomes = items["variants"][items["primary"]]
     predictions = json.loads((Path(results_dir)/record["predictions"]).read_text())["test"]
-    if record["mode"] == "icl":
-        key = PREDICTION_KEY.get(task)
-        predictions = predictions[task][key] if key else predictions[items["primary"]]["labels"]
+    if record["mode"] == "icl":  # the primary variant's outputs, from where ICL keeps them
+        from clinical_repro.icl import variant_predictions
+        predictions = variant_predictions(task, predictions, items["primary"])
     test_records = {r.id: r for r in load_task(data_dir, task).splits["test"]}
     rows = [example_row(task, test_records[item], predictions[item]) for item in wrong_ids(task, outcomes)[:n]]
     return pd.DataFrame(rows)

@@ -90,6 +90,45 @@ def find(root, name) -> Path:
     return hits[0]
 
 
+# --- a network that fails every connection off this machine and logs the attempt (a sitecustomize) -------------
+
+NETWORK_BLOCK = """
+import os, socket
+_LOG = os.environ["NET_ATTEMPTS_LOG"]
+with open(_LOG + ".processes", "a") as f: f.write(f"{os.getpid()}\\n")   # which processes ran guarded
+_LOCAL = ("127.0.0.1", "::1", "localhost", "0.0.0.0")
+def _host(address):
+    return address[0] if isinstance(address, tuple) else address
+def _blocked(what, address):
+    with open(_LOG, "a") as f: f.write(f"{os.getpid()} {what} {address!r}\\n")
+    raise OSError(101, f"network blocked by the test: {what} {address!r}")
+_connect, _connect_ex, _getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+def connect(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6) and _host(address) not in _LOCAL: _blocked("connect", address)
+    return _connect(self, address)
+def connect_ex(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6) and _host(address) not in _LOCAL: _blocked("connect", address)
+    return _connect_ex(self, address)
+def getaddrinfo(host, *a, **k):
+    if host not in _LOCAL and host is not None: _blocked("resolve", host)
+    return _getaddrinfo(host, *a, **k)
+socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, connect_ex, getaddrinfo
+"""
+
+
+def network_blocked(folder) -> dict:
+    """Environment additions for a `clinical-repro` subprocess whose every Python process (kernels included) fails a
+    connection off this machine and logs it to `folder/net-attempts.log` (and its process id to
+    `net-attempts.log.processes`); the Hugging Face offline switches unset, so the code under test must keep the
+    libraries offline itself."""
+    site = Path(folder) / "site"
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "sitecustomize.py").write_text(NETWORK_BLOCK)
+    python_path = [str(site)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {"HF_HUB_OFFLINE": None, "TRANSFORMERS_OFFLINE": None, "HF_DATASETS_OFFLINE": None,
+            "PYTHONPATH": os.pathsep.join(python_path), "NET_ATTEMPTS_LOG": Path(folder) / "net-attempts.log"}
+
+
 # --- the long campaigns (crash kills, Ray) run in full only when asked -------------------------------------------
 
 def pytest_addoption(parser):
@@ -109,7 +148,15 @@ def full_campaign(request) -> bool:
     return full_campaigns(request.config)
 
 
+# The files that run whole grids (a minute or more each, see `--durations`), longest first: they start first, so that
+# the workers of `pytest -n 2 --dist loadfile` share out the short files at the end and finish together.
+LONG_FILES = ["test_crash.py", "test_runner.py", "test_finetune.py", "test_ray_grid.py", "test_bad_inputs.py",
+              "test_governance_e2e.py", "test_icl.py", "test_ray.py"]
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))   # stable: the rest keep their order
     if full_campaigns(config):
         return
     skip = pytest.mark.skip(reason="a full campaign: run with --campaign or CLINICAL_REPRO_FULL_CAMPAIGNS=1")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from conftest import BIN, cli_env
+from conftest import BIN, cli_env, network_blocked
 
 GRID = """
 grid: crash
@@ -47,11 +47,13 @@ def kill_tagged(tag:str) -> int:
     return n
 
 
-def run(grid:Path, reports:Path, *, crash:str|None=None, delay:float|None=None, timeout:float=600) -> dict:
-    "One runner process: killed after `delay` s, or by the crash point `crash`, or left to finish. What happened."
+def run(grid:Path, reports:Path, *, crash:str|None=None, delay:float|None=None, timeout:float=600,
+        env:dict|None=None) -> dict:
+    """One runner process: killed after `delay` s, or by the crash point `crash`, or left to finish. What happened.
+    `env` adds to the environment."""
     tag = uuid.uuid4().hex
     cmd = [str(BIN / "clinical-repro"), "run", str(grid), "--reports", str(reports), "--no-summary"]
-    env = cli_env({"CLINICAL_REPRO_CRASH_TAG": tag, "CLINICAL_REPRO_CRASH_AT": crash})   # crash None: no crash point
+    env = cli_env({**(env or {}), "CLINICAL_REPRO_CRASH_TAG": tag, "CLINICAL_REPRO_CRASH_AT": crash})   # None: unset
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     t0 = time.perf_counter()
@@ -110,32 +112,41 @@ def summary_tables(md:str) -> dict:
     return parts
 
 
-def _verify(out:Path, done:Path, clean:Path) -> int:
+def tables_of(reports:Path, env:dict|None=None) -> dict:
+    "`clinical-repro summarize` on a finished reports folder: its result tables."
+    command = [str(BIN / "clinical-repro"), "summarize", "--reports", str(reports / "crash"), "--n-boot", "200"]
+    r = subprocess.run(command, env=cli_env(env), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return summary_tables((reports / "crash" / "summary.md").read_text())
+
+
+def _verify(done:Path, clean:Path, clean_tables:dict) -> int:
     "A finished, once-interrupted reports folder: the checks, and the same results and summary tables as `clean`."
     counts = check(done)
     a, b = outcomes(clean), outcomes(done)
     assert a.keys() == b.keys(), (a.keys(), b.keys())
     diff = [k for k in a if a[k] != b[k]]
     assert not diff, {k: (a[k], b[k]) for k in diff}
-    tables = []
-    for d in (clean, done):
-        r = subprocess.run([str(BIN / "clinical-repro"), "summarize", "--reports", str(d / "crash"), "--n-boot", "200"],
-                           env=cli_env(), capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-2000:]
-        tables.append(summary_tables((d / "crash" / "summary.md").read_text()))
-    assert tables[0] == tables[1], tables
+    tables = tables_of(done)
+    assert tables == clean_tables, (tables, clean_tables)
     return counts["units"]
 
 
 def campaign(out:Path, data:Path, kills:int, seed:int=0, log=print) -> dict:
     """A clean run; then the targeted kills, one after another on one reports folder; then random kills in rounds of
     two on fresh folders (a kill at a random moment of a run with all its work ahead, a second one in the rerun),
-    each round finished and checked against the clean run."""
+    each round finished and checked against the clean run.
+
+    The clean run and its summary are made with the network blocked and the Hugging Face offline switches unset
+    (`conftest.network_blocked`): the demo models must never reach for the network (the result holds the attempts)."""
     out.mkdir(parents=True, exist_ok=True)
     grid = out / "crash.yaml"
     grid.write_text(GRID.format(data=data))
-    clean = run(grid, out / "clean")
+    no_network = network_blocked(out)
+    clean = run(grid, out / "clean", env=no_network)
     assert clean["rc"] == 0, clean
+    clean_tables = tables_of(out / "clean", env=no_network)
+    attempts = Path(no_network["NET_ATTEMPTS_LOG"])
     clean_s = clean["seconds"]
     if kills > len(TARGETS):   # random delays are drawn from a warm run (the first one also builds caches)
         warm = run(grid, out / "clean-again")
@@ -166,11 +177,13 @@ def campaign(out:Path, data:Path, kills:int, seed:int=0, log=print) -> dict:
     for folder in folders:
         final = run(grid, folder)
         assert final["rc"] == 0, final
-        units = _verify(out, folder, out / "clean")
+        units = _verify(folder, out / "clean", clean_tables)
     return {"kills_tried": len(events), "kills_landed": sum(e["killed"] for e in events),
             "targeted_landed": sum(e["killed"] for e in events if e["kind"] == "target"),
             "random_landed": sum(e["killed"] for e in events if e["kind"] == "random"),
-            "folders_checked": len(folders), "units": units, "clean_seconds": round(clean_s, 1), "events": events}
+            "folders_checked": len(folders), "units": units, "clean_seconds": round(clean_s, 1), "events": events,
+            "network_attempts": attempts.read_text() if attempts.exists() else "",
+            "network_guarded_processes": len(Path(f"{attempts}.processes").read_text().split())}
 
 
 if __name__ == "__main__":

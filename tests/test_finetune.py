@@ -262,11 +262,12 @@ def test_an_unset_task_setting_is_a_clear_error(tiny_release, tmp_path):
         unit(tiny_release[0], tmp_path, model="minilm-demo", task_params={"max_length": None})
 
 
-def test_finetune_cli(tiny_release, tmp_path, run_cli):
-    r = run_cli("finetune", "--task", "mednli", "--model", "minilm-demo", "--data-dir", tiny_release[0],
-                "--out", tmp_path, "--max-steps", "2", "--json")
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads(r.stdout)
+def test_finetune_cli(tiny_release, tmp_path, run_main):
+    "In-process (the console script's start-up is run by every grid test): the command, its JSON and its file."
+    code, out, err = run_main("finetune", "--task", "mednli", "--model", "minilm-demo", "--data-dir", tiny_release[0],
+                              "--out", tmp_path, "--max-steps", "2", "--json")
+    assert code == 0, err[-2000:]
+    res = json.loads(out)
     assert res["status"] == "ok" and (tmp_path / f"{res['run_id']}.json").is_file()
 
 

@@ -1,5 +1,5 @@
 """Governance end to end: canaries planted in the data reach the reports only when a grid sets show_examples, and
-the runner's leak scan catches them then; the demo runs with the network blocked."""
+the runner's leak scan catches them then. (A grid run with the network blocked: tests/test_runner.py.)"""
 import json
 
 from conftest import ROOT, find
@@ -44,50 +44,6 @@ def test_canaries_leak_only_with_show_examples_and_the_scan_catches_them(release
     assert {l["record"] for l in leaks} >= set(ids)
     assert {l["file"] for l in leaks} == {"mednli/t5-tiny-demo__finetune.ipynb"}   # the examples view, nowhere else
     assert not any(c in scan.stdout.lower() for c in CANARIES)                     # the scan never prints the text
-
-
-SITE = '''
-import os, socket
-_LOG = os.environ["NET_ATTEMPTS_LOG"]
-_LOCAL = ("127.0.0.1", "::1", "localhost", "0.0.0.0")
-def _host(address):
-    return address[0] if isinstance(address, tuple) else address
-def _blocked(what, address):
-    with open(_LOG, "a") as f: f.write(f"{os.getpid()} {what} {address!r}\\n")
-    raise OSError(101, f"network blocked by the test: {what} {address!r}")
-_connect, _connect_ex, _getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
-def connect(self, address):
-    if self.family in (socket.AF_INET, socket.AF_INET6) and _host(address) not in _LOCAL: _blocked("connect", address)
-    return _connect(self, address)
-def connect_ex(self, address):
-    if self.family in (socket.AF_INET, socket.AF_INET6) and _host(address) not in _LOCAL: _blocked("connect", address)
-    return _connect_ex(self, address)
-def getaddrinfo(host, *a, **k):
-    if host not in _LOCAL and host is not None: _blocked("resolve", host)
-    return _getaddrinfo(host, *a, **k)
-socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, connect_ex, getaddrinfo
-'''
-
-
-def test_demo_models_run_with_the_network_blocked(tmp_path, tiny_release, run_cli):
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SITE)
-    log = tmp_path / "attempts.log"
-    grid = tmp_path / "net.yaml"
-    grid.write_text(f"""
-grid: net
-data: {{dir: {tiny_release[0]}}}
-tasks: [mednli]
-finetune: {{models: [minilm-demo], seeds: [0], train: {{max_steps: 2, eval_steps: 2, effective_batch: 8}}}}
-icl: {{models: [t5-tiny-demo], shots: [1], limit: 4, dev_n: 4}}
-""")
-    # HF_HUB_OFFLINE unset on purpose: the runner itself must keep the libraries off the network.
-    env = {"HF_HUB_OFFLINE": None, "TRANSFORMERS_OFFLINE": None, "HF_DATASETS_OFFLINE": None,
-           "PYTHONPATH": site, "NET_ATTEMPTS_LOG": log}
-    r = run_cli("run", grid, "--reports", tmp_path / "reports", "--n-boot", "50", cwd=tmp_path, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert not log.exists(), log.read_text()
 
 
 def test_the_committed_example_summary_holds_no_text_of_its_data(tmp_path):

@@ -35,13 +35,18 @@ compare: [[roberta-base, minilm-demo]]
 
 @pytest.fixture(scope="module")
 def grid_run(tmp_path_factory, tiny_release, run_cli):
-    "One run of a small grid in which two of four experiments cannot run; then a rerun."
+    """One run of a small grid in which two of four experiments cannot run; then one unit's results file lost (as if
+    the run had been killed before it) and a rerun."""
     tmp = tmp_path_factory.mktemp("grid")
     g = tmp / "t.yaml"
     g.write_text(GRID.format(data=tiny_release[0]))
     first = run_cli("run", g, "--reports", tmp / "reports", env=NO_T5_BASE)
     gdir = tmp / "reports" / "t"
     stamp = {p: p.stat().st_mtime_ns for p in gdir.rglob("*") if p.is_file()}
+    manifest = json.loads((gdir / "manifest.json").read_text())
+    minilm = next(e for e in manifest["experiments"] if e["model"] == "minilm-demo")
+    lost = gdir / minilm["units"][1]["results"]
+    lost.unlink()
     second = run_cli("run", g, "--reports", tmp / "reports", env=NO_T5_BASE)
     return tmp, gdir, first, second, stamp
 
@@ -80,23 +85,21 @@ def test_one_results_file_per_unit(grid_run):
     assert files == listed and len(files) == 7   # 2 + 2 + 2 fine-tuning units, 1 ICL unit
 
 
-def test_rerun_skips_finished_units_and_retries_failed_ones(grid_run):
+def test_rerun_runs_only_the_lost_and_the_failed_units(grid_run):
     _, gdir, first, second, stamp = grid_run
-    assert second.returncode == 1
-    assert "(2 executed, 2 skipped" in second.stdout
+    assert second.returncode == 1                                 # the two broken models still fail
+    assert "(3 executed, 1 skipped" in second.stdout
     m = json.loads((gdir / "manifest.json").read_text())
-    status = {(e["model"], e["mode"]): e["status"] for e in m["experiments"]}
-    assert status[("minilm-demo", "finetune")] == "cached" and status[("t5-tiny-demo", "icl")] == "cached"
-    for e in m["experiments"]:
-        if e["status"] != "cached":
-            continue
-        for u in e["units"]:
-            p = gdir / u["results"]
-            assert p.stat().st_mtime_ns == stamp[p]            # not rewritten
-        nb = gdir / e["notebook"]
-        assert nb.stat().st_mtime_ns == stamp[nb]              # not re-executed
+    experiments = {(e["model"], e["mode"]): e for e in m["experiments"]}
+    icl = experiments[("t5-tiny-demo", "icl")]
+    assert icl["status"] == "cached"
+    for path in [gdir / icl["notebook"]] + [gdir / u["results"] for u in icl["units"]]:
+        assert path.stat().st_mtime_ns == stamp[path]            # not re-executed, not rewritten
+    kept, lost = (gdir / u["results"] for u in experiments[("minilm-demo", "finetune")]["units"])
+    assert kept.stat().st_mtime_ns == stamp[kept]                 # the finished unit of a resumed notebook is kept
+    assert lost.stat().st_mtime_ns != stamp[lost] and json.loads(lost.read_text())["status"] == "ok"
     # the failed units were tried again and failed again
-    assert status[("roberta-base", "finetune")] == "failed"
+    assert experiments[("roberta-base", "finetune")]["status"] == "failed"
 
 
 def test_notebooks_show_aggregates_only(grid_run, tiny_release):
@@ -137,18 +140,6 @@ def test_dry_run_shows_cached_and_missing_units_and_writes_nothing(grid_run, run
     assert "roberta-base__finetune.ipynb: 2 units, 0 cached, 2 to run" in r.stdout
     assert "would run 4 of 7 units" in r.stdout
     assert {p: p.stat().st_mtime_ns for p in gdir.rglob("*") if p.is_file()} == before
-
-
-def test_resume_runs_only_the_missing_unit(grid_run, run_cli):
-    tmp, gdir, _, _, _ = grid_run
-    m = json.loads((gdir / "manifest.json").read_text())
-    e = next(e for e in m["experiments"] if e["model"] == "minilm-demo")
-    keep, lost = (gdir / e["units"][0]["results"]), (gdir / e["units"][1]["results"])
-    t_keep = keep.stat().st_mtime_ns
-    lost.unlink()                                                 # as if the run had been killed before this unit
-    r = run_cli("run", tmp / "t.yaml", "--reports", tmp / "reports", "--no-summary", env=NO_T5_BASE)
-    assert r.returncode == 1                                      # the two broken models still fail
-    assert json.loads(lost.read_text())["status"] == "ok" and keep.stat().st_mtime_ns == t_keep
 
 
 def test_template_runs_directly_with_papermill(tmp_path, tiny_release):
