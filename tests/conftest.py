@@ -1,6 +1,6 @@
 """Shared test infrastructure: the checkout's paths, the `clinical-repro` command in an offline environment
 (`run_cli`, or in-process: `run_main`), synthetic releases, and the `--campaign` switch for the long campaigns."""
-import hashlib, os, shutil, subprocess, sys
+import hashlib, json, os, shutil, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -90,6 +90,20 @@ def find(root, name) -> Path:
     return hits[0]
 
 
+def results_by_file(grid_folder) -> dict:
+    "Results file name -> (status, test metrics as sorted JSON): what two runs of the same units must share."
+    out = {}
+    for path in (Path(grid_folder) / "results").glob("*.json"):
+        record = json.loads(path.read_text())
+        test_metrics = record.get("metrics", {}).get("test")   # a failed unit has none
+        out[path.name] = (record["status"], json.dumps(test_metrics, sort_keys=True))
+    return out
+
+
+def no_ray_cluster() -> dict:
+    "Environment changes that make `--executor ray` start a private local Ray, whatever the caller's RAY_* say."
+    return {name: None for name in os.environ if name.startswith("RAY_")}
+
 # --- a network that fails every connection off this machine and logs the attempt (a sitecustomize) -------------
 
 NETWORK_BLOCK = """
@@ -150,8 +164,8 @@ def full_campaign(request) -> bool:
 
 # The files that run whole grids (a minute or more each, see `--durations`), longest first: they start first, so that
 # the workers of `pytest -n 2 --dist loadfile` share out the short files at the end and finish together.
-LONG_FILES = ["test_crash.py", "test_runner.py", "test_finetune.py", "test_ray_grid.py", "test_bad_inputs.py",
-              "test_governance_e2e.py", "test_icl.py", "test_ray.py"]
+LONG_FILES = ["test_crash.py", "test_runner.py", "test_finetune.py", "test_bad_inputs.py", "test_governance_e2e.py",
+              "test_icl.py", "test_ray.py", "test_ray_grid.py"]
 
 
 def pytest_collection_modifyitems(config, items):
