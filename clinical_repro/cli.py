@@ -141,8 +141,9 @@ def score_mednli(gold_path, pred_path) -> dict:
               "a label string (or null for a parse failure)")
     return metrics.mednli_scores([r.label for r in gold], [predictions[r.id] for r in gold])
 
-def score_radqa(gold_path, pred_path, na_prob_path=None) -> dict:
-    "The official SQuAD 2.0 scores of a RadQA predictions file (and no-answer probabilities)."
+def score_radqa(gold_path, pred_path, na_prob_path=None, na_threshold:float|None=None) -> dict:
+    """The official SQuAD 2.0 scores of a RadQA predictions file (and no-answer scores); with `na_threshold` (a
+    threshold tuned on dev), questions whose no-answer score exceeds it are answered "" (default: the official 1.0)."""
     gold = gold_split(gold_path, load_radqa, "radqa")
     predictions = read_predictions(pred_path, "{id: answer_text}")
     check_ids([r.id for r in gold], predictions, pred_path)
@@ -153,7 +154,10 @@ def score_radqa(gold_path, pred_path, na_prob_path=None) -> dict:
         check_ids([r.id for r in gold], no_answer, na_prob_path)
         first_bad(na_prob_path, no_answer, lambda v: not isinstance(v, bool) and isinstance(v, (int, float)),
                   "a number")
-    return metrics.squad_v2_scores({r.id: r.answer_texts for r in gold}, predictions, no_answer)
+    golds = {r.id: r.answer_texts for r in gold}
+    if na_threshold is None:
+        return metrics.squad_v2_scores(golds, predictions, no_answer)
+    return metrics.squad_v2_scores(golds, predictions, no_answer, na_prob_thresh=na_threshold)
 
 def clip_label_row(labels, index:dict, path, record_id:str) -> np.ndarray:
     "One sentence's predicted labels (release names, `I-` prefix allowed) as a 0/1 row over the CLIP labels."
@@ -197,12 +201,14 @@ def format_scores(scores:dict) -> list[str]:
 
 def cmd_score(args) -> int:
     "Score a predictions file and print the metrics."
-    if args.na_prob and args.task != "radqa":
-        raise UserError("--na-prob applies to radqa only")
+    if (args.na_prob or args.na_threshold is not None) and args.task != "radqa":
+        raise UserError("--na-prob and --na-threshold apply to radqa only")
+    if args.na_threshold is not None and not args.na_prob:
+        raise UserError("--na-threshold needs --na-prob (the no-answer score of each question)")
     if args.task == "mednli":
         scores = score_mednli(args.gold, args.pred)
     elif args.task == "radqa":
-        scores = score_radqa(args.gold, args.pred, args.na_prob)
+        scores = score_radqa(args.gold, args.pred, args.na_prob, args.na_threshold)
     else:
         scores = score_clip(args.gold, args.pred)
     print(json.dumps(scores, indent=1) if args.json else "\n".join(format_scores(scores)))
@@ -377,13 +383,16 @@ def add_check_data_parser(commands) -> None:
     parser.set_defaults(func=cmd_check_data)
 
 def add_score_parser(commands) -> None:
-    "`score TASK --gold PATH --pred PATH [--na-prob PATH] [--json]`."
+    "`score TASK --gold PATH --pred PATH [--na-prob PATH [--na-threshold T]] [--json]`."
     parser = commands.add_parser("score", help="score a predictions file against the released gold")
     parser.add_argument("task", choices=TASKS)
     parser.add_argument("--gold", required=True,
                         help="release file (mednli, radqa) or release folder (clip: test split)")
     parser.add_argument("--pred", required=True, help="predictions JSON")
-    parser.add_argument("--na-prob", help="radqa: JSON {id: no_answer_probability}")
+    parser.add_argument("--na-prob", help="radqa: JSON {id: no-answer probability or score (higher = no answer)}")
+    parser.add_argument("--na-threshold", type=float,
+                        help='radqa, with --na-prob: answer "" where the no-answer score exceeds T (a threshold '
+                             "tuned on dev, e.g. a unit's no_answer_threshold); default the official 1.0")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(func=cmd_score)
 

@@ -110,13 +110,22 @@ def raw_scores(
         f1[q] = max(token_f1(a, preds[q]) for a in texts)
     return em, f1
 
+def _abstain_all_threshold(na_probs:Mapping) -> float:
+    "A threshold above which every question is answered \"no answer\": the official 0.0 when all scores exceed it."
+    lowest = min(na_probs.values(), default=1.0)
+    return 0.0 if lowest > 0 else float(lowest) - 1.0
+
 def _best_thresh(preds:Mapping, scores:Mapping, na_probs:Mapping, has_ans:Mapping) -> tuple[float, float]:
-    "The official best-threshold search: (best score on 0-100, its no-answer probability threshold)."
+    """The official best-threshold search, correct on any real-valued scale: (best score on 0-100, its threshold).
+    Questions are answered in increasing order of no-answer score, tied scores together (no threshold splits a tie),
+    from a start that abstains everywhere; applying the threshold (`na_prob_thresh`) reproduces the best score."""
     running = best = sum(not answerable for answerable in has_ans.values())
-    thresh = 0.0
-    for question in sorted(na_probs, key=lambda key: na_probs[key]):
+    thresh = _abstain_all_threshold(na_probs)
+    ordered = sorted(na_probs, key=lambda key: na_probs[key])
+    for position, question in enumerate(ordered):
         running += scores[question] if has_ans[question] else (-1 if preds[question] else 0)
-        if running > best:
+        tie_continues = position + 1 < len(ordered) and na_probs[ordered[position + 1]] == na_probs[question]
+        if running > best and not tie_continues:
             best, thresh = running, float(na_probs[question])
     return 100.0 * best / len(scores), thresh
 

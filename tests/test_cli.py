@@ -141,6 +141,25 @@ def test_score_radqa_follows_the_official_squad2_rules(tiny_release, tmp_path, r
         assert {"best_exact", "best_exact_thresh", "best_f1", "best_f1_thresh"} <= set(res)
 
 
+def test_score_radqa_applies_a_dev_tuned_threshold(tiny_release, tmp_path, run_main):
+    "Negative no-answer scores (as fine-tuned QA models give): `--na-threshold T` answers \"\" above T."
+    gold_path = find(tiny_release[0], "test.json")
+    golds, preds, probs = _radqa_preds(gold_path, seed=4)
+    scores = {q: round(4 * p - 3, 3) for q, p in probs.items()}   # in [-3, 1]
+    pp, na = tmp_path / "pred.json", tmp_path / "na.json"
+    pp.write_text(json.dumps(preds))
+    na.write_text(json.dumps(scores))
+    rc, out, _ = run_main("score", "radqa", "--gold", gold_path, "--pred", pp, "--na-prob", na,
+                          "--na-threshold", "-1.5", "--json")
+    assert rc == 0
+    abstained = {q: "" if scores[q] > -1.5 else p for q, p in preds.items()}   # by hand
+    ref = squad2_reference.evaluate(golds, abstained)
+    res = json.loads(out)
+    assert res["f1"] == pytest.approx(ref["f1"]) and res["exact"] == pytest.approx(ref["exact"])
+    rc, _, err = run_main("score", "radqa", "--gold", gold_path, "--pred", pp, "--na-threshold", "0")
+    assert rc == 2 and "--na-threshold needs --na-prob" in err
+
+
 def test_score_clip_equals_sklearn(tiny_release, tmp_path, run_main):
     td = load_task(tiny_release[0], "clip")
     rng = np.random.default_rng(1)
