@@ -25,7 +25,7 @@ finetune:
   models: [minilm-demo]
   seeds: [0, 1]
   train: {{max_steps: 6, eval_steps: 2, effective_batch: 4, learning_rate: 1.0e-4}}
-icl: {{models: [t5-tiny-demo], shots: [0, 1], limit: 8, dev_n: 4}}
+icl: {{models: [t5-tiny-demo], shots: [0, 1], limit: 4, dev_n: 4}}
 """
 
 # Chosen moments: mid-training (after a checkpoint), mid-evaluation, a results file being written (killed between
@@ -120,15 +120,17 @@ def tables_of(reports:Path, env:dict|None=None) -> dict:
     return summary_tables((reports / "crash" / "summary.md").read_text())
 
 
-def _verify(done:Path, clean:Path, clean_tables:dict) -> int:
-    "A finished, once-interrupted reports folder: the checks, and the same results and summary tables as `clean`."
+def _verify(done:Path, clean:Path, clean_tables:dict|None) -> int:
+    """A finished, once-interrupted reports folder: the checks, the same results as `clean`, and (when `clean_tables`
+    are given) the same summary tables."""
     counts = check(done)
     a, b = outcomes(clean), outcomes(done)
     assert a.keys() == b.keys(), (a.keys(), b.keys())
     diff = [k for k in a if a[k] != b[k]]
     assert not diff, {k: (a[k], b[k]) for k in diff}
-    tables = tables_of(done)
-    assert tables == clean_tables, (tables, clean_tables)
+    if clean_tables is not None:
+        tables = tables_of(done)
+        assert tables == clean_tables, (tables, clean_tables)
     return counts["units"]
 
 
@@ -177,7 +179,8 @@ def campaign(out:Path, data:Path, kills:int, seed:int=0, log=print) -> dict:
     for folder in folders:
         final = run(grid, folder)
         assert final["rc"] == 0, final
-        units = _verify(folder, out / "clean", clean_tables)
+        # the sample (targeted kills only) checks every unit's results; the full campaign also the summary tables
+        units = _verify(folder, out / "clean", clean_tables if kills > len(TARGETS) else None)
     return {"kills_tried": len(events), "kills_landed": sum(e["killed"] for e in events),
             "targeted_landed": sum(e["killed"] for e in events if e["kind"] == "target"),
             "random_landed": sum(e["killed"] for e in events if e["kind"] == "random"),

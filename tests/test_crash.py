@@ -1,7 +1,8 @@
 """Crash safety: the runner killed with SIGKILL, then rerun: every unit ends with exactly one valid results file and
-the same results as an uninterrupted run. CI runs a sample — the four chosen moments (training, evaluation, a results
-write, the manifest write); `pytest --campaign` (or CLINICAL_REPRO_FULL_CAMPAIGNS=1) runs the full set, 24 kills with
-random ones too (also `python tests/crash_harness.py --kills 24`).
+the same results (test metrics, dev losses) as an uninterrupted run. CI runs a sample — the four chosen moments
+(training, evaluation, a results write, the manifest write); `pytest --campaign` (or CLINICAL_REPRO_FULL_CAMPAIGNS=1)
+runs the full set, 24 kills with random ones too, and compares the summary tables as well (also
+`python tests/crash_harness.py --kills 24`).
 
 The uninterrupted reference run doubles as governance's network check: it runs the demo models (fine-tuning and
 ICL) and its summary with the network blocked and the Hugging Face offline switches unset, and nothing may try."""
