@@ -206,11 +206,9 @@ class Text2Text(Adapter):
             golds = {r.id: r.answer_texts for r in records}
             scores = metrics.squad_v2_scores(golds, {r.id: p for r, p in zip(records, parsed)})
         else:
-            gold = np.array([[label in r.labels for label in CLIP_LABELS] for r in records], dtype=int)
-            # A parse failure is scored as wrong on every label (never as the "none" class), and counted.
-            predicted = np.array([[label in p for label in CLIP_LABELS] if p is not None else [1 - v for v in row]
-                                  for p, row in zip(parsed, gold)], dtype=int)
-            scores = metrics.multilabel_scores(gold, predicted)
+            # A parse failure predicts no label (the worst case, every label wrong, beside it) and is counted.
+            gold = metrics.clip_bits_to_matrix([metrics.clip_label_bits(r.labels) for r in records])
+            scores = metrics.generated_multilabel_scores(gold, parsed)
         scores["parse_failures"] = failures
         return scores
     def compute_metrics(self, dev_items, dev_ds):

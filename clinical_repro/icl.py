@@ -315,13 +315,9 @@ class TemplatePredictor:
         return {"raw": dict(zip(ids, raw)), "labels": {i: inputs.parse_clip_output(r) for i, r in zip(ids, raw)}}
 
 # %% ../nbs/75_icl.ipynb #8f1f6013
-def _clip_matrix(records, labels:dict) -> tuple[np.ndarray, np.ndarray]:
-    "Gold and predicted 0/1 rows; failures (None) as the complement of gold."
-    gold = np.array([[label in r.labels for label in CLIP_LABELS] for r in records], dtype=int)
-    predicted = np.array([[1 - g for g in row] if labels[r.id] is None
-                          else [label in labels[r.id] for label in CLIP_LABELS] for r, row in zip(records, gold)],
-                         dtype=int)
-    return gold, predicted
+def _clip_gold(records) -> np.ndarray:
+    "Gold 0/1 rows of CLIP sentences, in `CLIP_LABELS` order."
+    return metrics.clip_bits_to_matrix([metrics.clip_label_bits(r.labels) for r in records])
 
 def verbatim_span_rate(answers:dict, contexts:dict) -> dict:
     "Share of non-empty answers that occur verbatim (and after SQuAD normalisation) in their report."
@@ -349,11 +345,14 @@ def _score_radqa(records, pred:dict) -> dict:
 
 def _score_clip(variant, records, pred:dict) -> dict:
     labels = pred["labels"]
-    scores = metrics.multilabel_scores(*_clip_matrix(records, labels))
-    if variant == "list":
+    scores = metrics.generated_multilabel_scores(_clip_gold(records), [labels[r.id] for r in records])
+    if variant == "list":   # generated text, parsed: failures counted (per-label yes/no answers always parse)
         scores["parse_failures"] = inputs.parse_failure_rate([labels[r.id] for r in records])
         parsed = [r for r in records if labels[r.id] is not None]
-        scores["parsed_only"] = metrics.multilabel_scores(*_clip_matrix(parsed, labels)) if parsed else None
+        parsed_labels = [labels[r.id] for r in parsed]
+        scores["parsed_only"] = None
+        if parsed:
+            scores["parsed_only"] = metrics.generated_multilabel_scores(_clip_gold(parsed), parsed_labels)
     return scores
 
 def score_predictions(task:str, variant:str|None, records:Sequence, pred:dict) -> dict:

@@ -326,15 +326,13 @@ def parse_radqa_output(text:str) -> str:
     return "" if answer.strip(_STRIP).lower() in ("", NO_ANSWER) else answer
 
 def parse_clip_output(text:str) -> list[str]|None:
-    "The labels of a generated CLIP answer in CLIP_LABELS order; [] for none; None when any piece is not a label."
+    """The labels of a generated CLIP answer in CLIP_LABELS order: every comma-separated piece that is exactly a label
+    name (case and surrounding punctuation aside) is kept, the others dropped; [] for "none"; None (a parse failure,
+    which predicts no label) when no piece is a label and the answer is not "none"."""
     answer = (text or "").strip(_STRIP).lower()
-    if not answer: return None
     if answer == CLIP_NONE: return []
-    found = set()
-    for piece in answer.split(","):
-        name = piece.strip(_STRIP)
-        if name not in _CLIP_LOWER: return None
-        found.add(_CLIP_LOWER[name])
+    found = {_CLIP_LOWER[name] for name in (piece.strip(_STRIP) for piece in answer.split(",")) if name in _CLIP_LOWER}
+    if not found: return None
     return [label for label in CLIP_LABELS if label in found]
 
 OUTPUT_PARSERS = {"mednli": parse_mednli_output, "radqa": parse_radqa_output, "clip": parse_clip_output}

@@ -15,8 +15,8 @@ from .tasks import CLIP_LABELS, MEDNLI_LABELS, check_task
 # %% auto #0
 __all__ = ['mednli_scores', 'normalize_answer', 'exact_match', 'token_f1', 'raw_scores', 'squad_v2_scores',
            'tune_no_answer_threshold', 'apply_no_answer_threshold', 'f1_from_counts', 'multilabel_scores',
-           'tune_thresholds', 'apply_thresholds', 'multilabel_auc', 'clip_label_bits', 'clip_bits_to_matrix',
-           'item_outcomes', 'bootstrap_ci', 'paired_bootstrap', 'mcnemar', 'holm']
+           'generated_multilabel_scores', 'tune_thresholds', 'apply_thresholds', 'multilabel_auc', 'clip_label_bits',
+           'clip_bits_to_matrix', 'item_outcomes', 'bootstrap_ci', 'paired_bootstrap', 'mcnemar', 'holm']
 
 # %% ../nbs/40_metrics.ipynb #8e809b37
 def _ids_preview(ids, k:int=5) -> str:
@@ -242,6 +242,23 @@ def multilabel_scores(
     return dict(micro_f1=float(f1_from_counts(tp.sum(), fp.sum(), fn.sum())), macro_f1=float(per_label.mean()),
                 per_label_f1={label: float(f1) for label, f1 in zip(labels, per_label)}, n=int(gold.shape[0]))
 
+def generated_multilabel_scores(
+    y_true,                           # (n, n_labels) gold 0/1
+    predicted:Sequence,               # per item, in the same order: the parsed label names, or None (parse failure)
+    labels:Sequence[str]=CLIP_LABELS, # label names, in column order
+) -> dict:
+    """`multilabel_scores` of parsed generations (T5 outputs, the ICL list variant). Headline: a parse failure
+    predicts no label. `worst_case`, a sensitivity column: each failure scored as the complement of its gold."""
+    gold = _as_binary(y_true, len(labels), "y_true")
+    if len(predicted) != gold.shape[0]:
+        raise UserError(f"expected one prediction per item, got {len(predicted)} for {gold.shape[0]} items")
+    rows = np.array([[label in (names or ()) for label in labels] for names in predicted], dtype=int)
+    failed = np.array([names is None for names in predicted], dtype=bool).reshape(-1, 1)
+    scores = multilabel_scores(gold, rows.reshape(gold.shape), labels)
+    worst = multilabel_scores(gold, np.where(failed, 1 - gold, rows.reshape(gold.shape)), labels)
+    scores["worst_case"] = {"micro_f1": worst["micro_f1"], "macro_f1": worst["macro_f1"]}
+    return scores
+
 # %% ../nbs/40_metrics.ipynb #6bc02597
 def _default_grid() -> np.ndarray: return np.round(np.arange(1, 100) / 100, 2)
 
@@ -345,9 +362,7 @@ def _radqa_outcomes(records:Sequence, pred:Mapping) -> dict:
 def _clip_outcomes(records:Sequence, pred:Mapping) -> dict:
     ids = [record.id for record in records]
     gold = [clip_label_bits(record.labels) for record in records]
-    all_labels = (1 << len(CLIP_LABELS)) - 1
-    predicted = [(~gold_bits) & all_labels if pred[item_id] is None else clip_label_bits(pred[item_id])
-                 for item_id, gold_bits in zip(ids, gold)]
+    predicted = [clip_label_bits(pred[item_id] or ()) for item_id in ids]   # a parse failure predicts no label
     return {"ids": ids, "gold": gold, "pred": predicted}
 
 def item_outcomes(

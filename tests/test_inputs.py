@@ -256,7 +256,10 @@ def test_parse_radqa(text, want):
     ("none", []), ("None.", []),
     ("Imaging-related followup", [IMG]),
     ("Diet followup", None), ("", None), ("Lab-related followup; Imaging-related followup", None),
-    ("Lab-related followup, Diet followup", None), ("none, Lab-related followup", None), ("Lab-related", None),
+    ("Lab-related", None), ("Lab related folowup", None),
+    # a misspelled or foreign piece is dropped and the correctly named labels kept (it was a failure: every label lost)
+    ("Lab-related followup, Diet followup", [LAB]), ("none, Lab-related followup", [LAB]),
+    ("Imaging-related folowup, appointment-related followup", [APPT]),
 ])
 def test_parse_clip(text, want):
     assert parse_clip_output(text) == want
