@@ -69,7 +69,7 @@ class Adapter:
 # %% ../nbs/80_experiment.ipynb #d836ec81
 def _clip_gold(notes) -> np.ndarray:
     "0/1 label rows of every sentence of `notes`, in CLIP_LABELS order."
-    return np.array([[label in s.labels for label in CLIP_LABELS] for note in notes for s in note.sentences], dtype=int)
+    return metrics.clip_label_matrix(s.labels for note in notes for s in note.sentences)
 
 class MedNLIEncoder(Adapter):
     "Sentence-pair classification, accuracy on dev."
@@ -207,8 +207,7 @@ class Text2Text(Adapter):
             scores = metrics.squad_v2_scores(golds, {r.id: p for r, p in zip(records, parsed)})
         else:
             # A parse failure predicts no label (the worst case, every label wrong, beside it) and is counted.
-            gold = metrics.clip_bits_to_matrix([metrics.clip_label_bits(r.labels) for r in records])
-            scores = metrics.generated_multilabel_scores(gold, parsed)
+            scores = metrics.generated_multilabel_scores(metrics.clip_label_matrix(r.labels for r in records), parsed)
         scores["parse_failures"] = failures
         return scores
     def compute_metrics(self, dev_items, dev_ds):

@@ -315,10 +315,6 @@ class TemplatePredictor:
         return {"raw": dict(zip(ids, raw)), "labels": {i: inputs.parse_clip_output(r) for i, r in zip(ids, raw)}}
 
 # %% ../nbs/75_icl.ipynb #8f1f6013
-def _clip_gold(records) -> np.ndarray:
-    "Gold 0/1 rows of CLIP sentences, in `CLIP_LABELS` order."
-    return metrics.clip_bits_to_matrix([metrics.clip_label_bits(r.labels) for r in records])
-
 def verbatim_span_rate(answers:dict, contexts:dict) -> dict:
     "Share of non-empty answers that occur verbatim (and after SQuAD normalisation) in their report."
     non_empty = [q for q, a in answers.items() if a]
@@ -345,14 +341,16 @@ def _score_radqa(records, pred:dict) -> dict:
 
 def _score_clip(variant, records, pred:dict) -> dict:
     labels = pred["labels"]
-    scores = metrics.generated_multilabel_scores(_clip_gold(records), [labels[r.id] for r in records])
+    scores = metrics.generated_multilabel_scores(metrics.clip_label_matrix(r.labels for r in records),
+                                                 [labels[r.id] for r in records])
     if variant == "list":   # generated text, parsed: failures counted (per-label yes/no answers always parse)
         scores["parse_failures"] = inputs.parse_failure_rate([labels[r.id] for r in records])
         parsed = [r for r in records if labels[r.id] is not None]
         parsed_labels = [labels[r.id] for r in parsed]
         scores["parsed_only"] = None
         if parsed:
-            scores["parsed_only"] = metrics.generated_multilabel_scores(_clip_gold(parsed), parsed_labels)
+            gold = metrics.clip_label_matrix(r.labels for r in parsed)
+            scores["parsed_only"] = metrics.generated_multilabel_scores(gold, parsed_labels)
     return scores
 
 def score_predictions(task:str, variant:str|None, records:Sequence, pred:dict) -> dict:

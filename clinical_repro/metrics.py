@@ -16,7 +16,8 @@ from .tasks import CLIP_LABELS, MEDNLI_LABELS, check_task
 __all__ = ['mednli_scores', 'normalize_answer', 'exact_match', 'token_f1', 'raw_scores', 'squad_v2_scores',
            'tune_no_answer_threshold', 'apply_no_answer_threshold', 'f1_from_counts', 'multilabel_scores',
            'generated_multilabel_scores', 'tune_thresholds', 'apply_thresholds', 'multilabel_auc', 'clip_label_bits',
-           'clip_bits_to_matrix', 'item_outcomes', 'bootstrap_ci', 'paired_bootstrap', 'mcnemar', 'holm']
+           'clip_bits_to_matrix', 'clip_label_matrix', 'item_outcomes', 'bootstrap_ci', 'paired_bootstrap', 'mcnemar',
+           'holm']
 
 # %% ../nbs/40_metrics.ipynb #8e809b37
 def _ids_preview(ids, k:int=5) -> str:
@@ -342,6 +343,10 @@ def clip_bits_to_matrix(masks) -> np.ndarray:
     "(n,) CLIP label bit masks -> (n, 7) 0/1 matrix in `CLIP_LABELS` order (the inverse of `clip_label_bits`)."
     masks = np.asarray(masks, dtype=np.int64).reshape(-1)
     return ((masks[:, None] >> np.arange(len(CLIP_LABELS))) & 1).astype(int)
+
+def clip_label_matrix(label_sets) -> np.ndarray:
+    "CLIP label sets (names; one per sentence) -> (n, 7) 0/1 matrix in `CLIP_LABELS` order: gold rows for scoring."
+    return clip_bits_to_matrix([clip_label_bits(labels) for labels in label_sets])
 
 def _mednli_outcomes(records:Sequence, pred:Mapping) -> dict:
     ids = [record.id for record in records]
