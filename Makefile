@@ -8,6 +8,11 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 REPORTS ?= reports
 JOBS   ?= 2
+# Packages are installed without compiling their bytecode (pip --no-compile, as uv does by default): Python writes
+# the .pyc of a module the first time it is imported, so only what runs gets compiled (torch, ray and jupyterlab ship
+# tens of thousands of files that never do). That needs bytecode writing on, which some machines turn off.
+unexport PYTHONDONTWRITEBYTECODE
+PIP    := $(BIN)/python -m pip install -q --no-compile
 
 .PHONY: demo test install example readme
 
@@ -17,8 +22,8 @@ $(BIN)/python:
 
 # Reinstall only when the project's dependencies change.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) "$(TORCH)"
+	$(PIP) -e ".[dev]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
