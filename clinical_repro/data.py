@@ -10,7 +10,7 @@ import ast, csv, io, json, random, zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from .core import (SPLITS, Problem, UserError, DataError, ProblemCollector, sha256_file, sha256_json,
                                  atomic_write_json)
@@ -20,8 +20,8 @@ from .tasks import TASKS, MEDNLI_LABELS, CLIP_LABELS, check_task, data_fractions
 __all__ = ['MEDNLI_FILES', 'RADQA_FILES', 'CLIP_FILES', 'LOADERS', 'NLIRecord', 'QARecord', 'CLIPSentence', 'CLIPNote',
            'cut_window', 'MissingTaskError', 'TaskData', 'parse_split', 'repeated_keys', 'parse_mednli_lines',
            'load_mednli', 'parse_radqa', 'read_json', 'load_radqa', 'parse_clip_sentences', 'parse_id_file',
-           'load_clip', 'load_task', 'split_summary', 'check_data', 'blind', 'stratified_order', 'fraction_size',
-           'fraction_subsets', 'subsets_path', 'load_subsets', 'ensure_subsets', 'select_fraction']
+           'load_clip', 'load_task', 'record_counts', 'split_summary', 'check_data', 'blind', 'stratified_order',
+           'fraction_size', 'fraction_subsets', 'subsets_path', 'load_subsets', 'ensure_subsets', 'select_fraction']
 
 # %% ../nbs/20_data.ipynb #4cf9f121
 @dataclass(frozen=True)
@@ -575,23 +575,22 @@ def _label_counts(labels:Iterable[str], names:tuple[str, ...]) -> dict[str, int]
     counts = Counter(labels)
     return {name: counts[name] for name in names}
 
+def record_counts(task:str, records:Sequence) -> dict:
+    """What a set of records holds, in the `check-data --json` shape: items and labels (MedNLI), answerable and
+    unanswerable questions and reports (RadQA), notes, sentences, positives per label and unlabelled ones (CLIP)."""
+    if task == "mednli":
+        return {"items": len(records), "labels": _label_counts((r.label for r in records), MEDNLI_LABELS)}
+    if task == "radqa":
+        answerable = sum(r.answerable for r in records)
+        return {"items": len(records), "answerable": answerable, "unanswerable": len(records) - answerable,
+                "reports": len({r.context for r in records})}
+    labels = _label_counts((label for r in records for label in r.labels), CLIP_LABELS)
+    return {"notes": len({r.doc_id for r in records}), "items": len(records), "labels": labels,
+            "no_label": sum(not r.labels for r in records)}
+
 def split_summary(task_data:TaskData) -> dict:
-    "Counts per split in the `check-data --json` shape."
-    summary = {}
-    for split in SPLITS:
-        records = task_data.splits[split]
-        if task_data.task == "mednli":
-            labels = _label_counts((r.label for r in records), MEDNLI_LABELS)
-            summary[split] = {"items": len(records), "labels": labels}
-        elif task_data.task == "radqa":
-            answerable = sum(r.answerable for r in records)
-            summary[split] = {"items": len(records), "answerable": answerable,
-                              "unanswerable": len(records) - answerable, "reports": len({r.context for r in records})}
-        else:
-            labels = _label_counts((label for r in records for label in r.labels), CLIP_LABELS)
-            summary[split] = {"notes": len(task_data.notes[split]), "items": len(records), "labels": labels,
-                              "no_label": sum(not r.labels for r in records)}
-    return summary
+    "Counts per split in the `check-data --json` shape (`record_counts` of each split)."
+    return {split: record_counts(task_data.task, task_data.splits[split]) for split in SPLITS}
 
 def _task_report(data_dir:Path, task:str) -> dict:
     "What `check-data` says about one task: ok (files, hash, counts), missing (where to get it) or invalid."

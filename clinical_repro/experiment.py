@@ -19,7 +19,7 @@ from .core import UserError, get_logger
 from .config import (TrainSpec, TaskSpec, train_layers, task_layer, merge_train, check_keys, make_run_id,
                                    params_dir)
 from .tasks import TASKS, MEDNLI_LABELS, CLIP_LABELS, check_task, to_unit_scale
-from .data import TaskData, blind, load_task, ensure_subsets, select_fraction
+from .data import TaskData, blind, load_task, ensure_subsets, record_counts, select_fraction
 from . import metrics, models, inputs, qa
 from .identity import resolve_unit, unit_identity
 from .results import (finished, provenance, results_path, write_items, write_ok, write_predictions,
@@ -57,6 +57,9 @@ class Adapter:
     def __init__(self, task, tokenizer, spec:TaskSpec, train_records, gen:dict|None=None):
         self.task, self.tok, self.spec, self.gen = task, tokenizer, spec, gen or {}
     def generation(self) -> dict|None:
+        return None
+    def paper_protocol(self, records, decoded) -> dict|None:
+        "Test metrics under the paper's protocol where it differs from this adapter's (None: it does not)."
         return None
     def setting(self, key:str):
         "A task setting this adapter needs; an error naming it when it is not set."
@@ -167,6 +170,13 @@ class RadQAEncoder(Adapter):
         final = metrics.apply_no_answer_threshold(decoded["pred"], decoded["na"], tuned["no_answer_threshold"])
         scores = metrics.squad_v2_scores({r.id: r.answer_texts for r in records}, final)
         return scores, final
+    def paper_protocol(self, records, decoded):
+        "The paper's encoder RadQA scores: no threshold tuned; a span is answered unless the null score beats it."
+        untuned = metrics.apply_no_answer_threshold(decoded["pred"], decoded["na"], 0.0)
+        return {"description": "no-answer threshold not tuned (0: the span unless the null score is higher), "
+                               "as Hugging Face run_qa scores SQuAD 2.0",
+                "n_test": len(records),
+                "test": metrics.squad_v2_scores({r.id: r.answer_texts for r in records}, untuned)}
 
 # %% ../nbs/80_experiment.ipynb #00b2e205
 class Text2Text(Adapter):
@@ -288,10 +298,11 @@ def choose_batch_plan(spec:TrainSpec, family:str, tokenizer, train_ds:Dataset, m
 
 # %% ../nbs/80_experiment.ipynb #e38381f1
 def score_test(adapter, test_items, decoded, tuned):
-    "The only place that reads test labels (after training, selection and tuning): metrics, predictions, item outcomes."
+    """The only place that reads test labels (after training, selection and tuning): metrics, predictions, item
+    outcomes, and the metrics under the paper's protocol where it differs (else None)."""
     scores, pred = adapter.score(test_items, decoded, tuned)
     flat = [s for note in test_items for s in note.sentences] if adapter.task == "clip" else test_items
-    return scores, pred, metrics.item_outcomes(adapter.task, flat, pred)
+    return scores, pred, metrics.item_outcomes(adapter.task, flat, pred), adapter.paper_protocol(test_items, decoded)
 
 @dataclass
 class UnitScores:
@@ -303,6 +314,7 @@ class UnitScores:
     test_predictions: dict
     test_outcomes: dict    # per-item outcomes (no text), for the items file
     eval_seconds: float
+    paper_protocol: dict|None = None   # test metrics under the paper's protocol, where it differs
 
 def predict_and_score(fit_result, adapter:Adapter, data:UnitInputs, task_data:TaskData, log) -> UnitScores:
     "Predict dev and test with the trained model (halving the batch on OOM), tune on dev, then score test."
@@ -315,10 +327,12 @@ def predict_and_score(fit_result, adapter:Adapter, data:UnitInputs, task_data:Ta
     test_out, plan = predict_safely(trainer, data.test_ds, plan, retries, log)
     test_decoded = adapter.decode(test_out, data.test_ds, data.test_blind)
     # Everything that could use test labels is frozen now; scoring reads them for the first time.
-    test_metrics, test_predictions, outcomes = score_test(adapter, task_items(task_data, "test"), test_decoded, tuned)
+    test_items = task_items(task_data, "test")
+    test_metrics, test_predictions, outcomes, paper = score_test(adapter, test_items, test_decoded, tuned)
     eval_seconds = time.perf_counter() - started
     fit_result.plan = plan
-    return UnitScores(dev_metrics, dev_predictions, tuned, test_metrics, test_predictions, outcomes, eval_seconds)
+    return UnitScores(dev_metrics, dev_predictions, tuned, test_metrics, test_predictions, outcomes, eval_seconds,
+                      paper)
 
 # %% ../nbs/80_experiment.ipynb #97a470c1
 def finetune_record(run_id:str, config:dict, unit:dict, task_data:TaskData, subsets:dict, prepared:UnitInputs,
@@ -328,7 +342,9 @@ def finetune_record(run_id:str, config:dict, unit:dict, task_data:TaskData, subs
     splits = task_data.splits
     counts = {"train": len(prepared.train_records), "dev": len(splits["dev"]), "test": len(splits["test"]),
               "train_features": len(prepared.train_ds), "dev_features": len(prepared.dev_ds),
-              "test_features": len(prepared.test_ds)}
+              "test_features": len(prepared.test_ds),
+              "train_composition": record_counts(config["task"], prepared.train_records)}
+    paper = {"paper_protocol": scores.paper_protocol} if scores.paper_protocol else {}
     return {"run_id": run_id, "status": "ok", "task": config["task"], "model": config["model"], "mode": "finetune",
             "seed": unit["seed"], "fraction": unit["fraction"], "shots": None, "draw": None,
             "metrics": {"dev": scores.dev_metrics, "test": scores.test_metrics},
@@ -338,7 +354,7 @@ def finetune_record(run_id:str, config:dict, unit:dict, task_data:TaskData, subs
             "provenance": provenance(task_data, resolved.source, subsets_hash=subsets["content_hash"], device=device,
                                      precision=precision),
             "cost": cost_summary(fit_result, wall_seconds, scores.eval_seconds, device),
-            "synthetic_demo": resolved.spec.builtin is not None}
+            "synthetic_demo": resolved.spec.builtin is not None, **paper}
 
 # %% ../nbs/80_experiment.ipynb #166b66d4
 def run_unit(task:str, model:str, data_dir, out, *, seed:int=0, fraction:float=1.0, train_overrides:dict|None=None,

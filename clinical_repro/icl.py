@@ -6,7 +6,7 @@ Docs: https://clinical-repro.github.io/clinical_repro/icl.html.md"""
 
 # %% ../nbs/75_icl.ipynb #c46d53f1
 from __future__ import annotations
-import os, re, time
+import itertools, os, random, re, string, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -16,8 +16,8 @@ import torch
 
 from .core import UserError, get_logger
 from .config import make_run_id
-from .tasks import (MEDNLI_LABELS, CLIP_LABELS, answer_room, check_task, dev_metric, get_task, icl_dev_n,
-                                  to_unit_scale)
+from .tasks import (MEDNLI_LABELS, CLIP_LABELS, answer_room, check_task, content_free_input, dev_metric,
+                                  get_task, icl_dev_n, to_unit_scale)
 from .data import CLIPSentence, CLIPNote, TaskData, load_task, blind
 from . import metrics, models, prompts, inputs
 from .identity import clip_window_words, icl_identity
@@ -25,10 +25,14 @@ from .results import (FINISHED, check_planned_run_id, finished, provenance, resu
                                     write_not_applicable, write_ok, write_predictions)
 
 # %% auto #0
-__all__ = ['sequence_logprobs', 'option_logprobs', 'rank_classify', 'cloze_logprobs', 'load_mlm', 'generate', 'NoteWindows',
-           'TemplatePredictor', 'verbatim_span_rate', 'score_predictions', 'dev_value', 'not_applicable_reason',
-           'check_icl_model', 'load_icl_model', 'ICLQueries', 'icl_queries', 'test_gold', 'icl_variants',
-           'choose_templates', 'variant_predictions', 'icl_outcomes', 'ICLScores', 'icl_record', 'run_icl_unit']
+__all__ = ['CALIBRATIONS', 'NO_PAPER_PROTOCOL', 'sequence_logprobs', 'option_logprobs', 'rank_classify', 'single_token_words',
+           'cloze_logprobs', 'calibrate', 'load_mlm', 'verbalizer_candidates', 'ClozeVerbalizers', 'cloze_verbalizers',
+           'no_verbalizer_reason', 'generate', 'NoteWindows', 'TemplatePredictor', 'verbatim_span_rate',
+           'score_predictions', 'dev_value', 'paper_mednli_label', 'paper_label_search', 'paper_radqa_answer',
+           'paper_subset', 'paper_reading', 'paper_metrics', 'not_applicable_reason', 'check_icl_model',
+           'load_icl_model', 'ICLQueries', 'dev_sample_draw', 'icl_queries', 'test_gold', 'icl_variants',
+           'choose_cloze', 'choose_templates', 'paper_predictions', 'paper_protocol_section', 'paper_payload',
+           'variant_predictions', 'icl_outcomes', 'ICLScores', 'icl_record', 'run_icl_unit']
 
 # %% ../nbs/75_icl.ipynb #71a676ad
 def _check_seq2seq(model):
@@ -134,37 +138,70 @@ def _mask_logits(model, enc, positions:torch.Tensor) -> torch.Tensor:
     hidden = model.base_model(**enc).last_hidden_state
     return head(hidden[positions])
 
+def single_token_words(
+    tokenizer,
+    words:Sequence[str],         # candidate answer words, in preference order
+) -> tuple[dict[str, int], dict[str, str]]:
+    """The words that are one known token for `tokenizer` after a space (word -> token id), and the others with why
+    (several pieces, unknown, or the token of an earlier word)."""
+    kept, rejected = {}, {}
+    for word in words:
+        ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            rejected[word] = f"{len(ids)} pieces"
+        elif ids[0] == tokenizer.unk_token_id:
+            rejected[word] = "unknown token"
+        elif ids[0] in kept.values():
+            rejected[word] = "the token of " + next(other for other, token in kept.items() if token == ids[0])
+        else:
+            kept[word] = ids[0]
+    return kept, rejected
+
 @torch.no_grad()
 def cloze_logprobs(
     model,                       # an encoder with its masked-LM head (AutoModelForMaskedLM)
     tokenizer,
     prompts:Sequence[str],
-    options:Sequence[str],       # verbalizations; each is scored at mask tokens appended to the prompt
+    options:Sequence[str],       # one-token verbalizations (see `single_token_words`), scored at one mask
     batch_size:int=16,
 ) -> tuple[np.ndarray, np.ndarray]:
-    "(n_prompts, n_options) summed masked-LM log-probabilities of each option after each prompt, and token counts."
+    "(n_prompts, n_options) masked-LM log-probabilities of each option at one mask after each prompt, and counts (1)."
     if getattr(model.config, "is_encoder_decoder", False):
         raise UserError("cloze scoring is for encoders with a masked-LM head")
     if tokenizer.mask_token is None:
         raise UserError("cloze scoring needs a tokenizer with a mask token")
+    kept, rejected = single_token_words(tokenizer, options)
+    if rejected:
+        raise UserError(f"cloze scoring needs one-token verbalizers (a longer word, one mask per piece, would be "
+                        f"penalised); not one token for this tokenizer: {rejected}")
     model.eval()
     device = _device(model)
-    option_ids = [tokenizer(" " + o, add_special_tokens=False)["input_ids"] for o in options]
-    sums, counts = np.zeros((len(prompts), len(option_ids))), np.zeros((len(prompts), len(option_ids)), dtype=int)
-    for j, ids in enumerate(option_ids):
-        masks = " ".join([tokenizer.mask_token] * len(ids))
-        for a in range(0, len(prompts), batch_size):
-            texts = [p + " " + masks for p in prompts[a:a+batch_size]]
-            enc = tokenizer(texts, padding=True, return_tensors="pt").to(device)
-            positions = enc["input_ids"] == tokenizer.mask_token_id
-            if (positions.sum(-1) != len(ids)).any():
-                raise UserError("a prompt already holds the mask token; cloze scoring needs it only at the answer")
-            b = positions.shape[0]
-            logprobs = _mask_logits(model, enc, positions).float().log_softmax(-1)  # (b * len(ids), vocab), row-major
-            wanted = torch.tensor(ids, device=device).repeat(b)
-            got = logprobs.gather(-1, wanted.unsqueeze(-1)).view(b, len(ids))
-            sums[a:a+b, j], counts[a:a+b, j] = got.sum(-1).cpu().numpy(), len(ids)
-    return sums, counts
+    wanted = torch.tensor([kept[option] for option in options], device=device)
+    scores = np.zeros((len(prompts), len(options)))
+    for a in range(0, len(prompts), batch_size):
+        texts = [prompt + " " + tokenizer.mask_token for prompt in prompts[a:a+batch_size]]
+        enc = tokenizer(texts, padding=True, return_tensors="pt").to(device)
+        positions = enc["input_ids"] == tokenizer.mask_token_id
+        if (positions.sum(-1) != 1).any():
+            raise UserError("a prompt already holds the mask token; cloze scoring needs it only at the answer")
+        logprobs = _mask_logits(model, enc, positions).float().log_softmax(-1)   # (batch, vocab): one mask per row
+        scores[a:a+len(texts)] = logprobs[:, wanted].cpu().numpy()
+    return scores, np.ones(scores.shape, dtype=int)
+
+CALIBRATIONS = ("none", "content_free")   # cloze score calibrations, chosen on dev (ties: the first)
+
+def calibrate(
+    scores:np.ndarray,           # (n_prompts, n_options) cloze log-probabilities
+    content_free:np.ndarray,     # (n_options,) the same prompt's with the content-free input
+    calibration:str,             # one of CALIBRATIONS
+) -> np.ndarray:
+    """Scores after `calibration`: "none" as they are; "content_free" minus the content-free log-probabilities
+    (Zhao et al. 2021: p(answer | x) / p(answer | "N/A"), in logs)."""
+    if calibration == "none":
+        return scores
+    if calibration == "content_free":
+        return scores - content_free
+    raise UserError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
 
 def load_mlm(resolved):
     "The encoder with its masked-LM head (refusing checkpoints the registry says have none)."
@@ -177,6 +214,49 @@ def load_mlm(resolved):
     except (OSError, ValueError) as e:
         raise UserError(f"model {resolved.name!r}: could not load the masked-LM head from {resolved.source}: "
                         f"{str(e).splitlines()[0]}") from None
+
+# %% ../nbs/75_icl.ipynb #5c1e0a02
+def verbalizer_candidates(task:str, prompt_set) -> dict[str, list[str]]:
+    """Candidate answer words per verbalizer key (a MedNLI label; CLIP's positive and negative): the prompt set's word,
+    then the task registry's `answer_synonyms`."""
+    synonyms = get_task(task).icl.answer_synonyms
+    return {key: list(dict.fromkeys([word, *synonyms.get(key, ())])) for key, word in prompt_set.verbalizers.items()}
+
+@dataclass
+class ClozeVerbalizers:
+    "The one-token candidate words of each answer for one tokenizer, and the words left out with why."
+    candidates: dict[str, list[str]]     # answer key -> one-token words, in preference order
+    rejected: dict[str, dict[str, str]]  # answer key -> {word: why it is not used}
+
+    def missing(self) -> list[str]:
+        "The answer keys without a one-token word."
+        return [key for key, words in self.candidates.items() if not words]
+
+    def words(self) -> list[str]:
+        "Every candidate word once: what is scored at each mask."
+        return list(dict.fromkeys(word for words in self.candidates.values() for word in words))
+
+    def sets(self) -> list[dict[str, str]]:
+        "Every verbalizer set (one word per answer key), preferred words first; sets using a word twice left out."
+        keys = list(self.candidates)
+        combinations = itertools.product(*(self.candidates[key] for key in keys))
+        return [dict(zip(keys, words)) for words in combinations if len(set(words)) == len(words)]
+
+def cloze_verbalizers(candidates:dict[str, Sequence[str]], tokenizer) -> ClozeVerbalizers:
+    "The candidate words (`verbalizer_candidates`) that are one token for `tokenizer`."
+    kept, rejected = {}, {}
+    for key, words in candidates.items():
+        single, others = single_token_words(tokenizer, words)
+        kept[key], rejected[key] = list(single), others
+    return ClozeVerbalizers(kept, rejected)
+
+def no_verbalizer_reason(model:str, task:str, verbalizers:ClozeVerbalizers) -> str:
+    "Why a cloze unit is not applicable: the answers without a one-token word, with their words' piece counts."
+    missing = "; ".join(f"{key} ({', '.join(f'{word}: {why}' for word, why in verbalizers.rejected[key].items())})"
+                        for key in verbalizers.missing())
+    return (f"{model}'s tokenizer has no one-token word for {missing}: cloze scoring predicts one token at one mask, "
+            "and a longer word scored piece by piece would be penalised; add a one-token synonym to "
+            f"params/tasks/{task}.yaml icl.answer_synonyms")
 
 # %% ../nbs/75_icl.ipynb #cc2d5807
 def _n_generated(generated:torch.Tensor, eos) -> int:
@@ -212,8 +292,11 @@ def generate(
     return texts, tokens_in, tokens_out
 
 # %% ../nbs/75_icl.ipynb #fb71d5db
-def _budget(model, tokenizer=None) -> int:
-    "The model's maximum input length; T5's relative positions have none, so its pretraining 512."
+def _budget(model, tokenizer=None, budget:int|None=None) -> int:
+    """Tokens a prompt may take: `budget` (the registry's for the model's family, `tasks.icl_budget`) or, when None,
+    the model's maximum input length (its position embeddings, capped by the tokenizer's maximum)."""
+    if budget is not None:
+        return int(budget)
     config = model.config
     positions = int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 512)
     tokenizer_max = getattr(tokenizer, "model_max_length", None)
@@ -231,11 +314,15 @@ class NoteWindows:
             return None
         return " ".join(word for word in self.notes[record.doc_id].window(record.sent_index, self.window_words) if word)
 
+def _exemplar_fields(prompt_set, template, exemplars, exemplar_windows, label=None) -> list[dict]:
+    "The template fields of the exemplars, with their answers in the prompt set's words."
+    return [prompts.record_fields(e, prompt_set, template, answer=True, context=exemplar_windows(e), label=label)
+            for e in exemplars]
+
 def _build_prompts(task, prompt_set, template, exemplars, queries, exemplar_windows, query_windows, count, budget,
                    room, label=None) -> list:
-    "Built prompts for `queries` with the same exemplars in front."
-    shown = [prompts.record_fields(e, prompt_set, template, answer=True, context=exemplar_windows(e), label=label)
-             for e in exemplars]
+    "Built prompts (`prompts.BuiltPrompt`) for `queries` with the same exemplars in front."
+    shown = _exemplar_fields(prompt_set, template, exemplars, exemplar_windows, label)
     return [prompts.build_prompt(template, shown, prompts.record_fields(q, prompt_set, template, answer=False,
                                                                       context=query_windows(q), label=label),
                                  count, budget, room, task=task, item_id=q.id) for q in queries]
@@ -244,75 +331,128 @@ def _build_prompts(task, prompt_set, template, exemplars, queries, exemplar_wind
 class TemplatePredictor:
     "One unit's model, tokenizer, exemplars and prompt set; predicts a list of query records with a template."
     def __init__(self, task, model, tokenizer, prompt_set, exemplars, exemplar_windows, normalisation="sum",
-                 batch_size=16):
+                 batch_size=16, budget:int|None=None, verbalizers:ClozeVerbalizers|None=None):
         self.cloze = not getattr(model.config, "is_encoder_decoder", False)
         self.task, self.model, self.tokenizer, self.prompt_set = task, model, tokenizer, prompt_set
+        self.base_prompt_set = prompt_set
         self.exemplars, self.exemplar_windows = exemplars, exemplar_windows
-        self.normalisation, self.batch_size, self.budget = normalisation, batch_size, _budget(model, tokenizer)
+        self.normalisation, self.batch_size, self.budget = normalisation, batch_size, _budget(model, tokenizer, budget)
         self.answer_room = answer_room()
+        self.verbalizers, self.calibration, self.cloze_cache = verbalizers, "none", {}
         self.tokens_in = 0
         self.tokens_out = 0
-        self.truncation = {"prompts": 0, "prompts_cut": 0, "exemplars_dropped": 0, "query_words_cut": 0}
+        self.truncation = {"budget": self.budget, "prompts": 0, "prompts_cut": 0, "exemplars_dropped": 0,
+                           "query_words_cut": 0}
+        self.kept = {"dev": [], "test": [], "paper": []}   # exemplars each built prompt kept, per split
     def count(self, text:str) -> int:
         "Tokens of `text` (over-long drafts are expected while fitting a prompt: no warning)."
         return len(self.tokenizer(text, verbose=False)["input_ids"])
-    def _texts(self, template, queries, windows, room, label=None):
+    def use_cloze(self, verbalizers:dict, calibration:str) -> None:
+        "Rank (cloze) with this verbalizer set, also the exemplars' answer words, and this calibration."
+        self.prompt_set = self.base_prompt_set.model_copy(update={"verbalizers": dict(verbalizers)})
+        self.calibration = calibration
+    def _texts(self, template, queries, windows, room, label=None, split="test"):
         built = _build_prompts(self.task, self.prompt_set, template, self.exemplars, queries, self.exemplar_windows,
                                windows, self.count, self.budget, room, label)
-        cuts = self.truncation
-        cuts["prompts"] += len(built)
-        cuts["prompts_cut"] += sum(any(b.truncated.values()) for b in built)
-        cuts["exemplars_dropped"] += sum(b.truncated["exemplars_dropped"] for b in built)
-        cuts["query_words_cut"] += sum(b.truncated["query_words_cut"] for b in built)
+        self.kept[split].extend(b.n_exemplars for b in built)
+        if split != "paper":   # the headline's prompts (the paper's protocol reuses them)
+            cuts = self.truncation
+            cuts["prompts"] += len(built)
+            cuts["prompts_cut"] += sum(any(b.truncated.values()) for b in built)
+            cuts["exemplars_dropped"] += sum(b.truncated["exemplars_dropped"] for b in built)
+            cuts["query_words_cut"] += sum(b.truncated["query_words_cut"] for b in built)
         return [b.text for b in built]
-    def _rank(self, texts, options):
-        best, scores = rank_classify(self.model, self.tokenizer, texts, options, self.normalisation, self.batch_size)
-        self.tokens_in += sum(self.count(t) for t in texts)
-        return best, scores
+    def _content_free(self, template, room, label=None) -> str:
+        "The prompt with the same exemplars and the content-free input in every query field (cloze calibration)."
+        fields = {name: content_free_input() for name in get_task(self.task).icl.prompt_fields}
+        if label is not None:
+            fields["question"] = self.prompt_set.label_questions[label]
+        shown = _exemplar_fields(self.prompt_set, template, self.exemplars, self.exemplar_windows, label)
+        return prompts.build_prompt(template, shown, fields, self.count, self.budget, room, task=self.task,
+                                    item_id="content-free").text
+    def _rank(self, texts, options, content_free=None):
+        if not self.cloze:
+            best, scores = rank_classify(self.model, self.tokenizer, texts, options, self.normalisation,
+                                         self.batch_size)
+            self.tokens_in += sum(self.count(t) for t in texts)
+            return best, scores
+        scores = self._cloze_scores(texts + [content_free], options)
+        scores = calibrate(scores[:-1], scores[-1], self.calibration)
+        return scores.argmax(-1), scores
+    def _cloze_scores(self, texts, options) -> np.ndarray:
+        "Cloze log-probabilities of `options` after each text; every candidate word is scored once per distinct text."
+        words = tuple(self.verbalizers.words() if self.verbalizers is not None else options)
+        new = [text for text in dict.fromkeys(texts) if (text, words) not in self.cloze_cache]
+        if new:
+            scores, _ = cloze_logprobs(self.model, self.tokenizer, new, words, self.batch_size)
+            self.tokens_in += sum(self.count(text) for text in new)
+            self.cloze_cache.update(((text, words), row) for text, row in zip(new, scores))
+        columns = [words.index(option) for option in options]
+        return np.stack([self.cloze_cache[(text, words)][columns] for text in texts])
     def _generate(self, texts, max_new_tokens):
         out, tokens_in, tokens_out = generate(self.model, self.tokenizer, texts, max_new_tokens, self.batch_size)
         self.tokens_in += tokens_in
         self.tokens_out += tokens_out
         return out
 
-    def predict(self, template, queries, windows) -> dict:
+    def predict(self, template, queries, windows, split:str="test") -> dict:
         "Raw predictions for `queries` with `template`, by item id (`windows`: CLIP note windows)."
         if self.task == "mednli":
-            return self._predict_mednli(template, queries, windows)
+            return self._predict_mednli(template, queries, windows, split)
         if self.task == "radqa":
-            return self._predict_radqa(template, queries, windows)
+            return self._predict_radqa(template, queries, windows, split)
         if template.variant == "per_label":
-            return self._predict_per_label(template, queries, windows)
-        return self._predict_label_list(template, queries, windows)
-    def _predict_mednli(self, template, queries, windows) -> dict:
+            return self._predict_per_label(template, queries, windows, split)
+        return self._predict_label_list(template, queries, windows, split)
+    def _predict_mednli(self, template, queries, windows, split) -> dict:
         ids, room = [q.id for q in queries], self.answer_room["mednli"]
-        texts = self._texts(template, queries, windows, room)
-        best, _ = self._rank(texts, [self.prompt_set.verbalizers[label] for label in MEDNLI_LABELS])
+        texts = self._texts(template, queries, windows, room, split=split)
+        content_free = self._content_free(template, room) if self.cloze else None
+        best, _ = self._rank(texts, [self.prompt_set.verbalizers[label] for label in MEDNLI_LABELS], content_free)
         ranked = dict(zip(ids, (MEDNLI_LABELS[i] for i in best)))
         if self.cloze:
             return {"rank": ranked}
         raw = self._generate(texts, room)
         return {"rank": ranked, "raw": dict(zip(ids, raw)),
                 "generate": {i: inputs.parse_mednli_output(r) for i, r in zip(ids, raw)}}
-    def _predict_radqa(self, template, queries, windows) -> dict:
+    def _predict_radqa(self, template, queries, windows, split) -> dict:
         ids, room = [q.id for q in queries], self.answer_room["radqa"]
-        raw = self._generate(self._texts(template, queries, windows, room), room)
+        raw = self._generate(self._texts(template, queries, windows, room, split=split), room)
         answers = {i: prompts.map_no_answer(r, self.prompt_set) for i, r in zip(ids, raw)}
         return {"raw": dict(zip(ids, raw)), "answer": answers}
-    def _predict_per_label(self, template, queries, windows) -> dict:
+    def _predict_per_label(self, template, queries, windows, split) -> dict:
         ids, room = [q.id for q in queries], self.answer_room["clip:per_label"]
         yes_no = [self.prompt_set.verbalizers["positive"], self.prompt_set.verbalizers["negative"]]
         predicted = {i: [] for i in ids}
         for label in CLIP_LABELS:
-            best, _ = self._rank(self._texts(template, queries, windows, room, label), yes_no)
+            content_free = self._content_free(template, room, label) if self.cloze else None
+            best, _ = self._rank(self._texts(template, queries, windows, room, label, split), yes_no, content_free)
             for i, answer in zip(ids, best):
                 if answer == 0:
                     predicted[i].append(label)
         return {"labels": predicted}
-    def _predict_label_list(self, template, queries, windows) -> dict:
+    def _predict_label_list(self, template, queries, windows, split) -> dict:
         ids, room = [q.id for q in queries], self.answer_room["clip:list"]
-        raw = self._generate(self._texts(template, queries, windows, room), room)
+        raw = self._generate(self._texts(template, queries, windows, room, split=split), room)
         return {"raw": dict(zip(ids, raw)), "labels": {i: inputs.parse_clip_output(r) for i, r in zip(ids, raw)}}
+
+    def generate_raw(self, template, queries, windows, split:str="paper") -> dict:
+        "Greedy generations with `template` by item id (CLIP per_label: {label: {id: text}}), for the paper's protocol."
+        ids = [q.id for q in queries]
+        if template.variant == "per_label":
+            room = self.answer_room["clip:per_label"]
+            return {label: dict(zip(ids, self._generate(self._texts(template, queries, windows, room, label, split),
+                                                        room)))
+                    for label in CLIP_LABELS}
+        room = self.answer_room[self.task if template.variant is None else f"{self.task}:{template.variant}"]
+        return dict(zip(ids, self._generate(self._texts(template, queries, windows, room, split=split), room)))
+
+    def exemplars_kept(self, shots:int) -> dict:
+        "Exemplars the built prompts kept after fitting the budget: the shots asked, and per split n, mean, min, max."
+        def summary(kept:list) -> dict:
+            return {"prompts": len(kept), "mean": float(np.mean(kept)) if kept else None,
+                    "min": min(kept, default=None), "max": max(kept, default=None)}
+        return {"shots": shots, "test": summary(self.kept["test"]), "dev": summary(self.kept["dev"])}
 
 # %% ../nbs/75_icl.ipynb #8f1f6013
 def verbatim_span_rate(answers:dict, contexts:dict) -> dict:
@@ -366,6 +506,83 @@ def dev_value(task:str, scores:dict) -> float:
     metric = dev_metric(task)
     return to_unit_scale(task, metric, scores.get("rank", scores)[metric])
 
+# %% ../nbs/75_icl.ipynb #5c1e0a05
+_STRIP = string.whitespace + string.punctuation
+
+def _first_word_at(text:str, words:Sequence[str]) -> int|None:
+    "Where the first of `words` occurs in `text` as a whole word, case aside; None when none does."
+    lowered = (text or "").lower()
+    found = [match.start() for word in words
+             for match in [re.search(rf"(?<!\w){re.escape(word.lower())}(?!\w)", lowered)] if match]
+    return min(found, default=None)
+
+def paper_mednli_label(text:str, words:dict[str, Sequence[str]], fallback:str) -> tuple[str, bool]:
+    """The paper's reading of a generated MedNLI answer: the label whose word (or synonym: `words`) comes first in it,
+    or `fallback` (neutral) when it holds none; and whether it fell back."""
+    found = {label: _first_word_at(text, label_words) for label, label_words in words.items()}
+    found = {label: start for label, start in found.items() if start is not None}
+    if not found:
+        return fallback, True
+    return min(found, key=found.get), False
+
+def paper_label_search(text:str, labels:Sequence[str]=CLIP_LABELS) -> list[str]:
+    "The paper's reading of a generated label list: every label whose name occurs in it (case aside), in label order."
+    lowered = (text or "").lower()
+    return [label for label in labels if label.lower() in lowered]
+
+def paper_radqa_answer(text:str, no_answer_text:str) -> str:
+    "The paper's reading of a generated RadQA answer: \"\" for the no-answer text (N/A), anything else as it is."
+    answer = (text or "").strip()
+    return "" if answer.strip(_STRIP).lower() == no_answer_text.lower() else answer
+
+def paper_subset(task:str, records:Sequence, fraction:float, seed:int=0) -> tuple[list[str], dict|None]:
+    """The paper's share of the test items: `fraction` of the task's test clusters (CLIP: whole notes), seeded, the same
+    for every unit and model; with a description. At 1: every item, and None."""
+    if fraction >= 1:
+        return [record.id for record in records], None
+    cluster = get_task(task).cluster
+    cluster_of = {record.id: str(getattr(record, cluster.field)) for record in records}
+    clusters = sorted(set(cluster_of.values()))
+    n_chosen = max(1, round(fraction * len(clusters)))
+    chosen = sorted(random.Random(f"clinical_repro-paper-subset-{seed}").sample(clusters, n_chosen))
+    ids = [record.id for record in records if cluster_of[record.id] in set(chosen)]
+    return ids, {"unit": cluster.unit, "fraction": fraction, "seed": seed, f"n_{cluster.unit}s": n_chosen,
+                 f"of_{cluster.unit}s": len(clusters), "n_items": len(ids), f"{cluster.unit}_ids": chosen}
+
+def _answer_words(task:str, prompt_set, key:str) -> list[str]:
+    "The words the paper's search reads as answer `key`: the label itself (MedNLI), the prompt set's word, synonyms."
+    synonyms = get_task(task).icl.answer_synonyms.get(key, ())
+    own = [key] if task == "mednli" else []
+    return list(dict.fromkeys([*own, prompt_set.verbalizers[key], *synonyms]))
+
+def paper_reading(task:str, variant:str|None, prompt_set):
+    "raw generations -> the paper's predictions by item id (CLIP per_label raw: {label: {id: text}})."
+    spec = get_task(task).icl.paper_protocol
+    if task == "mednli":
+        words = {label: _answer_words(task, prompt_set, label) for label in MEDNLI_LABELS}
+        return lambda raw: {i: paper_mednli_label(text, words, spec.fallback_label)[0] for i, text in raw.items()}
+    if task == "radqa":
+        return lambda raw: {i: paper_radqa_answer(text, spec.no_answer_text) for i, text in raw.items()}
+    if variant == "list":
+        return lambda raw: {i: paper_label_search(text) for i, text in raw.items()}
+    yes = _answer_words(task, prompt_set, "positive")
+    return lambda raw: {i: [label for label in CLIP_LABELS if _first_word_at(raw[label][i], yes) is not None]
+                        for i in raw[CLIP_LABELS[0]]}
+
+def paper_metrics(task:str, records:Sequence, predicted:dict) -> dict:
+    "Metrics of the paper's predictions for `records` (RadQA: SQuAD 2.0 with the protocol's no-answer probability)."
+    if task == "mednli":
+        return metrics.mednli_scores([r.label for r in records], [predicted[r.id] for r in records])
+    if task == "radqa":
+        no_answer = {r.id: get_task(task).icl.paper_protocol.no_answer_probability for r in records}
+        golds, answers = {r.id: r.answer_texts for r in records}, {r.id: predicted[r.id] for r in records}
+        scores = metrics.squad_v2_scores(golds, answers, no_answer)
+        return {key: value for key, value in scores.items() if not key.startswith("best_")}   # no threshold
+    scores = metrics.generated_multilabel_scores(metrics.clip_label_matrix(r.labels for r in records),
+                                                 [predicted[r.id] for r in records])
+    scores.pop("worst_case", None)   # the paper's search always reads some answer: there is no failure to bound
+    return scores
+
 # %% ../nbs/75_icl.ipynb #fe03f551
 def not_applicable_reason(task:str, model:str, spec) -> str|None:
     "Why an ICL unit has no protocol for this model, or None when it has one."
@@ -412,11 +629,24 @@ class ICLQueries:
     test_ids: list
     dev_windows: NoteWindows
     test_windows: NoteWindows
+    dev_draw: dict | None = None  # how the dev sample was drawn (the results file's `dev_sample_draw`)
+
+def dev_sample_draw(task:str, dev:Sequence, n:int) -> tuple[list[str], dict]:
+    """The dev sample's ids and how they were drawn: CLIP per label (`prompts.dev_sample_per_label`: every label with
+    positives, most sentences have none), the other tasks uniformly (`prompts.dev_sample`)."""
+    if task != "clip":
+        ids = prompts.dev_sample(dev, n=n)
+        return ids, {"method": "uniform", "n": len(ids), "seed": 0, "ids": ids}
+    ids = prompts.dev_sample_per_label(dev, CLIP_LABELS, n=n)
+    labels_of = {record.id: record.labels for record in dev}
+    positives = {label: sum(label in labels_of[i] for i in ids) for label in CLIP_LABELS}
+    return ids, {"method": "per_label_quota", "n": len(ids), "seed": 0,
+                 "per_label_quota": prompts.per_label_quota(n, len(CLIP_LABELS)), "positives": positives, "ids": ids}
 
 def icl_queries(task:str, task_data:TaskData, dev_n:int, limit:int|None, window_words:int) -> ICLQueries:
     "The dev sample (`dev_n`, at most `limit`) and the test items (all, or a fixed sample of `limit`) of a unit."
     dev = task_data.splits["dev"]
-    dev_ids = prompts.dev_sample(dev, n=min(dev_n, limit) if limit else dev_n)
+    dev_ids, draw = dev_sample_draw(task, dev, min(dev_n, limit) if limit else dev_n)
     test_all = task_data.splits["test"]
     test_ids = prompts.dev_sample(test_all, n=limit) if limit else [r.id for r in test_all]
     test_notes = blind("clip", task_data.notes["test"]) if task == "clip" else []
@@ -425,7 +655,7 @@ def icl_queries(task:str, task_data:TaskData, dev_n:int, limit:int|None, window_
     else:
         test = blind(task, _by_ids(test_all, test_ids))
     return ICLQueries(_by_ids(dev, dev_ids), test, test_ids, NoteWindows(task_data.notes.get("dev", []), window_words),
-                      NoteWindows(test_notes, window_words))
+                      NoteWindows(test_notes, window_words), draw)
 
 def test_gold(task_data:TaskData, test_ids:list) -> list:
     "The real test records of `test_ids` (CLIP: sentences): read only once every prediction is made."
@@ -444,27 +674,125 @@ def icl_variants(task:str, prompt_set, cloze:bool, template:str|None, model:str)
                         f"which {model} cannot run")
     return variants, skipped
 
+def choose_cloze(task:str, variant:str|None, template, predictor:TemplatePredictor,
+                 queries:ICLQueries) -> tuple[dict, dict, dict]:
+    """A cloze template's verbalizer set and calibration chosen on dev (ties: the preferred words, no calibration):
+    (its dev metrics, its dev predictions, the record of the choice with every combination's dev value)."""
+    best, values = None, {calibration: {} for calibration in CALIBRATIONS}
+    for verbalizers in predictor.verbalizers.sets():
+        for calibration in CALIBRATIONS:
+            predictor.use_cloze(verbalizers, calibration)
+            predicted = predictor.predict(template, queries.dev, queries.dev_windows, split="dev")
+            scored = score_predictions(task, variant, queries.dev, predicted)
+            value = dev_value(task, scored)
+            values[calibration]["/".join(verbalizers.values())] = value
+            if best is None or value > best[0]:
+                best = (value, scored, predicted, verbalizers, calibration)
+    _, scored, predicted, verbalizers, calibration = best
+    record = {"verbalizers": verbalizers, "calibration": calibration, "content_free_input": content_free_input(),
+              "candidates": predictor.verbalizers.candidates, "rejected": predictor.verbalizers.rejected,
+              "dev_scores": values}
+    return scored, predicted, record
+
 def choose_templates(task:str, variants:list, prompt_set, template:str|None, predictor:TemplatePredictor,
-                     queries:ICLQueries, log) -> tuple[dict, dict]:
-    "Per variant (keyed by the task for a single variant): the chosen template with the scores, and the dev metrics."
+                     queries:ICLQueries, log) -> tuple[dict, dict, dict]:
+    """Per variant (keyed by the task for a single variant): the chosen template with the scores (cloze: and its
+    verbalizers and calibration, `cloze`), the dev metrics and the dev predictions of every template."""
     fixed = prompt_set.template(template) if template is not None else None
-    choice, dev_metrics = {}, {}
+    choice, dev_metrics, dev_predictions = {}, {}, {}
     for variant in variants:
         candidates = [t for t in prompt_set.templates if t.variant == variant]
         if fixed is not None and fixed.variant == variant:
             candidates = [fixed]
-        per_template = {t.id: score_predictions(task, variant, queries.dev, predictor.predict(t, queries.dev,
-                                                                                             queries.dev_windows))
-                        for t in candidates}
+        per_template, predicted, cloze = {}, {}, {}
+        for t in candidates:
+            if predictor.cloze:
+                per_template[t.id], predicted[t.id], cloze[t.id] = choose_cloze(task, variant, t, predictor, queries)
+            else:
+                predicted[t.id] = predictor.predict(t, queries.dev, queries.dev_windows, split="dev")
+                per_template[t.id] = score_predictions(task, variant, queries.dev, predicted[t.id])
         scores = {template_id: dev_value(task, m) for template_id, m in per_template.items()}
         if len(candidates) > 1:
             chosen = prompts.choose_template(scores, prompt_set)
         else:
             chosen = {"template": candidates[0].id, "scores": scores, "reason": "given"}
+        if predictor.cloze:
+            chosen["cloze"] = cloze[chosen["template"]]
         choice[variant or task], dev_metrics[variant or task] = chosen, per_template
+        dev_predictions[variant or task] = predicted
         log.info(f"template{' (' + variant + ')' if variant else ''}: {chosen['template']} ({chosen['reason']}); "
                  f"dev {scores}")
-    return choice, dev_metrics
+    predictor.cloze_cache.clear()
+    return choice, dev_metrics, dev_predictions
+
+# %% ../nbs/75_icl.ipynb #5c1e0a08
+NO_PAPER_PROTOCOL = ("the paper ran in-context learning with generative models only (Flan-T5-XXL, GPT-3): cloze "
+                     "scoring of an encoder has no paper protocol")
+
+def _paper_template(task:str, prompt_set, queries:ICLQueries, per_template:dict, headline:dict, read) -> dict:
+    """The paper's template of a variant: chosen on dev by the paper's reading of the headline's dev generations; the
+    headline's where the headline generated none on dev (CLIP per_label ranks yes/no: generating 7 answers per dev
+    item and template would cost more than the whole headline)."""
+    if any("raw" not in predictions for predictions in per_template.values()):
+        return {"template": headline["template"], "scores": {}, "reason": "the headline's (no dev generations)"}
+    scores = {template_id: dev_value(task, paper_metrics(task, queries.dev, read(predictions["raw"])))
+              for template_id, predictions in per_template.items()}
+    return prompts.choose_template(scores, prompt_set)
+
+def paper_predictions(task:str, predictor:TemplatePredictor, prompt_set, queries:ICLQueries, choice:dict,
+                      dev_predictions:dict, test_predictions:dict) -> dict:
+    """The paper's protocol before any test label is read: its test items (`paper_subset`) and, per variant, the
+    template (`_paper_template`), the raw test generations (the headline's where the template is the same) and their
+    reading; MedNLI also the items that fell back to the protocol's label."""
+    spec = get_task(task).icl.paper_protocol
+    ids, subset = paper_subset(task, queries.test, spec.test_fraction)
+    variants = {}
+    for key, per_template in dev_predictions.items():
+        read = paper_reading(task, None if key == task else key, prompt_set)
+        chosen = _paper_template(task, prompt_set, queries, per_template, choice[key], read)
+        headline = test_predictions[key].get("raw") if chosen["template"] == choice[key]["template"] else None
+        raw = {i: headline[i] for i in ids} if headline is not None else predictor.generate_raw(
+            prompt_set.template(chosen["template"]), _by_ids(queries.test, ids), queries.test_windows)
+        variants[key] = {"template": chosen, "raw": raw, "predictions": read(raw)}
+        if task == "mednli":
+            words = {label: _answer_words(task, prompt_set, label) for label in MEDNLI_LABELS}
+            variants[key]["fallbacks"] = [i for i, text in raw.items()
+                                          if paper_mednli_label(text, words, spec.fallback_label)[1]]
+    return {"ids": ids, "subset": subset, "variants": variants}
+
+def paper_protocol_section(task:str, paper:dict|None, gold:list, test_predictions:dict, primary:str) -> dict:
+    """The results file's `paper_protocol`: the description (one line), `n_test` and the flat `test` metrics of the
+    paper's primary variant (the headline's metric names and scale), with how they were obtained."""
+    if paper is None:
+        return {"applicable": False, "reason": NO_PAPER_PROTOCOL}
+    records = _by_ids(gold, paper["ids"])
+    parts = paper["variants"]
+    scored = {key: paper_metrics(task, records, part["predictions"]) for key, part in parts.items()}
+    single = list(parts) == [task]
+    paper_primary = task if single else ("per_label" if "per_label" in parts else next(iter(parts)))
+    section = {"applicable": True, "description": get_task(task).icl.paper_protocol.description,
+               "n_test": len(records), "test": scored[paper_primary], "subset": paper["subset"],
+               "template": parts[task]["template"]["template"] if single else
+                           {key: part["template"]["template"] for key, part in parts.items()},
+               "dev_scores": parts[task]["template"]["scores"] if single else
+                             {key: part["template"]["scores"] for key, part in parts.items()},
+               "primary_variant": None if single else paper_primary}
+    if "fallbacks" in parts.get(task, {}):
+        count = len(parts[task]["fallbacks"])   # raw holds the paper's items only
+        section["fallbacks"] = {"n": len(records), "count": count, "rate": count / len(records)}
+    if not single:
+        section["variants"] = scored
+    if paper["subset"] is not None:
+        section["headline_on_subset"] = score_predictions(task, primary, records, test_predictions[primary])
+    return section
+
+def paper_payload(paper:dict|None) -> dict|None:
+    "The paper's test outputs for the predictions file: its item ids and, per variant, template, raw text, reading."
+    if paper is None:
+        return None
+    variants = {key: {"template": part["template"]["template"], "raw": part["raw"], "predictions": part["predictions"]}
+                for key, part in paper["variants"].items()}
+    return {"ids": paper["ids"], **variants}
 
 # %% ../nbs/75_icl.ipynb #b2c29164
 def variant_predictions(task:str, predictions:dict, variant:str) -> dict:
@@ -489,34 +817,43 @@ def icl_outcomes(task:str, variants:list, choice:dict, test_predictions:dict, go
 @dataclass
 class ICLScores:
     "What choosing templates, predicting and scoring produced."
-    choice: dict              # per variant: template, scores, reason
+    choice: dict              # per variant: template, scores, reason (cloze: and `cloze`, the words and calibration)
     dev_metrics: dict
     test_metrics: dict
     primary: str
     skipped: dict             # variants not scored, with the reason
     dev_seconds: float
     test_seconds: float
+    paper: dict | None = None   # the results file's `paper_protocol` (`paper_protocol_section`)
+    paper_seconds: float = 0.0
+
+def _cloze_record(choice:dict) -> dict|None:
+    "The cloze choice of a unit (its one cloze variant's verbalizers and calibration); None for a generative unit."
+    found = [part["cloze"] for part in choice.values() if "cloze" in part]
+    return found[0] if found else None
 
 def icl_record(run_id:str, config:dict, unit:dict, task_data:TaskData, queries:ICLQueries, exemplars:list,
                predictor:TemplatePredictor, scores:ICLScores, files:dict, device:dict, resolved,
                wall_seconds:float) -> dict:
     "The results record of a finished ICL unit (`unit`: seed, shots, draw as given; `files`: predictions and items)."
     single = list(scores.choice) == [config["task"]]  # one variant: its results are not keyed by variant
-    choice = scores.choice[config["task"]] if single else scores.choice
+    templates = {key: {k: v for k, v in part.items() if k != "cloze"} for key, part in scores.choice.items()}
+    choice = templates[config["task"]] if single else templates
     template_id = choice["template"] if single else {v: c["template"] for v, c in choice.items()}
     counts = {"train": len(task_data.splits["train"]), "dev": len(task_data.splits["dev"]),
               "dev_sample": len(queries.dev), "test": len(queries.test), "test_total": len(task_data.splits["test"]),
               "limit": config["limit"]}
     cost = {"wall_seconds": wall_seconds, "dev_seconds": scores.dev_seconds, "test_seconds": scores.test_seconds,
             "test_items_per_second": len(queries.test) / scores.test_seconds if scores.test_seconds > 0 else None,
-            "tokens_in": predictor.tokens_in, "tokens_out": predictor.tokens_out}
+            "paper_seconds": scores.paper_seconds, "tokens_in": predictor.tokens_in, "tokens_out": predictor.tokens_out}
     metrics_ = {"dev": scores.dev_metrics[config["task"]] if single else scores.dev_metrics,
                 "test": scores.test_metrics[config["task"]] if single else scores.test_metrics}
     return {"run_id": run_id, "status": "ok", "task": config["task"], "model": config["model"], "mode": "icl",
             "seed": unit["seed"], "fraction": None, "shots": unit["shots"], "draw": unit["draw"], "metrics": metrics_,
             "dev_metric": dev_metric(config["task"]), "template": choice,
-            "exemplar_ids": prompts.exemplar_ids(exemplars),
+            "exemplar_ids": prompts.exemplar_ids(exemplars), "exemplars_kept": predictor.exemplars_kept(unit["shots"]),
             "normalisation": config["normalisation"], "protocol": config["protocol"],
+            "cloze": _cloze_record(scores.choice), "paper_protocol": scores.paper, "dev_sample_draw": queries.dev_draw,
             "not_applicable_parts": scores.skipped, "counts": counts, "truncation": predictor.truncation,
             "predictions": files["predictions"], "items": files["items"], "primary_variant": scores.primary,
             "config": config,
@@ -525,26 +862,48 @@ def icl_record(run_id:str, config:dict, unit:dict, task_data:TaskData, queries:I
             "cost": cost, "synthetic_demo": resolved.spec.builtin is not None}
 
 # %% ../nbs/75_icl.ipynb #c4382963
+def _predict_test(predictor:TemplatePredictor, prompt_set, chosen:dict, queries:ICLQueries) -> dict:
+    "Test predictions of one variant with its chosen template (cloze: and its verbalizers and calibration)."
+    if predictor.cloze:
+        predictor.use_cloze(chosen["cloze"]["verbalizers"], chosen["cloze"]["calibration"])
+    return predictor.predict(prompt_set.template(chosen["template"]), queries.test, queries.test_windows, split="test")
+
 def _predict_and_score(task:str, config:dict, task_data:TaskData, queries:ICLQueries, predictor:TemplatePredictor,
-                       prompt_set, template:str|None, model:str, log) -> tuple[ICLScores, dict, list]:
-    "Choose templates on dev, predict test, then read the test labels and score: (scores, test predictions, gold)."
+                       prompt_set, template:str|None, model:str, log) -> tuple[ICLScores, dict, dict]:
+    """Choose templates on dev, predict test (the headline, then the paper's protocol), then read the test labels and
+    score: (scores, the predictions file's payload, per-item outcomes)."""
     variants, skipped = icl_variants(task, prompt_set, config["protocol"] == "cloze", template, model)
     started = time.perf_counter()
-    choice, dev_metrics = choose_templates(task, variants, prompt_set, template, predictor, queries, log)
+    choice, dev_metrics, dev_predictions = choose_templates(task, variants, prompt_set, template, predictor, queries,
+                                                            log)
     dev_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    test_predictions = {variant or task: predictor.predict(prompt_set.template(choice[variant or task]["template"]),
-                                                           queries.test, queries.test_windows)
+    test_predictions = {variant or task: _predict_test(predictor, prompt_set, choice[variant or task], queries)
                         for variant in variants}
     test_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    paper = None if predictor.cloze else paper_predictions(task, predictor, prompt_set, queries, choice,
+                                                           dev_predictions, test_predictions)
+    paper_seconds = time.perf_counter() - started
     # Predictions are frozen; the test labels are read for the first time here.
     gold = test_gold(task_data, queries.test_ids)
     test_metrics = {variant or task: score_predictions(task, variant, gold, test_predictions[variant or task])
                     for variant in variants}
     outcomes, primary = icl_outcomes(task, variants, choice, test_predictions, gold)
-    scores = ICLScores(choice, dev_metrics, test_metrics, primary, skipped, dev_seconds, test_seconds)
-    return scores, test_predictions, outcomes
+    section = paper_protocol_section(task, paper, gold, test_predictions, primary)
+    scores = ICLScores(choice, dev_metrics, test_metrics, primary, skipped, dev_seconds, test_seconds, section,
+                       paper_seconds)
+    payload = {"test": test_predictions}
+    if paper is not None:
+        payload["paper_protocol"] = paper_payload(paper)
+    return scores, payload, outcomes
 
+def _cloze_verbalizers_or_reason(task:str, model:str, prompt_set, tokenizer, protocol:str):
+    "A cloze unit's one-token candidates (None for a generative unit), or why the unit is not applicable."
+    if protocol != "cloze":
+        return None, None
+    verbalizers = cloze_verbalizers(verbalizer_candidates(task, prompt_set), tokenizer)
+    return verbalizers, no_verbalizer_reason(model, task, verbalizers) if verbalizers.missing() else None
 def run_icl_unit(
     task:str, model:str, data_dir, out, *,
     shots:int,                   # exemplars per prompt
@@ -578,14 +937,18 @@ def run_icl_unit(
     device = models.device_info()
     tokenizer, icl_model = load_icl_model(resolved, device)
     prompt_set, window_words = prompts.load_prompts(task), config["window_words"]
+    verbalizers, reason = _cloze_verbalizers_or_reason(task, model, prompt_set, tokenizer, config["protocol"])
+    if reason is not None:
+        return write_not_applicable(out, run_id, config, reason, task_data, resolved.source,
+                                    resolved.spec.builtin is not None)
     exemplars = prompts.draw_exemplars(task_data.splits["train"], shots, draw, seed, prompts.exemplar_stratum(task))
     queries = icl_queries(task, task_data, config["dev_sample"], limit, window_words)
     exemplar_windows = NoteWindows(task_data.notes.get("train", []), window_words)
     predictor = TemplatePredictor(task, icl_model, tokenizer, prompt_set, exemplars, exemplar_windows, normalisation,
-                                  batch_size)
-    scores, test_predictions, outcomes = _predict_and_score(task, config, task_data, queries, predictor, prompt_set,
-                                                            template, model, log)
-    files = {"predictions": write_predictions(out, run_id, {"test": test_predictions}),
+                                  batch_size, budget=config["budget"], verbalizers=verbalizers)
+    scores, payload, outcomes = _predict_and_score(task, config, task_data, queries, predictor, prompt_set, template,
+                                                   model, log)
+    files = {"predictions": write_predictions(out, run_id, payload),
              "items": write_items(out, run_id, task, outcomes, scores.primary)}
     record = icl_record(run_id, config, {"seed": seed, "shots": shots, "draw": draw}, task_data, queries, exemplars,
                         predictor, scores, files, device, resolved, time.perf_counter() - started)

@@ -12,7 +12,7 @@ from pathlib import Path
 from .core import UserError
 from .config import (TrainSpec, TaskSpec, train_layers, task_layer, merge_train, check_keys, make_run_id,
                                    params_dir)
-from .tasks import answer_room, check_task, get_task, icl_dev_n
+from .tasks import answer_room, check_task, content_free_input, get_task, icl_budget, icl_dev_n
 from .data import TaskData, load_task, ensure_subsets
 from . import models, prompts
 
@@ -92,6 +92,13 @@ def _check_icl_arguments(task:str, shots:int, draw:int, limit:int|None, normalis
     if normalisation not in ("sum", "mean"):
         raise UserError(f"normalisation must be 'sum' or 'mean', got {normalisation!r}")
 
+def _icl_answers(task:str) -> dict:
+    "The task registry's ICL answer settings a unit's results depend on: synonyms, the paper's protocol, calibration."
+    icl = get_task(task).icl
+    return {"answer_synonyms": {key: list(words) for key, words in icl.answer_synonyms.items()},
+            "paper_protocol": icl.paper_protocol.model_dump() if icl.paper_protocol is not None else None,
+            "content_free_input": content_free_input()}
+
 def icl_identity(task:str, model:str, data_dir, *, shots:int, draw:int=0, seed:int=0, limit:int|None=None,
                  template:str|None=None, normalisation:str="sum", dev_n:int|None=None, registry:dict|None=None,
                  data=None):
@@ -110,6 +117,7 @@ def icl_identity(task:str, model:str, data_dir, *, shots:int, draw:int=0, seed:i
               "limit": limit, "template": template, "dev_sample": icl_dev_n() if dev_n is None else dev_n,
               "normalisation": normalisation, "prompt_version": prompts.prompt_version(task),
               "window_words": clip_window_words(), "answer_room": answer_room(),
-              "protocol": "cloze" if resolved.spec.family == "encoder" else "generative"}
+              "protocol": "cloze" if resolved.spec.family == "encoder" else "generative",
+              "budget": icl_budget(resolved.spec.family), **_icl_answers(task)}
     task_data = data if data is not None else load_task(data_dir, task)
     return config, task_data, make_run_id(config, task_data.data_hash), resolved

@@ -1,4 +1,4 @@
-"""MedNLI accuracy and macro-F1; RadQA by the SQuAD 2.0 rules with a dev-tuned no-answer threshold; CLIP multi-label F1 with dev-tuned thresholds and AUC from probabilities; bootstrap CIs, paired tests and Holm correction.
+"""MedNLI accuracy and macro-F1; RadQA by the SQuAD 2.0 rules with a dev-tuned no-answer threshold; CLIP multi-label F1 with dev-tuned thresholds and AUC from probabilities; per-item outcomes with cluster ids; one two-level bootstrap (seeds, then item clusters) for every interval and paired test; McNemar; Holm correction.
 
 Docs: https://clinical-repro.github.io/clinical_repro/metrics.html.md"""
 
@@ -10,14 +10,14 @@ import collections, math, re, string
 from typing import Callable, Mapping, Sequence
 import numpy as np
 from .core import UserError
-from .tasks import CLIP_LABELS, MEDNLI_LABELS, check_task
+from .tasks import CLIP_LABELS, MEDNLI_LABELS, check_task, get_task
 
 # %% auto #0
 __all__ = ['mednli_scores', 'normalize_answer', 'exact_match', 'token_f1', 'raw_scores', 'squad_v2_scores',
            'tune_no_answer_threshold', 'apply_no_answer_threshold', 'f1_from_counts', 'multilabel_scores',
            'generated_multilabel_scores', 'tune_thresholds', 'apply_thresholds', 'multilabel_auc', 'clip_label_bits',
-           'clip_bits_to_matrix', 'clip_label_matrix', 'item_outcomes', 'bootstrap_ci', 'paired_bootstrap', 'mcnemar',
-           'holm']
+           'clip_bits_to_matrix', 'clip_label_matrix', 'item_outcomes', 'baseline_outcomes', 'outcome_counts',
+           'metric_from_counts', 'two_level_bootstrap', 'interval_label', 'mcnemar', 'holm']
 
 # %% ../nbs/40_metrics.ipynb #8e809b37
 def _ids_preview(ids, k:int=5) -> str:
@@ -370,64 +370,221 @@ def _clip_outcomes(records:Sequence, pred:Mapping) -> dict:
     predicted = [clip_label_bits(pred[item_id] or ()) for item_id in ids]   # a parse failure predicts no label
     return {"ids": ids, "gold": gold, "pred": predicted}
 
+def _cluster_ids(task:str, records:Sequence) -> list[int]:
+    "Per record, the index (in order of first appearance) of its cluster key, the attribute the registry names."
+    field = get_task(task).cluster.field
+    first_seen = {}
+    for record in records:
+        if not hasattr(record, field):
+            raise UserError(f"{task} record {getattr(record, 'id', record)!r} has no {field!r}, the attribute that "
+                            f"groups {task} test items (params/tasks/{task}.yaml cluster.field)")
+        first_seen.setdefault(getattr(record, field), len(first_seen))
+    return [first_seen[getattr(record, field)] for record in records]
+
 def item_outcomes(
     task:str,          # mednli, radqa or clip
     records:Sequence,  # gold records in a fixed order (CLIP: sentences)
     pred:Mapping,      # id -> final prediction (label / answer text / label list; None = parse failure)
 ) -> dict:
-    "Per-item outcomes without any text: what bootstrap intervals, paired tests and error analysis need."
+    "Per-item outcomes and cluster ids, without any text: what intervals, paired tests and error analysis need."
     check_task(task)
     outcomes = {"mednli": _mednli_outcomes, "radqa": _radqa_outcomes, "clip": _clip_outcomes}[task]
-    return outcomes(records, pred)
+    clusters = _cluster_ids(task, records)   # first: a record without the cluster key is a clear error
+    return {**outcomes(records, pred), "clusters": clusters}
+
+# %% ../nbs/40_metrics.ipynb #c8d2f3b5
+def _mednli_baselines(items:Mapping, majority:str|None) -> dict:
+    gold = np.asarray(items["gold"])
+    if majority is None:   # without the training labels: the most frequent test label, named as such
+        label, source = MEDNLI_LABELS[int(np.bincount(gold, minlength=len(MEDNLI_LABELS)).argmax())], "test"
+    else:
+        label, source = majority, "train"
+    if label not in MEDNLI_LABELS:
+        raise UserError(f"majority label {label!r} is not a MedNLI label; expected one of {', '.join(MEDNLI_LABELS)}")
+    name = f"majority class ({label}, from {source})"
+    return {name: {**items, "pred": [MEDNLI_LABELS.index(label)] * len(gold)}}
+
+def _radqa_baselines(items:Mapping) -> dict:
+    abstain = [1 - int(has_answer) for has_answer in items["has_answer"]]   # "" is right exactly when there is none
+    return {"always no answer": {**items, "exact": abstain, "f1": [float(v) for v in abstain],
+                                 "pred_empty": [1] * len(abstain)}}
+
+def _clip_baselines(items:Mapping) -> dict:
+    every_label = (1 << len(CLIP_LABELS)) - 1
+    return {"all none": {**items, "pred": [0] * len(items["gold"])},
+            "all labels": {**items, "pred": [every_label] * len(items["gold"])}}
+
+def baseline_outcomes(
+    task:str,                   # mednli, radqa or clip
+    items:Mapping,              # a unit's per-item outcomes (`item_outcomes`), whose gold side is used
+    majority:str|None=None,     # MedNLI: the majority class of the training data (default: of these test items)
+) -> dict[str, dict]:
+    "Trivial baselines on the same items: name -> per-item outcomes in `item_outcomes`' shape."
+    check_task(task)
+    if task == "mednli":
+        return _mednli_baselines(items, majority)
+    return _radqa_baselines(items) if task == "radqa" else _clip_baselines(items)
 
 # %% ../nbs/40_metrics.ipynb #d71aeb35
-def _check_boot(n_items:int, n_boot:int, alpha:float):
-    if not isinstance(n_items, (int, np.integer)) or n_items < 2:
-        raise UserError(f"n_items must be an integer >= 2, got {n_items!r}")
-    if not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
-        raise UserError(f"n_boot must be a positive integer, got {n_boot!r}")
-    if not 0 < alpha < 1: raise UserError(f"alpha must be between 0 and 1, got {alpha!r}")
+_RATIO_METRICS = {("mednli", "accuracy"), ("radqa", "exact"), ("radqa", "f1")}   # summed values / item count
 
-def _bootstrap(stat:Callable, n_items:int, n_boot:int, alpha:float, seed:int):
-    from scipy import stats  # imported here, like scikit-learn: the command line scores and plans without them
-    return stats.bootstrap((np.arange(n_items),), lambda idx: float(stat(idx)), vectorized=False, n_resamples=n_boot,
-                           method="percentile", confidence_level=1 - alpha, rng=np.random.default_rng(seed))
+def _check_table_metric(task:str, metric:str) -> None:
+    "A UserError unless `metric` is one of `task`'s table metrics (the ones its per-item outcomes give)."
+    check_task(task)
+    known = tuple(get_task(task).table_metrics())
+    if metric not in known:
+        raise UserError(f"{task} items give {', '.join(known)}, not {metric!r}")
 
-def bootstrap_ci(
-    metric_fn:Callable[[np.ndarray], float], # metric on the items at these (resampled) indices
-    n_items:int,                             # number of items
-    n_boot:int=1000,                         # bootstrap resamples
-    alpha:float=0.05,                        # 1 - confidence level
-    seed:int=0,                              # resampling seed
-) -> dict:
-    "Point estimate and percentile bootstrap interval: dict(point, low, high)."
-    _check_boot(n_items, n_boot, alpha)
-    res = _bootstrap(metric_fn, n_items, n_boot, alpha, seed)
-    return dict(point=float(metric_fn(np.arange(n_items))), low=float(res.confidence_interval.low),
-                high=float(res.confidence_interval.high))
+def outcome_counts(
+    task:str,       # mednli, radqa or clip
+    metric:str,     # one of the task's table metrics: accuracy; exact, f1; micro_f1, macro_f1
+    outcomes:dict,  # one unit's `item_outcomes` (or the same lists read back from its items file)
+) -> np.ndarray:
+    "(n_items, k) per-item additive counts: `metric_from_counts` of their sum over any items is `metric` on them."
+    _check_table_metric(task, metric)
+    if task == "mednli":
+        correct = np.asarray(outcomes["gold"]) == np.asarray(outcomes["pred"])
+        return np.column_stack([correct, np.ones(correct.size)]).astype(float)
+    if task == "radqa":
+        values = np.asarray(outcomes[metric], float)
+        return np.column_stack([values, np.ones(values.size)])
+    gold, pred = clip_bits_to_matrix(outcomes["gold"]), clip_bits_to_matrix(outcomes["pred"])
+    per_label = np.concatenate([gold & pred, (1 - gold) & pred, gold & (1 - pred)], axis=1)  # tp, fp, fn per label
+    if metric == "micro_f1":
+        return per_label.reshape(len(gold), 3, len(CLIP_LABELS)).sum(2).astype(float)
+    return per_label.astype(float)
+
+def metric_from_counts(
+    task:str,    # as for `outcome_counts`
+    metric:str,  # as for `outcome_counts`
+    sums,        # (..., k) counts summed over items
+) -> np.ndarray:
+    "`metric` (0-1) from `outcome_counts` summed over items; the leading axes are kept (one value per row)."
+    _check_table_metric(task, metric)
+    sums = np.asarray(sums, float)
+    if (task, metric) in _RATIO_METRICS:
+        return sums[..., 0] / sums[..., 1]
+    if metric == "micro_f1":
+        return f1_from_counts(sums[..., 0], sums[..., 1], sums[..., 2])
+    true_pos, false_pos, false_neg = np.split(sums, 3, axis=-1)
+    return f1_from_counts(true_pos, false_pos, false_neg).mean(-1)
 
 # %% ../nbs/40_metrics.ipynb #3607845d
-def paired_bootstrap(
-    metric_fn_a:Callable[[np.ndarray], float], # system a's metric on the items at these indices
-    metric_fn_b:Callable[[np.ndarray], float], # system b's metric on the same items
-    n_items:int,                               # number of items (the same items for both systems)
-    n_boot:int=1000,                           # bootstrap resamples
-    seed:int=0,                                # resampling seed
-    alpha:float=0.05,                          # 1 - confidence level of the interval
+def _seed_counts(counts, name:str) -> np.ndarray:
+    "`counts` (one (n_items, k) array per seed) as one (n_seeds, n_items, k) float array, checked."
+    if counts is None or len(counts) == 0:
+        raise UserError(f"{name} must hold one (n_items, k) array of per-item counts per seed, got none")
+    arrays = [np.asarray(seed_counts, float) for seed_counts in counts]
+    shapes = sorted({array.shape for array in arrays})
+    if len(shapes) != 1 or len(shapes[0]) != 2:
+        raise UserError(f"{name}: every seed needs an (n_items, k) array of counts, all of one shape; got {shapes}")
+    stacked = np.stack(arrays)
+    if not np.isfinite(stacked).all():
+        raise UserError(f"{name}: counts must be finite numbers")
+    return stacked
+
+def _cluster_index(clusters, n_items:int) -> np.ndarray:
+    "Each item's cluster as 0 .. n_clusters - 1; every item its own cluster when `clusters` is None."
+    if clusters is None:
+        return np.arange(n_items)
+    ids = np.asarray(clusters)
+    if ids.shape != (n_items,) or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
+        raise UserError(f"clusters must give one integer cluster id per item ({n_items} items), "
+                        f"got {ids.size} value(s) of type {ids.dtype}")
+    return np.unique(ids, return_inverse=True)[1].reshape(-1)
+
+def _check_resampling(n_clusters:int, n_boot:int, alpha:float) -> None:
+    if n_clusters < 2:
+        raise UserError(f"at least 2 item clusters are needed to resample, got {n_clusters}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise UserError(f"n_boot must be a positive integer, got {n_boot!r}")
+    if not 0 < alpha < 1:
+        raise UserError(f"alpha must be between 0 and 1, got {alpha!r}")
+
+def _statistic_values(statistic:Callable, sums:np.ndarray) -> np.ndarray:
+    "statistic(sums) as floats, checked to give one value per row of `sums` (..., k)."
+    values = np.asarray(statistic(sums), float)
+    if values.shape != sums.shape[:-1]:
+        raise UserError(f"statistic must map summed counts of shape {sums.shape} to one value per row, "
+                        f"shape {sums.shape[:-1]}; got {values.shape}")
+    return values
+
+def _multiplicities(picks:np.ndarray, n_choices:int) -> np.ndarray:
+    "(n_boot, m) draws of 0 .. n_choices - 1 -> (n_boot, n_choices): how often each was drawn, per row."
+    n_rows = picks.shape[0]
+    flat = (picks + n_choices * np.arange(n_rows)[:, None]).ravel()
+    return np.bincount(flat, minlength=n_rows * n_choices).reshape(n_rows, n_choices)
+
+def _draw_weights(rng, n_boot:int, n_clusters:int, n_seeds:Sequence[int]) -> tuple[np.ndarray, list[np.ndarray]]:
+    "Cluster multiplicities (n_boot, n_clusters), shared by the systems, and per system its seed multiplicities."
+    cluster_weights = _multiplicities(rng.integers(0, n_clusters, (n_boot, n_clusters)), n_clusters)
+    return cluster_weights, [_multiplicities(rng.integers(0, n, (n_boot, n)), n) for n in n_seeds]
+
+def _cluster_sums(counts:np.ndarray, index:np.ndarray, n_clusters:int) -> np.ndarray:
+    "(n_seeds, n_items, k) counts -> (n_clusters, n_seeds * k): per cluster, every seed's counts summed."
+    sums = np.zeros((n_clusters, counts.shape[0], counts.shape[2]))
+    np.add.at(sums, index, counts.transpose(1, 0, 2))
+    return sums.reshape(n_clusters, -1)
+
+def _resampled_seed_means(systems:list, index:np.ndarray, cluster_weights:np.ndarray, seed_weights:list,
+                          statistic:Callable) -> list[np.ndarray]:
+    "Per system, (n_boot,) seed-means of the statistic on the resampled items (one matrix product for all seeds)."
+    n_clusters, n_boot, k = cluster_weights.shape[1], cluster_weights.shape[0], systems[0].shape[2]
+    columns = np.concatenate([_cluster_sums(counts, index, n_clusters) for counts in systems], axis=1)
+    per_seed = _statistic_values(statistic, (cluster_weights @ columns).reshape(n_boot, -1, k))
+    per_system = np.split(per_seed, np.cumsum([len(counts) for counts in systems])[:-1], axis=1)
+    return [(values * weights).sum(1) / weights.shape[1] for values, weights in zip(per_system, seed_weights)]
+
+def _two_sided_p(observed:float, resampled:np.ndarray) -> float:
+    "Share of resamples on the other side of 0 from `observed` (+1 correction), doubled, capped at 1."
+    if observed == 0:
+        return 1.0
+    other_side = int((resampled <= 0).sum() if observed > 0 else (resampled >= 0).sum())
+    return min(1.0, 2 * (other_side + 1) / (resampled.size + 1))
+
+# %% ../nbs/40_metrics.ipynb #5a0c2e71
+def two_level_bootstrap(
+    counts_a:Sequence,            # system a: per seed (unit), an (n_items, k) array of per-item additive counts
+    statistic:Callable,           # summed counts (..., k) -> the metric (...), e.g. partial(metric_from_counts, t, m)
+    counts_b:Sequence|None=None,  # system b, for a paired comparison: per seed, counts of the same items, same order
+    clusters=None,                # per item, an integer cluster id (shared by both systems); None: single items
+    n_boot:int=1000,              # bootstrap resamples
+    alpha:float=0.05,             # 1 - confidence level
+    seed:int=0,                   # resampling seed
 ) -> dict:
-    "Difference a - b with its percentile bootstrap interval and a two-sided p-value: dict(diff, low, high, p_value)."
-    _check_boot(n_items, n_boot, alpha)
-    result = _bootstrap(lambda index: metric_fn_a(index) - metric_fn_b(index), n_items, n_boot, alpha, seed)
-    every_item = np.arange(n_items)
-    diff = float(metric_fn_a(every_item) - metric_fn_b(every_item))
-    resampled = np.asarray(result.bootstrap_distribution)
-    if diff == 0:
-        p_value = 1.0
-    else:
-        other_side = int((resampled <= 0).sum() if diff > 0 else (resampled >= 0).sum())
-        p_value = min(1.0, 2 * (other_side + 1) / (n_boot + 1))
-    interval = result.confidence_interval
-    return dict(diff=diff, low=float(interval.low), high=float(interval.high), p_value=p_value)
+    """Resample the seeds within each system, then the item clusters (shared), with replacement; the statistic is the
+    seed-mean of the metric on the resampled items. One system: dict(point, low, high, ...). Two: the difference
+    a - b with its percentile interval and the two-sided p-value from the same resamples. Both also give n_seeds
+    (per system), n_items, n_clusters and the resampled statistic (`distribution`)."""
+    systems = [_seed_counts(counts_a, "counts_a")]
+    if counts_b is not None:
+        systems.append(_seed_counts(counts_b, "counts_b"))
+        if systems[0].shape[1:] != systems[1].shape[1:]:
+            raise UserError(f"counts_a and counts_b must cover the same items with the same counts: (n_items, k) = "
+                            f"{systems[0].shape[1:]} and {systems[1].shape[1:]}")
+    index = _cluster_index(clusters, systems[0].shape[1])
+    n_clusters = int(index.max()) + 1 if index.size else 0
+    _check_resampling(n_clusters, n_boot, alpha)
+    points = [float(_statistic_values(statistic, counts.sum(1)).mean()) for counts in systems]
+    cluster_weights, seed_weights = _draw_weights(np.random.default_rng(seed), n_boot, n_clusters,
+                                                  [len(counts) for counts in systems])
+    means = _resampled_seed_means(systems, index, cluster_weights, seed_weights, statistic)
+    shape = dict(n_seeds=[len(counts) for counts in systems], n_items=int(index.size), n_clusters=n_clusters)
+    if len(systems) == 1:
+        low, high = np.quantile(means[0], [alpha / 2, 1 - alpha / 2])
+        return dict(point=points[0], low=float(low), high=float(high), **shape, distribution=means[0])
+    resampled, diff = means[0] - means[1], points[0] - points[1]
+    low, high = np.quantile(resampled, [alpha / 2, 1 - alpha / 2])
+    return dict(a_mean=points[0], b_mean=points[1], diff=diff, low=float(low), high=float(high),
+                p_value=_two_sided_p(diff, resampled), **shape, distribution=resampled)
+
+def interval_label(
+    n_seeds:int,            # seeds (units) behind the interval; for a pair, the smaller number of the two systems
+    cluster_unit:str|None,  # what a cluster is (premise, report, note); None: items resampled one by one
+) -> str:
+    "What a `two_level_bootstrap` interval covers, in words for a reader of the table."
+    items = f"clusters: {cluster_unit}" if cluster_unit else "single items: no cluster ids"
+    return f"over seeds and items ({items})" if n_seeds > 1 else f"items only (1 seed; {items})"
 
 # %% ../nbs/40_metrics.ipynb #45f9b4b3
 def _as_bool_vector(values, name:str) -> np.ndarray:

@@ -19,7 +19,7 @@ from .data import NLIRecord, QARecord, CLIPSentence
 # %% auto #0
 __all__ = ['PromptTemplate', 'PromptSet', 'read_prompts', 'load_prompts', 'prompt_version', 'verbalize', 'is_no_answer',
            'map_no_answer', 'exemplar_stratum', 'draw_exemplars', 'exemplar_ids', 'record_fields', 'BuiltPrompt',
-           'build_prompt', 'dev_sample', 'choose_template']
+           'build_prompt', 'dev_sample', 'per_label_quota', 'dev_sample_per_label', 'choose_template']
 
 # %% ../nbs/65_prompts.ipynb #ed95ee68
 class PromptTemplate(Spec):
@@ -399,6 +399,34 @@ def dev_sample(
     ids = sorted({item if isinstance(item, str) else item.id for item in dev_items})
     if n < 1: raise UserError(f"dev sample size must be positive, got {n}")
     return sorted(random.Random(f"clinical_repro-devsample-{seed}").sample(ids, min(n, len(ids))))
+
+def per_label_quota(n:int, n_labels:int) -> int:
+    "Positives drawn first per label in a dev sample of `n`: together at most half the sample, at least one each."
+    return max(1, n // (2 * n_labels))
+
+def dev_sample_per_label(
+    dev_items:Sequence,       # multi-label dev records with `.id` and `.labels` (CLIP sentences)
+    labels:Sequence[str],     # the labels that must have positives in the sample, e.g. CLIP_LABELS
+    n:int|None=None,          # sample size; default the study's (`tasks.icl_dev_n()`, the paper's 200)
+    seed:int=0,               # sampling seed
+) -> list[str]:
+    """A fixed, seeded sample of `n` dev ids in which every label has positives: `per_label_quota` items of each label
+    are drawn first (rarest label first; fewer where dev has fewer), then the rest uniformly; sorted."""
+    n = icl_dev_n() if n is None else n
+    if n < 1: raise UserError(f"dev sample size must be positive, got {n}")
+    quota = per_label_quota(n, len(labels))
+    rng = random.Random(f"clinical_repro-devsample-{seed}")
+    ids = sorted(item.id for item in dev_items)
+    positives = {label: [item.id for item in sorted(dev_items, key=lambda item: item.id) if label in item.labels]
+                 for label in labels}
+    chosen = set()
+    for label in sorted(labels, key=lambda label: len(positives[label])):   # stable: ties keep the labels' order
+        pool = [item_id for item_id in positives[label] if item_id not in chosen]
+        have = len(positives[label]) - len(pool)
+        chosen.update(rng.sample(pool, min(max(0, quota - have), len(pool), n - len(chosen))))
+    rest = [item_id for item_id in ids if item_id not in chosen]
+    chosen.update(rng.sample(rest, min(n - len(chosen), len(rest))))
+    return sorted(chosen)
 
 def choose_template(
     scores:dict[str, float],   # template id -> dev score (higher is better) on `dev_sample`

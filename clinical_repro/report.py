@@ -21,13 +21,14 @@ from .tasks import TASKS, MEDNLI_LABELS, CLIP_LABELS, dev_metric, get_task, to_u
 from . import metrics, results
 
 # %% auto #0
-__all__ = ['N_BOOT', 'METRICS', 'METRIC_LABELS', 'HEADLINE_COLUMNS', 'SYNTHETIC_BANNER', 'ANSWER_BINS', 'load_results',
-           'load_items', 'clip_scores_from_masks', 'synthetic_notice', 'load_manifest', 'units_table', 'cost_table',
-           'plot_learning_curve', 'confusion_matrix', 'plot_confusion', 'qa_breakdown', 'per_label_f1', 'table3',
-           'format_table3', 'PaperResult', 'PaperResults', 'paper_results', 'compare_with_paper', 'clinical_vs_general',
-           'limited_data', 'plot_limited_data', 'icl_vs_finetune', 'plot_icl_vs_finetune', 'plot_cost_vs_score',
-           'efficiency', 'provenance', 'save_figure', 'md_table', 'summary_markdown', 'write_summary_md',
-           'format_pairs', 'summary_sections', 'summarize']
+__all__ = ['N_BOOT', 'METRICS', 'METRIC_LABELS', 'HEADLINE_COLUMNS', 'PAPER_PREFIX', 'SYNTHETIC_BANNER', 'ANSWER_BINS',
+           'BASELINE_MODE', 'load_results', 'load_items', 'clip_scores_from_masks', 'synthetic_notice', 'load_manifest',
+           'units_table', 'cost_table', 'plot_learning_curve', 'confusion_matrix', 'plot_confusion', 'qa_breakdown',
+           'per_label_f1', 'baseline_units', 'table3', 'format_table3', 'PaperResult', 'PaperResults', 'paper_results',
+           'compare_with_paper', 'paper_protocol_table', 'generated_outputs', 'clinical_vs_general', 'limited_data',
+           'format_limited_data', 'clip_subsets', 'plot_limited_data', 'icl_vs_finetune', 'plot_icl_vs_finetune',
+           'plot_cost_vs_score', 'efficiency', 'provenance', 'save_figure', 'md_table', 'summary_markdown',
+           'write_summary_md', 'format_pairs', 'summary_sections', 'summarize']
 
 # %% ../nbs/90_report.ipynb #714478e8
 _log = get_logger("clinical_repro.report")
@@ -92,8 +93,22 @@ def _headline(record:dict) -> dict:
 _IDENTITY_COLUMNS = ("run_id", "status", "task", "model", "mode", "seed", "fraction", "shots", "draw")
 _COST_COLUMNS = ("wall_seconds", "train_seconds", "eval_seconds", "gpu_hours", "cpu_seconds", "samples_per_second",
                  "peak_rss_mb", "oom_retries")
-_RESULT_COLUMNS = (*_IDENTITY_COLUMNS, *HEADLINE_COLUMNS, "dev", "test", "n_test", *_COST_COLUMNS, "device",
-                   "precision", "synthetic_demo", "error", "path", "items")
+PAPER_PREFIX = "paper_protocol_"   # load_results' columns of the headline metrics under the paper's protocol
+_PAPER_COLUMNS = (*(f"{PAPER_PREFIX}{metric}" for metric in HEADLINE_COLUMNS), "paper_protocol", "paper_n_test")
+_RESULT_COLUMNS = (*_IDENTITY_COLUMNS, *HEADLINE_COLUMNS, "dev", "test", "n_test", *_PAPER_COLUMNS, "exemplars_kept",
+                   *_COST_COLUMNS, "device", "precision", "synthetic_demo", "error", "path", "items")
+
+def _paper_protocol(record:dict) -> dict:
+    """The unit's headline metrics (0-1) under the paper's protocol, its description and item count, where the
+    results file has a `paper_protocol` section (the paper's protocol differs from the project's); else NaN/None."""
+    task, section = record.get("task"), record.get("paper_protocol") or {}
+    scores = section.get("test") or {}
+    if not scores:   # absent, or recorded as not applicable (e.g. cloze ICL: the paper has no such protocol)
+        section = {}
+    columns = {f"{PAPER_PREFIX}{metric}": math.nan for metric in HEADLINE_COLUMNS}
+    for metric in (get_task(task).table_metrics() if task in TASKS and scores else ()):
+        columns[f"{PAPER_PREFIX}{metric}"] = to_unit_scale(task, metric, _as_float(scores.get(metric)))
+    return {**columns, "paper_protocol": section.get("description"), "paper_n_test": _as_float(section.get("n_test"))}
 
 def _cost(record:dict) -> dict:
     "The cost columns of one results record (GPU-hours from wall time for CUDA units that record none)."
@@ -116,11 +131,13 @@ def _row(record:dict, path:Path, results_dir:Path) -> dict:
     row = {key: record.get(key) for key in _IDENTITY_COLUMNS}
     if record.get("status") == "ok":
         row.update(_headline(record))
+        row.update(_paper_protocol(record))
     else:
         row.update(dict.fromkeys((*HEADLINE_COLUMNS, "test", "dev"), math.nan))
     row.update(_cost(record))
     items = record.get("items")
     row.update(n_test=_as_float(_lookup(record, "counts", "test")),
+               exemplars_kept=_as_float(_lookup(record, "exemplars_kept", "test", "mean")),
                device=_lookup(record, "provenance", "device", "type"),
                precision=(record.get("provenance") or {}).get("precision"),
                synthetic_demo=bool(record.get("synthetic_demo", False)),
@@ -177,35 +194,10 @@ def load_items(results_dir,             # the grid's results folder
         raise UserError(f"{Path(results_dir)/relative}: no variant {name!r}; expected one of {sorted(variants)}")
     return {**variants[name], "task": items_file.get("task"), "variant": name}
 
-def _check_item_metric(task:str, metric:str) -> None:
-    "A UserError unless `metric` is one `task`'s items give (its table metrics)."
-    known = tuple(get_task(task).table_metrics())
-    if metric not in known:
-        raise UserError(f"{task} items give {', '.join(known)}, not {metric!r}")
-
-def _clip_f1_over_items(metric:str, items:dict) -> Callable[[np.ndarray], float]:
-    "CLIP micro- or macro-F1 of the items at `positions`, from per-item label counts."
-    gold, pred = metrics.clip_bits_to_matrix(items["gold"]), metrics.clip_bits_to_matrix(items["pred"])
-    # Per-item counts: a resample's F1 is the F1 of its summed counts, the same arithmetic as multilabel_scores.
-    true_pos, false_pos, false_neg = gold & pred, (1 - gold) & pred, gold & (1 - pred)
-
-    def f1_at(positions):
-        tp, fp, fn = true_pos[positions].sum(0), false_pos[positions].sum(0), false_neg[positions].sum(0)
-        if metric == "micro_f1":
-            return float(metrics.f1_from_counts(tp.sum(), fp.sum(), fn.sum()))
-        return float(metrics.f1_from_counts(tp, fp, fn).mean())
-    return f1_at
-
 def _metric_over_items(task:str, metric:str, items:dict) -> Callable[[np.ndarray], float]:
-    "metric(positions): `metric` (0-1) over the items at `positions` (a bootstrap resample is an index array)."
-    _check_item_metric(task, metric)
-    if task == "mednli":
-        correct = (np.asarray(items["gold"]) == np.asarray(items["pred"])).astype(float)
-        return lambda positions: float(correct[positions].mean())
-    if task == "radqa":
-        per_item = np.asarray(items[metric], float)
-        return lambda positions: float(per_item[positions].mean())
-    return _clip_f1_over_items(metric, items)
+    "metric(positions): `metric` (0-1) over the items at `positions`, from `metrics.outcome_counts`' per-item counts."
+    counts = metrics.outcome_counts(task, metric, items)
+    return lambda positions: float(metrics.metric_from_counts(task, metric, counts[positions].sum(0)))
 
 def clip_scores_from_masks(gold, pred) -> dict:
     "CLIP micro/macro/per-label F1 from integer label masks (bit i = CLIP_LABELS[i]), via `metrics.multilabel_scores`."
@@ -239,11 +231,38 @@ def _load_items_of(results_dir, run_ids:Sequence[str]) -> dict:
     return loaded
 
 def _cached_items(results_dir, run_ids:Sequence[str], cache:dict) -> list[dict|None]:
-    "The items of each unit (None when unreadable), read once per unit into `cache`."
-    for run_id in run_ids:
-        if run_id not in cache:
-            cache[run_id] = _load_items_of(results_dir, [run_id]).get(run_id)
+    "The items of each unit (None when unreadable), read once per unit into `cache`; says which lack cluster ids."
+    fresh = [run_id for run_id in dict.fromkeys(run_ids) if run_id not in cache]
+    loaded = _load_items_of(results_dir, fresh)
+    for run_id in fresh:
+        cache[run_id] = loaded.get(run_id)
+    unclustered = [run_id for run_id in fresh if cache[run_id] is not None and "clusters" not in cache[run_id]]
+    if unclustered:
+        shown = ", ".join(unclustered[:3]) + (f" and {len(unclustered) - 3} more" if len(unclustered) > 3 else "")
+        _log.warning(f"the items files of {len(unclustered)} unit(s) ({shown}) have no cluster ids (written before "
+                     "they were recorded): their intervals resample single items and are labelled so")
     return [cache[run_id] for run_id in run_ids]
+
+def _counts_and_clusters(task:str, metric:str, item_lists:Sequence[dict]) -> tuple[list[np.ndarray], np.ndarray|None]:
+    "Per unit, `metric`'s additive counts on the items all units cover, and those items' clusters (None: no ids)."
+    _, positions = _align(item_lists)
+    aligned = [_take(items, pos) for items, pos in zip(item_lists, positions)]
+    counts = [metrics.outcome_counts(task, metric, items) for items in aligned]
+    clustered = [items["clusters"] for items in aligned if "clusters" in items]  # a property of the items: any unit's
+    return counts, (np.asarray(clustered[0], dtype=int) if clustered else None)
+
+def _n_clusters(clusters:np.ndarray|None, n_items:int) -> int:
+    "How many clusters the bootstrap resamples (every item its own when there are no cluster ids)."
+    return n_items if clusters is None else len(np.unique(clusters))
+
+def _interval_of(task:str, metric:str, counts:list, clusters:np.ndarray|None, n_boot:int, seed:int,
+                 counts_b:list|None=None) -> dict:
+    "`metrics.two_level_bootstrap` of `metric` (one system, or a - b), and `covers`: what the interval covers."
+    statistic = lambda sums: metrics.metric_from_counts(task, metric, sums)
+    result = metrics.two_level_bootstrap(counts, statistic, counts_b=counts_b, clusters=clusters, n_boot=n_boot,
+                                         seed=seed)
+    unit = get_task(task).cluster.unit if clusters is not None else None
+    return {**result, "covers": metrics.interval_label(min(result["n_seeds"]), unit)}
 
 # %% ../nbs/90_report.ipynb #dc9d3752
 SYNTHETIC_BANNER = ("> **Synthetic data and demo models — not a reproduction of Lehman et al. 2023.** "
@@ -478,7 +497,7 @@ def per_label_f1(results_dir, df:pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=["label", "precision", "recall", "f1", "support"])
     return pd.concat(frames).groupby("label", sort=False).mean().reset_index()
 
-# %% ../nbs/90_report.ipynb #81b43ba8
+# %% ../nbs/90_report.ipynb #b1c2d3e4
 def _finetuned_at_full_data(df:pd.DataFrame) -> pd.DataFrame:
     "The ok fine-tuning units trained on 100 % of the training data."
     at_full_data = np.isclose(df.fraction.astype(float).fillna(-1), 1.0)
@@ -488,11 +507,56 @@ def _table_rows(df:pd.DataFrame) -> pd.DataFrame:
     "The ok rows Table 3 uses: fine-tuning at fraction 1.0, and every ICL unit."
     return pd.concat([_finetuned_at_full_data(df), df[(df.status == "ok") & (df["mode"] == "icl")]])
 
+# %% ../nbs/90_report.ipynb #f2b3c4d5
+BASELINE_MODE = "baseline"   # the mode of the trivial baselines' pseudo-units in the summary's tables
+
+def _train_majority(results_dir, df:pd.DataFrame) -> str|None:
+    "MedNLI's most frequent training label, from a fine-tuning unit at 100 % that recorded it; else None."
+    units = _finetuned_at_full_data(df)
+    for run_id in units[units.task == "mednli"].run_id:
+        record = results.read_results(results.results_path(results_dir, run_id)) or {}
+        labels = _lookup(record, "counts", "train_composition", "labels")
+        if labels:
+            return max(labels, key=labels.get)
+    return None
+
+def _reference_items(results_dir, units:pd.DataFrame, cache:dict) -> dict|None:
+    "The items of the unit (of `units`) that covers the most test items; None when no unit's items are readable."
+    readable = [items for items in _cached_items(results_dir, list(units.run_id), cache) if items is not None]
+    return max(readable, key=lambda items: len(items["ids"])) if readable else None
+
+def _baseline_row(task:str, name:str, items:dict) -> dict:
+    "One baseline pseudo-unit: identity columns and its table metrics (0-1) on all its items."
+    every_item = np.arange(len(items["ids"]))
+    row = {"run_id": f"{BASELINE_MODE}:{task}:{name}", "status": "ok", "task": task, "model": name,
+           "mode": BASELINE_MODE, "seed": 0, "fraction": math.nan, "shots": math.nan}
+    for metric in get_task(task).table_metrics():
+        row[metric] = _metric_over_items(task, metric, items)(every_item)
+    return row
+
+def baseline_units(results_dir,           # the grid's results folder
+                   df:pd.DataFrame,       # `load_results`' table
+                   cache:dict|None=None,  # run_id -> items: the baselines' items are put there
+                  ) -> pd.DataFrame:
+    "The trivial baselines of each task in `df` as pseudo-units (one row each), scored on the models' test items."
+    cache = {} if cache is None else cache
+    rows = []
+    for task in [task for task in TASKS if task in set(df.task)]:
+        items = _reference_items(results_dir, _table_rows(df)[lambda d: d.task == task], cache)
+        if items is None:
+            continue
+        majority = _train_majority(results_dir, df) if task == "mednli" else None
+        for name, outcomes in metrics.baseline_outcomes(task, items, majority).items():
+            rows.append(_baseline_row(task, name, outcomes))
+            cache[rows[-1]["run_id"]] = outcomes
+    return pd.DataFrame(rows)
+
+# %% ../nbs/90_report.ipynb #81b43ba8
 def _row_keys(rows:pd.DataFrame) -> list[tuple]:
-    "Table 3's (model, mode, shots) rows: fine-tuning first, then ICL; by model and shots."
+    "Table 3's (model, mode, shots) rows: fine-tuning first, then ICL, then the baselines; by model and shots."
     keys = rows[["model", "mode", "shots"]].drop_duplicates()
-    keys = keys.assign(_icl=(keys["mode"] != "finetune").astype(int))
-    keys = keys.sort_values(["_icl", "model", "shots"], na_position="first")
+    keys = keys.assign(_order=keys["mode"].map({"finetune": 0, "icl": 1, BASELINE_MODE: 2}))
+    keys = keys.sort_values(["_order", "model", "shots"], na_position="first")
     return [(key.model, key["mode"], None if pd.isna(key.shots) else int(key.shots)) for _, key in keys.iterrows()]
 
 def _units_of_row(rows:pd.DataFrame, model:str, mode:str, shots:int|None) -> pd.DataFrame:
@@ -501,21 +565,20 @@ def _units_of_row(rows:pd.DataFrame, model:str, mode:str, shots:int|None) -> pd.
     return rows[(rows.model == model) & (rows["mode"] == mode) & same_shots]
 
 def _seed_averaged_ci(results_dir, run_ids, task, metric, n_boot, seed, cache) -> dict:
-    "Seed-averaged item metric and its bootstrap CI over common items; NaN when items are missing or < 2 common."
+    """Seed-averaged item metric, its two-level bootstrap CI over the common items and what the CI covers
+    (`covers`); NaN when items are missing or the common items form fewer than 2 clusters."""
     item_lists = [items for items in _cached_items(results_dir, run_ids, cache) if items is not None]
-    no_interval = dict(point=math.nan, low=math.nan, high=math.nan, n_items=0)
+    no_interval = dict(point=math.nan, low=math.nan, high=math.nan, n_items=0, covers="")
     if not item_lists or len(item_lists) < len(run_ids):
         return no_interval
-    ids, positions = _align(item_lists)
-    if len(ids) < 2:
+    counts, clusters = _counts_and_clusters(task, metric, item_lists)
+    if _n_clusters(clusters, len(counts[0])) < 2:
         return no_interval
-    scores = [_metric_over_items(task, metric, _take(items, pos)) for items, pos in zip(item_lists, positions)]
-    seed_mean = lambda resample: float(np.mean([score(resample) for score in scores]))
-    interval = metrics.bootstrap_ci(seed_mean, len(ids), n_boot=n_boot, seed=seed)
-    return {**interval, "n_items": len(ids)}
+    interval = _interval_of(task, metric, counts, clusters, n_boot, seed)
+    return {key: interval[key] for key in ("point", "low", "high", "n_items", "covers")}
 
 def _metric_cells(results_dir, units:pd.DataFrame, task:str, metric:str, n_boot:int, seed:int, cache:dict) -> dict:
-    "One Table 3 cell group: mean, sd, n over the row's units of `task`, and the bootstrap interval."
+    "One Table 3 cell group: mean, sd, n over the row's units of `task`, the bootstrap interval and what it covers."
     units = units[units.task == task]
     column = _column(task, metric)
     values = units[metric].astype(float).dropna()
@@ -526,16 +589,26 @@ def _metric_cells(results_dir, units:pd.DataFrame, task:str, metric:str, n_boot:
             f"{column}_sd": values.std(ddof=1) if len(values) > 1 else math.nan,
             f"{column}_n": len(values),
             f"{column}_low": interval.get("low", math.nan),
-            f"{column}_high": interval.get("high", math.nan)}
+            f"{column}_high": interval.get("high", math.nan),
+            f"{column}_covers": interval.get("covers", "")}
+
+def _paper_protocol_mean(units:pd.DataFrame, task:str, metric:str) -> float:
+    "Mean over the units of `task` of `metric` under the paper's protocol; NaN where none recorded it."
+    column = f"{PAPER_PREFIX}{metric}"
+    values = units.loc[units.task == task, column].astype(float) if column in units else pd.Series(dtype=float)
+    return values.mean() if values.notna().any() else math.nan
 
 def table3(results_dir, df:pd.DataFrame, n_boot:int=N_BOOT, seed:int=0) -> pd.DataFrame:
-    "Paper-style Table 3: per (model, mode, shots) and task metric: mean, sd, n units, 95% bootstrap CI (0-1)."
+    "Paper-style Table 3: per (model, mode, shots) and task metric: mean, sd, n units, 95% CI (0-1), what it covers."
     rows, cache, table_rows = _table_rows(df), {}, []
+    rows = pd.concat([rows, baseline_units(results_dir, df, cache)])
     for model, mode, shots in _row_keys(rows):
         units = _units_of_row(rows, model, mode, shots)
-        table_row = {"model": model, "mode": mode, "shots": shots}
+        kept = units["exemplars_kept"].astype(float) if "exemplars_kept" in units else pd.Series(dtype=float)
+        table_row = {"model": model, "mode": mode, "shots": shots, "exemplars_kept": kept.mean()}
         for task, metric in METRICS:
             table_row.update(_metric_cells(results_dir, units, task, metric, n_boot, seed, cache))
+            table_row[f"{_column(task, metric)}_paper"] = _paper_protocol_mean(units, task, metric)
         table_rows.append(table_row)
     table = pd.DataFrame(table_rows)
     if len(table):
@@ -550,11 +623,18 @@ def _paper_number(value:float, digits:int=3) -> str:
         return text.replace("0.", ".", 1)
     return text.replace("-0.", "-.", 1)
 
-def _row_label(model, mode, shots) -> str:
-    "A Table 3 row name: 'model (fine-tuned)', 'model (ICL, 1-shot)'."
+def _row_label(model, mode, shots, kept:float=math.nan) -> str:
+    """A Table 3 row name: 'model (fine-tuned)', 'model (ICL, 1-shot)', 'baseline: all none'; with `kept` (the mean
+    number of exemplars that fitted the prompt budget) below the shots: 'model (ICL, 3-shot, 2.4 kept on average)'."""
+    if mode == BASELINE_MODE:
+        return f"baseline: {model}"
     if mode == "finetune":
         return f"{model} (fine-tuned)"
-    return f"{model} (ICL, {int(shots)}-shot)" if shots is not None and not pd.isna(shots) else f"{model} (ICL)"
+    if shots is None or pd.isna(shots):
+        return f"{model} (ICL)"
+    label = f"{model} (ICL, {int(shots)}-shot"
+    fewer = pd.notna(kept) and kept < int(shots) - 0.005
+    return f"{label}, {kept:.1f} kept on average)" if fewer else f"{label})"
 
 def _metric_cell(row, column:str, best:float, mark:str) -> str:
     "'.818 ± .004 [.80, .83]' for one row and column, wrapped in `mark` when it is the column's best; '—' if absent."
@@ -567,18 +647,29 @@ def _metric_cell(row, column:str, best:float, mark:str) -> str:
         text += f" [{_paper_number(row[f'{column}_low'], 2)}, {_paper_number(row[f'{column}_high'], 2)}]"
     return f"{mark}{text}{mark}" if mark and np.isclose(row[column], best) else text
 
+def _protocol_cell(row) -> str:
+    """Table 3's protocol column: the row's scores under the paper's protocol where it differs from the project's
+    (its units recorded them), 'same' where fine-tuning follows the paper, 'not recorded' for other ICL rows."""
+    scored = [f"{METRIC_LABELS[_column(task, metric)]} {_paper_number(row[f'{_column(task, metric)}_paper'])}"
+              for task, metric in METRICS if pd.notna(row.get(f"{_column(task, metric)}_paper", math.nan))]
+    if scored:
+        return "; ".join(scored)
+    return {"finetune": "same", "icl": "not recorded"}.get(row["mode"], "")
+
 def format_table3(headline:pd.DataFrame,  # `table3`'s output
                   mark:str="**",          # wraps the best mean of each column ("" for none)
                  ) -> pd.DataFrame:
     "Display strings '.818 ± .004 [.80, .83]' per task metric, the best mean per column wrapped in `mark`."
-    row_names = [_row_label(row.model, row["mode"], row.shots) for _, row in headline.iterrows()]
+    row_names = [_row_label(row.model, row["mode"], row.shots, row.get("exemplars_kept", math.nan))
+                 for _, row in headline.iterrows()]
     table = pd.DataFrame(index=pd.Index(row_names, name="model"))
     for task, metric in METRICS:
         column = _column(task, metric)
         if column not in headline or headline[column].isna().all():
             continue
-        best = headline[column].max()
+        best = headline.loc[headline["mode"] != BASELINE_MODE, column].max()   # a baseline is never marked best
         table[METRIC_LABELS[column]] = [_metric_cell(row, column, best, mark) for _, row in headline.iterrows()]
+    table["paper's protocol"] = [_protocol_cell(row) for _, row in headline.iterrows()]
     return table
 
 # %% ../nbs/90_report.ipynb #adc7da7a
@@ -618,6 +709,19 @@ def paper_results(params:Path|None=None, # a params/ folder; default `config.par
         raise DataError(problems)
     return published.models
 
+_COMPARED_COLUMNS = ["model", "paper_name", "mode", "shots", "metric", "protocol", "ours", "ours_project_protocol",
+                     "paper", "source", "difference"]
+
+def _on_paper_protocol(row, column:str) -> dict:
+    """Our figure to set beside the paper's: under the paper's protocol where the units recorded it; fine-tuning
+    otherwise (the same protocol); ICL without it is not comparable (NaN, so no difference is shown)."""
+    ours_paper = row.get(f"{column}_paper", math.nan)
+    if pd.notna(ours_paper):
+        return {"protocol": "paper's", "ours": ours_paper, "ours_project_protocol": row[column]}
+    if row["mode"] == "finetune":
+        return {"protocol": "same", "ours": row[column], "ours_project_protocol": row[column]}
+    return {"protocol": "project's only (not comparable)", "ours": math.nan, "ours_project_protocol": row[column]}
+
 def compare_with_paper(headline:pd.DataFrame,                       # `table3`'s output
                        paper:Mapping[str, PaperResult]|None=None,  # default `paper_results()`
                       ) -> pd.DataFrame:
@@ -633,20 +737,69 @@ def compare_with_paper(headline:pd.DataFrame,                       # `table3`'s
             theirs = published.scores.get(task, {}).get(metric)
             if column in row and not pd.isna(row[column]) and theirs is not None:
                 rows.append({"model": row.model, "paper_name": published.paper_name, "mode": row["mode"],
-                             "shots": row.shots, "metric": METRIC_LABELS[column], "ours": row[column],
-                             "paper": theirs, "difference": row[column] - theirs, "source": published.source})
-    return pd.DataFrame(rows, columns=["model", "paper_name", "mode", "shots", "metric", "ours", "paper", "difference",
-                                       "source"])
+                             "shots": row.shots, "metric": METRIC_LABELS[column], **_on_paper_protocol(row, column),
+                             "paper": theirs, "source": published.source})
+    table = pd.DataFrame(rows, columns=_COMPARED_COLUMNS[:-1])
+    return table.assign(difference=table.ours - table.paper)[_COMPARED_COLUMNS]
+
+# %% ../nbs/90_report.ipynb #c5e6f7a8
+_PROTOCOL_COLUMNS = ["row", "metric", "ours (project's protocol)", "ours (paper's protocol)", "units",
+                     "test items (paper's)", "paper's protocol"]
+
+def paper_protocol_table(df:pd.DataFrame) -> pd.DataFrame:
+    "Per Table 3 row and metric whose units recorded the paper's protocol: both figures (0-1), and that protocol."
+    rows = _table_rows(df)
+    rows = rows[rows.paper_protocol.notna()] if "paper_protocol" in rows else rows.iloc[:0]
+    table = []
+    for (model, mode, shots, task), units in rows.groupby(["model", "mode", "shots", "task"], dropna=False, sort=False):
+        for metric, label in get_task(task).table_metrics().items():
+            table.append([_row_label(model, mode, shots), label, units[metric].mean(),
+                          units[f"{PAPER_PREFIX}{metric}"].mean(), len(units), units.paper_n_test.mean(),
+                          units.paper_protocol.iloc[0]])
+    return pd.DataFrame(table, columns=_PROTOCOL_COLUMNS)
+
+# %% ../nbs/90_report.ipynb #f8b9c0d1
+def _generated_parts(record:dict) -> list[tuple[str, dict]]:
+    "(variant, its test metrics) for each part of a unit's scores that counted parse failures."
+    # generated parts record {n, failures, rate}; a classifier's scores hold a count of 0 (mednli_scores) or nothing
+    counted = lambda part: isinstance(part, Mapping) and isinstance(part.get("parse_failures"), Mapping)
+    scores = _lookup(record, "metrics", "test") or {}
+    if counted(scores):
+        return [("generated", scores)]
+    return [(variant, part) for variant, part in scores.items() if counted(part)]
+
+def _generated_row(record:dict, variant:str, scores:dict) -> dict:
+    task = record["task"]
+    row = {"row": _row_label(record["model"], record["mode"], record.get("shots")), "task": task, "variant": variant,
+           "parse failures": _as_float(scores["parse_failures"].get("rate"))}
+    for metric, label in get_task(task).table_metrics().items():
+        row[label] = to_unit_scale(task, metric, _as_float(scores.get(metric)))
+        if isinstance(scores.get("worst_case"), Mapping):
+            row[f"{label}, worst case"] = _as_float(scores["worst_case"].get(metric))
+    return row
+
+def generated_outputs(df:pd.DataFrame) -> pd.DataFrame:
+    "Per Table 3 row, task and generated variant: parse-failure rate and scores (CLIP also worst case), unit means."
+    rows = [_generated_row(record, variant, scores)
+            for path in _table_rows(df).path for record in [_read_record(path)]
+            for variant, scores in _generated_parts(record)]
+    if not rows:
+        return pd.DataFrame(columns=["row", "task", "variant", "parse failures", "units"])
+    table = pd.DataFrame(rows)
+    keys = ["row", "task", "variant"]
+    means = table.groupby(keys, sort=False).mean(numeric_only=True)
+    counts = table.groupby(keys, sort=False).size().rename("units")
+    return _sort_by_task(means.join(counts).reset_index().dropna(axis=1, how="all"), ["row", "variant"])
 
 # %% ../nbs/90_report.ipynb #47a49623
-_PAIR_COLUMNS = ["a", "b", "task", "metric", "seeds", "n_items", "a_mean", "b_mean", "diff", "low", "high", "test",
-                 "p_value", "p_boot", "mcnemar_b", "mcnemar_c", "reason"]
+_PAIR_COLUMNS = ["a", "b", "task", "metric", "seeds", "n_items", "n_clusters", "a_mean", "b_mean", "diff", "low",
+                 "high", "covers", "test", "p_value", "mcnemar_b", "mcnemar_c", "mcnemar_p", "reason"]
 
 def _uncompared(model_a:str, model_b:str, task:str) -> dict:
     "A clinical_vs_general row before (or without) the comparison: names set, numbers missing."
     row = dict.fromkeys(_PAIR_COLUMNS, math.nan)
-    row.update(a=model_a, b=model_b, task=task, metric=_metric_label(task), seeds="", n_items=0, test="",
-               mcnemar_b=pd.NA, mcnemar_c=pd.NA, reason="")
+    row.update(a=model_a, b=model_b, task=task, metric=_metric_label(task), seeds="", n_items=0, n_clusters=0,
+               covers="", test="", mcnemar_b=pd.NA, mcnemar_c=pd.NA, mcnemar_p="", reason="")
     return row
 
 def _correct(items:dict) -> np.ndarray:
@@ -654,24 +807,22 @@ def _correct(items:dict) -> np.ndarray:
     return (np.asarray(items["gold"]) == np.asarray(items["pred"])).astype(int)
 
 def _mcnemar_over_seeds(items_a:list[dict], items_b:list[dict]) -> dict:
-    "McNemar per matched seed on per-item correctness: the largest p and the discordant counts summed."
+    "Descriptive only (not in the Holm family): McNemar per matched seed, discordant counts summed, each seed's p."
     tests = [metrics.mcnemar(_correct(a), _correct(b)) for a, b in zip(items_a, items_b)]
-    return {"test": "McNemar (max p over seeds)", "p_value": max(test["p_value"] for test in tests),
-            "mcnemar_b": sum(test["b"] for test in tests), "mcnemar_c": sum(test["c"] for test in tests)}
+    return {"mcnemar_b": sum(test["b"] for test in tests), "mcnemar_c": sum(test["c"] for test in tests),
+            "mcnemar_p": ", ".join(f"{test['p_value']:.3g}" for test in tests)}
 
 def _paired_scores(task:str, items_a:list[dict], items_b:list[dict], n_boot:int, seed:int) -> dict:
-    "Seed-averaged selection metric of both models, paired-bootstrap diff, CI and p (McNemar where it is accuracy)."
+    "Both models' seed-averaged selection metric; the difference, its interval and p from the two-level bootstrap."
     metric = dev_metric(task)
-    scores_a = [_metric_over_items(task, metric, items) for items in items_a]
-    scores_b = [_metric_over_items(task, metric, items) for items in items_b]
-    mean_a = lambda resample: float(np.mean([score(resample) for score in scores_a]))
-    mean_b = lambda resample: float(np.mean([score(resample) for score in scores_b]))
-    n_items = len(items_a[0]["ids"])
-    boot = metrics.paired_bootstrap(mean_a, mean_b, n_items, n_boot=n_boot, seed=seed)
-    every_item = np.arange(n_items)
-    scores = dict(a_mean=mean_a(every_item), b_mean=mean_b(every_item), diff=boot["diff"], low=boot["low"],
-                  high=boot["high"], p_boot=boot["p_value"], test="paired bootstrap", p_value=boot["p_value"])
-    if metric == "accuracy":  # per-item 0/1 outcomes: McNemar's exact test per seed
+    counts, clusters = _counts_and_clusters(task, metric, items_a + items_b)
+    if _n_clusters(clusters, len(counts[0])) < 2:
+        return {"reason": "the common test items form fewer than 2 clusters"}
+    compared = _interval_of(task, metric, counts[:len(items_a)], clusters, n_boot, seed, counts[len(items_a):])
+    scores = {key: compared[key] for key in ("a_mean", "b_mean", "diff", "low", "high", "p_value", "n_clusters",
+                                             "covers")}
+    scores["test"] = "two-level bootstrap"
+    if metric == "accuracy":  # per-item 0/1 outcomes: McNemar per seed, shown beside (descriptive)
         scores.update(_mcnemar_over_seeds(items_a, items_b))
     return scores
 
@@ -704,7 +855,7 @@ def _compare_pair(results_dir, finetuned:pd.DataFrame, model_a:str, model_b:str,
     return row
 
 def _with_holm(comparisons:pd.DataFrame) -> pd.DataFrame:
-    "Add Holm-corrected p-values over the rows that have one, and `significant` (p_holm < 0.05)."
+    "Add Holm-corrected p-values over the rows' bootstrap p-values (McNemar is not in the family), `significant`."
     has_p = comparisons.p_value.notna()
     comparisons["p_holm"] = math.nan
     if has_p.any():
@@ -715,7 +866,7 @@ def _with_holm(comparisons:pd.DataFrame) -> pd.DataFrame:
 def clinical_vs_general(results_dir, df:pd.DataFrame,
                         pairs:Sequence[Sequence[str]],  # (model a, model b): diff = a - b, usually (clinical, general)
                         n_boot:int=N_BOOT, seed:int=0) -> pd.DataFrame:
-    "Paired comparison per pair and task: seed-matched diff of the selection metric, CI, p (McNemar for MedNLI), Holm."
+    "Per pair and task: seed-matched diff of the selection metric, its two-level bootstrap CI and p, Holm over the p's."
     finetuned = _finetuned_at_full_data(df)
     tasks = [task for task in TASKS if task in set(df.task)]
     rows, cache = [], {}
@@ -728,16 +879,48 @@ def clinical_vs_general(results_dir, df:pd.DataFrame,
     return _with_holm(pd.DataFrame(rows, columns=_PAIR_COLUMNS))
 
 # %% ../nbs/90_report.ipynb #47ffc6b9
-def limited_data(df:pd.DataFrame) -> pd.DataFrame:
-    "Fine-tuning test selection metric by task, model and training fraction: mean, sd over seeds, n."
+def limited_data(results_dir,            # the grid's results folder
+                 df:pd.DataFrame,        # `load_results`' table
+                 n_boot:int=N_BOOT, seed:int=0) -> pd.DataFrame:
+    """Fine-tuning at every training fraction in Table 3's shape: one row per (model, fraction) with every task
+    metric's mean, sd, n and interval (the same procedure as Table 3), then the trivial baselines (the paper's
+    Tables 11-15 report MedNLI accuracy, RadQA EM and F1, CLIP micro- and macro-F1)."""
     finetuned = df[(df.status == "ok") & (df["mode"] == "finetune")]
+    cache, rows = {}, []
     if finetuned.empty:
-        return pd.DataFrame(columns=["task", "metric", "model", "fraction", "percent", "mean", "sd", "n"])
-    scores = finetuned.groupby(["task", "model", "fraction"], sort=False).test
-    table = pd.DataFrame({"mean": scores.mean(), "sd": scores.std(ddof=1), "n": scores.size()}).reset_index()
-    table.insert(1, "metric", table.task.map(_metric_label))
-    table.insert(4, "percent", 100 * table.fraction)
-    return _sort_by_task(table, ["model", "fraction"])
+        return pd.DataFrame(columns=["model", "mode", "fraction", "percent"])
+    units = pd.concat([finetuned, baseline_units(results_dir, df, cache)])
+    for (model, mode, fraction), group in units.groupby(["model", "mode", "fraction"], dropna=False, sort=False):
+        row = {"model": model, "mode": mode, "fraction": fraction, "percent": 100 * fraction}
+        for task, metric in METRICS:
+            row.update(_metric_cells(results_dir, group, task, metric, n_boot, seed, cache))
+        rows.append(row)
+    table = pd.DataFrame(rows).assign(_order=lambda d: (d["mode"] == BASELINE_MODE).astype(int))
+    return table.sort_values(["_order", "model", "fraction"]).drop(columns="_order").reset_index(drop=True)
+
+def format_limited_data(table:pd.DataFrame) -> pd.DataFrame:
+    "`limited_data` for reading: rows 'model, 25 % of train', cells '.818 ± .004 [.80, .83]' as in Table 3."
+    names = [f"baseline: {row.model}" if row["mode"] == BASELINE_MODE else f"{row.model}, {row.percent:g} % of train"
+             for _, row in table.iterrows()]
+    shown = pd.DataFrame(index=pd.Index(names, name="model"))
+    for task, metric in METRICS:
+        column = _column(task, metric)
+        if column in table and table[column].notna().any():
+            shown[METRIC_LABELS[column]] = [_metric_cell(row, column, math.nan, "") for _, row in table.iterrows()]
+    return shown
+
+def clip_subsets(results_dir, df:pd.DataFrame) -> pd.DataFrame:
+    """What each CLIP training fraction holds (the subsets are whole notes, shared by every model): notes, sentences,
+    sentences without a label and positives per label, from the fine-tuning units' `counts.train_composition`."""
+    units = df[(df.status == "ok") & (df["mode"] == "finetune") & (df.task == "clip")]
+    rows = {}
+    for run_id, fraction in zip(units.run_id, units.fraction):
+        record = results.read_results(results.results_path(results_dir, run_id)) or {}
+        held = _lookup(record, "counts", "train_composition")
+        if held and fraction not in rows:
+            rows[fraction] = {"% of train": 100 * fraction, "notes": held["notes"], "sentences": held["items"],
+                              "no label": held["no_label"], **held["labels"]}
+    return pd.DataFrame([rows[fraction] for fraction in sorted(rows)])
 
 def _facets(tasks, width=4.2, height=3.6):
     "A figure with one panel per task (at least one) and its list of axes."
@@ -764,7 +947,18 @@ def _note_if_empty(tasks, axes, text:str) -> None:
     if not tasks:
         axes[0].text(0.5, 0.5, text, ha="center", transform=axes[0].transAxes)
 
-def plot_limited_data(df:pd.DataFrame):
+def _baseline_lines(ax, baselines:pd.DataFrame|None, task:str) -> None:
+    "The task's trivial baselines as dashed horizontal lines (their selection metric), labelled."
+    if baselines is None or baselines.empty:
+        return
+    for _, row in baselines[baselines.task == task].iterrows():
+        ax.axhline(row[dev_metric(task)], linestyle="--", linewidth=1, color="grey")
+        ax.annotate(f"baseline: {row.model}", (0.01, row[dev_metric(task)]), xycoords=("axes fraction", "data"),
+                    fontsize=7, color="grey", va="bottom")
+
+def plot_limited_data(df:pd.DataFrame,
+                      baselines:pd.DataFrame|None=None,   # `baseline_units`' rows: dashed reference lines
+                     ):
     "Test selection metric vs % of training data per task, one line per model, band = ± sd over seeds."
     finetuned = df[(df.status == "ok") & (df["mode"] == "finetune")].assign(percent=lambda d: 100 * d.fraction)
     tasks = [task for task in TASKS if task in set(finetuned.task)]
@@ -777,6 +971,7 @@ def plot_limited_data(df:pd.DataFrame):
         percents = sorted(units.percent.unique())
         ax.set_xticks(percents, [f"{x:g} %" for x in percents])
         ax.minorticks_off()
+        _baseline_lines(ax, baselines, task)
         ax.set(xlabel="training data (% of train, log scale)", ylabel=f"test {_metric_label(task)} (0-1)", title=task)
     _note_if_empty(tasks, axes, "no fine-tuning units")
     fig.suptitle("Limited data: score vs training fraction (band = ± sd over seeds)")
@@ -1036,53 +1231,115 @@ def write_summary_md(grid_dir, sections, title:str|None=None) -> Path:
     return atomic_write_text(Path(grid_dir)/"summary.md", summary_markdown(grid_dir, sections, title))
 
 # %% ../nbs/90_report.ipynb #e52b568a
+_MCNEMAR_COLUMN = "McNemar per seed (descriptive)"   # format_pairs' column: b, c and each seed's p
+
 def format_pairs(comparisons:pd.DataFrame,  # `clinical_vs_general`'s output
                 ) -> pd.DataFrame:
-    "The clinical-vs-general table a reader needs: means, difference with its interval, the test, raw and Holm p."
+    """The clinical-vs-general table a reader needs: means, the difference with its interval and what the interval
+    covers, the bootstrap p (raw and Holm), and McNemar per seed as a descriptive column (not in the Holm family)."""
     intervals = [f"[{low:.3f}, {high:.3f}]" if pd.notna(low) else ""
                  for low, high in zip(comparisons["low"], comparisons["high"])]
     pairs = comparisons.assign(CI=intervals)
+    columns = ["a", "b", "task", "metric", "seeds", "n_items", "a_mean", "b_mean", "diff", "CI", "covers", "test",
+               "p_value", "p_holm", "significant"]
     if "mcnemar_b" in pairs and pairs["mcnemar_b"].notna().any():  # discordant pairs (a right, b wrong / the reverse)
-        pairs["test"] = [f"{test} (b={int(b)}, c={int(c)})" if pd.notna(b) else test
-                         for test, b, c in zip(pairs["test"], pairs["mcnemar_b"], pairs["mcnemar_c"])]
-    columns = ["a", "b", "task", "metric", "seeds", "n_items", "a_mean", "b_mean", "diff", "CI", "test", "p_value",
-               "p_holm", "significant"]
+        pairs[_MCNEMAR_COLUMN] = [f"b={int(b)}, c={int(c)}; p per seed {p}" if pd.notna(b) else ""
+                                  for b, c, p in zip(pairs["mcnemar_b"], pairs["mcnemar_c"], pairs["mcnemar_p"])]
+        columns.append(_MCNEMAR_COLUMN)
     if "reason" in pairs and pairs["reason"].fillna("").astype(str).str.len().any():
         columns.append("reason")
     return pairs[[column for column in columns if column in pairs]]
 
+def _coverage_note(headline:pd.DataFrame) -> str|None:
+    "Under Table 3, one line per task: what its intervals cover (and for which rows, where that differs)."
+    lines = []
+    baselines = headline["mode"] == BASELINE_MODE if "mode" in headline else pd.Series(False, index=headline.index)
+    headline = headline[~baselines]
+    for task in TASKS:
+        column = f"{_column(task, next(iter(get_task(task).table_metrics())))}_covers"
+        labels = headline[column].fillna("").astype(str) if column in headline else pd.Series(dtype=str)
+        distinct = list(dict.fromkeys(label for label in labels if label))
+        rows_of = {label: [_row_label(row.model, row["mode"], row.shots)
+                           for (_, row), row_label in zip(headline.iterrows(), labels) if row_label == label]
+                   for label in distinct}
+        if len(distinct) == 1:
+            lines.append(f"- {get_task(task).title}: {distinct[0]}")
+        elif distinct:
+            lines.append(f"- {get_task(task).title}: " + "; ".join(f"{label} for {', '.join(rows_of[label])}"
+                                                                 for label in distinct))
+    if baselines.any():
+        lines.append("- Baselines: items only (fixed rules, no seeds; the task's clusters)")
+    return "Intervals cover:\n" + "\n".join(lines) if lines else None
+
 def _table3_section(headline:pd.DataFrame, n_boot:int) -> tuple[str, list]:
     return ("Table 3: test results", [
         "Mean ± sd over units (fine-tuning: seeds at 100 % of the training data; in-context learning: draws and seeds "
-        f"per shot count) and, in brackets, a 95 % percentile bootstrap interval ({n_boot} resamples) of the "
-        "seed-averaged metric over test items. All metrics on a 0–1 scale; the best value per column in bold.",
-        format_table3(headline)])
+        f"per shot count) and, in brackets, a 95 % percentile interval of the seed-averaged metric from a two-level "
+        f"bootstrap ({n_boot} resamples): the row's units resampled with replacement, then the test-item clusters "
+        "(MedNLI premises, RadQA reports, CLIP notes). All metrics on a 0–1 scale; the best value per column in bold.",
+        format_table3(headline), _coverage_note(headline)])
+
+def _generated_section(generated:pd.DataFrame) -> tuple[str, list]:
+    if not len(generated):
+        return ("Generated outputs: parse failures", ["No unit of this grid generated its outputs."])
+    return ("Generated outputs: parse failures", [
+        "Outputs that are not a label are counted, never mapped to one (MedNLI: wrong; RadQA: empty; CLIP: no "
+        "label). The rate per unit, averaged; CLIP's worst case scores every failure as all labels wrong.",
+        generated])
+
+def _protocol_section(protocols:pd.DataFrame) -> tuple[str, list]:
+    if not len(protocols):
+        return ("The paper's protocol beside ours", ["No unit of this grid recorded a second, paper-protocol score."])
+    return ("The paper's protocol beside ours", [
+        "Where the paper scored differently, each unit also recorded its score under the paper's protocol. Table 3 "
+        "and the paired tests use the project's protocol; the comparison with the paper uses the matching one.",
+        protocols])
 
 def _paper_section(compared:pd.DataFrame) -> tuple[str, list]:
     no_rows = "No model of this grid is in the paper's Table 3 (e.g. the demo models): nothing to compare."
     return ("Comparison with the paper", [
-        "Our rows next to Lehman et al. 2023 (Table 3 and appendix), for the models both have.",
+        "Our rows next to Lehman et al. 2023 (Table 3 and appendix), for the models both have, each under the "
+        "paper's protocol (`protocol`: same, or the paper's where ours differs; ICL rows without a paper-protocol "
+        "figure are not compared).",
         compared if len(compared) else no_rows])
 
-def _pairs_section(pairs:pd.DataFrame) -> tuple[str, list]:
+def _pairs_section(pairs:pd.DataFrame, n_boot:int) -> tuple[str, list]:
     if not len(pairs):
         return ("Clinical vs general models", ["The grid names no (clinical, general) pairs to compare.", None])
     return ("Clinical vs general models", [
-        "Seed-matched paired comparisons of the grid's (clinical, general) pairs on each task's selection metric: "
-        "the difference (first model − second) with a paired-bootstrap interval; MedNLI p-values from McNemar's "
-        "test (the largest over seeds), the other tasks' from the paired bootstrap; Holm-corrected over all rows.",
+        "Paired comparisons of the grid's (clinical, general) pairs on each task's selection metric, on the seeds both "
+        "models ran: the difference (first model − second), its 95 % interval and its p-value from one two-level "
+        f"bootstrap ({n_boot} resamples: each model's seeds, then the test-item clusters shared by both models, "
+        "resampled with replacement; `covers` says what the interval covers); Holm-corrected over these p-values. "
+        f"{_MCNEMAR_COLUMN}: MedNLI's discordant counts (b: only the first model right, c: only the second) "
+        "summed over seeds and McNemar's p per seed; not in the Holm family.",
         format_pairs(pairs)])
 
-def _figure_sections(grid_dir:Path, df:pd.DataFrame) -> list[tuple[str, list]]:
+def _limited_data_parts(grid_dir:Path, df:pd.DataFrame, n_boot:int, seed:int) -> list:
+    "The limited-data section: every metric by training share, the CLIP subsets' contents, the figure."
+    results_dir = grid_dir/"results"
+    subsets = clip_subsets(results_dir, df)
+    figure = plot_limited_data(df, baseline_units(results_dir, df))
+    table = limited_data(results_dir, df, n_boot=n_boot, seed=seed)
+    return ["Fine-tuning on a share of the training data (the same seeded subsets for every model): every metric of "
+            "the paper's Tables 11–15 as mean ± sd over seeds [95 % interval, the same procedure as Table 3], and "
+            "the trivial baselines on the same test items.",
+            format_limited_data(table), _coverage_note(table.assign(shots=math.nan)) if len(table) else None,
+            "CLIP training subsets (whole notes): notes, sentences and positive sentences per label." if len(subsets)
+            else None, subsets if len(subsets) else None, _saved_figure(figure, grid_dir, "limited_data")]
+
+def _saved_figure(fig, grid_dir:Path, name:str) -> Path:
+    "`fig` saved into `<grid_dir>/figures/` and closed; its path."
+    path = save_figure(fig, grid_dir/"figures", name)
+    plt.close(fig)
+    return path
+
+def _figure_sections(grid_dir:Path, df:pd.DataFrame, n_boot:int=N_BOOT, seed:int=0) -> list[tuple[str, list]]:
     "Limited data, ICL vs fine-tuning and cost: each a table and a figure saved into `<grid_dir>/figures/`."
     def saved(fig, name):
-        path = save_figure(fig, grid_dir/"figures", name)
-        plt.close(fig)
-        return path
+        return _saved_figure(fig, grid_dir, name)
     return [
-        ("Limited data", [
-            "Test score by the share of the training data used (the same seeded subsets for every model).",
-            limited_data(df), saved(plot_limited_data(df), "limited_data")]),
+        ("Limited data", _limited_data_parts(grid_dir, df, n_boot, seed)),
         ("In-context learning vs fine-tuning", [
             icl_vs_finetune(df), saved(plot_icl_vs_finetune(df), "icl_vs_finetune")]),
         ("Cost vs score", ["GPU-hours when every unit ran on a GPU, otherwise wall-clock seconds, against the test "
@@ -1110,9 +1367,11 @@ def summary_sections(grid_dir, n_boot:int=N_BOOT, seed:int=0) -> list[tuple[str,
     if pairs:
         compared_pairs = clinical_vs_general(grid_dir/"results", df, pairs, n_boot=n_boot, seed=seed)
     return [_table3_section(headline, n_boot),
+            _generated_section(generated_outputs(df)),
+            _protocol_section(paper_protocol_table(df)),
             _paper_section(compare_with_paper(headline)),
-            _pairs_section(compared_pairs),
-            *_figure_sections(grid_dir, df),
+            _pairs_section(compared_pairs, n_boot),
+            *_figure_sections(grid_dir, df, n_boot, seed),
             _efficiency_section(efficiency(grid_dir/"results", df)),
             _provenance_section(provenance(df, manifest or None))]
 

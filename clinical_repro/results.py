@@ -76,7 +76,8 @@ def provenance(task_data,          # the task's `data.TaskData` (its `files` and
 REQUIRED_KEYS = ("run_id", "status", "task", "model", "mode", "seed", "fraction", "shots", "draw", "metrics",
                  "dev_metric", "counts", "predictions", "items", "config", "provenance", "cost", "synthetic_demo")
 MODE_KEYS = {"finetune": ("thresholds", "dev_history", "best_dev", "best_step"),
-             "icl": ("template", "exemplar_ids", "normalisation", "protocol", "primary_variant")}
+             "icl": ("template", "exemplar_ids", "normalisation", "protocol", "primary_variant", "exemplars_kept",
+                     "cloze", "dev_sample_draw")}
 
 def check_record(record:dict) -> None:
     "Raise a ValueError naming what is missing or wrong when `record` is not a complete `ok` results record."
@@ -228,7 +229,8 @@ def fake_results(results_dir,
         record.update(thresholds={}, dev_history=[], best_dev=None, best_step=None)
     else:
         record.update(template={}, exemplar_ids=[], normalisation="sum", protocol="generative",
-                      primary_variant=primary)
+                      primary_variant=primary, exemplars_kept={"shots": fields.get("shots"), "test": None, "dev": None},
+                      cloze=None, dev_sample_draw={"method": "uniform", "n": 0, "seed": 0, "ids": []})
     record.update(fields)
     if variants:
         write_items(results_dir, run_id, record["task"], variants, primary)

@@ -14,9 +14,10 @@ from .core import UserError
 from .config import (Spec, TaskSpec, TASK_FILE_KEYS, params_dir, read_yaml, task_layer, validate_spec)
 
 # %% auto #0
-__all__ = ['TASKS', 'MEDNLI_LABELS', 'CLIP_LABELS', 'MetricDef', 'ClusterDef', 'TextToTextDef', 'ICLDef', 'TaskDef', 'StudyDef',
-           'ICLDefaults', 'task_names', 'data_fractions', 'icl_dev_n', 'check_task', 'get_task', 'family_spec',
-           'dev_metric', 'to_unit_scale', 'empty_target', 'answer_room']
+__all__ = ['TASKS', 'MEDNLI_LABELS', 'CLIP_LABELS', 'MetricDef', 'ClusterDef', 'TextToTextDef', 'PaperProtocolDef', 'ICLDef',
+           'TaskDef', 'StudyDef', 'ICLDefaults', 'task_names', 'data_fractions', 'icl_dev_n', 'icl_budget',
+           'content_free_input', 'check_task', 'get_task', 'family_spec', 'dev_metric', 'to_unit_scale', 'empty_target',
+           'answer_room']
 
 # %% ../nbs/15_tasks.ipynb #3bf34652
 class MetricDef(Spec):
@@ -33,12 +34,22 @@ class TextToTextDef(Spec):
     "Text-to-text targets that are not a copy of the gold answer."
     empty_target: str | None = None   # the written target of an empty answer (RadQA: no answer; CLIP: no labels)
 
+class PaperProtocolDef(Spec):
+    "How the paper read and scored its ICL rows (REFERENCE.md, Appendix D), reported beside the stricter headline."
+    description: str                            # one line for the report's protocol column
+    test_fraction: float = 1.0                  # share of the test clusters scored (CLIP: 0.25, whole notes)
+    fallback_label: str | None = None           # MedNLI: the label of an output with no label word (neutral)
+    no_answer_text: str | None = None           # RadQA: the output read as "no answer" (N/A)
+    no_answer_probability: float | None = None  # RadQA: the no-answer probability SQuAD 2.0 is given (-1: none)
+
 class ICLDef(Spec):
     "In-context learning settings of a task: prompt fields, variants and budgets."
     prompt_fields: tuple[str, ...]     # the fields every prompt template of the task fills (besides {answer})
     long_field: str                    # the one field prompt building may shorten (a premise, report or note window)
     answer_room: dict[str, int]        # per variant ("default" for a task with one): tokens kept free, max_new_tokens
     window_words: int | None = None    # CLIP: the note window around the sentence, in words
+    answer_synonyms: dict[str, tuple[str, ...]] = {}   # answer key -> other words for it (cloze, the paper's search)
+    paper_protocol: PaperProtocolDef | None = None     # the paper's reading and scoring; None: not recorded
 
     def variants(self) -> tuple[str, ...]:
         "The task's ICL variants (CLIP: per_label and list); empty for a task with a single one."
@@ -79,6 +90,8 @@ class StudyDef(Spec):
 class ICLDefaults(Spec):
     "The in-context-learning defaults of every task, in `params/defaults.yaml`."
     dev_n: int                              # dev items scored to choose the template
+    budget: dict[Literal["encoder", "seq2seq", "decoder"], int | None]  # prompt tokens per family; None: the model's
+    content_free_input: str                 # what fills every field of the content-free prompt (cloze calibration)
 
 @functools.lru_cache(maxsize=None)
 def _read_defaults(path:str, version:tuple) -> tuple[StudyDef, ICLDefaults]:
@@ -110,6 +123,14 @@ def data_fractions() -> tuple[float, ...]:
 def icl_dev_n() -> int:
     "The default number of dev items scored to choose an in-context template (the paper's 200)."
     return _defaults()[1].dev_n
+
+def icl_budget(family:str) -> int | None:
+    "Tokens an ICL prompt of a `family` model may take (answer room included); None: the model's own maximum."
+    return _defaults()[1].budget.get(family)
+
+def content_free_input() -> str:
+    "The text that fills every field of a content-free prompt (Zhao et al. 2021's \"N/A\")."
+    return _defaults()[1].content_free_input
 
 # %% ../nbs/15_tasks.ipynb #0d9bc58b
 def check_task(name:str) -> None:

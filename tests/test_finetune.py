@@ -250,6 +250,13 @@ def test_every_task_trains_with_both_demo_models(tiny_release, tmp_path, task, m
         assert {"exact", "f1", "HasAns_f1", "NoAns_f1", "total"} <= set(m) and m["total"] == 20
         if model == "minilm-demo":
             assert "no_answer_threshold" in res["thresholds"]
+            paper = res["paper_protocol"]   # the paper's untuned threshold beside the tuned headline (issue 11, 7)
+            assert paper["n_test"] == 20 and paper["test"].keys() == m.keys() and "not tuned" in paper["description"]
+    if (task, model) != ("radqa", "minilm-demo"):
+        assert "paper_protocol" not in res   # the paper's protocol is this unit's own
+    counts = res["counts"]["train_composition"]   # what the unit was trained on (the CLIP subsets' label counts)
+    assert counts["items"] == res["counts"]["train"]
+    assert set(counts.get("labels", {})) == {"mednli": set(MEDNLI_LABELS), "clip": set(CLIP_LABELS)}.get(task, set())
     if task == "clip":
         assert {"micro_f1", "macro_f1", "per_label_f1"} <= set(m) and set(m["per_label_f1"]) == set(CLIP_LABELS)
     if model == "t5-tiny-demo":

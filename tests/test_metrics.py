@@ -1,17 +1,16 @@
 """Metrics checked against independent references: scikit-learn, SciPy, and cases worked by hand from the published \
 rules."""
-import inspect, math, time
+import inspect, math
 
 import numpy as np
 import pytest
-from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 from clinical_repro.core import UserError
 from clinical_repro.tasks import CLIP_LABELS, MEDNLI_LABELS
 from clinical_repro.metrics import (
-    apply_no_answer_threshold, apply_thresholds, bootstrap_ci, exact_match, holm, mcnemar, mednli_scores,
-    multilabel_auc, multilabel_scores, normalize_answer, paired_bootstrap, squad_v2_scores, token_f1,
+    apply_no_answer_threshold, apply_thresholds, exact_match, holm, mcnemar, mednli_scores,
+    multilabel_auc, multilabel_scores, normalize_answer, squad_v2_scores, token_f1,
     tune_no_answer_threshold, tune_thresholds,
 )
 
@@ -387,74 +386,8 @@ def test_multilabel_auc_refuses_binarised_or_out_of_range():
     probs[0, 0] = np.nan
     with pytest.raises(UserError, match=r"probabilities in \[0, 1\]"): multilabel_auc(y, probs)
 
-# ---------------------------------------------------------------- uncertainty
-
-CORRECT = (np.random.default_rng(10).random(1500) < 0.8).astype(float)
-
-
-def test_bootstrap_ci_matches_scipy_on_the_values():
-    ci = bootstrap_ci(lambda i: CORRECT[i].mean(), 1500, n_boot=500, seed=7)
-    # SciPy resampling the values themselves with the same generator draws the same resamples
-    ref = stats.bootstrap((CORRECT,), np.mean, n_resamples=500, method="percentile", rng=np.random.default_rng(7))
-    assert ci["point"] == pytest.approx(CORRECT.mean())
-    assert ci["low"] == pytest.approx(ref.confidence_interval.low)
-    assert ci["high"] == pytest.approx(ref.confidence_interval.high)
-
-
-def test_bootstrap_ci_width_seed_and_speed():
-    t0 = time.perf_counter()
-    ci = bootstrap_ci(lambda i: CORRECT[i].mean(), 1500)
-    assert time.perf_counter() - t0 < 2.0
-    # normal approximation of a proportion's 95% interval: 2 * 1.96 * sqrt(p(1-p)/n)
-    p = CORRECT.mean()
-    assert ci["high"] - ci["low"] == pytest.approx(2 * 1.96 * math.sqrt(p * (1 - p) / 1500), rel=0.15)
-    assert (bootstrap_ci(lambda i: CORRECT[i].mean(), 1500, seed=1)
-            == bootstrap_ci(lambda i: CORRECT[i].mean(), 1500, seed=1))
-    assert (bootstrap_ci(lambda i: CORRECT[i].mean(), 1500, seed=1)
-            != bootstrap_ci(lambda i: CORRECT[i].mean(), 1500, seed=2))
-    narrow = bootstrap_ci(lambda i: CORRECT[i].mean(), 1500, alpha=0.5)
-    assert ci["low"] < narrow["low"] < narrow["high"] < ci["high"]
-
-
-def test_bootstrap_ci_for_f1_which_is_not_a_mean():
-    rng = np.random.default_rng(11)
-    y, p = rng.integers(0, 3, 600), rng.integers(0, 3, 600)
-    p[:300] = y[:300]
-    ci = bootstrap_ci(lambda i: f1_score(y[i], p[i], average="macro"), 600, n_boot=200)
-    assert ci["point"] == pytest.approx(f1_score(y, p, average="macro"))
-    assert ci["low"] < ci["point"] < ci["high"]
-
-
-def test_paired_bootstrap_p_value_by_reference():
-    rng = np.random.default_rng(12)
-    a = (rng.random(300) < 0.80).astype(float)
-    b = np.where(rng.random(300) < 0.9, a, 1 - a)  # b agrees with a on ~90% of items
-    r = paired_bootstrap(lambda i: a[i].mean(), lambda i: b[i].mean(), 300, n_boot=999, seed=3)
-    # same resamples from SciPy on the per-item differences (mean of differences = difference of means)
-    ref = stats.bootstrap((a - b,), np.mean, n_resamples=999, method="percentile", rng=np.random.default_rng(3))
-    d = ref.bootstrap_distribution
-    other = (d <= 0).sum() if r["diff"] > 0 else (d >= 0).sum()
-    assert r["diff"] == pytest.approx(a.mean() - b.mean())
-    assert r["p_value"] == pytest.approx(min(1, 2 * (other + 1) / 1000))
-    assert (r["low"] == pytest.approx(ref.confidence_interval.low)
-            and r["high"] == pytest.approx(ref.confidence_interval.high))
-
-
-def test_paired_bootstrap_extremes():
-    clear = paired_bootstrap(lambda i: np.ones(len(i)).mean(), lambda i: CORRECT[i].mean(), 1500, n_boot=1000)
-    assert clear["p_value"] == pytest.approx(2 / 1001)  # never 0: +1 correction
-    same = paired_bootstrap(lambda i: CORRECT[i].mean(), lambda i: CORRECT[i].mean(), 1500)
-    assert same == {"diff": 0.0, "low": 0.0, "high": 0.0, "p_value": 1.0}
-
-
-@pytest.mark.parametrize("kw,match", [
-    (dict(n_items=1), "n_items must be an integer >= 2"),
-    (dict(n_items=10, n_boot=0), "n_boot must be a positive integer"),
-    (dict(n_items=10, alpha=1.5), "alpha must be between 0 and 1"),
-])
-def test_bootstrap_errors(kw, match):
-    with pytest.raises(UserError, match=match): bootstrap_ci(np.mean, **kw)
-
+# ---------------------------------------------------------------- McNemar and Holm (the two-level bootstrap:
+# tests/test_statistics.py)
 
 def test_mcnemar_exact_by_hand():
     a = [1] * 10 + [0] * 2 + [1] * 5 + [0] * 3
@@ -502,7 +435,7 @@ def test_clip_parse_failures_predict_no_label_and_the_worst_case_is_kept_beside(
     "A 1 % failure rate moves micro-F1 by about 1 % of the gold labels, not by 20 points (the complement rule)."
     from collections import namedtuple
     from clinical_repro.metrics import generated_multilabel_scores, item_outcomes
-    sentence = namedtuple("Sentence", "id labels")
+    sentence = namedtuple("Sentence", "id labels doc_id")
     rng = np.random.default_rng(5)
     gold = (rng.random((1000, 7)) < 0.2).astype(int)
     predicted_rows = np.where(rng.random(gold.shape) < 0.1, 1 - gold, gold)        # a decent model: micro-F1 ~ .8
@@ -516,7 +449,8 @@ def test_clip_parse_failures_predict_no_label_and_the_worst_case_is_kept_beside(
     assert s["macro_f1"] == pytest.approx(f1_score(gold, headline, average="macro", zero_division=0))
     assert s["worst_case"]["micro_f1"] == pytest.approx(f1_score(gold, worst, average="micro", zero_division=0))
     assert s["micro_f1"] - s["worst_case"]["micro_f1"] > 0.01   # the sensitivity column shows what is at stake
-    records = [sentence(f"s{i}", tuple(label for label, v in zip(CLIP_LABELS, row) if v)) for i, row in enumerate(gold)]
+    records = [sentence(f"s{i}", tuple(label for label, v in zip(CLIP_LABELS, row) if v), str(i // 10))
+               for i, row in enumerate(gold)]
     outcomes = item_outcomes("clip", records, {f"s{i}": p for i, p in enumerate(parsed)})
     assert all(bits == 0 for bits, fail in zip(outcomes["pred"], failed) if fail)   # per-item: no label either
 

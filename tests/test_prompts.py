@@ -328,3 +328,20 @@ def test_choose_template_ties():
         choose_template({"nope": 1.0}, ps)
     with pytest.raises(UserError, match="NaN"):
         choose_template({ids[0]: float("nan")}, ps)
+
+
+def test_clip_dev_sample_has_positives_of_every_label(tiny_release):
+    "Issue 11 item 8: the CLIP template is chosen on a dev sample where every label with dev positives has some."
+    from clinical_repro.prompts import dev_sample_per_label
+    dev = load_task(tiny_release[0], "clip").splits["dev"]
+    by_id = {x.id: x for x in dev}
+    labelled = {label for x in dev for label in x.labels}
+    n = len(labelled) + 1
+    uniform = dev_sample(dev, n=n)
+    ids = dev_sample_per_label(dev, CLIP_LABELS, n=n)
+    assert len(ids) == len(set(ids)) == n and ids == sorted(ids)
+    assert {label for i in ids for label in by_id[i].labels} == labelled
+    assert {label for i in uniform for label in by_id[i].labels} < labelled   # what a uniform draw of n misses
+    assert ids == dev_sample_per_label(list(reversed(dev)), CLIP_LABELS, n=n)   # order-free, seeded
+    assert ids != dev_sample_per_label(dev, CLIP_LABELS, n=n, seed=1)
+    assert dev_sample_per_label(dev, CLIP_LABELS, n=len(dev) + 5) == sorted(by_id)

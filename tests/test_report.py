@@ -32,15 +32,19 @@ def write_unit(results_dir, run_id, task, model, items, *, metrics_test, mode="f
                         dev_history=[{"epoch": 1.0, "step": 5, "train_seconds": 1.0, selection: 0.5}], **fields)
 
 
-def nli_items(gold, pred, ids=None):
+def nli_items(gold, pred, ids=None, clusters=None):
+    "MedNLI per-item outcomes; with `clusters` (per item, its premise's number) as items files carry them now."
     ids = ids or [f"p{i}" for i in range(len(gold))]
-    return {"ids": ids, "gold": list(map(int, gold)), "pred": list(map(int, pred))}
+    items = {"ids": ids, "gold": list(map(int, gold)), "pred": list(map(int, pred))}
+    if clusters is not None:
+        items["clusters"] = list(map(int, clusters))
+    return items
 
 
-def nli_unit(results_dir, run_id, model, gold, pred, seed=0, **fields):
+def nli_unit(results_dir, run_id, model, gold, pred, seed=0, clusters=None, **fields):
     "A MedNLI unit whose accuracy is computed from `gold` and `pred`; returns the accuracy."
     accuracy = float(np.mean(np.asarray(gold) == np.asarray(pred)))
-    write_unit(results_dir, run_id, "mednli", model, nli_items(gold, pred), seed=seed,
+    write_unit(results_dir, run_id, "mednli", model, nli_items(gold, pred, clusters=clusters), seed=seed,
                metrics_test={"accuracy": accuracy}, **fields)
     return accuracy
 
@@ -139,7 +143,7 @@ def test_paper_results_are_validated_strictly(tmp_path, edit, key):
 
 
 # ------------------------------------------------------------------ clinical vs general
-def test_clinical_vs_general_sign_mcnemar_counts_and_holm(tmp_path):
+def test_clinical_vs_general_sign_bootstrap_p_mcnemar_descriptive_and_holm(tmp_path):
     # 40 items, seed-matched; per seed the clinical model is right on 30, the general one on 20:
     # items 0-19 both right, 20-29 only clinical (b = 10), 30-39 neither -> c = 0.
     gold = np.zeros(40, int)
@@ -158,19 +162,98 @@ def test_clinical_vs_general_sign_mcnemar_counts_and_holm(tmp_path):
                    metrics_test={"exact": 100.0, "f1": 100.0})
     out = R.clinical_vs_general(tmp_path, R.load_results(tmp_path), [("clin", "gen"), ("clin", "nobody")], n_boot=200)
     nli = out[(out.a == "clin") & (out.b == "gen") & (out.task == "mednli")].iloc[0]
-    assert nli["diff"] == pytest.approx(0.25) and nli.seeds == "0, 1"
-    assert (nli.mcnemar_b, nli.mcnemar_c) == (20, 0)  # 10 per seed, summed
-    p_seed = 2 * 0.5 ** 10  # exact McNemar, b=10, c=0, per seed: the max over identical seeds
-    assert nli.p_value == pytest.approx(p_seed)
     qa = out[(out.b == "gen") & (out.task == "radqa")].iloc[0]
-    assert qa["diff"] == pytest.approx(0.2 - 1.0) and qa.test == "paired bootstrap"
-    # Holm over the two rows that have p-values: the smaller doubled, the larger kept (but not below the first)
-    assert out.p_value.notna().sum() == 2 and nli.p_value < qa.p_value
-    assert nli.p_holm == pytest.approx(2 * nli.p_value)
-    assert qa.p_holm == pytest.approx(max(qa.p_value, 2 * nli.p_value))
+    assert nli["diff"] == pytest.approx(0.25) and nli.seeds == "0, 1"
+    assert qa["diff"] == pytest.approx(0.2 - 1.0)
+    # every row's p-value is the two-level bootstrap's; here no resample crosses 0: 2 / (n_boot + 1)
+    assert nli.test == qa.test == "two-level bootstrap"
+    assert nli.p_value == pytest.approx(2 / 201) and qa.p_value == pytest.approx(2 / 201)
+    # Holm over those two p-values only (McNemar's are not in the family): both doubled
+    assert out.p_value.notna().sum() == 2
+    assert nli.p_holm == pytest.approx(4 / 201) and qa.p_holm == pytest.approx(4 / 201)
     assert nli.significant and qa.significant
+    # McNemar per seed, shown beside (descriptive, not the p-value above): b and c summed, each seed's exact p
+    assert (nli.mcnemar_b, nli.mcnemar_c) == (20, 0)  # 10 per seed, summed
+    p_seed = 2 * 0.5 ** 10  # exact McNemar, b=10, c=0
+    assert nli.mcnemar_p == f"{p_seed:.3g}, {p_seed:.3g}"
     missing = out[out.b == "nobody"]
     assert len(missing) == 2 and missing.reason.str.contains("nobody").all() and missing.p_holm.isna().all()
+
+
+def test_pairs_are_tested_over_seeds_not_only_items(tmp_path):
+    """Seeds that disagree by several points: on the items alone the clinical model looks better (the item-only
+    test of before said p < .05); over seeds and items the difference is not significant, and the row says so."""
+    rng = np.random.default_rng(4)
+    gold, clusters = np.zeros(3000, int), np.arange(3000) // 3
+    for s, (p_clin, p_gen) in enumerate([(0.84, 0.76), (0.72, 0.78), (0.80, 0.77)]):
+        nli_unit(tmp_path, f"c{s}", "clin", gold, np.where(rng.random(3000) < p_clin, 0, 1), seed=s, clusters=clusters)
+        nli_unit(tmp_path, f"g{s}", "gen", gold, np.where(rng.random(3000) < p_gen, 0, 1), seed=s, clusters=clusters)
+    row = R.clinical_vs_general(tmp_path, R.load_results(tmp_path), [("clin", "gen")], n_boot=1000).iloc[0]
+    right = lambda run_id: np.array(R.load_items(tmp_path, run_id)["pred"]) == 0
+    per_item = np.mean([right(f"c{s}") for s in range(3)], 0) - np.mean([right(f"g{s}") for s in range(3)], 0)
+    assert row["diff"] == pytest.approx(per_item.mean())
+    assert row["diff"] > 1.96 * per_item.std() / math.sqrt(3000)     # "significant" when only items are resampled
+    assert row.low < 0 < row.high and row.p_value > 0.05 and not row.significant
+    assert row.covers == "over seeds and items (clusters: premise)"
+
+
+def test_table3_interval_widens_with_seed_spread(tmp_path):
+    rng = np.random.default_rng(5)
+    gold, clusters = np.zeros(900, int), np.arange(900) // 3
+    for s, p in enumerate([0.70, 0.78, 0.86]):  # seeds 8 points apart
+        nli_unit(tmp_path, f"w{s}", "wobbly", gold, np.where(rng.random(900) < p, 0, 1), seed=s, clusters=clusters)
+        nli_unit(tmp_path, f"s{s}", "steady", gold, np.where(rng.random(900) < 0.78, 0, 1), seed=s,
+                 clusters=clusters)
+    t3 = R.table3(tmp_path, R.load_results(tmp_path), n_boot=1000)
+    t3 = t3[t3["mode"] == "finetune"].set_index("model")   # (the trivial baselines' rows left aside)
+    width = lambda model: t3.loc[model, "mednli_accuracy_high"] - t3.loc[model, "mednli_accuracy_low"]
+    seed_mean_correct = np.mean([np.array(R.load_items(tmp_path, f"w{s}")["pred"]) == 0 for s in range(3)], 0)
+    item_only = 2 * 1.96 * seed_mean_correct.std() / math.sqrt(900)  # the interval of resampling items alone
+    assert width("wobbly") > 2 * item_only and width("wobbly") > 2 * width("steady")
+    assert (t3.mednli_accuracy_covers == "over seeds and items (clusters: premise)").all()
+
+
+def _clustered_grid(tmp_path, clusters=True):
+    "A grid with a 3-seed pair and a 1-unit ICL row; items files with cluster ids, or without (written before)."
+    g = tmp_path / "grid"
+    rng = np.random.default_rng(6)
+    gold = np.zeros(90, int)
+    ids = {"clusters": np.arange(90) // 3} if clusters else {}
+    for s in range(3):
+        nli_unit(g / "results", f"c{s}", "clin", gold, np.where(rng.random(90) < 0.9, 0, 1), seed=s, **ids)
+        nli_unit(g / "results", f"g{s}", "gen", gold, np.where(rng.random(90) < 0.6, 0, 1), seed=s, **ids)
+    write_unit(g / "results", "i0", "mednli", "gen", nli_items(gold, gold, **ids), mode="icl", shots=1, draw=0,
+               metrics_test={"accuracy": 1.0})
+    manifest = {"grid": "g", "synthetic": True, "compare": [["clin", "gen"]], "experiments": []}
+    (g / "manifest.json").write_text(json.dumps(manifest))
+    return g
+
+
+def test_intervals_are_labelled_by_what_they_cover(tmp_path):
+    g = _clustered_grid(tmp_path)
+    df = R.load_results(g / "results")
+    t3 = R.table3(g / "results", df, n_boot=100)
+    t3 = t3[t3["mode"] != "baseline"]   # a baseline row: one fixed rule, items only
+    assert sorted(t3.mednli_accuracy_covers) == ["items only (1 seed; clusters: premise)",
+                                                 "over seeds and items (clusters: premise)",
+                                                 "over seeds and items (clusters: premise)"]
+    pairs = R.format_pairs(R.clinical_vs_general(g / "results", df, [("clin", "gen")], n_boot=100))
+    assert pairs.covers.tolist() == ["over seeds and items (clusters: premise)"]
+    md = R.summarize(g, n_boot=100).read_text()
+    table3_part = md[md.index("## Table 3"):md.index("## Comparison with the paper")]
+    assert ("Intervals cover:\n- MedNLI: over seeds and items (clusters: premise) for clin (fine-tuned), "
+            "gen (fine-tuned); items only (1 seed; clusters: premise) for gen (ICL, 1-shot)") in table3_part
+    assert "| CI | covers |" in md and "not in the Holm family" in md
+
+
+def test_items_files_without_cluster_ids_are_still_summarised(tmp_path, caplog):
+    g = _clustered_grid(tmp_path, clusters=False)
+    with caplog.at_level(logging.WARNING, logger="clinical_repro.report"):
+        md = R.summarize(g, n_boot=100).read_text()
+    assert "have no cluster ids" in caplog.text
+    assert "MedNLI: over seeds and items (single items: no cluster ids)" in md
+    pairs = R.clinical_vs_general(g / "results", R.load_results(g / "results"), [("clin", "gen")], n_boot=100)
+    assert pairs.covers[0] == "over seeds and items (single items: no cluster ids)" and pairs.p_value[0] < 0.05
 
 
 def test_unmatched_seeds_are_reported_not_dropped(tmp_path):
@@ -231,3 +314,98 @@ def test_save_figure_and_summary_files(tmp_path):
     for name in ("limited_data", "icl_vs_finetune", "cost_vs_score"):
         assert (g / "figures" / f"{name}.png").is_file() and f"(figures/{name}.png)" in md
     assert "## Provenance" in md and "## Table 3" in md
+
+
+# ------------------------------------------------------------------ baselines, limited data, protocols, failures
+def test_every_task_shows_its_trivial_baselines_on_the_models_test_items(tmp_path):
+    from clinical_repro.metrics import squad_v2_scores
+    rng = np.random.default_rng(5)
+    gold = rng.integers(0, 3, 90)
+    train = {"items": 90, "labels": {"entailment": 10, "neutral": 50, "contradiction": 30}}   # neutral is the majority
+    nli_unit(tmp_path, "n", "m", gold, gold, counts={"train_composition": train})
+    has_answer = [1, 1, 0, 1, 0]
+    write_unit(tmp_path, "q", "radqa", "m", {"ids": list("abcde"), "exact": [1] * 5, "f1": [1.0] * 5,
+                                            "has_answer": has_answer, "answer_words": [1] * 5, "pred_empty": [0] * 5},
+               metrics_test={"exact": 100.0, "f1": 100.0})
+    clip_gold = rng.integers(0, 128, 60)
+    clip_items = {"ids": [f"d:{i}" for i in range(60)], "gold": clip_gold.tolist(), "pred": clip_gold.tolist()}
+    write_unit(tmp_path, "c", "clip", "m", clip_items, metrics_test={"micro_f1": 1.0, "macro_f1": 1.0})
+    t3 = R.table3(tmp_path, R.load_results(tmp_path), n_boot=100).set_index("model")
+    assert t3.loc["majority class (neutral, from train)", "mednli_accuracy"] == pytest.approx(np.mean(gold == 1))
+    golds = {question: (["x"] if answerable else []) for question, answerable in zip("abcde", has_answer)}
+    no_answer = squad_v2_scores(golds, dict.fromkeys("abcde", ""))
+    assert t3.loc["always no answer", "radqa_f1"] == pytest.approx(no_answer["f1"] / 100)   # the official script's 40
+    bits = np.array([[(v >> i) & 1 for i in range(len(CLIP_LABELS))] for v in clip_gold])
+    everything = np.ones_like(bits)
+    assert t3.loc["all labels", "clip_micro_f1"] == pytest.approx(f1_score(bits, everything, average="micro"))
+    assert t3.loc["all labels", "clip_macro_f1"] == pytest.approx(f1_score(bits, everything, average="macro"))
+    assert t3.loc["all none", "clip_micro_f1"] == 0
+    assert (t3.loc["all labels", "clip_micro_f1_low"] < t3.loc["all labels", "clip_micro_f1"]
+            < t3.loc["all labels", "clip_micro_f1_high"])
+    shown = R.format_table3(t3.reset_index())
+    assert shown.loc["m (fine-tuned)", "MedNLI acc"].startswith("**1.000")   # the best is a model, never a baseline
+    assert "baseline: all labels" in shown.index and "baseline: always no answer" in shown.index
+
+
+def test_limited_data_reports_every_metric_with_intervals_and_the_clip_subsets(tmp_path):
+    rng = np.random.default_rng(6)
+    for fraction, notes in ((0.1, 3), (1.0, 30)):
+        for seed in (0, 1):
+            gold, pred = rng.integers(0, 128, 80), rng.integers(0, 128, 80)
+            composition = {"notes": notes, "items": 10 * notes, "no_label": notes,
+                           "labels": dict.fromkeys(CLIP_LABELS, notes)}
+            items = {"ids": [f"d:{i}" for i in range(80)], "gold": gold.tolist(), "pred": pred.tolist()}
+            write_unit(tmp_path, f"c{fraction}{seed}", "clip", "m", items, seed=seed, fraction=fraction,
+                       metrics_test=R.clip_scores_from_masks(gold, pred), counts={"train_composition": composition})
+    df = R.load_results(tmp_path)
+    table = R.limited_data(tmp_path, df, n_boot=100)
+    models = table[table["mode"] == "finetune"]
+    assert models.percent.tolist() == [10.0, 100.0]
+    for column in ("clip_micro_f1", "clip_macro_f1"):   # both of the paper's CLIP metrics, each with an interval
+        assert models[f"{column}_n"].tolist() == [2, 2] and models[f"{column}_low"].notna().all()
+    shown = R.format_limited_data(table)
+    assert list(shown.columns) == ["CLIP micro-F1", "CLIP macro-F1"]
+    assert {"baseline: all none", "baseline: all labels"} <= set(shown.index)
+    subsets = R.clip_subsets(tmp_path, df)
+    assert subsets["% of train"].tolist() == [10.0, 100.0] and subsets["notes"].tolist() == [3, 30]
+    assert subsets[CLIP_LABELS[0]].tolist() == [3, 30]
+
+
+def test_generated_clip_outputs_show_the_failure_rate_and_the_worst_case(tmp_path):
+    items = {"ids": ["d:0", "d:1"], "gold": [1, 2], "pred": [1, 0]}
+    for seed, rate in ((0, 0.5), (1, 0.0)):
+        write_unit(tmp_path, f"t{seed}", "clip", "t5", items, seed=seed, metrics_test={
+            "micro_f1": 0.6, "macro_f1": 0.3, "parse_failures": {"n": 2, "failures": int(2 * rate), "rate": rate},
+            "worst_case": {"micro_f1": 0.2 + seed / 10, "macro_f1": 0.1}})
+    write_unit(tmp_path, "e", "mednli", "encoder", nli_items([0, 1], [0, 0]),
+               metrics_test={"accuracy": 0.5, "parse_failures": 0})   # mednli_scores' count: 0 for a classifier
+    table = R.generated_outputs(R.load_results(tmp_path)).set_index("row")
+    assert list(table.index) == ["t5 (fine-tuned)"]   # a classifier's count of 0 is no generated output
+    assert table.loc["t5 (fine-tuned)", "parse failures"] == pytest.approx(0.25)   # mean over the two seeds
+    assert table.loc["t5 (fine-tuned)", "CLIP micro-F1, worst case"] == pytest.approx(0.25)
+    assert table.loc["t5 (fine-tuned)", "units"] == 2
+
+
+def test_summary_shows_baselines_protocols_and_parse_failures(tmp_path):
+    items = {"ids": ["a", "b"], "exact": [1, 0], "f1": [1.0, 0.0], "has_answer": [1, 1], "answer_words": [1, 1],
+             "pred_empty": [0, 1]}
+    paper = {"description": "no-answer threshold not tuned", "n_test": 2, "test": {"exact": 0.0, "f1": 25.0}}
+    write_unit(tmp_path / "results", "q", "radqa", "enc", items, metrics_test={"exact": 50.0, "f1": 50.0},
+               paper_protocol=paper)
+    text = R.summarize(tmp_path, n_boot=50).read_text()
+    assert "baseline: always no answer" in text
+    assert "| enc (fine-tuned) | RadQA F1 | 0.5 | 0.25 |" in text   # both protocols side by side, on 0-1
+    assert "RadQA EM .000; RadQA F1 .250" in text                    # Table 3's protocol column
+    assert "## Generated outputs: parse failures" in text
+
+
+def test_icl_rows_say_how_many_exemplars_fitted_and_skip_inapplicable_protocols(tmp_path):
+    for draw, kept in enumerate((2.2, 2.6)):
+        nli_unit(tmp_path, f"i{draw}", "t5", [0, 1, 2, 0], [0, 1, 1, 0], mode="icl", shots=3, draw=draw,
+                 exemplars_kept={"shots": 3, "test": {"prompts": 4, "mean": kept, "min": 1, "max": 3}},
+                 paper_protocol={"applicable": False, "reason": "the paper has no cloze protocol"})
+    df = R.load_results(tmp_path)
+    shown = R.format_table3(R.table3(tmp_path, df, n_boot=50))
+    assert "t5 (ICL, 3-shot, 2.4 kept on average)" in shown.index
+    assert R.paper_protocol_table(df).empty and shown.loc["t5 (ICL, 3-shot, 2.4 kept on average)",
+                                                          "paper's protocol"] == "not recorded"

@@ -118,6 +118,10 @@ def test_summary_files(grid_run):
     md = (gdir / "summary.md").read_text()
     assert "data:image/png;base64" in html                     # figures embedded: the file stands alone
     assert "Table 3" in md and "roberta-base" in md
+    table3 = md.split("## Table 3", 1)[1].split("\n## ", 1)[0]
+    assert "| baseline: majority class (" in table3 and ", from train) |" in table3   # the training data's majority
+    assert "paper's protocol |" in table3                                            # the protocol column
+    assert "| t5-tiny-demo (ICL, 0-shot) | mednli | generate |" in md.split("## Generated outputs", 1)[1]
     for link in [l.split("](")[1].rstrip(")") for l in md.splitlines() if l.startswith("![")]:
         assert (gdir / link).is_file(), link
     nb = nbformat.read(str(gdir / "summary.ipynb"), as_version=4)
