@@ -668,7 +668,8 @@ def format_table3(headline:pd.DataFrame,  # `table3`'s output
         if column not in headline or headline[column].isna().all():
             continue
         best = headline.loc[headline["mode"] != BASELINE_MODE, column].max()   # a baseline is never marked best
-        table[METRIC_LABELS[column]] = [_metric_cell(row, column, best, mark) for _, row in headline.iterrows()]
+        table[METRIC_LABELS[column]] = [_metric_cell(row, column, best, "" if row["mode"] == BASELINE_MODE else mark)
+                                         for _, row in headline.iterrows()]   # a baseline is never marked
     table["paper's protocol"] = [_protocol_cell(row) for _, row in headline.iterrows()]
     return table
 

@@ -409,3 +409,12 @@ def test_icl_rows_say_how_many_exemplars_fitted_and_skip_inapplicable_protocols(
     assert "t5 (ICL, 3-shot, 2.4 kept on average)" in shown.index
     assert R.paper_protocol_table(df).empty and shown.loc["t5 (ICL, 3-shot, 2.4 kept on average)",
                                                           "paper's protocol"] == "not recorded"
+
+
+def test_a_baseline_that_ties_the_best_model_is_not_marked_best(tmp_path):
+    abstains = {"ids": list("abc"), "exact": [0, 1, 1], "f1": [0.0, 1.0, 1.0], "has_answer": [1, 0, 0],
+                "answer_words": [1, 0, 0], "pred_empty": [1, 1, 1]}   # the model says "no answer" everywhere
+    write_unit(tmp_path, "q", "radqa", "m", abstains, metrics_test={"exact": 200 / 3, "f1": 200 / 3})
+    shown = R.format_table3(R.table3(tmp_path, R.load_results(tmp_path), n_boot=50))
+    assert shown.loc["m (fine-tuned)", "RadQA F1"].startswith("**.667")
+    assert shown.loc["baseline: always no answer", "RadQA F1"].startswith(".667")   # same score, not marked
