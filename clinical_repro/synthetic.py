@@ -7,6 +7,7 @@ Docs: https://clinical-repro.github.io/clinical_repro/synthetic.html.md"""
 # %% ../nbs/30_synthetic.ipynb #e6e963ec
 from __future__ import annotations
 import ast, csv, functools, io, json, random, re, uuid
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -21,9 +22,9 @@ from .data import MEDNLI_FILES, RADQA_FILES, CLIP_FILES
 
 # %% auto #0
 __all__ = ['DEMO_SIZES', 'MEDNLI_RELEASE', 'RADQA_RELEASE', 'CLIP_RELEASE', 'CLIP_ID_FILES', 'DEMO_MARKER', 'LABEL_NOISE',
-           'RADQA_UNANSWERABLE', 'VOCABULARY_FILE', 'DemoSize', 'demo_size', 'tokenize', 'read_vocabulary', 'ptb_parse',
-           'binary_parse', 'mednli_pair', 'mednli_split', 'radqa_report', 'radqa_split', 'clip_note', 'clip_split',
-           'write_demo_data', 'bag_of_words_baselines']
+           'RADQA_UNANSWERABLE', 'VOCABULARY_FILE', 'BORROWED_NEUTRAL', 'DemoSize', 'demo_size', 'tokenize',
+           'read_vocabulary', 'ptb_parse', 'binary_parse', 'mednli_pair', 'mednli_split', 'radqa_report', 'radqa_split',
+           'clip_note', 'clip_split', 'write_demo_data', 'bag_of_words_baselines', 'shortcut_scores']
 
 # %% ../nbs/30_synthetic.ipynb #bbef27f4
 @dataclass(frozen=True)
@@ -360,6 +361,33 @@ def binary_parse(tokens:list[str], # the sentence's tokens, as `tokenize` gives 
 def _pair_id(rng) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128)))
 
+BORROWED_NEUTRAL = 0.35  # share of neutral hypotheses that affirm what another premise states
+
+def _hypothesis_pools(rng, facts:list[dict], fact:dict) -> dict:
+    """label -> hypotheses for `fact`. A neutral hypothesis may be a demographic guess or, on a `BORROWED_NEUTRAL`
+    share, an entailed hypothesis of another premise that this premise says nothing about: without it a hypothesis
+    alone would tell its label (a predicate written for one label only)."""
+    pools = dict(fact["preds"])
+    draw = rng.random()
+    if draw < 0.2:
+        pools["neutral"] = _vocab().mednli.demographic_neutral
+    elif draw < 0.2 + BORROWED_NEUTRAL:
+        stated = {p for f in facts for preds in f["preds"].values() for p in preds}
+        _, other = _premise(rng)
+        # demographics are left out: "is female" would contradict a premise's "she"
+        borrowed = [p for f in other if f["kind"] != "demo" for p in f["preds"]["entailment"] if p not in stated]
+        if borrowed:
+            pools["neutral"] = tuple(borrowed)
+    return pools
+
+def _length_matched(rng, pools:dict, label:str) -> str:
+    """A hypothesis of `pools[label]` whose length in tokens is closest to that of one drawn from any label's pool:
+    hypothesis length then says (almost) nothing about the label."""
+    target = len(tokenize(_choice(rng, pools[_choice(rng, MEDNLI_LABELS)])))
+    lengths = {p: len(tokenize(p)) for p in pools[label]}
+    best = min(abs(n - target) for n in lengths.values())
+    return _choice(rng, [p for p, n in lengths.items() if abs(n - target) == best])
+
 def mednli_pair(rng:random.Random, # the split's random stream
                 label:str, # the gold label, one of `MEDNLI_LABELS`
                ) -> dict:
@@ -368,10 +396,8 @@ def mednli_pair(rng:random.Random, # the split's random stream
     fact = _choice(rng, facts)
     # label noise: keep the gold label, take the hypothesis written for another one
     source = _choice(rng, [l for l in MEDNLI_LABELS if l != label]) if rng.random() < LABEL_NOISE else label
-    pool = fact["preds"][source]
-    if source == "neutral" and rng.random() < 0.2:
-        pool = _vocab().mednli.demographic_neutral
-    hyp = f"{_choice(rng, _vocab().mednli.subjects)} {_choice(rng, pool)}" + ("." if rng.random() < 0.4 else "")
+    predicate = _length_matched(rng, _hypothesis_pools(rng, facts, fact), source)
+    hyp = f"{_choice(rng, _vocab().mednli.subjects)} {predicate}" + ("." if rng.random() < 0.4 else "")
     t1, t2 = tokenize(premise), tokenize(hyp)
     return {"sentence1": premise, "sentence2": hyp, "pairID": _pair_id(rng), "gold_label": label,
             "sentence1_parse": ptb_parse(t1), "sentence2_parse": ptb_parse(t2),
@@ -855,3 +881,51 @@ def bag_of_words_baselines(out, # a folder written by `write_demo_data` (size de
     scores.update(clip_any_label_f1=float(f1_score(yd, clf.predict(vec.transform(xd)))),
                   clip_chance_f1=2 * prevalence / (1 + prevalence))  # F1 of predicting "labelled" for every sentence
     return scores
+
+# %% ../nbs/30_synthetic.ipynb #b3e5a7c1
+def _mednli_cues(out:Path, split:str) -> tuple[list, list, list]:
+    "Token counts (hypothesis, premise), the hypothesis's predicate (its template) and the gold labels."
+    recs = [json.loads(line) for line in (out/MEDNLI_RELEASE/MEDNLI_FILES[split]).read_text().splitlines()]
+    lengths = [(len(tokenize(r["sentence2"])), len(tokenize(r["sentence1"]))) for r in recs]
+    predicates = [r["sentence2"].rstrip(".").split(" ", 1)[1] for r in recs]  # drop the subject ("Patient", "He")
+    return lengths, predicates, [r["gold_label"] for r in recs]
+
+def _radqa_cues(out:Path, split:str) -> tuple[list, list, list]:
+    "Token counts (question, report), the question (its template) and whether it is unanswerable."
+    obj = json.loads((out/RADQA_RELEASE/RADQA_FILES[split]).read_text())
+    qas = [(qa, p["context"]) for art in obj["data"] for p in art["paragraphs"] for qa in p["qas"]]
+    lengths = [(len(tokenize(qa["question"])), len(tokenize(context))) for qa, context in qas]
+    return lengths, [qa["question"] for qa, _ in qas], [qa["is_impossible"] for qa, _ in qas]
+
+def _clip_cues(out:Path, split:str) -> tuple[list, None, list]:
+    "Token counts of each sentence and whether it has any label (CLIP's templates are its signal: not a cue)."
+    docs = set((out/CLIP_RELEASE/CLIP_ID_FILES[split]).read_text().split())
+    with open(out/CLIP_RELEASE/"sentence_level.csv", newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["doc_id"] in docs]
+    lengths = [(len(ast.literal_eval(r["sentence"])),) for r in rows]
+    return lengths, None, [bool(ast.literal_eval(r["labels"])) for r in rows]
+
+def _cue_scores(train:tuple, test:tuple) -> dict:
+    "Test accuracy of the majority label, a length-only tree and a template lookup, each fitted on `train`."
+    from sklearn.tree import DecisionTreeClassifier
+    (len_train, tpl_train, y_train), (len_test, tpl_test, y_test) = train, test
+    majority = Counter(y_train).most_common(1)[0][0]
+    accuracy = lambda predicted: float(sum(p == y for p, y in zip(predicted, y_test)) / len(y_test))
+    tree = DecisionTreeClassifier(max_depth=3, random_state=0).fit(len_train, y_train)
+    scores = {"majority": accuracy([majority] * len(y_test)), "length": accuracy(tree.predict(len_test))}
+    if tpl_train is not None:
+        by_template = defaultdict(Counter)
+        for template, y in zip(tpl_train, y_train):
+            by_template[template][y] += 1
+        scores["template"] = accuracy([by_template[t].most_common(1)[0][0] if t in by_template else majority
+                                       for t in tpl_test])
+    return scores
+
+def shortcut_scores(out, # a folder written by `write_demo_data`
+                    split:str="test", # the split scored; the predictors are fitted on train
+                   ) -> dict:
+    "task -> accuracy of the majority baseline and of length-only and template-only predictors (leak check)."
+    out = Path(out)
+    cues = {"mednli": _mednli_cues, "radqa": _radqa_cues, "clip": _clip_cues}
+    return {task: _cue_scores(read(out, "train"), read(out, split)) for task, read in cues.items()}
+

@@ -1,5 +1,5 @@
 """The model registry, name resolution, the offline demo models, task heads and the precision policy."""
-import hashlib, json, shutil
+import hashlib, json, os, shutil, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from clinical_repro.core import DataError, UserError
-from clinical_repro.models import (ModelSpec, build_t5_tiny_demo, choose_precision, device_info, load_model,
+from clinical_repro.models import (BUILTINS, ModelSpec, build_minilm_random_demo, build_t5_tiny_demo,
+                                   choose_precision, device_info, load_model,
                                    load_registry, load_tokenizer, minilm_demo_dir, resolve_model)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +67,8 @@ def test_registry_has_the_papers_and_missions_models(registry):
     for name, (family, domain, size) in EXPECTED.items():
         spec = registry[name]
         assert (spec.family, spec.domain, spec.size_m) == (family, domain, size), name
-    assert set(registry) == set(EXPECTED) | {"minilm-demo", "t5-tiny-demo"}
+    assert {n for n, s in registry.items() if s.builtin is None} == set(EXPECTED)
+    assert {n: s.builtin for n, s in registry.items() if s.builtin is not None} == {b: b for b in BUILTINS}
     assert load_registry() == registry  # the default path is the repository's params/models.yaml
 
 
@@ -80,7 +82,8 @@ def test_registry_sources_and_protocol(registry):
     assert registry["pubmedgpt"].hub_id == "stanford-crfm/BioMedLM"
     assert (registry["minilm-demo"].builtin, registry["t5-tiny-demo"].builtin) == ("minilm-demo", "t5-tiny-demo")
     assert registry["flan-t5-xxl"].modes == ("icl",)
-    assert all("finetune" in s.modes for n, s in registry.items() if n != "flan-t5-xxl")
+    assert registry["smollm2-demo"].modes == ("icl",)   # the demo's instruction-tuned LLM: ICL only
+    assert all("finetune" in s.modes for n, s in registry.items() if n not in ("flan-t5-xxl", "smollm2-demo"))
     assert registry["bioclinicalbert"].has_mlm_head and not registry["minilm-demo"].has_mlm_head
     # REFERENCE.md, "Fine-tuning protocol"
     for name in ("roberta-large", "bioclinroberta"):
@@ -218,6 +221,45 @@ def test_heads_that_do_not_fit_the_family_are_refused(registry):
     t5 = resolve_model("t5-tiny-demo", registry)
     with pytest.raises(UserError, match="text to text"): load_model(t5, "sequence-classification", num_labels=3)
     with pytest.raises(UserError, match="not question-answering"): load_model(t5, "question-answering")
+
+
+# ---------------------------------------------------------------- minilm-random-demo
+
+def test_minilm_random_demo_resolves_offline_and_is_not_pretrained(registry, tmp_path):
+    spec = registry["minilm-random-demo"]
+    assert (spec.family, spec.domain, spec.builtin, spec.modes) == ("encoder", "general", "minilm-random-demo",
+                                                                    ("finetune",))
+    assert spec.train == registry["minilm-demo"].train  # the pair differs in pretraining only
+    r = resolve_model("minilm-random-demo", registry)
+    assert Path(r.source).parent == tmp_path / "cache" / "models" and r.offline
+    assert load_tokenizer(r).get_vocab() == load_tokenizer(resolve_model("minilm-demo", registry)).get_vocab()
+    model = load_model(r, "sequence-classification", num_labels=3)
+    built = load_file(str(Path(r.source) / "model.safetensors"))
+    shipped = load_file(str(minilm_demo_dir() / "model.safetensors"))
+    assert sorted(built) == sorted(k for k in shipped if k != "embeddings.position_ids")  # same architecture
+    key = "embeddings.word_embeddings.weight"
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight, built[key])  # the built weights load
+    for name in ("embeddings.word_embeddings.weight", "encoder.layer.5.output.dense.weight"):
+        assert built[name].shape == shipped[name].shape
+        assert not torch.allclose(built[name], shipped[name], atol=1e-2), name  # not the pretrained weights
+
+
+def test_minilm_random_demo_is_deterministic_and_built_once(tmp_path):
+    models = tmp_path / "a" / "models"
+    a, b = build_minilm_random_demo(models), build_minilm_random_demo(tmp_path / "b")
+    weights = _state_hash(load_file(str(a / "model.safetensors")))
+    assert weights == _state_hash(load_file(str(b / "model.safetensors")))
+    other_seed = build_minilm_random_demo(tmp_path / "c", seed=1)
+    assert _state_hash(load_file(str(other_seed / "model.safetensors"))) != weights
+    assert build_minilm_random_demo(models) == a
+    assert [p.name for p in models.iterdir()] == [a.name]  # no temporary folder left behind
+    assert json.loads((a / "clinical_repro_demo.json").read_text())["seed"] == 0
+    # once built, resolving it imports neither torch nor transformers (grid planning stays fast)
+    code = ("import sys; from clinical_repro.models import resolve_model; r = resolve_model('minilm-random-demo'); "
+            "print(r.source, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    env = {**os.environ, "CLINICAL_REPRO_CACHE": str(tmp_path / "a")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(a), "False", "False"]
 
 
 # ---------------------------------------------------------------- t5-tiny-demo

@@ -12,7 +12,8 @@ from clinical_repro.config import params_dir
 from clinical_repro.core import SPLITS, DataError, UserError
 from clinical_repro.synthetic import (CLIP_ID_FILES, CLIP_RELEASE, DEMO_MARKER, DEMO_SIZES, MEDNLI_FILES,
                                       MEDNLI_RELEASE, RADQA_FILES, RADQA_RELEASE, VOCABULARY_FILE,
-                                      bag_of_words_baselines, read_vocabulary, tokenize, write_demo_data)
+                                      bag_of_words_baselines, mednli_split, read_vocabulary, shortcut_scores,
+                                      tokenize, write_demo_data)
 from clinical_repro.tasks import CLIP_LABELS, MEDNLI_LABELS
 from conftest import tree_state
 
@@ -203,6 +204,49 @@ def test_demo_data_is_learnable_but_not_trivial(tmp_path):
     b = bag_of_words_baselines(tmp_path)
     assert b["mednli_chance"] + 0.12 <= b["mednli_accuracy"] <= 0.97
     assert b["clip_chance_f1"] + 0.2 <= b["clip_any_label_f1"] <= 0.97
+
+
+def _lookup_accuracy(keys_train, y_train, keys_test, y_test) -> float:
+    "Accuracy of predicting, for each test key, the train split's majority label of that key (else the majority)."
+    by_key = {}
+    for k, y in zip(keys_train, y_train): by_key.setdefault(k, Counter())[y] += 1
+    majority = Counter(y_train).most_common(1)[0][0]
+    predicted = [by_key[k].most_common(1)[0][0] if k in by_key else majority for k in keys_test]
+    return sum(p == y for p, y in zip(predicted, y_test)) / len(y_test)
+
+
+def test_length_and_template_alone_stay_near_the_majority_baseline(tmp_path):
+    "The leak check on the demo data's test split: text length or template alone tells (almost) nothing."
+    from sklearn.linear_model import LogisticRegression
+    write_demo_data(tmp_path, seed=0, size="demo")
+    train, test = _mednli(tmp_path, "train"), _mednli(tmp_path, "test")
+    length = lambda recs: [[len(tokenize(r["sentence2"])), len(tokenize(r["sentence1"]))] for r in recs]
+    labels = lambda recs: [r["gold_label"] for r in recs]
+    by_length = LogisticRegression(max_iter=2000).fit(length(train), labels(train)).score(length(test), labels(test))
+    assert by_length <= 1 / 3 + 0.08  # 150 test pairs: one standard error is .04
+    scores = shortcut_scores(tmp_path)
+    assert scores["mednli"]["majority"] == pytest.approx(1 / 3)
+    for task in ("mednli", "radqa", "clip"):
+        assert scores[task]["length"] <= scores[task]["majority"] + 0.08, task
+    unanswerable = lambda obj: [qa["is_impossible"] for _, qa in _qas(obj)]
+    questions = lambda obj: [qa["question"] for _, qa in _qas(obj)]
+    train_q, test_q = _radqa(tmp_path, "train"), _radqa(tmp_path, "test")
+    by_question = _lookup_accuracy(questions(train_q), unanswerable(train_q), questions(test_q), unanswerable(test_q))
+    assert by_question == pytest.approx(scores["radqa"]["template"])
+    assert by_question <= scores["radqa"]["majority"] + 0.08
+
+
+def test_mednli_hypothesis_length_and_predicate_say_little_about_the_label():
+    "On 3000 pairs per split: a hypothesis's length is at chance; its predicate alone is far from enough."
+    from sklearn.tree import DecisionTreeClassifier
+    train, test = mednli_split(0, "train", 3000), mednli_split(0, "test", 3000)
+    labels = lambda recs: [r["gold_label"] for r in recs]
+    length = lambda recs: [[len(tokenize(r["sentence2"]))] for r in recs]
+    tree = DecisionTreeClassifier(max_depth=4, random_state=0).fit(length(train), labels(train))
+    assert tree.score(length(test), labels(test)) <= 1 / 3 + 0.03   # was .379: neutral hypotheses were longer
+    predicate = lambda recs: [r["sentence2"].rstrip(".").split(" ", 1)[1] for r in recs]
+    # was .733: most predicates were written for one label only; now neutral often borrows another premise's
+    assert _lookup_accuracy(predicate(train), labels(train), predicate(test), labels(test)) <= 0.70
 
 
 def test_the_vocabulary_is_a_params_file_of_words_not_study_parameters():

