@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['SPLITS', 'Problem', 'UserError', 'DataError', 'ProblemCollector', 'sha256_file', 'sha256_json', 'crash_point',
-           'disk_full_point', 'atomic_write_text', 'atomic_write_json', 'temporary_environ', 'get_logger']
+__all__ = ['SPLITS', 'LOG_FORMAT', 'LOG_DATE_FORMAT', 'NOTEBOOK_LOG_ENV', 'Problem', 'UserError', 'DataError', 'ProblemCollector',
+           'sha256_file', 'sha256_json', 'crash_point', 'disk_full_point', 'atomic_write_text', 'atomic_write_json',
+           'temporary_environ', 'quiet_mode', 'TerminalHandler', 'get_logger', 'notebook_log', 'route_library_logs',
+           'quiet_notebook', 'library_log']
 
 # %% ../nbs/00_core.ipynb #f3450f54
 SPLITS = ("train", "dev", "test")  # canonical split names (CLIP's released `val` is `dev`)
@@ -139,21 +141,155 @@ def temporary_environ(env:dict):
                 os.environ[k] = v
 
 # %% ../nbs/00_core.ipynb #6966d587
-def get_logger(name:str="clinical_repro", log_file=None, level=logging.INFO) -> logging.Logger:
-    "Logger writing to stderr and, when `log_file` is given, also to that file."
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"   # log files and the terminal
+LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+_QUIET = {"on": False}   # set by `quiet_notebook`
+
+def quiet_mode() -> bool:
+    "True in a process (a notebook kernel) that called `quiet_notebook`: INFO lines and library messages go to logs."
+    return _QUIET["on"]
+
+def _ours(name:str) -> bool:
+    "Whether `name` is one of this package's loggers."
+    return name == "clinical_repro" or name.startswith("clinical_repro.")
+
+class TerminalHandler(logging.StreamHandler):
+    "A stream handler that writes around tqdm's progress bars (a log line neither breaks nor duplicates a bar)."
+    def emit(self, record):
+        tqdm_module = sys.modules.get("tqdm")
+        if tqdm_module is None:
+            return super().emit(record)
+        try:
+            tqdm_module.tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging never raises
+            self.handleError(record)
+
+def _file_handler(log_file) -> logging.FileHandler:
+    "An appending, formatted handler writing to `log_file` (its folder created)."
+    log_file = Path(log_file).resolve()
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
+    return handler
+
+def _terminal_of(log:logging.Logger) -> logging.Handler|None:
+    "The logger's stream handler that is not a file handler, if any."
+    return next((h for h in log.handlers if isinstance(h, logging.StreamHandler)
+                 and not isinstance(h, logging.FileHandler)), None)
+
+def _configure_terminal(log:logging.Logger, terminal:int|None) -> None:
+    "Quiet: no stream of its own, records go on to the notebook's log; else stderr from level `terminal`."
+    stream = _terminal_of(log)
+    if quiet_mode():
+        if stream is not None:
+            log.removeHandler(stream)
+        log.propagate = True
+        return
+    if stream is None:
+        stream = TerminalHandler(sys.stderr)
+        stream.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
+        log.addHandler(stream)
+    if terminal is not None:
+        stream.setLevel(terminal)
+    log.propagate = False
+
+def get_logger(name:str="clinical_repro",
+               log_file=None,              # also write to this file
+               level=logging.INFO,
+               terminal:int|None=None,     # lowest level shown on stderr (a new logger: INFO; None: leave as set)
+              ) -> logging.Logger:
+    """Logger writing to stderr and, when `log_file` is given, also to that file. In a quiet notebook
+    (`quiet_notebook`) it has no stream of its own: its records go to the notebook's log, its warnings and errors
+    also to the notebook."""
     log = logging.getLogger(name)
     log.setLevel(level)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
-    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in log.handlers):
-        stream_handler = logging.StreamHandler(sys.stderr)
-        stream_handler.setFormatter(fmt)
-        log.addHandler(stream_handler)
+    _configure_terminal(log, terminal)
     if log_file is not None:
         log_file = Path(log_file).resolve()
         if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == log_file for h in log.handlers):
-            log_file.parent.mkdir(parents=True, exist_ok=True)
-            file_handler = logging.FileHandler(log_file, encoding="utf-8")
-            file_handler.setFormatter(fmt)
-            log.addHandler(file_handler)
-    log.propagate = False
+            log.addHandler(_file_handler(log_file))
     return log
+
+# %% ../nbs/00_core.ipynb #a7c3e1d1
+NOTEBOOK_LOG_ENV = "CLINICAL_REPRO_NOTEBOOK_LOG"   # set by the executor for the kernels it starts
+_QUIET_HANDLER = "_clinical_repro_quiet"           # marks the root handlers `quiet_notebook` added
+
+class _FromPackage(logging.Filter):
+    "Passes the records of this package's loggers (with `invert`: every other record)."
+    def __init__(self, invert:bool=False):
+        super().__init__()
+        self.invert = invert
+
+    def filter(self, record) -> bool:
+        return _ours(record.name) != self.invert
+
+def notebook_log(grid_folder, name:str) -> Path:
+    "The log of one notebook of a grid: `<grid_folder>/logs/<name>.log` (beside the runner's logs)."
+    return Path(grid_folder)/"logs"/f"{name}.log"
+
+def route_library_logs(load:bool=True) -> None:
+    "In a quiet notebook: transformers' messages and its and the hub's progress bars to the log (`load`: import them)."
+    if not quiet_mode():
+        return
+    for module in ("transformers", "huggingface_hub"):
+        if module not in sys.modules and not load:
+            continue
+        try:
+            if module == "transformers":
+                from transformers.utils import logging as hf_logging
+                hf_logging.disable_default_handler()
+                hf_logging.enable_propagation()
+                hf_logging.disable_progress_bar()
+            else:
+                from huggingface_hub.utils import disable_progress_bars
+                disable_progress_bars()
+        except ImportError:
+            pass
+
+def _quiet_root(log_file:Path) -> None:
+    "The root logger's handlers in a quiet notebook: everything to the file; this package's warnings to the notebook."
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, _QUIET_HANDLER, False)]:
+        root.removeHandler(handler)
+        handler.close()
+    to_notebook = logging.StreamHandler(sys.stderr)
+    to_notebook.setLevel(logging.WARNING)
+    to_notebook.addFilter(_FromPackage())
+    to_notebook.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for handler in (_file_handler(log_file), to_notebook):
+        setattr(handler, _QUIET_HANDLER, True)
+        root.addHandler(handler)
+
+def quiet_notebook(log_file=None) -> Path:
+    """Keep this kernel's notebook for its reader: send library warnings, load reports, progress bars and INFO lines to
+    the log (`$CLINICAL_REPRO_NOTEBOOK_LOG`, else `log_file`); returns its path. Call it before other imports: the
+    progress-bar switches are read when tqdm and the Hugging Face libraries are imported."""
+    path = os.environ.get(NOTEBOOK_LOG_ENV) or log_file
+    if not path:
+        raise UserError(f"quiet_notebook needs a log file: pass one or set ${NOTEBOOK_LOG_ENV}")
+    path = Path(path).resolve()
+    _QUIET["on"] = True
+    os.environ.update({"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"})
+    logging.captureWarnings(True)   # warnings -> the `py.warnings` logger -> the root's file handler
+    _quiet_root(path)
+    for name in [n for n in list(logging.Logger.manager.loggerDict) if _ours(n)]:
+        if isinstance(logging.Logger.manager.loggerDict[name], logging.Logger):
+            _configure_terminal(logging.getLogger(name), None)
+    route_library_logs(load=False)
+    return path
+
+@contextmanager
+def library_log(log_file):
+    "In a quiet notebook, also write the libraries' log records of the block to `log_file` (e.g. a unit's log)."
+    if not quiet_mode():
+        yield
+        return
+    handler = _file_handler(log_file)
+    handler.addFilter(_FromPackage(invert=True))   # this package's loggers write their own files
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()

@@ -10,32 +10,48 @@ import importlib.util, logging, math, os, re, socket, time
 from pathlib import Path
 from typing import Callable
 
-from .core import UserError, get_logger, temporary_environ
+from .core import NOTEBOOK_LOG_ENV, UserError, get_logger, temporary_environ
 
 # %% auto #0
 __all__ = ['INSTALL_HINT', 'FORWARDED_ENV', 'CPU_TASK_ENV', 'execute_notebook', 'ray_available', 'registry_env_names',
            'driver_env', 'task_resources', 'run_on_ray']
 
 # %% ../nbs/86_executors.ipynb #00f86b39
+def _logged_kernel_manager(log_file):
+    "A kernel manager class whose kernels write their own output (start-up and shutdown lines) to `log_file`."
+    from jupyter_client.manager import AsyncKernelManager
+    log_file = Path(log_file).resolve()
+
+    class LoggedKernelManager(AsyncKernelManager):
+        "Starts the kernel with stdout and stderr appended to the notebook's log, and its path in the kernel's env."
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            kw["env"] = {**(kw.get("env") or os.environ), NOTEBOOK_LOG_ENV: str(log_file)}
+            with open(log_file, "ab") as log:   # the kernel holds its own copy of the descriptor
+                return await super()._async_launch_kernel(kernel_cmd, stdout=log, stderr=log, **kw)
+    return LoggedKernelManager
+
 def execute_notebook(template,        # the papermill template (a notebook with a `parameters` cell)
                      out_nb,          # where the executed notebook goes (its folder is the kernel's working folder)
                      params:dict,     # the parameters to inject
+                     log_file=None,   # the notebook's log: the kernel's own output, and `core.quiet_notebook`'s
                     ) -> str|None:
     "Execute one notebook with papermill; the error text when it fails, else None."
     import papermill as pm
     out_nb = Path(out_nb)
     out_nb.parent.mkdir(parents=True, exist_ok=True)
+    logged = {} if log_file is None else {"kernel_manager_class": _logged_kernel_manager(log_file)}
     try:
         # The kernel starts in the notebook's folder. (papermill's own `cwd=` would chdir the whole runner process,
         # which races when several notebooks run at once; nbclient's resources path sets only the kernel's.)
         pm.execute_notebook(str(template), str(out_nb), parameters=params, kernel_name="python3",
                             resources={"metadata": {"path": str(out_nb.parent)}}, progress_bar=False,
-                            log_output=False)
+                            log_output=False, **logged)
         return None
     except pm.PapermillExecutionError as e:
         return f"notebook cell {e.exec_count} raised {e.ename}: {e.evalue}"
     except Exception as e:  # noqa: BLE001 - kernel died, template unreadable, ...
-        return f"{type(e).__name__}: {e}"
+        return f"{type(e).__name__}: {e}" + (f" (the kernel's log: {log_file})" if log_file else "")
 
 # %% ../nbs/86_executors.ipynb #91bb7eea
 INSTALL_HINT = "pip install 'clinical_repro[ray]'"
@@ -90,12 +106,12 @@ def task_resources(nodes:list[dict]) -> dict:
     return {"num_gpus": 1, "num_cpus": max(1, cpus_per_gpu)}
 
 # %% ../nbs/86_executors.ipynb #da28ae6e
-def _run_call(template:str, out_nb:str, params:dict, env:dict) -> dict:
+def _run_call(template:str, out_nb:str, params:dict, env:dict, log_file:str|None=None) -> dict:
     "Body of one task: execute a notebook with `env` set for its kernel; returns error (or None), node and seconds."
     t0 = time.perf_counter()
     with temporary_environ(env):  # a Ray worker runs many tasks: restore its environment after each
         try:
-            error = execute_notebook(template, out_nb, params)
+            error = execute_notebook(template, out_nb, params, log_file)
         except Exception as e:  # noqa: BLE001 - reported like a failed notebook
             error = f"{type(e).__name__}: {e}"
     return {"error": error, "node": socket.gethostname(), "seconds": round(time.perf_counter() - t0, 2)}
@@ -105,10 +121,12 @@ def _check_calls(calls:list) -> list[dict]:
     checked = []
     for i, call in enumerate(calls):
         if not isinstance(call, dict) or not {"template", "out_nb", "params"} <= set(call):
-            raise UserError(f"call {i}: expected a dict with template, out_nb, params (and env), got {call!r:.200}")
+            raise UserError(f"call {i}: expected a dict with template, out_nb, params (and env, log_file), "
+                            f"got {call!r:.200}")
         env = {key: str(value) for key, value in (call.get("env") or {}).items()}
+        log_file = os.path.abspath(call["log_file"]) if call.get("log_file") else None
         checked.append({"template": os.path.abspath(call["template"]), "out_nb": os.path.abspath(call["out_nb"]),
-                        "params": dict(call["params"]), "env": env})
+                        "params": dict(call["params"]), "env": env, "log_file": log_file})
     return checked
 
 def _task_error(e:BaseException) -> str:
@@ -151,7 +169,8 @@ def _run_tasks(ray, task, calls:list[dict], extra_env:dict, on_done, max_paralle
         while waiting and (max_parallel is None or len(refs) < max_parallel):
             index = waiting.pop(0)
             call = calls[index]
-            refs[task.remote(call["template"], call["out_nb"], call["params"], {**extra_env, **call["env"]})] = index
+            env = {**extra_env, **call["env"]}
+            refs[task.remote(call["template"], call["out_nb"], call["params"], env, call["log_file"])] = index
         finished, _ = ray.wait(list(refs), num_returns=1)
         for ref in finished:
             index = refs.pop(ref)
@@ -171,7 +190,7 @@ def _cancel(ray, refs:dict) -> None:
         except Exception:  # noqa: BLE001 - already finished or gone
             pass
 
-def run_on_ray(calls:list[dict],                           # each {"template", "out_nb", "params", "env"}: one notebook
+def run_on_ray(calls:list[dict],                           # one notebook each: template, out_nb, params, env, log_file
                on_done:Callable[[int, str|None], None],    # called with (index into calls, error text or None)
                address:str|None=None,                      # Ray cluster; default $RAY_ADDRESS, else a local Ray
                log=None,                                   # a logger (default: clinical_repro.executors)

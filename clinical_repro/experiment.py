@@ -317,10 +317,14 @@ class UnitScores:
     paper_protocol: dict|None = None   # test metrics under the paper's protocol, where it differs
 
 def predict_and_score(fit_result, adapter:Adapter, data:UnitInputs, task_data:TaskData, log) -> UnitScores:
-    "Predict dev and test with the trained model (halving the batch on OOM), tune on dev, then score test."
+    """Predict dev and test with the trained model (halving the batch on OOM), tune on dev, then score test. The dev
+    predictions are those of the best checkpoint's own evaluation when training kept them (same weights, same
+    batches: predicting dev again would repeat that work)."""
     started = time.perf_counter()
-    trainer, retries = fit_result.trainer, fit_result.retries
-    dev_out, plan = predict_safely(trainer, data.dev_ds, fit_result.plan, retries, log)
+    trainer, retries, plan = fit_result.trainer, fit_result.retries, fit_result.plan
+    dev_out = fit_result.dev_output
+    if dev_out is None:
+        dev_out, plan = predict_safely(trainer, data.dev_ds, plan, retries, log)
     dev_decoded = adapter.decode(dev_out, data.dev_ds, data.dev_items)
     tuned = adapter.tune(data.dev_items, dev_decoded)
     dev_metrics, dev_predictions = adapter.score(data.dev_items, dev_decoded, tuned)

@@ -18,7 +18,7 @@ from .core import UserError, DataError, Problem
 from .config import (Spec, TrainSpec, TaskSpec, validate_spec, read_yaml, params_dir, train_layers,
                                    task_layer)
 from .tasks import TASKS, icl_dev_n
-from . import models
+from . import models, prompts
 
 # %% auto #0
 __all__ = ['GRIDS', 'SyntheticData', 'DataSpec', 'FinetuneTask', 'FinetuneModel', 'FinetuneSection', 'ICLTask', 'ICLSection',
@@ -77,7 +77,10 @@ class FinetuneTask(Spec):
     train: dict[str, Any] = Field(default_factory=dict)
 
 class FinetuneModel(Spec):
-    "Per-model overrides: TrainSpec values, and TaskSpec values per task."
+    """Per-model overrides: seeds and fractions (replacing the section's and the task's for this model, e.g. a
+    learning curve for one model only), TrainSpec values, and TaskSpec values per task."""
+    seeds: _Seeds | None = None
+    fractions: _Fractions | None = None
     train: dict[str, Any] = Field(default_factory=dict)
     task: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
@@ -92,11 +95,12 @@ class FinetuneSection(Spec):
     per_model: dict[str, FinetuneModel] = Field(default_factory=dict)
 
 class ICLTask(Spec):
-    "Per-task replacement of the ICL settings."
+    "Per-task replacement of the ICL settings, and a fixed template (no dev choice)."
     shots: _Shots | None = None
     draws: int | None = Field(None, ge=1)
     seeds: _Seeds | None = None
     limit: int | None = Field(None, ge=1)
+    template: str | list[str] | None = None   # template id(s) of params/prompts/<task>.yaml, one per variant at most
 
 class ICLSection(Spec):
     "The in-context-learning experiments of a grid."
@@ -198,12 +202,24 @@ def _check_finetune(section:FinetuneSection, tasks:list, registry:dict, file:str
         problems += _check_model_overrides(section, model, tasks, registry, file, params)
     return list(dict.fromkeys(problems))  # the same bad key is reported once, not once per model
 
+def _check_templates(section:ICLSection, file:str) -> list[Problem]:
+    "The fixed templates of `per_task`: ids of the task's prompt set, at most one per variant."
+    problems = []
+    for task, spec in section.per_task.items():
+        if task not in TASKS or spec.template is None:
+            continue
+        try:
+            prompts.fixed_templates(prompts.load_prompts(task), spec.template)
+        except UserError as e:
+            problems.append(Problem(file, f"icl.per_task.{task}.template", f"{e} (params/prompts/{task}.yaml)"))
+    return problems
+
 def _check_icl(section:ICLSection, tasks:list, registry:dict, file:str) -> list[Problem]:
-    "Names and modes of the icl section."
+    "Names and modes of the icl section, and its fixed templates."
     problems = _names(file, "icl.models", section.models, sorted(registry), "model")
     problems += _check_modes(file, "icl.models", section.models, registry, "icl", "in-context learning")
     problems += _in_grid(file, "icl.per_task", section.per_task, tasks, "a task of this grid")
-    return problems
+    return problems + _check_templates(section, file)
 
 def _check_compare(grid:Grid, file:str) -> list[Problem]:
     "Each compared pair: two different models, both fine-tuned in this grid."
@@ -257,24 +273,27 @@ def finetune_experiments(grid:Grid, task:str) -> list[Experiment]:
     "The fine-tuning experiments of one task: units by fraction, then seed; models as listed."
     section = grid.finetune
     per_task = section.per_task.get(task, FinetuneTask())
-    fractions, seeds = per_task.fractions or section.fractions, per_task.seeds or section.seeds
-    units = tuple({"seed": seed, "fraction": float(fraction)} for fraction in fractions for seed in seeds)
     experiments = []
     for model in section.models:
         per_model = section.per_model.get(model, FinetuneModel())
+        fractions = per_model.fractions or per_task.fractions or section.fractions
+        seeds = per_model.seeds or per_task.seeds or section.seeds
+        units = tuple({"seed": seed, "fraction": float(fraction)} for fraction in fractions for seed in seeds)
         train = {**section.train, **per_task.train, **per_model.train}
         task_values = {**section.task.get(task, {}), **per_model.task.get(task, {})}
         experiments.append(Experiment(grid.grid, task, model, "finetune", units, train, task_values, grid.source))
     return experiments
 
 def icl_experiments(grid:Grid, task:str) -> list[Experiment]:
-    "The ICL experiments of one task: units by shots, draw, then seed (0 shots: one draw); models as listed."
+    """The ICL experiments of one task: units by shots, draw, then seed (0 shots: one draw); models as listed. A fixed
+    template (`per_task.<task>.template`) goes into every unit (its run_id differs from a dev-chosen unit's)."""
     section = grid.icl
     per_task = section.per_task.get(task, ICLTask())
     shots, seeds = per_task.shots or section.shots, per_task.seeds or section.seeds
     draws = per_task.draws or section.draws
     limit = per_task.limit if per_task.limit is not None else section.limit
-    units = tuple({"shots": k, "draw": draw, "seed": seed, "limit": limit, "dev_n": section.dev_n}
+    fixed = {"template": per_task.template} if per_task.template is not None else {}
+    units = tuple({"shots": k, "draw": draw, "seed": seed, "limit": limit, "dev_n": section.dev_n, **fixed}
                   for k in shots for draw in range(draws if k > 0 else 1) for seed in seeds)
     return [Experiment(grid.grid, task, model, "icl", units, {}, {}, grid.source) for model in section.models]
 

@@ -6,7 +6,7 @@ Docs: https://clinical-repro.github.io/clinical_repro/icl.html.md"""
 
 # %% ../nbs/75_icl.ipynb #c46d53f1
 from __future__ import annotations
-import inspect, itertools, os, random, re, string, time
+import copy, inspect, itertools, os, random, re, string, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,15 +25,16 @@ from .results import (FINISHED, check_planned_run_id, finished, provenance, resu
                                     write_not_applicable, write_ok, write_predictions)
 
 # %% auto #0
-__all__ = ['CALIBRATIONS', 'DECODER_SYSTEM', 'NO_PAPER_PROTOCOL', 'is_causal_lm', 'sequence_logprobs', 'option_logprobs',
-           'rank_classify', 'single_token_words', 'cloze_logprobs', 'calibrate', 'load_mlm', 'verbalizer_candidates',
-           'ClozeVerbalizers', 'cloze_verbalizers', 'no_verbalizer_reason', 'generate', 'chat_prompt',
-           'causal_option_logprobs', 'causal_generate', 'NoteWindows', 'TemplatePredictor', 'verbatim_span_rate',
-           'score_predictions', 'dev_value', 'paper_mednli_label', 'paper_label_search', 'paper_radqa_answer',
-           'paper_subset', 'paper_reading', 'paper_metrics', 'not_applicable_reason', 'check_icl_model',
-           'load_icl_model', 'ICLQueries', 'dev_sample_draw', 'icl_queries', 'test_gold', 'icl_variants',
-           'choose_cloze', 'choose_templates', 'paper_predictions', 'paper_protocol_section', 'paper_payload',
-           'variant_predictions', 'icl_outcomes', 'ICLScores', 'icl_record', 'run_icl_unit']
+__all__ = ['CALIBRATIONS', 'DECODER_SYSTEM', 'FIXED_TEMPLATE', 'NO_PAPER_PROTOCOL', 'is_causal_lm', 'sequence_logprobs',
+           'option_logprobs', 'rank_classify', 'single_token_words', 'cloze_logprobs', 'calibrate', 'load_mlm',
+           'verbalizer_candidates', 'ClozeVerbalizers', 'cloze_verbalizers', 'no_verbalizer_reason', 'generate',
+           'chat_messages', 'chat_prompt', 'causal_prompt_pass', 'causal_option_logprobs', 'causal_generate',
+           'NoteWindows', 'TemplatePredictor', 'verbatim_span_rate', 'score_predictions', 'dev_value',
+           'paper_mednli_label', 'paper_label_search', 'paper_radqa_answer', 'paper_subset', 'paper_reading',
+           'paper_metrics', 'not_applicable_reason', 'check_icl_model', 'load_icl_model', 'ICLQueries',
+           'dev_sample_draw', 'icl_queries', 'test_gold', 'icl_variants', 'choose_cloze', 'choose_templates',
+           'paper_predictions', 'paper_protocol_section', 'paper_payload', 'variant_predictions', 'icl_outcomes',
+           'ICLScores', 'icl_record', 'run_icl_unit']
 
 # %% ../nbs/75_icl.ipynb #71a676ad
 def _check_seq2seq(model):
@@ -304,87 +305,177 @@ def generate(
 
 # %% ../nbs/75_icl.ipynb #d3c0de02
 DECODER_SYSTEM = ("You are a careful clinical language assistant. Follow the instruction and answer in exactly the "
-                  "format the examples show.")
+                  "format the examples show.")   # the system message of the chat_inline layout
 
-def chat_prompt(tokenizer, prompt:str, system:str=DECODER_SYSTEM) -> str:
-    """`prompt` (instruction, exemplars inline, query) as the user turn after `system`, in the tokenizer's chat
-    template, ending where the assistant's answer starts."""
+def chat_messages(prompt:str|prompts.PromptParts, system:str=DECODER_SYSTEM) -> list[dict]:
+    """The chat of a decoder prompt: a built prompt's pieces (`prompts.PromptParts`) as turns (`chat_turns`), or a
+    built text as one user turn after `system` (`chat_inline`)."""
+    if isinstance(prompt, str):
+        return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    messages = [{"role": "system", "content": prompt.instruction}]
+    for query, answer in prompt.exemplars:
+        messages += [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
+    return messages + [{"role": "user", "content": prompt.query}]
+
+def chat_prompt(tokenizer, prompt:str|prompts.PromptParts, system:str=DECODER_SYSTEM) -> str:
+    "`chat_messages(prompt, system)` in the tokenizer's chat template, ending where the assistant's answer starts."
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("decoder ICL needs an instruction-tuned model: this tokenizer has no chat template")
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(chat_messages(prompt, system), tokenize=False, add_generation_prompt=True)
 
 def _plain_ids(tokenizer, text:str) -> list[int]:
     "Token ids of `text` as it is (a chat-formatted text holds its own special tokens)."
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
+def _shared_head(ids:list[list[int]]) -> int:
+    "Tokens every prompt starts with, leaving each at least one of its own (its last logits predict the answer)."
+    shared = min(len(row) for row in ids) - 1
+    for position in range(shared):
+        if len({row[position] for row in ids}) > 1:
+            return position
+    return max(shared, 0)
+
+def _forward_settings(model) -> tuple[str, dict]:
+    "The keyword of the key/value cache (transformers renamed `past_key_values` to `cache` in 5.2x), last-logits-only."
+    parameters = inspect.signature(model.forward).parameters
+    cache_key = "cache" if "cache" in parameters else "past_key_values"
+    return cache_key, {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}   # not 49k logits per token
+
+class _CausalBatch:
+    """A batch of prompts on one key/value cache: the head all prompts share (its cache computed once, copied here),
+    then each row's own tokens, left-padded so that every prompt ends in the last column (explicit positions, padding
+    masked: each row computes what it would alone)."""
+    def __init__(self, model, head_cache, n_head:int, rows:list[list[int]], pad_id:int):
+        self.model, (self.cache_key, self.last_only), device = model, _forward_settings(model), _device(model)
+        width, self.pad_id = max(map(len, rows)), pad_id
+        self.lengths = torch.tensor([n_head + len(row) for row in rows], device=device)   # each prompt's tokens
+        self.cache = copy.deepcopy(head_cache) if head_cache is not None else None
+        self.mask = torch.ones(1, n_head, dtype=torch.long, device=device)
+        shared = _shared_head(rows) if len(rows) > 1 else 0   # what this batch's rows share beyond the head: once
+        if shared:
+            ones = torch.ones(1, shared, dtype=torch.long, device=device)
+            self.step(torch.tensor([rows[0][:shared]], device=device), n_head + ones.cumsum(-1) - 1)
+            n_head, rows = n_head + shared, [row[shared:] for row in rows]
+            width = max(map(len, rows))
+        if self.cache is not None:
+            self.cache.batch_repeat_interleave(len(rows))
+        self.mask = self.mask.expand(len(rows), -1)
+        padded = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows], device=device)
+        own = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
+        positions = (n_head + (own.cumsum(-1) - 1).clamp(min=0))
+        self.first = self.step(padded, positions, own)[:, -1]   # log-probabilities after each whole prompt
+        self.n_prompt = self.mask.shape[1]
+
+    def step(self, ids:torch.Tensor, positions:torch.Tensor, attend:torch.Tensor|None=None, every:bool=False):
+        "Log-probabilities after the fed tokens (the last only unless `every`); they join the cache and the mask."
+        mask = torch.cat([self.mask, attend if attend is not None else torch.ones_like(ids)], 1)
+        kwargs = {self.cache_key: self.cache} if self.cache is not None else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs,
+                         **({} if every else self.last_only))
+        self.cache, self.mask = out[self.cache_key] if self.cache_key in out else out["past_key_values"], mask
+        return out.logits.float().log_softmax(-1)
+
+    def generate(self, max_new_tokens:int, eos:set) -> list[list[int]]:
+        "Greedy replies of every row, each up to its end-of-sequence token (included) or `max_new_tokens`."
+        replies, done, logprobs = [[] for _ in self.lengths], [False] * len(self.lengths), self.first
+        for t in range(max_new_tokens):
+            chosen = logprobs.argmax(-1)
+            for row, token in enumerate(chosen.tolist()):
+                if not done[row]:
+                    replies[row].append(token)
+                    done[row] = token in eos
+            if all(done) or t == max_new_tokens - 1:
+                break
+            logprobs = self.step(chosen[:, None], (self.lengths + t)[:, None])[:, -1]
+        if self.mask.shape[1] > self.n_prompt:   # back to the prompts (a negative count: tokens removed)
+            self.cache.crop(self.n_prompt - self.mask.shape[1])
+            self.mask = self.mask[:, :self.n_prompt]
+        return replies
+
+    def option_scores(self, option_ids:list[list[int]]) -> np.ndarray:
+        "(rows, options) summed log-probabilities of each option after each prompt (last use: the cache is expanded)."
+        sums = self.first[:, [ids[0] for ids in option_ids]]
+        longest = max(map(len, option_ids)) - 1
+        if longest > 0:   # pieces after the first: every (row, option) as a row of one more pass
+            n_options = len(option_ids)
+            self.cache.batch_repeat_interleave(n_options)
+            self.mask = self.mask.repeat_interleave(n_options, 0)
+            feed = torch.tensor([ids[:-1] + [self.pad_id] * (longest + 1 - len(ids)) for ids in option_ids],
+                                device=sums.device).repeat(len(self.lengths), 1)
+            positions = self.lengths.repeat_interleave(n_options)[:, None] + torch.arange(longest, device=sums.device)
+            logprobs = self.step(feed, positions, every=True)
+            targets = _pad([ids[1:] for ids in option_ids], -100, sums.device).repeat(len(self.lengths), 1)
+            later, _ = _token_logprobs_of(logprobs, targets)
+            sums = sums + later.view(len(self.lengths), n_options)
+        return sums.cpu().numpy()
+
+def _token_logprobs_of(logprobs:torch.Tensor, labels:torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "Summed log-probabilities of `labels` (-100 = padding) given log-probabilities, and the scored tokens per row."
+    mask = labels != -100
+    picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    return picked.sum(-1), mask.sum(-1)
+
 @torch.no_grad()
-def causal_option_logprobs(
+def causal_prompt_pass(
     model, tokenizer,
     prompts:Sequence[str],       # chat-formatted prompts (`chat_prompt`)
-    options:Sequence[str],       # the assistant replies scored after every prompt
-    batch_size:int=16,           # not used: one prompt at a time, all its options in one batch
-) -> tuple[np.ndarray, np.ndarray]:
-    """(n_prompts, n_options) summed log-probabilities and token counts of each option after each prompt: one pass
-    over the prompt, its key/value cache shared by every option."""
-    if not options:
-        raise UserError("expected at least one option to score")
+    options:Sequence[str]=(),    # assistant replies scored after every prompt (none: no scores)
+    max_new_tokens:int=0,        # greedy reply tokens per prompt (0: no generation)
+    batch_size:int=16,           # prompts per batch
+    sort:bool=True,              # batch similar lengths together; False: in the given order (e.g. an item's prompts)
+) -> tuple[np.ndarray, np.ndarray, list[str], int, int]:
+    """One pass over the prompts that yields both: the (n_prompts, n_options) summed log-probabilities and token
+    counts of each option, and the greedy replies (stopping at end of sequence), with the prompt and reply token
+    counts. The head all prompts share (system message, exemplar turns) is computed once; its key/value cache is
+    reused by every batch, and what a batch's prompts share beyond it is computed once per batch."""
     option_ids = [_plain_ids(tokenizer, option) for option in options]
     if not all(option_ids):
         raise UserError(f"an option has no tokens: {list(options)}")
     model.eval()
-    device, n_options = _device(model), len(options)
-    # transformers renamed `past_key_values` to `cache` (5.2x); both name the same object
-    parameters = inspect.signature(model.forward).parameters
-    cache_key = "cache" if "cache" in parameters else "past_key_values"
-    last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}  # not 49k logits per token
-    option_batch = _pad(option_ids, tokenizer.pad_token_id or 0, device)   # right padding: after each option
-    option_mask = _pad([[1] * len(ids) for ids in option_ids], 0, device)
-    labels = _pad(option_ids, -100, device)
-    sums, counts = np.zeros((len(prompts), n_options)), np.zeros((len(prompts), n_options), dtype=int)
-    for row, prompt in enumerate(prompts):
-        prompt_ids = torch.tensor([_plain_ids(tokenizer, prompt)], device=device)
-        out = model(input_ids=prompt_ids, use_cache=True, **last_logits_only)
-        cache = out[cache_key]   # the prompt's key/value cache
-        cache.batch_repeat_interleave(n_options)
-        mask = torch.cat([torch.ones(n_options, prompt_ids.shape[1], dtype=option_mask.dtype, device=device),
-                          option_mask], 1)
-        rest = model(input_ids=option_batch, attention_mask=mask, **{cache_key: cache}).logits
-        first = out.logits[:, -1:].expand(n_options, -1, -1)   # predicts each option's first token
-        summed, n_tokens = _token_logprobs(torch.cat([first, rest[:, :-1]], 1), labels)
-        sums[row], counts[row] = summed.cpu().numpy(), n_tokens.cpu().numpy()
+    ids = [_plain_ids(tokenizer, prompt) for prompt in prompts]
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos), 0)
+    n_head = _shared_head(ids) if ids else 0
+    cache_key, last_only = _forward_settings(model)
+    head_cache = None
+    if n_head:
+        out = model(input_ids=torch.tensor([ids[0][:n_head]], device=_device(model)), use_cache=True, **last_only)
+        head_cache = out[cache_key] if cache_key in out else out["past_key_values"]
+    sums, texts, tokens_out = np.zeros((len(prompts), len(options))), [""] * len(prompts), 0
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i])) if sort else list(range(len(ids)))
+    for a in range(0, len(order), batch_size):
+        batch = order[a:a+batch_size]
+        run = _CausalBatch(model, head_cache, n_head, [ids[i][n_head:] for i in batch], pad_id)
+        for i, reply in zip(batch, run.generate(max_new_tokens, eos) if max_new_tokens > 0 else []):
+            texts[i] = tokenizer.decode(reply, skip_special_tokens=True).strip()
+            tokens_out += len(reply)
+        if option_ids:
+            sums[batch] = run.option_scores(option_ids)
+    counts = np.tile(np.array([len(o) for o in option_ids], dtype=int), (len(prompts), 1))
+    return sums, counts, texts, sum(map(len, ids)), tokens_out
+
+def causal_option_logprobs(
+    model, tokenizer,
+    prompts:Sequence[str],       # chat-formatted prompts (`chat_prompt`)
+    options:Sequence[str],       # the assistant replies scored after every prompt
+    batch_size:int=16,           # prompts per batch
+) -> tuple[np.ndarray, np.ndarray]:
+    "(n_prompts, n_options) summed log-probabilities and token counts of each option after each prompt."
+    if not options:
+        raise UserError("expected at least one option to score")
+    sums, counts, *_ = causal_prompt_pass(model, tokenizer, prompts, options, 0, batch_size)
     return sums, counts
 
-@torch.no_grad()
 def causal_generate(
     model, tokenizer,
     prompts:Sequence[str],       # chat-formatted prompts (`chat_prompt`)
     max_new_tokens:int,
-    batch_size:int=16,
+    batch_size:int=16,           # prompts per batch
 ) -> tuple[list[str], int, int]:
-    "Greedy replies to `prompts` (in order; batches left-padded), with the input and generated token counts."
-    model.eval()
-    device = _device(model)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths together: less padding
-    texts, tokens_in, tokens_out = [None] * len(prompts), 0, 0
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        for a in range(0, len(order), batch_size):
-            batch = order[a:a+batch_size]
-            enc = tokenizer([prompts[i] for i in batch], padding=True, add_special_tokens=False,
-                            return_tensors="pt").to(device)
-            out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=tokenizer.pad_token_id)
-            generated = out[:, enc["input_ids"].shape[1]:]   # the reply only
-            tokens_in += int(enc["attention_mask"].sum())
-            tokens_out += _n_generated(generated, model.generation_config.eos_token_id)
-            for i, text in zip(batch, tokenizer.batch_decode(generated, skip_special_tokens=True)):
-                texts[i] = text.strip()
-    finally:
-        tokenizer.padding_side = side
+    "Greedy replies to `prompts` (in order), with the input and generated token counts."
+    _, _, texts, tokens_in, tokens_out = causal_prompt_pass(model, tokenizer, prompts, (), max_new_tokens, batch_size)
     return texts, tokens_in, tokens_out
-
 
 # %% ../nbs/75_icl.ipynb #fb71d5db
 def _budget(model, tokenizer=None, budget:int|None=None) -> int:
@@ -415,20 +506,23 @@ def _exemplar_fields(prompt_set, template, exemplars, exemplar_windows, label=No
             for e in exemplars]
 
 def _build_prompts(task, prompt_set, template, exemplars, queries, exemplar_windows, query_windows, count, budget,
-                   room, label=None) -> list:
-    "Built prompts (`prompts.BuiltPrompt`) for `queries` with the same exemplars in front."
+                   room, label=None, count_parts=None) -> list:
+    "Built prompts (`prompts.BuiltPrompt`) for `queries` with the same exemplars in front (`count_parts`: chat turns)."
     shown = _exemplar_fields(prompt_set, template, exemplars, exemplar_windows, label)
     return [prompts.build_prompt(template, shown, prompts.record_fields(q, prompt_set, template, answer=False,
                                                                       context=query_windows(q), label=label),
-                                 count, budget, room, task=task, item_id=q.id) for q in queries]
+                                 count, budget, room, task=task, item_id=q.id, count_parts=count_parts)
+            for q in queries]
 
 # %% ../nbs/75_icl.ipynb #5add027a
 class TemplatePredictor:
     "One unit's model, tokenizer, exemplars and prompt set; predicts a list of query records with a template."
     def __init__(self, task, model, tokenizer, prompt_set, exemplars, exemplar_windows, normalisation="sum",
-                 batch_size=16, budget:int|None=None, verbalizers:ClozeVerbalizers|None=None):
+                 batch_size=16, budget:int|None=None, verbalizers:ClozeVerbalizers|None=None, layout:str|None=None):
         self.causal = is_causal_lm(model)   # prompts go through the chat template
         self.cloze = not getattr(model.config, "is_encoder_decoder", False) and not self.causal
+        family = "decoder" if self.causal else "encoder" if self.cloze else "seq2seq"
+        self.layout = prompts.prompt_layout(family, layout)   # how a built prompt is read (`prompts.PROMPT_LAYOUTS`)
         self.task, self.model, self.tokenizer, self.prompt_set = task, model, tokenizer, prompt_set
         self.base_prompt_set = prompt_set
         self.exemplars, self.exemplar_windows = exemplars, exemplar_windows
@@ -443,6 +537,14 @@ class TemplatePredictor:
     def _chat(self, text:str) -> str:
         "The text a model reads: a decoder's through its chat template (`chat_prompt`), others' as it is."
         return chat_prompt(self.tokenizer, text) if self.causal else text
+    def _read(self, built) -> str:
+        "What the model reads of a built prompt in this unit's layout (`PROMPT_LAYOUTS`)."
+        if self.layout == "chat_turns":
+            return chat_prompt(self.tokenizer, built.parts)
+        return self._chat(built.text)
+    def _count_parts(self, parts) -> int:
+        "Tokens of a prompt's pieces as chat turns (the budget of the `chat_turns` layout)."
+        return self._tokens(chat_prompt(self.tokenizer, parts))
     def _tokens(self, text:str) -> int:
         "Tokens of a text as the model reads it (over-long drafts are expected while fitting a prompt: no warning)."
         return len(self.tokenizer(text, verbose=False, add_special_tokens=not self.causal)["input_ids"])
@@ -455,7 +557,8 @@ class TemplatePredictor:
         self.calibration = calibration
     def _texts(self, template, queries, windows, room, label=None, split="test"):
         built = _build_prompts(self.task, self.prompt_set, template, self.exemplars, queries, self.exemplar_windows,
-                               windows, self.count, self.budget, room, label)
+                               windows, self.count, self.budget, room, label,
+                               self._count_parts if self.layout == "chat_turns" else None)
         self.kept[split].extend(b.n_exemplars for b in built)
         if split != "paper":   # the headline's prompts (the paper's protocol reuses them)
             cuts = self.truncation
@@ -463,7 +566,7 @@ class TemplatePredictor:
             cuts["prompts_cut"] += sum(any(b.truncated.values()) for b in built)
             cuts["exemplars_dropped"] += sum(b.truncated["exemplars_dropped"] for b in built)
             cuts["query_words_cut"] += sum(b.truncated["query_words_cut"] for b in built)
-        return [self._chat(b.text) for b in built]
+        return [self._read(b) for b in built]
     def _content_free(self, template, room, label=None) -> str:
         "The prompt with the same exemplars and the content-free input in every query field (cloze calibration)."
         fields = {name: content_free_input() for name in get_task(self.task).icl.prompt_fields}
@@ -491,6 +594,14 @@ class TemplatePredictor:
             self.cloze_cache.update(((text, words), row) for text, row in zip(new, scores))
         columns = [words.index(option) for option in options]
         return np.stack([self.cloze_cache[(text, words)][columns] for text in texts])
+    def _rank_and_generate(self, texts, options, max_new_tokens):
+        "A decoder's ranked options (`normalisation`) and greedy replies, from one pass per prompt."
+        summed, n_tokens, raw, tokens_in, tokens_out = causal_prompt_pass(self.model, self.tokenizer, texts, options,
+                                                                          max_new_tokens, self.batch_size)
+        scores = summed if self.normalisation == "sum" else summed / np.maximum(n_tokens, 1)
+        self.tokens_in += tokens_in
+        self.tokens_out += tokens_out
+        return scores.argmax(-1), raw
     def _generate(self, texts, max_new_tokens):
         out, tokens_in, tokens_out = generate(self.model, self.tokenizer, texts, max_new_tokens, self.batch_size)
         self.tokens_in += tokens_in
@@ -510,11 +621,16 @@ class TemplatePredictor:
         ids, room = [q.id for q in queries], self.answer_room["mednli"]
         texts = self._texts(template, queries, windows, room, split=split)
         content_free = self._content_free(template, room) if self.cloze else None
-        best, _ = self._rank(texts, [self.prompt_set.verbalizers[label] for label in MEDNLI_LABELS], content_free)
+        options = [self.prompt_set.verbalizers[label] for label in MEDNLI_LABELS]
+        if self.causal:   # one pass per prompt ranks and generates
+            best, raw = self._rank_and_generate(texts, options, room)
+        else:
+            best, _ = self._rank(texts, options, content_free)
         ranked = dict(zip(ids, (MEDNLI_LABELS[i] for i in best)))
         if self.cloze:
             return {"rank": ranked}
-        raw = self._generate(texts, room)
+        if not self.causal:
+            raw = self._generate(texts, room)
         return {"rank": ranked, "raw": dict(zip(ids, raw)),
                 "generate": {i: inputs.parse_mednli_output(r) for i, r in zip(ids, raw)}}
     def _predict_radqa(self, template, queries, windows, split) -> dict:
@@ -526,6 +642,8 @@ class TemplatePredictor:
         ids, room = [q.id for q in queries], self.answer_room["clip:per_label"]
         yes_no = [self.prompt_set.verbalizers["positive"], self.prompt_set.verbalizers["negative"]]
         predicted = {i: [] for i in ids}
+        if self.causal:
+            return {"labels": self._per_label_by_item(template, queries, windows, room, split, yes_no)}
         for label in CLIP_LABELS:
             content_free = self._content_free(template, room, label) if self.cloze else None
             best, _ = self._rank(self._texts(template, queries, windows, room, label, split), yes_no, content_free)
@@ -533,6 +651,20 @@ class TemplatePredictor:
                 if answer == 0:
                     predicted[i].append(label)
         return {"labels": predicted}
+    def _by_item(self, template, queries, windows, room, split, options, max_new_tokens):
+        "`causal_prompt_pass` over every (item, label) prompt, one batch per item: its seven prompts share its context."
+        texts = [self._texts(template, queries, windows, room, label, split) for label in CLIP_LABELS]
+        by_item = [texts[label][item] for item in range(len(queries)) for label in range(len(CLIP_LABELS))]
+        return causal_prompt_pass(self.model, self.tokenizer, by_item, options, max_new_tokens, len(CLIP_LABELS),
+                                  sort=False)
+    def _per_label_by_item(self, template, queries, windows, room, split, yes_no) -> dict:
+        "A decoder's per-label answers (rank), one batch per item."
+        summed, n_tokens, _, tokens_in, _ = self._by_item(template, queries, windows, room, split, yes_no, 0)
+        self.tokens_in += tokens_in
+        scores = summed if self.normalisation == "sum" else summed / np.maximum(n_tokens, 1)
+        answers = scores.argmax(-1).reshape(len(queries), len(CLIP_LABELS))
+        return {q.id: [label for label, answer in zip(CLIP_LABELS, row) if answer == 0]
+                for q, row in zip(queries, answers)}
     def _predict_label_list(self, template, queries, windows, split) -> dict:
         ids, room = [q.id for q in queries], self.answer_room["clip:list"]
         raw = self._generate(self._texts(template, queries, windows, room, split=split), room)
@@ -541,6 +673,11 @@ class TemplatePredictor:
     def generate_raw(self, template, queries, windows, split:str="paper") -> dict:
         "Greedy generations with `template` by item id (CLIP per_label: {label: {id: text}}), for the paper's protocol."
         ids = [q.id for q in queries]
+        if template.variant == "per_label" and self.causal:   # an item's seven prompts together (`_by_item`)
+            room = self.answer_room["clip:per_label"]
+            _, _, raw, tokens_in, tokens_out = self._by_item(template, queries, windows, room, split, (), room)
+            self.tokens_in, self.tokens_out = self.tokens_in + tokens_in, self.tokens_out + tokens_out
+            return {label: dict(zip(ids, raw[n::len(CLIP_LABELS)])) for n, label in enumerate(CLIP_LABELS)}
         if template.variant == "per_label":
             room = self.answer_room["clip:per_label"]
             return {label: dict(zip(ids, self._generate(self._texts(template, queries, windows, room, label, split),
@@ -767,16 +904,16 @@ def test_gold(task_data:TaskData, test_ids:list) -> list:
     return _by_ids(task_data.splits["test"], test_ids)
 
 # %% ../nbs/75_icl.ipynb #99447688
-def icl_variants(task:str, prompt_set, cloze:bool, template:str|None, model:str) -> tuple[list, dict]:
+def icl_variants(task:str, prompt_set, cloze:bool, template:str|list[str]|None, model:str) -> tuple[list, dict]:
     "The variants a unit scores, and the ones it cannot score with the reason."
     variants = list(dict.fromkeys(t.variant for t in prompt_set.templates if t.variant)) or [None]
     skipped = {}
     if cloze and task == "clip":  # a label list is generated text: no cloze form
         variants = ["per_label"]
         skipped = {"list": "an encoder cannot generate a label list; only the per-label yes/no cloze is scored"}
-    if template is not None and prompt_set.template(template).variant not in variants + [None]:
-        raise UserError(f"template {template!r} is a {prompt_set.template(template).variant} template, "
-                        f"which {model} cannot run")
+    for variant, template_id in prompts.fixed_templates(prompt_set, template).items():
+        if variant not in variants + [None]:
+            raise UserError(f"template {template_id!r} is a {variant} template, which {model} cannot run")
     return variants, skipped
 
 def choose_cloze(task:str, variant:str|None, template, predictor:TemplatePredictor,
@@ -799,16 +936,29 @@ def choose_cloze(task:str, variant:str|None, template, predictor:TemplatePredict
               "dev_scores": values}
     return scored, predicted, record
 
-def choose_templates(task:str, variants:list, prompt_set, template:str|None, predictor:TemplatePredictor,
+FIXED_TEMPLATE = "fixed (not chosen on dev)"   # the `reason` of a template given by the grid or the caller
+
+def _fixed_choice(template_id:str) -> dict:
+    "The choice record of a fixed template: no dev pass, no dev scores."
+    return {"template": template_id, "scores": {}, "reason": FIXED_TEMPLATE, "fixed": True}
+
+def choose_templates(task:str, variants:list, prompt_set, template:str|list[str]|None, predictor:TemplatePredictor,
                      queries:ICLQueries, log) -> tuple[dict, dict, dict]:
     """Per variant (keyed by the task for a single variant): the chosen template with the scores (cloze: and its
-    verbalizers and calibration, `cloze`), the dev metrics and the dev predictions of every template."""
-    fixed = prompt_set.template(template) if template is not None else None
+    verbalizers and calibration, `cloze`), the dev metrics and the dev predictions of every template. A fixed
+    template (`prompts.fixed_templates`) runs no dev pass (`fixed`: true), except in a cloze unit, which still chooses
+    its words and calibration on dev."""
+    fixed = prompts.fixed_templates(prompt_set, template)
     choice, dev_metrics, dev_predictions = {}, {}, {}
     for variant in variants:
+        if variant in fixed and not predictor.cloze:
+            choice[variant or task], dev_metrics[variant or task] = _fixed_choice(fixed[variant]), {}
+            dev_predictions[variant or task] = {}
+            log.info(f"template{' (' + variant + ')' if variant else ''}: {fixed[variant]} ({FIXED_TEMPLATE})")
+            continue
         candidates = [t for t in prompt_set.templates if t.variant == variant]
-        if fixed is not None and fixed.variant == variant:
-            candidates = [fixed]
+        if variant in fixed:
+            candidates = [prompt_set.template(fixed[variant])]
         per_template, predicted, cloze = {}, {}, {}
         for t in candidates:
             if predictor.cloze:
@@ -821,6 +971,7 @@ def choose_templates(task:str, variants:list, prompt_set, template:str|None, pre
             chosen = prompts.choose_template(scores, prompt_set)
         else:
             chosen = {"template": candidates[0].id, "scores": scores, "reason": "given"}
+        chosen["fixed"] = variant in fixed
         if predictor.cloze:
             chosen["cloze"] = cloze[chosen["template"]]
         choice[variant or task], dev_metrics[variant or task] = chosen, per_template
@@ -837,7 +988,9 @@ NO_PAPER_PROTOCOL = ("the paper ran in-context learning with generative models o
 def _paper_template(task:str, prompt_set, queries:ICLQueries, per_template:dict, headline:dict, read) -> dict:
     """The paper's template of a variant: chosen on dev by the paper's reading of the headline's dev generations; the
     headline's where the headline generated none on dev (CLIP per_label ranks yes/no: generating 7 answers per dev
-    item and template would cost more than the whole headline)."""
+    item and template would cost more than the whole headline); the headline's when it was fixed (no dev pass)."""
+    if not per_template:
+        return {"template": headline["template"], "scores": {}, "reason": "the headline's (fixed, no dev pass)"}
     if any("raw" not in predictions for predictions in per_template.values()):
         return {"template": headline["template"], "scores": {}, "reason": "the headline's (no dev generations)"}
     scores = {template_id: dev_value(task, paper_metrics(task, queries.dev, read(predictions["raw"])))
@@ -914,8 +1067,10 @@ def icl_outcomes(task:str, variants:list, choice:dict, test_predictions:dict, go
     elif task == "radqa":
         scored, primary = ["answer"], "answer"
     else:
-        scored = variants
-        primary = max(variants, key=lambda v: choice[v]["scores"][choice[v]["template"]])
+        scored, dev_scored = variants, [v for v in variants if choice[v]["template"] in choice[v]["scores"]]
+        # the best variant on dev; with a fixed template (no dev score) the first: per_label, the paper's
+        primary = max(variants, key=lambda v: choice[v]["scores"][choice[v]["template"]]) \
+            if dev_scored == variants else variants[0]
     final = {variant: variant_predictions(task, test_predictions, variant) for variant in scored}
     return {k: metrics.item_outcomes(task, gold, p) for k, p in final.items()}, primary
 
@@ -945,9 +1100,9 @@ def icl_record(run_id:str, config:dict, unit:dict, task_data:TaskData, queries:I
     templates = {key: {k: v for k, v in part.items() if k != "cloze"} for key, part in scores.choice.items()}
     choice = templates[config["task"]] if single else templates
     template_id = choice["template"] if single else {v: c["template"] for v, c in choice.items()}
-    counts = {"train": len(task_data.splits["train"]), "dev": len(task_data.splits["dev"]),
-              "dev_sample": len(queries.dev), "test": len(queries.test), "test_total": len(task_data.splits["test"]),
-              "limit": config["limit"]}
+    dev_scored = len(queries.dev) if any(scores.dev_metrics.values()) else 0   # 0: every template fixed, no dev pass
+    counts = {"train": len(task_data.splits["train"]), "dev": len(task_data.splits["dev"]), "dev_sample": dev_scored,
+              "test": len(queries.test), "test_total": len(task_data.splits["test"]), "limit": config["limit"]}
     cost = {"wall_seconds": wall_seconds, "dev_seconds": scores.dev_seconds, "test_seconds": scores.test_seconds,
             "test_items_per_second": len(queries.test) / scores.test_seconds if scores.test_seconds > 0 else None,
             "paper_seconds": scores.paper_seconds, "tokens_in": predictor.tokens_in, "tokens_out": predictor.tokens_out}
@@ -958,6 +1113,7 @@ def icl_record(run_id:str, config:dict, unit:dict, task_data:TaskData, queries:I
             "dev_metric": dev_metric(config["task"]), "template": choice,
             "exemplar_ids": prompts.exemplar_ids(exemplars), "exemplars_kept": predictor.exemplars_kept(unit["shots"]),
             "normalisation": config["normalisation"], "protocol": config["protocol"],
+            "prompt_layout": config["prompt_layout"],
             "cloze": _cloze_record(scores.choice), "paper_protocol": scores.paper, "dev_sample_draw": queries.dev_draw,
             "not_applicable_parts": scores.skipped, "counts": counts, "truncation": predictor.truncation,
             "predictions": files["predictions"], "items": files["items"], "primary_variant": scores.primary,
@@ -1015,7 +1171,8 @@ def run_icl_unit(
     draw:int=0,                  # which independent exemplar draw
     seed:int=0,
     limit:int|None=None,         # at most this many test items and dev-sample items (quick runs; recorded)
-    template:str|None=None,      # a template id; None = chosen on the dev sample (CLIP: per variant)
+    template:str|list[str]|None=None,  # fixed template id(s), one per variant; None = chosen on the dev sample
+    layout:str|None=None,        # how the model reads its prompts (`prompts.PROMPT_LAYOUTS`); None = its family's
     normalisation:str="sum",     # rank scores: "sum" or "mean" token log-probability
     batch_size:int=16,
     dev_n:int|None=None,         # dev sample size for the template choice (default `tasks.icl_dev_n()`: 200)
@@ -1029,7 +1186,7 @@ def run_icl_unit(
     out = Path(out)
     config, task_data, run_id, resolved = icl_identity(task, model, data_dir, shots=shots, draw=draw, seed=seed,
                                                        limit=limit, template=template, normalisation=normalisation,
-                                                       dev_n=dev_n, registry=registry, data=data)
+                                                       dev_n=dev_n, registry=registry, data=data, layout=layout)
     check_planned_run_id(task, model, run_id, expected_run_id)
     if (previous := finished(results_path(out, run_id), FINISHED)) is not None:
         return previous
@@ -1050,7 +1207,8 @@ def run_icl_unit(
     queries = icl_queries(task, task_data, config["dev_sample"], limit, window_words)
     exemplar_windows = NoteWindows(task_data.notes.get("train", []), window_words)
     predictor = TemplatePredictor(task, icl_model, tokenizer, prompt_set, exemplars, exemplar_windows, normalisation,
-                                  batch_size, budget=config["budget"], verbalizers=verbalizers)
+                                  batch_size, budget=config["budget"], verbalizers=verbalizers,
+                                  layout=config["prompt_layout"])
     scores, payload, outcomes = _predict_and_score(task, config, task_data, queries, predictor, prompt_set, template,
                                                    model, log)
     files = {"predictions": write_predictions(out, run_id, payload),

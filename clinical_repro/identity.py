@@ -100,9 +100,11 @@ def _icl_answers(task:str) -> dict:
             "content_free_input": content_free_input()}
 
 def icl_identity(task:str, model:str, data_dir, *, shots:int, draw:int=0, seed:int=0, limit:int|None=None,
-                 template:str|None=None, normalisation:str="sum", dev_n:int|None=None, registry:dict|None=None,
-                 data=None):
-    "What names an ICL unit, without loading a model: (config, task data, run_id, resolved model)."
+                 template:str|list[str]|None=None, normalisation:str="sum", dev_n:int|None=None,
+                 registry:dict|None=None, data=None, layout:str|None=None):
+    """What names an ICL unit, without loading a model: (config, task data, run_id, resolved model). `template`: fixed
+    template id(s), one per variant (`prompts.fixed_templates`), None = chosen on dev; `layout`: how the model reads
+    its prompts (`prompts.prompt_layout`; None = its family's default)."""
     _check_icl_arguments(task, shots, draw, limit, normalisation)
     registry = models.load_registry() if registry is None else registry
     if model in registry:
@@ -110,14 +112,15 @@ def icl_identity(task:str, model:str, data_dir, *, shots:int, draw:int=0, seed:i
     resolved = models.resolve_model(model, registry)
     models.check_available(resolved)
     prompt_set = prompts.load_prompts(task)
-    if template is not None:
-        prompt_set.template(template)  # unknown ids fail before any work
+    prompts.fixed_templates(prompt_set, template)  # unknown ids fail before any work
+    template = template if template is None or isinstance(template, str) else list(template)
     config = {"task": task, "model": model, "mode": "icl", "family": resolved.spec.family,
               "model_source": resolved.source, "shots": int(shots), "draw": int(draw), "seed": int(seed),
               "limit": limit, "template": template, "dev_sample": icl_dev_n() if dev_n is None else dev_n,
               "normalisation": normalisation, "prompt_version": prompts.prompt_version(task),
               "window_words": clip_window_words(), "answer_room": answer_room(),
               "protocol": "cloze" if resolved.spec.family == "encoder" else "generative",
-              "budget": icl_budget(resolved.spec.family), **_icl_answers(task)}
+              "budget": icl_budget(resolved.spec.family),
+              "prompt_layout": prompts.prompt_layout(resolved.spec.family, layout), **_icl_answers(task)}
     task_data = data if data is not None else load_task(data_dir, task)
     return config, task_data, make_run_id(config, task_data.data_hash), resolved

@@ -17,9 +17,10 @@ from .tasks import TASKS, MEDNLI_LABELS, CLIP_LABELS, check_task, get_task, icl_
 from .data import NLIRecord, QARecord, CLIPSentence
 
 # %% auto #0
-__all__ = ['PromptTemplate', 'PromptSet', 'read_prompts', 'load_prompts', 'prompt_version', 'verbalize', 'is_no_answer',
-           'map_no_answer', 'exemplar_stratum', 'draw_exemplars', 'exemplar_ids', 'record_fields', 'BuiltPrompt',
-           'build_prompt', 'dev_sample', 'per_label_quota', 'dev_sample_per_label', 'choose_template']
+__all__ = ['PROMPT_LAYOUTS', 'PromptTemplate', 'PromptSet', 'read_prompts', 'load_prompts', 'prompt_version', 'verbalize',
+           'is_no_answer', 'map_no_answer', 'exemplar_stratum', 'draw_exemplars', 'exemplar_ids', 'record_fields',
+           'PromptParts', 'BuiltPrompt', 'build_prompt', 'prompt_layout', 'dev_sample', 'per_label_quota',
+           'dev_sample_per_label', 'choose_template', 'fixed_templates']
 
 # %% ../nbs/65_prompts.ipynb #ed95ee68
 class PromptTemplate(Spec):
@@ -273,12 +274,20 @@ def _clip_fields(sentence:CLIPSentence, prompts:PromptSet, template:PromptTempla
 
 # %% ../nbs/65_prompts.ipynb #c977f6c3
 @dataclass(frozen=True)
+class PromptParts:
+    "A prompt's pieces, for layouts other than one text (a decoder's chat turns): what `BuiltPrompt.text` joins."
+    instruction: str
+    exemplars: tuple = ()     # (query text, answer text) of each kept exemplar, in prompt order, after the cuts
+    query: str = ""           # the evaluated item's query text (its long field cut where the budget needed it)
+
+@dataclass(frozen=True)
 class BuiltPrompt:
     "An assembled prompt."
     text: str
-    n_tokens: int             # count_tokens(text)
+    n_tokens: int             # count_tokens(text), or count_parts(parts) when given
     truncated: dict           # what was shortened: counts of words and exemplars
     n_exemplars: int = 0      # exemplars kept: the first `n_exemplars` of those given
+    parts: PromptParts | None = None   # the same prompt in pieces
 
 _WORD = re.compile(r"\S+")
 
@@ -310,6 +319,23 @@ class _PromptFitter:
     count_tokens: Callable[[str], int]
     limit: int                             # tokens the prompt may take: budget minus answer room
     ellipsis: str
+    count_parts: Callable[[PromptParts], int] | None = None   # tokens of the prompt in another layout (chat turns)
+
+    def pieces(self, exemplars:Sequence[dict], exemplar_cap:int|None=None, query_cap:int|None=None) -> PromptParts:
+        "The prompt's pieces with the exemplars' and the query's long field cut to these caps (None: not cut)."
+        shown = []
+        for exemplar in exemplars:
+            text = exemplar[self.long_field]
+            if exemplar_cap is not None:
+                text = _head(text, exemplar_cap, self.ellipsis)
+            fields = {**exemplar, self.long_field: text}
+            query_text = self.template.query.format(**fields)
+            full = self.template.example.format(**fields)   # starts with the query (checked when loading)
+            shown.append((query_text, full[len(query_text):].strip()))
+        query = dict(self.query_fields)
+        if query_cap is not None:
+            query[self.long_field] = _head(query[self.long_field], query_cap, self.ellipsis)
+        return PromptParts(self.template.instruction, tuple(shown), self.template.query.format(**query))
 
     def render(self, exemplars:Sequence[dict], exemplar_cap:int|None=None, query_cap:int|None=None) -> str:
         "The prompt with the exemplars' and the query's long field cut to these caps (None: not cut)."
@@ -325,7 +351,18 @@ class _PromptFitter:
         parts.append(self.template.query.format(**query))
         return self.template.separator.join(parts)
 
-    def fits(self, text:str) -> bool: return self.count_tokens(text) <= self.limit
+    def tokens(self, exemplars:Sequence[dict], exemplar_cap:int|None=None, query_cap:int|None=None) -> int:
+        "Tokens of the prompt with these caps, as the model reads it (`count_parts` of the pieces when given)."
+        if self.count_parts is not None:
+            return self.count_parts(self.pieces(exemplars, exemplar_cap, query_cap))
+        return self.count_tokens(self.render(exemplars, exemplar_cap, query_cap))
+
+    def fits(self, *caps) -> bool: return self.tokens(*caps) <= self.limit
+
+    def built(self, exemplars:Sequence[dict], exemplar_cap:int|None, query_cap:int|None, truncated:dict) -> BuiltPrompt:
+        "The prompt with these caps, in one text and in pieces."
+        caps = (exemplars, exemplar_cap, query_cap)
+        return BuiltPrompt(self.render(*caps), self.tokens(*caps), truncated, len(exemplars), self.pieces(*caps))
 
     def with_exemplars(self, exemplars:list[dict], min_exemplar_words:int) -> BuiltPrompt|None:
         "The prompt with as many exemplars as fit, their long field cut only as far as needed; None if none fit."
@@ -333,32 +370,30 @@ class _PromptFitter:
         for n_kept in range(len(exemplars), -1, -1):
             kept, kept_words = exemplars[:n_kept], words[:n_kept]
             cap = None
-            if not self.fits(self.render(kept)):
+            if not self.fits(kept):
                 if not n_kept: continue
                 longest = max(kept_words, default=0)
                 cap = _max_fitting(min(min_exemplar_words, longest), longest,
-                                   lambda candidate: self.fits(self.render(kept, candidate)))
+                                   lambda candidate: self.fits(kept, candidate))
                 if cap is None: continue
-            text = self.render(kept, cap)
             cut = [max(0, n_words - cap) for n_words in kept_words] if cap is not None else [0] * n_kept
             truncated = {"exemplar_words_cut": sum(cut), "exemplars_shortened": sum(words_cut > 0 for words_cut in cut),
                          "exemplars_dropped": len(exemplars) - n_kept, "query_words_cut": 0}
-            return BuiltPrompt(text, self.count_tokens(text), truncated, n_kept)
+            return self.built(kept, cap, None, truncated)
         return None
 
     def query_only(self, n_dropped:int, item_id:str, budget:int, answer_room:int) -> BuiltPrompt:
         "The prompt without exemplars, the query's long field cut to fit (a last resort)."
         query_words = _n_words(self.query_fields[self.long_field])
-        query_cap = _max_fitting(0, query_words, lambda candidate: self.fits(self.render([], None, candidate)))
+        query_cap = _max_fitting(0, query_words, lambda candidate: self.fits([], None, candidate))
         if query_cap is None:
-            need = self.count_tokens(self.render([], None, 0))
+            need = self.tokens([], None, 0)
             raise UserError(f"item {item_id}: the instruction and question alone take {need} tokens, more than the "
                             f"budget {budget} minus answer room {answer_room}; "
                             "raise the budget or use a shorter template")
-        text = self.render([], None, query_cap)
         truncated = {"exemplar_words_cut": 0, "exemplars_shortened": 0, "exemplars_dropped": n_dropped,
                      "query_words_cut": query_words - query_cap}
-        return BuiltPrompt(text, self.count_tokens(text), truncated, 0)
+        return self.built([], None, query_cap, truncated)
 
 def _guess_task(query_fields:dict) -> str:
     "The task whose prompt fields the query has (a CLIP query also has a context, but never RadQA's question alone)."
@@ -378,15 +413,37 @@ def build_prompt(
     item_id:str="?",                        # the evaluated item, named in errors
     min_exemplar_words:int=16,              # exemplars' long field is not cut below this before exemplars are dropped
     ellipsis:str=" ...",                    # marks a cut field
+    count_parts:Callable[[PromptParts], int]|None=None,  # tokens of the prompt as the model reads its pieces (chat)
 ) -> BuiltPrompt:
-    "Instruction + exemplars + query within `budget - answer_room` tokens; never cuts the instruction or the question."
+    """Instruction + exemplars + query within `budget - answer_room` tokens; never cuts the instruction or the question.
+    Also in pieces (`parts`): a chat layout fits the budget by `count_parts`, dropping whole exemplars (turns)."""
     if answer_room < 0 or budget <= answer_room:
         raise UserError(f"budget ({budget}) must exceed answer_room ({answer_room}) >= 0")
     long_field = get_task(task or _guess_task(query_fields)).icl.long_field
-    fitter = _PromptFitter(template, query_fields, long_field, count_tokens, budget - answer_room, ellipsis)
+    fitter = _PromptFitter(template, query_fields, long_field, count_tokens, budget - answer_room, ellipsis,
+                           count_parts)
     built = fitter.with_exemplars(list(exemplars), min_exemplar_words)
     if built is not None: return built
     return fitter.query_only(len(exemplars), item_id, budget, answer_room)
+
+# %% ../nbs/65_prompts.ipynb #c7a1e0b2
+PROMPT_LAYOUTS = {"text": "the built prompt as one text (encoders, seq2seq)",
+                  "chat_turns": "chat: the instruction as the system message, each kept exemplar a user turn (its "
+                                "query) and an assistant turn (its answer), the query the last user turn",
+                  "chat_inline": "chat: a fixed system message, then the whole built prompt (exemplars inline) as "
+                                 "one user turn"}
+_FAMILY_LAYOUTS = {"decoder": ("chat_turns", "chat_inline")}   # the first is the default; other families: text
+
+def prompt_layout(family:str, layout:str|None=None) -> str:
+    "How a model of `family` reads its built prompts (`PROMPT_LAYOUTS`): `layout`, checked, or the family's default."
+    allowed = _FAMILY_LAYOUTS.get(family, ("text",))
+    if layout is None:
+        return allowed[0]
+    if layout not in allowed:
+        raise UserError(f"prompt layout {layout!r} is not one for a {family} model; expected one of "
+                        f"{', '.join(allowed)}")
+    return layout
+
 
 # %% ../nbs/65_prompts.ipynb #497a410e
 def dev_sample(
@@ -448,3 +505,19 @@ def choose_template(
     reason = "best" if len(tied) == 1 else ("tie: paper wording" if paper else "tie: first listed")
     ordered_scores = {template_id: scores[template_id] for template_id in sorted(scores, key=order.get)}
     return {"template": (paper or tied)[0], "scores": ordered_scores, "reason": reason}
+
+# %% ../nbs/65_prompts.ipynb #c7a1e0b5
+def fixed_templates(prompt_set:PromptSet, template:str|Sequence[str]|None) -> dict:
+    """A unit's fixed templates by variant (None for MedNLI and RadQA): `template` is one id or one id per variant
+    (CLIP: e.g. [paper-yes-no, list-labels]); {} for None (every template chosen on dev)."""
+    if template is None:
+        return {}
+    fixed = {}
+    for template_id in [template] if isinstance(template, str) else list(template):
+        variant = prompt_set.template(template_id).variant   # an unknown id: a UserError listing the known ones
+        if variant in fixed:
+            raise UserError(f"templates {fixed[variant]!r} and {template_id!r} are both {prompt_set.task} "
+                            f"{variant or ''} templates; fix at most one per variant")
+        fixed[variant] = template_id
+    return fixed
+

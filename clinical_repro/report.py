@@ -18,17 +18,18 @@ import seaborn as sns
 from .core import DataError, Problem, UserError, atomic_write_text, get_logger
 from .config import Spec, params_dir, read_yaml, validate_spec
 from .tasks import TASKS, MEDNLI_LABELS, CLIP_LABELS, dev_metric, get_task, to_unit_scale
-from . import metrics, results
+from . import metrics, models, results
 
 # %% auto #0
-__all__ = ['N_BOOT', 'METRICS', 'METRIC_LABELS', 'HEADLINE_COLUMNS', 'PAPER_PREFIX', 'SYNTHETIC_BANNER', 'ANSWER_BINS',
-           'BASELINE_MODE', 'load_results', 'load_items', 'clip_scores_from_masks', 'synthetic_notice', 'load_manifest',
-           'units_table', 'cost_table', 'plot_learning_curve', 'confusion_matrix', 'plot_confusion', 'qa_breakdown',
-           'per_label_f1', 'baseline_units', 'table3', 'format_table3', 'PaperResult', 'PaperResults', 'paper_results',
-           'compare_with_paper', 'paper_protocol_table', 'generated_outputs', 'clinical_vs_general', 'limited_data',
-           'format_limited_data', 'clip_subsets', 'plot_limited_data', 'icl_vs_finetune', 'plot_icl_vs_finetune',
-           'plot_cost_vs_score', 'efficiency', 'provenance', 'save_figure', 'md_table', 'summary_markdown',
-           'write_summary_md', 'format_pairs', 'summary_sections', 'summarize']
+__all__ = ['N_BOOT', 'METRICS', 'METRIC_LABELS', 'HEADLINE_COLUMNS', 'PAPER_PREFIX', 'SYNTHETIC_HEADLINE', 'SYNTHETIC_BANNER',
+           'ANSWER_BINS', 'BASELINE_MODE', 'READER_COLUMNS', 'load_results', 'load_items', 'clip_scores_from_masks',
+           'synthetic_notice', 'load_manifest', 'units_table', 'cost_table', 'plot_learning_curve', 'confusion_matrix',
+           'plot_confusion', 'qa_breakdown', 'per_label_f1', 'baseline_units', 'table3', 'format_table3', 'for_reader',
+           'reader_md', 'PaperResult', 'PaperResults', 'paper_results', 'compare_with_paper', 'paper_protocol_table',
+           'generated_outputs', 'clinical_vs_general', 'limited_data', 'format_limited_data', 'clip_subsets',
+           'plot_limited_data', 'icl_vs_finetune', 'finetune_vs_icl', 'plot_icl_vs_finetune', 'plot_cost_vs_score',
+           'efficiency', 'provenance', 'save_figure', 'md_table', 'summary_markdown', 'write_summary_md',
+           'demo_sentence', 'format_pairs', 'summary_sections', 'summarize']
 
 # %% ../nbs/90_report.ipynb #714478e8
 _log = get_logger("clinical_repro.report")
@@ -88,6 +89,13 @@ def _headline(record:dict) -> dict:
     headline["test"] = headline.get(_selection_metric(task) or "", math.nan)
     headline["dev"] = _dev_score(record)
     return headline
+
+def _paper_number(value:float, digits:int=3) -> str:
+    "`value` as the paper prints it: `digits` decimals, no leading zero (.818, -.05, 1.000)."
+    text = f"{value:.{digits}f}"
+    if text.startswith("0."):
+        return text.replace("0.", ".", 1)
+    return text.replace("-0.", "-.", 1)
 
 # %% ../nbs/90_report.ipynb #d2d861f1
 _IDENTITY_COLUMNS = ("run_id", "status", "task", "model", "mode", "seed", "fraction", "shots", "draw")
@@ -265,9 +273,9 @@ def _interval_of(task:str, metric:str, counts:list, clusters:np.ndarray|None, n_
     return {**result, "covers": metrics.interval_label(min(result["n_seeds"]), unit)}
 
 # %% ../nbs/90_report.ipynb #dc9d3752
-SYNTHETIC_BANNER = ("> **Synthetic data and demo models — not a reproduction of Lehman et al. 2023.** "
-                    "These numbers come from the offline demo (generated data, tiny or randomly initialised models); "
-                    "they show that the pipeline runs end to end and say nothing about clinical language models.")
+SYNTHETIC_HEADLINE = "> **Synthetic data and demo models — not a reproduction of Lehman et al. 2023.**"
+SYNTHETIC_BANNER = (f"{SYNTHETIC_HEADLINE} These numbers come from the offline demo (synthetic data, small demo "
+                    "models); they say nothing about clinical language models or the paper's results.")
 
 def synthetic_notice(df_or_manifest) -> str:
     "The Markdown banner when any unit (DataFrame) or the grid (manifest dict) is synthetic, else ''."
@@ -318,9 +326,9 @@ def units_table(df:pd.DataFrame) -> pd.DataFrame:
     columns += [column for column in HEADLINE_COLUMNS if column in df and df[column].notna().any()]
     columns += ["dev", "n_test", "wall_seconds", "train_seconds", "gpu_hours", "device", "error"]
     table = df[[column for column in columns if column in df]].copy()
-    for column in ("fraction", "shots", "draw"):
+    for column in ("fraction", "shots", "draw", "train_seconds", "n_test", "dev"):
         if column in table and table[column].isna().all():
-            table = table.drop(columns=column)
+            table = table.drop(columns=column)   # e.g. ICL units have no training time
     if "error" in table:
         if table["error"].isna().all():
             table = table.drop(columns="error")
@@ -332,6 +340,8 @@ def units_table(df:pd.DataFrame) -> pd.DataFrame:
     for column in ("wall_seconds", "train_seconds"):
         if column in table:
             table[column] = table[column].round(1)
+    if "gpu_hours" in table and not ("device" in df and (df.device == "cuda").any()):
+        table = table.drop(columns="gpu_hours")   # CPU units: GPU-hours would be a column of zeros
     return table.reset_index(drop=True)
 
 def _distinct(values:pd.Series) -> str:
@@ -354,6 +364,8 @@ def cost_table(df:pd.DataFrame) -> pd.DataFrame:
                           "oom_retries": groups.oom_retries.sum(min_count=1),
                           "device": groups.device.agg(_distinct),
                           "precision": groups.precision.agg(_distinct)})
+    if not (finished.device == "cuda").any():
+        table = table.drop(columns="gpu_hours_total")   # CPU units: GPU-hours would be a column of zeros
     return table.dropna(axis=1, how="all").round(3).reset_index()
 
 # %% ../nbs/90_report.ipynb #fcd7ac0a
@@ -401,9 +413,33 @@ def _plot_icl_by_shots(ax, icl_units:pd.DataFrame, task:str) -> None:
     points = icl_units.assign(shots=icl_units.shots.astype(int))
     sns.stripplot(points, x="shots", y="test", hue="model", dodge=False, size=7, ax=ax, jitter=0.05)
     means = points.groupby(["model", "shots"]).test.mean().reset_index()
-    sns.pointplot(means, x="shots", y="test", hue="model", markers="_", linestyles="-", ax=ax, legend=False)
+    sns.pointplot(means, x="shots", y="test", hue="model", markers="_", linestyles="-", errorbar=None, ax=ax,
+                  legend=False)
     ax.set(xlabel="in-context examples (shots)", ylabel=f"test {_metric_label(task)} (0-1)",
            title=f"{task}: in-context learning by shots (points = draws)")
+
+def _table_panel(ax, header:Sequence[str], rows:Sequence[Sequence[str]], title:str) -> None:
+    "A panel with a single point drawn as a small table of its numbers (one point shows no trend)."
+    ax.set_axis_off()
+    table = ax.table(cellText=[list(row) for row in rows], colLabels=list(header), loc="center", cellLoc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(8)
+    table.auto_set_column_width(list(range(len(header))))
+    table.scale(1, 1.5)
+    ax.set_title(title)
+
+def _single_point(finetuned:pd.DataFrame, icl_units:pd.DataFrame) -> tuple[list, list]|None:
+    "(header, rows) when the curve would be one point (one unit, one evaluation): a table says it better."
+    if len(finetuned) == 1:
+        history = _dev_history(_read_record(finetuned.path.iloc[0]))
+        if len(history) == 1:
+            point = history.iloc[0]
+            return (["unit", "optimizer step", "dev score"],
+                    [[_unit_label(finetuned.iloc[0]), f"{int(point.step)}", _paper_number(point.value)]])
+    if finetuned.empty and len(icl_units) == 1:
+        unit = icl_units.iloc[0]
+        return ["unit", "test score"], [[f"{unit.model}: {_unit_label(unit)}", _paper_number(unit.test)]]
+    return None
 
 def plot_learning_curve(results_dir, df:pd.DataFrame, ax=None):
     "Dev metric vs optimizer step per fine-tuning unit; ICL: test metric vs shots (draws as points); the figure."
@@ -411,7 +447,10 @@ def plot_learning_curve(results_dir, df:pd.DataFrame, ax=None):
     fig, ax = _new_axes(ax, (7, 4))
     task = finished.task.iloc[0] if len(finished) else ""
     finetuned, icl_units = finished[finished["mode"] == "finetune"], finished[finished["mode"] == "icl"]
-    if len(finetuned):
+    single = _single_point(finetuned, icl_units)
+    if single is not None:
+        _table_panel(ax, *single, f"{task}: a single point")
+    elif len(finetuned):
         _plot_dev_curves(ax, finetuned, task)
     elif len(icl_units):
         _plot_icl_by_shots(ax, icl_units, task)
@@ -467,7 +506,7 @@ def _qa_rows(items:dict) -> list[dict]:
     groups = [("all", np.ones_like(has_answer)), ("HasAns", has_answer), ("NoAns", ~has_answer)]
     groups += [(f"HasAns, answer {label} words", has_answer & (words >= low) & (words <= high))
                for low, high, label in ANSWER_BINS]
-    return [{"group": group, "n": int(mask.sum()), "exact": _mean_or_nan(exact, mask), "f1": _mean_or_nan(f1, mask),
+    return [{"group": group, "items": int(mask.sum()), "exact": _mean_or_nan(exact, mask), "f1": _mean_or_nan(f1, mask),
              "no_answer_rate": _mean_or_nan(predicted_empty, mask)} for group, mask in groups]
 
 def qa_breakdown(results_dir, df:pd.DataFrame) -> pd.DataFrame:
@@ -475,9 +514,9 @@ def qa_breakdown(results_dir, df:pd.DataFrame) -> pd.DataFrame:
     finished = _finished_at_largest_fraction(df, "radqa")
     rows = [row for items in _load_items_of(results_dir, list(finished.run_id)).values() for row in _qa_rows(items)]
     if not rows:
-        return pd.DataFrame(columns=["group", "n", "exact", "f1", "no_answer_rate"])
+        return pd.DataFrame(columns=["group", "items", "exact", "f1", "no_answer_rate"])
     table = pd.DataFrame(rows).groupby("group", sort=False).mean().reset_index()
-    return table.assign(n=table.n.round(1))
+    return table.assign(items=table["items"].round(1))
 
 # %% ../nbs/90_report.ipynb #81206b53
 def _label_scores(items:dict) -> pd.DataFrame:
@@ -616,13 +655,6 @@ def table3(results_dir, df:pd.DataFrame, n_boot:int=N_BOOT, seed:int=0) -> pd.Da
     return table
 
 # %% ../nbs/90_report.ipynb #a84090b9
-def _paper_number(value:float, digits:int=3) -> str:
-    "`value` as the paper prints it: `digits` decimals, no leading zero (.818, -.05, 1.000)."
-    text = f"{value:.{digits}f}"
-    if text.startswith("0."):
-        return text.replace("0.", ".", 1)
-    return text.replace("-0.", "-.", 1)
-
 def _row_label(model, mode, shots, kept:float=math.nan) -> str:
     """A Table 3 row name: 'model (fine-tuned)', 'model (ICL, 1-shot)', 'baseline: all none'; with `kept` (the mean
     number of exemplars that fitted the prompt budget) below the shots: 'model (ICL, 3-shot, 2.4 kept on average)'."""
@@ -662,7 +694,7 @@ def format_table3(headline:pd.DataFrame,  # `table3`'s output
     "Display strings '.818 ± .004 [.80, .83]' per task metric, the best mean per column wrapped in `mark`."
     row_names = [_row_label(row.model, row["mode"], row.shots, row.get("exemplars_kept", math.nan))
                  for _, row in headline.iterrows()]
-    table = pd.DataFrame(index=pd.Index(row_names, name="model"))
+    table = pd.DataFrame(index=pd.Index(row_names, name="Model"))
     for task, metric in METRICS:
         column = _column(task, metric)
         if column not in headline or headline[column].isna().all():
@@ -670,8 +702,127 @@ def format_table3(headline:pd.DataFrame,  # `table3`'s output
         best = headline.loc[headline["mode"] != BASELINE_MODE, column].max()   # a baseline is never marked best
         table[METRIC_LABELS[column]] = [_metric_cell(row, column, best, "" if row["mode"] == BASELINE_MODE else mark)
                                          for _, row in headline.iterrows()]   # a baseline is never marked
-    table["paper's protocol"] = [_protocol_cell(row) for _, row in headline.iterrows()]
+    table["The paper's protocol"] = [_protocol_cell(row) for _, row in headline.iterrows()]
     return table
+
+# %% ../nbs/90_report.ipynb #5e7a1c02
+_MODE_NAMES = {"finetune": "fine-tuning", "icl": "in-context learning", "baseline": "baseline"}
+
+def _metric_kinds() -> dict[str, tuple[str, str]]:
+    "The registry's metric labels ('MedNLI acc', ...) and their worst cases as score columns on 0-1."
+    labels = list(METRIC_LABELS.values())
+    return {**{label: (label, "metric") for label in labels},
+            **{f"{label}, worst case": (f"{label}, worst case", "metric") for label in labels}}
+
+READER_COLUMNS = {  # column name in the views -> (header a reader sees, format)
+    "run_id": ("Run", "text"), "status": ("Status", "text"), "task": ("Task", "task"), "model": ("Model", "text"),
+    "mode": ("Mode", "mode"), "seed": ("Seed", "count"), "fraction": ("Training data (%)", "share"),
+    "shots": ("Shots", "count"), "draw": ("Draw", "count"),
+    "accuracy": ("Test accuracy", "metric"), "exact": ("Test exact match", "metric"), "f1": ("Test F1", "metric"),
+    "micro_f1": ("Test micro-F1", "metric"), "macro_f1": ("Test macro-F1", "metric"),
+    "dev": ("Dev score (selection metric)", "metric"), "test": ("Test score", "metric"),
+    "n_test": ("Test items", "count"), "items": ("Test items", "count"), "wall_seconds": ("Wall time (s)", "seconds"),
+    "train_seconds": ("Training time (s)", "seconds"), "eval_seconds": ("Evaluation time (s)", "seconds"),
+    "gpu_hours": ("GPU-hours", "hours"), "device": ("Device", "text"), "precision": ("Precision", "auto"),
+    "error": ("Error", "text"), "units": ("Units", "count"),
+    "wall_s_mean": ("Wall time per unit (s)", "seconds"), "wall_s_total": ("Wall time, all units (s)", "seconds"),
+    "train_s_mean": ("Training time per unit (s)", "seconds"), "gpu_hours_total": ("GPU-hours, all units", "hours"),
+    "samples_per_s": ("Training samples per second", "rate"), "peak_rss_mb": ("Peak memory (MB)", "count"),
+    "oom_retries": ("Out-of-memory retries", "count"),
+    "seeds": ("Seeds", "count"), "best_dev": ("Best dev score", "metric"),
+    "epochs_to_best": ("Epochs to best", "epochs"),
+    "steps_to_best": ("Steps to best", "count"), "train_seconds_to_best": ("Training time to best (s)", "seconds"),
+    "gpu_hours_to_best": ("GPU-hours to best", "hours"),
+    "total_train_seconds": ("Training time, whole run (s)", "seconds"),
+    "row": ("Model", "text"), "variant": ("Outputs", "text"), "parse failures": ("Parse failures (%)", "percent"),
+    "metric": ("Metric", "text"), "ours (project's protocol)": ("Ours (project's protocol)", "metric"),
+    "ours (paper's protocol)": ("Ours (paper's protocol)", "metric"), "test items (paper's)": ("Test items", "count"),
+    "paper's protocol": ("The paper's protocol", "text"),
+    "a": ("Model A", "text"), "b": ("Model B", "text"), "n_items": ("Test items", "count"),
+    "a_mean": ("Mean A", "metric"), "b_mean": ("Mean B", "metric"), "diff": ("Difference (A − B)", "signed"),
+    "CI": ("95 % interval", "text"), "covers": ("The interval covers", "text"), "test_name": ("Test", "text"),
+    "p_value": ("p", "p"), "p_holm": ("p (Holm)", "p"), "significant": ("Significant (Holm, .05)", "flag"),
+    "reason": ("Not compared because", "text"),
+    "setting": ("Setting", "text"), "mean": ("Mean", "metric"), "sd": ("SD", "metric"), "n": ("Units", "count"),
+    "paper_name": ("The paper's name", "text"), "protocol": ("Protocol", "text"), "ours": ("Ours", "metric"),
+    "ours_project_protocol": ("Ours (project's protocol)", "metric"), "paper": ("Paper", "metric"),
+    "source": ("Source", "text"), "difference": ("Difference", "signed"),
+    "group": ("Questions", "text"), "no_answer_rate": ("Predicted no answer (%)", "percent"),
+    "label": ("Label", "text"), "recall": ("Recall", "metric"),
+    "support": ("Gold positives", "count"),
+    "% of train": ("Training data (%)", "number"), "notes": ("Notes", "count"), "sentences": ("Sentences", "count"),
+    "no label": ("Sentences without a label", "count"),
+    "code_version @ git_commit": ("Code version @ commit", "text"), "package": ("Package", "text"),
+    "versions": ("Versions", "text"), "data_hash": ("Data release (sha256, first 16 hex digits)", "text"),
+    "name": ("Device name", "text"), "unit": ("Unit", "text"), "seconds": ("Wall time (s)", "seconds"),
+    "cached": ("From an earlier run", "flag"),
+    **_metric_kinds()}
+
+def _is_number(value) -> bool:
+    "A real number (not a boolean, not missing)."
+    number = isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, np.bool_))
+    return number and not math.isnan(float(value))
+
+def _inferred_kind(values:Sequence) -> str:
+    "A format for a column nobody described: whole numbers -> count, all within [-1, 1] -> metric, else decimal."
+    numbers = [float(value) for value in values if _is_number(value)]
+    if not numbers:
+        return "text"
+    if all(number.is_integer() for number in numbers):
+        return "count"
+    return "metric" if all(-1 <= number <= 1 for number in numbers) else "decimal"
+
+def _number_format(kind:str, numbers:list[float]) -> Callable[[float], str]:
+    "How every number of a column of `kind` is written (decided once per column)."
+    whole_percents = all(float(100 * number).is_integer() for number in numbers)
+    return {"metric": _paper_number,
+            "signed": lambda v: ("+" if v > 0 else "") + _paper_number(v),
+            "count": lambda v: f"{round(v):d}",
+            "seconds": lambda v: f"{v:.1f}", "rate": lambda v: f"{v:.1f}", "percent": lambda v: f"{100 * v:.1f}",
+            "share": (lambda v: f"{100 * v:.0f}") if whole_percents else (lambda v: f"{100 * v:.1f}"),
+            "number": lambda v: f"{v:.0f}" if all(n.is_integer() for n in numbers) else f"{v:.1f}",
+            "hours": lambda v: f"{v:.3f}", "epochs": lambda v: f"{v:.2f}", "decimal": lambda v: f"{v:.2f}",
+            "p": lambda v: "<.001" if v < 0.001 else _paper_number(v)}[kind]
+
+def _format_column(values:Sequence, kind:str) -> list[str]:
+    "One column's cells as text in one format; '—' where a value is missing; text kept as it is."
+    values = list(values)
+    kind = _inferred_kind(values) if kind == "auto" else kind
+    numbers = [float(value) for value in values if _is_number(value)]
+    written = _number_format(kind, numbers) if kind in _NUMBER_KINDS else str
+    cells = []
+    for value in values:
+        if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+            cells.append("—")
+        elif kind == "task":
+            cells.append(get_task(value).title if value in TASKS else str(value))
+        elif kind == "mode":
+            cells.append(_MODE_NAMES.get(value, str(value)))
+        elif kind == "flag":
+            cells.append("yes" if bool(value) else "no")
+        else:
+            cells.append(written(float(value)) if _is_number(value) and kind in _NUMBER_KINDS else str(value))
+    return cells
+
+_NUMBER_KINDS = ("metric", "signed", "count", "seconds", "rate", "percent", "share", "number", "hours", "epochs",
+                 "decimal", "p")
+
+def for_reader(table:pd.DataFrame,                 # any of the views' tables
+               kinds:Mapping[str, str]|None=None,  # column -> format, over `READER_COLUMNS`' (e.g. {"x": "count"})
+              ) -> pd.DataFrame:
+    "`table` as a reader sees it: human headers and one number format per column, as text ('—' when missing)."
+    columns = {}
+    for column in table.columns:
+        header, kind = READER_COLUMNS.get(column, (column, "auto"))
+        columns[header] = _format_column(table[column], (kinds or {}).get(column, kind))
+    shown = pd.DataFrame(columns, index=table.index)
+    if table.index.name in READER_COLUMNS:
+        shown.index.name = READER_COLUMNS[table.index.name][0]
+    return shown
+
+def reader_md(table:pd.DataFrame, kinds:Mapping[str, str]|None=None) -> str:
+    "`for_reader(table)` as a Markdown table (what the experiment reports display)."
+    return md_table(for_reader(table, kinds))
 
 # %% ../nbs/90_report.ipynb #adc7da7a
 class PaperResult(Spec):
@@ -903,7 +1054,7 @@ def format_limited_data(table:pd.DataFrame) -> pd.DataFrame:
     "`limited_data` for reading: rows 'model, 25 % of train', cells '.818 ± .004 [.80, .83]' as in Table 3."
     names = [f"baseline: {row.model}" if row["mode"] == BASELINE_MODE else f"{row.model}, {row.percent:g} % of train"
              for _, row in table.iterrows()]
-    shown = pd.DataFrame(index=pd.Index(names, name="model"))
+    shown = pd.DataFrame(index=pd.Index(names, name="Model"))
     for task, metric in METRICS:
         column = _column(task, metric)
         if column in table and table[column].notna().any():
@@ -923,6 +1074,7 @@ def clip_subsets(results_dir, df:pd.DataFrame) -> pd.DataFrame:
                               "no label": held["no_label"], **held["labels"]}
     return pd.DataFrame([rows[fraction] for fraction in sorted(rows)])
 
+# %% ../nbs/90_report.ipynb #5e7a1c08
 def _facets(tasks, width=4.2, height=3.6):
     "A figure with one panel per task (at least one) and its list of axes."
     panels = max(1, len(tasks))
@@ -948,6 +1100,17 @@ def _note_if_empty(tasks, axes, text:str) -> None:
     if not tasks:
         axes[0].text(0.5, 0.5, text, ha="center", transform=axes[0].transAxes)
 
+def _mean_and_spread(scores:pd.Series) -> tuple[float, float, float]:
+    "Mean of `scores` and its ± sd range clipped to the metric's range [0, 1] (no spread for one value)."
+    mean = float(scores.mean())
+    sd = float(scores.std(ddof=1)) if len(scores) > 1 else 0.0
+    return mean, max(0.0, mean - sd), min(1.0, mean + sd)
+
+def _score_text(scores:pd.Series) -> str:
+    "'.653 ± .010' (mean ± sd over units), '.653' for one unit."
+    text = _paper_number(scores.mean())
+    return text + (f" ± {_paper_number(scores.std(ddof=1))}" if len(scores) > 1 else "")
+
 def _baseline_lines(ax, baselines:pd.DataFrame|None, task:str) -> None:
     "The task's trivial baselines as dashed horizontal lines (their selection metric), labelled."
     if baselines is None or baselines.empty:
@@ -957,28 +1120,57 @@ def _baseline_lines(ax, baselines:pd.DataFrame|None, task:str) -> None:
         ax.annotate(f"baseline: {row.model}", (0.01, row[dev_metric(task)]), xycoords=("axes fraction", "data"),
                     fontsize=7, color="grey", va="bottom")
 
+def _baseline_rows(baselines:pd.DataFrame|None, task:str, width:int) -> list[list[str]]:
+    "The task's trivial baselines as rows of a table panel: name, blanks, score."
+    if baselines is None or baselines.empty:
+        return []
+    return [[f"baseline: {row.model}", *[""] * (width - 2), _paper_number(row[dev_metric(task)])]
+            for _, row in baselines[baselines.task == task].iterrows()]
+
+# %% ../nbs/90_report.ipynb #5e7a1c09
+def _limited_data_panel(ax, units:pd.DataFrame, model_names:Sequence[str], task:str) -> None:
+    "Mean test selection metric per model against % of train (log x), band = ± sd over seeds clipped to [0, 1]."
+    for colour, model in zip(sns.color_palette(n_colors=max(1, len(model_names))), model_names):
+        by_share = units[units.model == model].groupby("percent").test
+        points = [(share, *_mean_and_spread(scores.astype(float))) for share, scores in by_share]
+        if not points:
+            continue
+        shares, means, lows, highs = map(list, zip(*points))
+        ax.plot(shares, means, marker="o", color=colour, label=model)
+        ax.fill_between(shares, lows, highs, color=colour, alpha=0.2, linewidth=0)
+    ax.set_xscale("log")
+    percents = sorted(units.percent.unique())
+    ax.set_xticks(percents, [f"{x:g} %" for x in percents])
+    ax.minorticks_off()
+    ax.set_ylim(0, 1)
+
 def plot_limited_data(df:pd.DataFrame,
                       baselines:pd.DataFrame|None=None,   # `baseline_units`' rows: dashed reference lines
                      ):
-    "Test selection metric vs % of training data per task, one line per model, band = ± sd over seeds."
+    """Test selection metric vs % of training data per task, one line per model, band = ± sd over seeds (clipped
+    to [0, 1]); a task trained on one share only is a small table (one point has no trend)."""
     finetuned = df[(df.status == "ok") & (df["mode"] == "finetune")].assign(percent=lambda d: 100 * d.fraction)
     tasks = [task for task in TASKS if task in set(finetuned.task)]
+    model_names = sorted(set(finetuned.model))
     fig, axes = _facets(tasks)
     for ax, task in zip(axes, tasks):
         units = finetuned[finetuned.task == task]
-        sns.lineplot(units, x="percent", y="test", hue="model", marker="o", errorbar="sd", ax=ax,
-                     hue_order=sorted(set(finetuned.model)))
-        ax.set_xscale("log")
-        percents = sorted(units.percent.unique())
-        ax.set_xticks(percents, [f"{x:g} %" for x in percents])
-        ax.minorticks_off()
+        if units.percent.nunique() == 1:
+            header = ["model", "% of train", f"test {_metric_label(task)}"]
+            rows = [[model, f"{share:g}", _score_text(group.test.astype(float))]
+                    for (model, share), group in units.groupby(["model", "percent"])]
+            _table_panel(ax, header, rows + _baseline_rows(baselines, task, 3), get_task(task).title)
+            continue
+        _limited_data_panel(ax, units, model_names, task)
         _baseline_lines(ax, baselines, task)
-        ax.set(xlabel="training data (% of train, log scale)", ylabel=f"test {_metric_label(task)} (0-1)", title=task)
+        ax.set(xlabel="training data (% of train, log scale)", ylabel=f"test {_metric_label(task)} (0-1)",
+               title=get_task(task).title)
     _note_if_empty(tasks, axes, "no fine-tuning units")
     fig.suptitle("Limited data: score vs training fraction (band = ± sd over seeds)")
     _legend_outside(fig, axes)
     return fig
 
+# %% ../nbs/90_report.ipynb #5e7a1c0a
 def _with_setting(rows:pd.DataFrame) -> pd.DataFrame:
     "`rows` with a `setting` column: 'fine-tuned' or 'ICL k-shot'."
     settings = ["fine-tuned" if mode == "finetune" else f"ICL {int(shots)}-shot"
@@ -1000,22 +1192,90 @@ def icl_vs_finetune(df:pd.DataFrame) -> pd.DataFrame:
     table["_setting"] = table.setting.map(_setting_order)
     return _sort_by_task(table, ["model", "_setting"]).drop(columns="_setting")
 
+
+def _settings(rows:pd.DataFrame) -> list[tuple[str, str]]:
+    "Every (model, setting) of the grid: fine-tuned models first, then ICL models by shots."
+    pairs = rows[["model", "setting"]].drop_duplicates().itertuples(index=False, name=None)
+    return sorted(pairs, key=lambda pair: (_setting_order(pair[1])[0], pair[0], _setting_order(pair[1])[1]))
+
+def _scores_of(rows:pd.DataFrame, model:str, setting:str) -> pd.Series:
+    "The test selection metric of the units of one (model, setting)."
+    return rows.loc[(rows.model == model) & (rows.setting == setting), "test"].astype(float).dropna()
+
+def _baselines_text(baselines:pd.DataFrame|None, task:str) -> str:
+    "The task's trivial baselines on its selection metric: 'majority class (entailment, from train) .333'."
+    if baselines is None or baselines.empty:
+        return "—"
+    rows = baselines[baselines.task == task]
+    return "; ".join(f"{row.model} {_paper_number(row[dev_metric(task)])}" for _, row in rows.iterrows()) or "—"
+
+def finetune_vs_icl(df:pd.DataFrame,
+                    baselines:pd.DataFrame|None=None,   # `baseline_units`' rows: shown beside
+                    mark:str="**",                      # wraps the best model score of each task
+                   ) -> pd.DataFrame:
+    """The study's question at a glance: per task (its selection metric on test), each fine-tuned model (100 % of
+    train) and each ICL model at each shot count, mean ± sd over units, the best marked, the trivial baselines
+    beside."""
+    rows = _with_setting(_table_rows(df))
+    settings = _settings(rows)
+    table = []
+    for task in [task for task in TASKS if task in set(rows.task)]:
+        task_rows = rows[rows.task == task]
+        scores = {f"{model}, {setting}": _scores_of(task_rows, model, setting) for model, setting in settings}
+        best = max((values.mean() for values in scores.values() if len(values)), default=math.nan)
+        line = {"Task (test metric)": _metric_label(task)}
+        for column, values in scores.items():
+            text = _score_text(values) if len(values) else "—"
+            line[column] = f"{mark}{text}{mark}" if mark and len(values) and np.isclose(values.mean(), best) else text
+        table.append({**line, "Trivial baselines": _baselines_text(baselines, task)})
+    return pd.DataFrame(table).set_index("Task (test metric)") if table else pd.DataFrame()
+
+def _bar(ax, position:int, scores:pd.Series, colour) -> None:
+    "One bar: the mean, an sd whisker clipped to [0, 1], the value written above; a 0 also marked at the axis."
+    mean, low, high = _mean_and_spread(scores)
+    ax.bar(position, mean, color=colour, width=0.7)
+    if high > low:
+        ax.vlines(position, low, high, color="black", linewidth=1)
+    if mean == 0:
+        ax.plot([position - 0.35, position + 0.35], [0, 0], color=colour, linewidth=3, clip_on=False)
+    ax.text(position, max(mean, high) + 0.02, _paper_number(mean), ha="center", va="bottom", fontsize=7)
+
+def _bars_panel(ax, task_rows:pd.DataFrame, settings:Sequence[tuple[str, str]], colours:dict, task:str) -> None:
+    "One bar per (model, setting) of the grid; 'n/a' where the task has no unit of it."
+    for position, (model, setting) in enumerate(settings):
+        scores = _scores_of(task_rows, model, setting)
+        if scores.empty:
+            ax.text(position, 0.02, "n/a", ha="center", va="bottom", fontsize=7, color="grey")
+        else:
+            _bar(ax, position, scores, colours[model])
+    ax.set_xticks(range(len(settings)), [f"{model}\n{setting}" for model, setting in settings], rotation=30,
+                  ha="right", fontsize=7)
+    ax.set(ylim=(0, 1.12), ylabel=f"test {_metric_label(task)} (0-1)", title=get_task(task).title)
+
 def plot_icl_vs_finetune(df:pd.DataFrame):
-    "Bars of the test selection metric per setting (fine-tuned, ICL k-shot) and model, per task; whiskers = sd."
+    """Bars of the test selection metric per (model, setting) and task: whiskers ± sd over seeds / draws clipped to
+    [0, 1], each bar labelled with its value, 'n/a' where a task lacks that setting; one bar is a table."""
     rows = _with_setting(_table_rows(df))
     tasks = [task for task in TASKS if task in set(rows.task)]
+    settings = _settings(rows)
+    model_names = list(dict.fromkeys(model for model, _ in settings))
+    colours = dict(zip(model_names, sns.color_palette(n_colors=max(1, len(model_names)))))
     fig, axes = _facets(tasks)
-    order = sorted(set(rows.setting), key=_setting_order)
     for ax, task in zip(axes, tasks):
-        sns.barplot(rows[rows.task == task], x="setting", y="test", hue="model", order=order,
-                    hue_order=sorted(set(rows.model)), errorbar="sd", ax=ax)
-        ax.set(xlabel="", ylabel=f"test {_metric_label(task)} (0-1)", title=task)
-        ax.tick_params(axis="x", rotation=30)
+        task_rows = rows[rows.task == task]
+        present = [(model, setting) for model, setting in settings if len(_scores_of(task_rows, model, setting))]
+        if len(present) == 1:
+            header = ["model", "setting", f"test {_metric_label(task)}"]
+            _table_panel(ax, header, [[*present[0], _score_text(_scores_of(task_rows, *present[0]))]],
+                         get_task(task).title)
+        else:
+            _bars_panel(ax, task_rows, settings, colours, task)
     _note_if_empty(tasks, axes, "no units")
-    fig.suptitle("In-context learning vs fine-tuning (whiskers = sd over seeds / draws)")
-    _legend_outside(fig, axes)
+    fig.suptitle("Fine-tuning vs in-context learning (whiskers: ± sd over seeds / draws)")
+    fig.tight_layout()
     return fig
 
+# %% ../nbs/90_report.ipynb #5e7a1c0b
 def _log_axis(ax):
     "Log x with plain-number major labels and no minor labels (which overlap on short ranges)."
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -1038,10 +1298,19 @@ def plot_cost_vs_score(df:pd.DataFrame):
     tasks = [task for task in TASKS if task in set(units.task)]
     fig, axes = _facets(tasks)
     for ax, task in zip(axes, tasks):
-        sns.scatterplot(units[units.task == task], x=cost_column, y="test", hue="model", style="mode", s=60, ax=ax,
+        task_units = units[units.task == task]
+        if len(task_units) == 1:
+            unit = task_units.iloc[0]
+            cost = f"{unit[cost_column]:.3f}" if cost_column == "gpu_hours" else f"{unit[cost_column]:.1f}"
+            header = ["model", "mode", cost_label.split(" (")[0], f"test {_metric_label(task)}"]
+            _table_panel(ax, header, [[unit.model, _MODE_NAMES.get(unit["mode"], unit["mode"]), cost,
+                                       _paper_number(unit.test)]], get_task(task).title)
+            continue
+        sns.scatterplot(task_units, x=cost_column, y="test", hue="model", style="mode", s=60, ax=ax,
                         hue_order=sorted(set(units.model)), style_order=sorted(set(units["mode"])))
         _log_axis(ax)
-        ax.set(xlabel=cost_label, ylabel=f"test {_metric_label(task)} (0-1)", title=task)
+        ax.set(xlabel=cost_label, ylabel=f"test {_metric_label(task)} (0-1)", title=get_task(task).title,
+               ylim=(-0.02, 1.02))
     _note_if_empty(tasks, axes, "no units with recorded cost")
     fig.suptitle("Cost vs score (fine-tuning at 100 % and ICL units)")
     _legend_outside(fig, axes)
@@ -1168,24 +1437,28 @@ def save_figure(fig, figures_dir, name:str) -> Path:
     return path
 
 def _cell(value) -> str:
-    "One Markdown table cell: numbers to 4 significant digits, '|' escaped, missing values empty."
+    "One Markdown table cell of text: missing values empty, '|' escaped, one line."
     if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
         return ""
-    if isinstance(value, (float, np.floating)):
-        return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
     return str(value).replace("|", "\\|").replace("\n", " ")
 
+def _md_column(values:pd.Series) -> list[str]:
+    "A column's Markdown cells: numbers in one format for the whole column (as `for_reader`), text as it is."
+    if any(_is_number(value) for value in values):
+        return [_cell(cell) for cell in _format_column(values, "auto")]
+    return [_cell(value) for value in values]
+
 def md_table(df:pd.DataFrame, index:bool|None=None) -> str:
-    "A DataFrame as a Markdown pipe table (index shown when it is named or not a plain range)."
+    "A DataFrame as a Markdown pipe table (index shown when it is named or not a plain range); one format per column."
     if df is None or len(df) == 0:
         return "_(none)_"
     if index is None:
         index = df.index.name is not None or not isinstance(df.index, pd.RangeIndex)
     table = df.reset_index() if index else df
     head = [str(column) for column in table.columns]
+    columns = [_md_column(table.iloc[:, position]) for position in range(len(head))]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines += ["| " + " | ".join(_cell(value) for value in row) + " |"
-              for row in table.itertuples(index=False, name=None)]
+    lines += ["| " + " | ".join(row) + " |" for row in zip(*columns)]
     return "\n".join(lines)
 
 def _part_lines(part, grid_dir:Path) -> list[str]:
@@ -1196,16 +1469,18 @@ def _part_lines(part, grid_dir:Path) -> list[str]:
         return [f"![{part.stem}]({Path(os.path.relpath(part, grid_dir)).as_posix()})", ""]
     return [str(part), ""]
 
-def _summary_head(grid_dir:Path, title:str|None) -> list[str]:
-    "The summary's title, the synthetic banner when it applies and the grid's description."
+def _summary_head(grid_dir:Path, title:str|None, with_notice:bool=True) -> list[str]:
+    "The summary's title; with `with_notice`, the synthetic banner when it applies and the grid's description."
     manifest = load_manifest(grid_dir)
+    name = (manifest or {}).get("grid") or grid_dir.name
+    lines = [f"# {title or f'Summary: {name}'}", ""]
+    if not with_notice:
+        return lines
     try:
         df = load_results(grid_dir/"results")
     except UserError:
         df = None
     notice = synthetic_notice(manifest) or synthetic_notice(df)
-    name = (manifest or {}).get("grid") or grid_dir.name
-    lines = [f"# {title or f'Summary: {name}'}", ""]
     if notice:
         lines += [notice, ""]
     if manifest and manifest.get("description"):
@@ -1213,15 +1488,19 @@ def _summary_head(grid_dir:Path, title:str|None) -> list[str]:
     return lines
 
 def summary_markdown(grid_dir,
-                     sections:Sequence[tuple[str, object]]|Mapping[str, object], # title -> part or list of parts
+                     sections:Sequence[tuple[str|None, object]]|Mapping[str, object], # title -> part or parts
                      title:str|None=None,   # default: "Summary: <grid>" from the manifest
                     ) -> str:
-    "The Markdown summary: title, the synthetic banner when it applies, then each section's text, tables and figures."
+    """The Markdown summary: the title, then each section's text, tables and figures. A first section titled None
+    is the top of the summary (`summary_sections` puts the banner, the demo's sentence and the description there);
+    without one, the synthetic banner (when it applies) and the grid's description come first."""
     # A part is a str (Markdown), a DataFrame (a table), a Path (a figure) or None (left out).
     grid_dir = Path(grid_dir)
-    lines = _summary_head(grid_dir, title)
-    for head, parts in (sections.items() if isinstance(sections, Mapping) else sections):
-        lines += [f"## {head}", ""]
+    sections = list(sections.items() if isinstance(sections, Mapping) else sections)
+    lines = _summary_head(grid_dir, title, with_notice=not (sections and sections[0][0] is None))
+    for head, parts in sections:
+        if head is not None:
+            lines += [f"## {head}", ""]
         for part in (parts if isinstance(parts, (list, tuple)) else [parts]):
             if part is not None:
                 lines += _part_lines(part, grid_dir)
@@ -1231,20 +1510,116 @@ def write_summary_md(grid_dir, sections, title:str|None=None) -> Path:
     "Write `summary_markdown(...)` to `<grid_dir>/summary.md` atomically; returns the path."
     return atomic_write_text(Path(grid_dir)/"summary.md", summary_markdown(grid_dir, sections, title))
 
+# %% ../nbs/90_report.ipynb #5e7a1c05
+def _task_names(tasks:Sequence[str]) -> str:
+    "The tasks' titles as a reader lists them: 'MedNLI, RadQA and CLIP'."
+    names = [get_task(task).title if task in TASKS else str(task) for task in tasks]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+def _beats_baselines(headline:pd.DataFrame, model:str, mode:str) -> tuple[list[str], list[str]]:
+    """(the tasks `model` ran in `mode`, those where one of its rows clearly beats every trivial baseline: the lower
+    end of its interval on the task's selection metric above the best baseline's score)."""
+    rows = headline[(headline.model == model) & (headline["mode"] == mode)]
+    baselines = headline[headline["mode"] == BASELINE_MODE]
+    ran, beaten = [], []
+    for task in TASKS:
+        column = _column(task, dev_metric(task))
+        if column not in rows or rows[column].isna().all():
+            continue
+        ran.append(task)
+        best = baselines[column].max() if column in baselines else math.nan
+        lows = rows[f"{column}_low"].fillna(rows[column]) if f"{column}_low" in rows else rows[column]
+        if pd.notna(best) and (lows > best).any():
+            beaten.append(task)
+    return ran, beaten
+
+def _beats_text(ran:list[str], beaten:list[str]) -> str:
+    "'on every task', 'on none of its tasks', 'on 1 of 3 tasks (MedNLI)'."
+    if ran and len(beaten) == len(ran):
+        return "on every task" if len(ran) > 1 else f"on {_task_names(ran)}"
+    if not beaten:
+        return "on none of its tasks"
+    return f"on {len(beaten)} of {len(ran)} tasks ({_task_names(beaten)})"
+
+def _pair_text(rows:pd.DataFrame, specs:Mapping) -> str:
+    "What the paired test found for one pair, and whether the pair is a same-domain one (from the registry)."
+    a, b = rows.a.iloc[0], rows.b.iloc[0]
+    found = rows[rows.significant.fillna(False).astype(bool)]
+    ahead = found["diff"] > 0
+    if found.empty:
+        text = f"the paired test finds no significant difference between {a} and {b}"
+    elif ahead.all() or (~ahead).all():
+        first, second = (a, b) if ahead.all() else (b, a)
+        text = f"the paired test finds {first} ahead of {second} on {_task_names(list(found.task))} (Holm-corrected)"
+    else:
+        text = f"the paired test finds {a} and {b} apart on {_task_names(list(found.task))} (Holm-corrected)"
+    if a in specs and b in specs and specs[a].domain == specs[b].domain:
+        text += f", a pair of {specs[a].domain}-domain models ({specs[a].paper_name} vs {specs[b].paper_name})"
+    return text
+
+def _named(model:str, specs:Mapping) -> str:
+    "A model as the sentence names it: with its family from the registry, e.g. 'minilm-demo (encoder)'."
+    family = getattr(specs.get(model), "family", None)
+    return f"{model} ({family})" if family else model
+
+def _registry_specs(registry:Mapping|None) -> Mapping:
+    "The model registry (model -> its entry), or {} when it cannot be read (the sentence then names models only)."
+    if registry is not None:
+        return registry
+    try:
+        return models.load_registry()
+    except (UserError, DataError) as e:
+        _log.warning(f"the model registry could not be read ({e}): the summary's first sentence names models only")
+        return {}
+
+def demo_sentence(headline:pd.DataFrame,            # `table3`'s output (with the baselines' rows)
+                  pairs:pd.DataFrame|None=None,     # `clinical_vs_general`'s output
+                  registry:Mapping|None=None,       # model -> registry entry; default `models.load_registry()`
+                 ) -> str:
+    "The one sentence at the top of a synthetic demo's summary: what it shows, read from its results, and what not."
+    if headline.empty or "mode" not in headline:
+        return ("No unit of this demo finished, so it shows nothing yet; on synthetic data it cannot show anything "
+                "about clinical vs general models or the paper's numbers.")
+    specs = _registry_specs(registry)
+    shown = []
+    finetuned = [model for model in dict.fromkeys(headline.loc[headline["mode"] == "finetune", "model"])]
+    if finetuned:
+        clauses = [f"{_named(model, specs)} {_beats_text(*_beats_baselines(headline, model, 'finetune'))}"
+                   for model in finetuned]
+        clauses[0] = clauses[0].replace(" on ", " beats the trivial baselines on ", 1)
+        shown.append("fine-tuned, " + (clauses[0] if len(clauses) == 1 else
+                                       ", ".join(clauses[:-1]) + " and " + clauses[-1]))
+    if pairs is not None and len(pairs):
+        shown += [_pair_text(rows, specs) for _, rows in pairs.groupby(["a", "b"], sort=False)]
+    for model in dict.fromkeys(headline.loc[headline["mode"] == "icl", "model"]):
+        shots = sorted(int(s) for s in headline.loc[(headline.model == model) & (headline["mode"] == "icl"), "shots"]
+                       .dropna())
+        shots_text = f" ({_task_names(list(map(str, shots)))} shots)" if shots else ""
+        shown.append(f"in context{shots_text}, {_named(model, specs)} beats them "
+                     f"{_beats_text(*_beats_baselines(headline, model, 'icl'))}")
+    domains = {specs[model].domain for model in set(headline.model) if model in specs}
+    every = f" (every model here is {domains.pop()}-domain)" if len(domains) == 1 else ""
+    return ("This demo shows the pipeline end to end on synthetic data" + (": " + "; ".join(shown) if shown else "")
+            + f" — it cannot show anything about clinical vs general models{every} or the paper's numbers.")
+
 # %% ../nbs/90_report.ipynb #e52b568a
 _MCNEMAR_COLUMN = "McNemar per seed (descriptive)"   # format_pairs' column: b, c and each seed's p
 
+def _p_list(p_values:str) -> str:
+    "McNemar's p per seed ('1.17e-11, 1') as the tables write p-values ('<.001, 1.000')."
+    return ", ".join(_number_format("p", [])(float(p)) for p in str(p_values).split(", ") if p)
+
 def format_pairs(comparisons:pd.DataFrame,  # `clinical_vs_general`'s output
                 ) -> pd.DataFrame:
-    """The clinical-vs-general table a reader needs: means, the difference with its interval and what the interval
+    """The paired-comparison table a reader needs: means, the difference with its interval and what the interval
     covers, the bootstrap p (raw and Holm), and McNemar per seed as a descriptive column (not in the Holm family)."""
-    intervals = [f"[{low:.3f}, {high:.3f}]" if pd.notna(low) else ""
+    intervals = [f"[{_paper_number(low)}, {_paper_number(high)}]" if pd.notna(low) else ""
                  for low, high in zip(comparisons["low"], comparisons["high"])]
     pairs = comparisons.assign(CI=intervals)
     columns = ["a", "b", "task", "metric", "seeds", "n_items", "a_mean", "b_mean", "diff", "CI", "covers", "test",
                "p_value", "p_holm", "significant"]
     if "mcnemar_b" in pairs and pairs["mcnemar_b"].notna().any():  # discordant pairs (a right, b wrong / the reverse)
-        pairs[_MCNEMAR_COLUMN] = [f"b={int(b)}, c={int(c)}; p per seed {p}" if pd.notna(b) else ""
+        pairs[_MCNEMAR_COLUMN] = [f"b={int(b)}, c={int(c)}; p per seed {_p_list(p)}" if pd.notna(b) else ""
                                   for b, c, p in zip(pairs["mcnemar_b"], pairs["mcnemar_c"], pairs["mcnemar_p"])]
         columns.append(_MCNEMAR_COLUMN)
     if "reason" in pairs and pairs["reason"].fillna("").astype(str).str.len().any():
@@ -1272,62 +1647,91 @@ def _coverage_note(headline:pd.DataFrame) -> str|None:
         lines.append("- Baselines: items only (fixed rules, no seeds; the task's clusters)")
     return "Intervals cover:\n" + "\n".join(lines) if lines else None
 
+def _top_parts(manifest:Mapping, df:pd.DataFrame, headline:pd.DataFrame, pairs:pd.DataFrame) -> list:
+    "The top of the summary: the synthetic banner with the demo's sentence (read from its results), the grid's text."
+    parts = []
+    if synthetic_notice(manifest) or synthetic_notice(df):
+        parts.append(f"{SYNTHETIC_HEADLINE} {demo_sentence(headline, pairs)}")
+    if manifest.get("description"):
+        parts.append(str(manifest["description"]).strip())
+    return parts
+
+def _glance_section(results_dir:Path, df:pd.DataFrame, figure:Path) -> tuple[str, list]:
+    return ("In-context learning vs fine-tuning", [
+        "Each task's selection metric on test: every fine-tuned model (100 % of the training data) and every "
+        "in-context model per number of shots, mean ± sd over seeds and draws, the best in bold; the trivial "
+        "baselines beside.",
+        finetune_vs_icl(df, baseline_units(results_dir, df)), figure])
+
 def _table3_section(headline:pd.DataFrame, n_boot:int) -> tuple[str, list]:
     return ("Table 3: test results", [
-        "Mean ± sd over units (fine-tuning: seeds at 100 % of the training data; in-context learning: draws and seeds "
-        f"per shot count) and, in brackets, a 95 % percentile interval of the seed-averaged metric from a two-level "
-        f"bootstrap ({n_boot} resamples): the row's units resampled with replacement, then the test-item clusters "
-        "(MedNLI premises, RadQA reports, CLIP notes). All metrics on a 0–1 scale; the best value per column in bold.",
-        format_table3(headline), _coverage_note(headline)])
+        format_table3(headline), _coverage_note(headline),
+        "Notes: mean ± sd over units (fine-tuning: seeds at 100 % of the training data; in-context learning: draws "
+        "and seeds per shot count) and, in brackets, a 95 % percentile interval of the seed-averaged metric from a "
+        f"two-level bootstrap ({n_boot} resamples): the row's units resampled with replacement, then the test-item "
+        "clusters (MedNLI premises, RadQA reports, CLIP notes). All metrics on a 0–1 scale; the best value per column "
+        "in bold (never a baseline). The last column gives the row's scores under the paper's protocol where it "
+        "differs from ours."])
 
 def _generated_section(generated:pd.DataFrame) -> tuple[str, list]:
     if not len(generated):
         return ("Generated outputs: parse failures", ["No unit of this grid generated its outputs."])
     return ("Generated outputs: parse failures", [
-        "Outputs that are not a label are counted, never mapped to one (MedNLI: wrong; RadQA: empty; CLIP: no "
-        "label). The rate per unit, averaged; CLIP's worst case scores every failure as all labels wrong.",
-        generated])
+        for_reader(generated),
+        "Notes: outputs that are not a label are counted, never mapped to one (MedNLI: wrong; RadQA: empty; CLIP: no "
+        "label). The rate per unit, averaged over units; CLIP's worst case scores every failure as all labels wrong."])
 
 def _protocol_section(protocols:pd.DataFrame) -> tuple[str, list]:
     if not len(protocols):
         return ("The paper's protocol beside ours", ["No unit of this grid recorded a second, paper-protocol score."])
     return ("The paper's protocol beside ours", [
-        "Where the paper scored differently, each unit also recorded its score under the paper's protocol. Table 3 "
-        "and the paired tests use the project's protocol; the comparison with the paper uses the matching one.",
-        protocols])
+        for_reader(protocols),
+        "Notes: where the paper scored differently, each unit also recorded its score under the paper's protocol. "
+        "Table 3 and the paired tests use the project's protocol; the comparison with the paper uses the matching "
+        "one."])
 
 def _paper_section(compared:pd.DataFrame) -> tuple[str, list]:
     no_rows = "No model of this grid is in the paper's Table 3 (e.g. the demo models): nothing to compare."
     return ("Comparison with the paper", [
-        "Our rows next to Lehman et al. 2023 (Table 3 and appendix), for the models both have, each under the "
-        "paper's protocol (`protocol`: same, or the paper's where ours differs; ICL rows without a paper-protocol "
-        "figure are not compared).",
-        compared if len(compared) else no_rows])
+        for_reader(compared) if len(compared) else no_rows,
+        "Notes: our rows next to Lehman et al. 2023 (Table 3 and appendix), for the models both have, each under the "
+        "paper's protocol (Protocol: the same, or the paper's where ours differs; ICL rows without a paper-protocol "
+        "figure are not compared)."])
+
+def _pair_domains_note(pairs:pd.DataFrame, registry:Mapping|None=None) -> str|None:
+    "Which of the grid's pairs contrast a clinical with a general model, from the registry's domains."
+    specs = _registry_specs(registry)
+    same = [f"{a} and {b} (both {specs[a].domain}-domain)" for a, b in pairs[["a", "b"]].drop_duplicates().values
+            if a in specs and b in specs and specs[a].domain == specs[b].domain]
+    if not same:
+        return None
+    return (f"Not a clinical-vs-general contrast: {'; '.join(same)} differ in their weights, not in the domain of "
+            "their pretraining text.")
 
 def _pairs_section(pairs:pd.DataFrame, n_boot:int) -> tuple[str, list]:
     if not len(pairs):
-        return ("Clinical vs general models", ["The grid names no (clinical, general) pairs to compare.", None])
-    return ("Clinical vs general models", [
-        "Paired comparisons of the grid's (clinical, general) pairs on each task's selection metric, on the seeds both "
-        "models ran: the difference (first model − second), its 95 % interval and its p-value from one two-level "
-        f"bootstrap ({n_boot} resamples: each model's seeds, then the test-item clusters shared by both models, "
-        "resampled with replacement; `covers` says what the interval covers); Holm-corrected over these p-values. "
-        f"{_MCNEMAR_COLUMN}: MedNLI's discordant counts (b: only the first model right, c: only the second) "
-        "summed over seeds and McNemar's p per seed; not in the Holm family.",
-        format_pairs(pairs)])
+        return ("Paired comparisons", ["The grid names no pairs of models to compare.", None])
+    return ("Paired comparisons", [
+        _pair_domains_note(pairs), for_reader(format_pairs(pairs).drop(columns="test")),
+        f"Notes: each pair on each task's selection metric, on the seeds both models ran: the difference (A − B), its "
+        f"95 % interval and its p-value from one two-level bootstrap ({n_boot} resamples: each model's seeds, then "
+        "the test-item clusters shared by both models, resampled with replacement); Holm-corrected over these "
+        f"p-values. {_MCNEMAR_COLUMN}: MedNLI's discordant counts (b: only model A right, c: only model B) summed "
+        "over seeds and McNemar's p per seed; not in the Holm family."])
 
 def _limited_data_parts(grid_dir:Path, df:pd.DataFrame, n_boot:int, seed:int) -> list:
-    "The limited-data section: every metric by training share, the CLIP subsets' contents, the figure."
+    "The limited-data section: every metric by training share, the figure, the CLIP subsets' contents, the notes."
     results_dir = grid_dir/"results"
     subsets = clip_subsets(results_dir, df)
     figure = plot_limited_data(df, baseline_units(results_dir, df))
     table = limited_data(results_dir, df, n_boot=n_boot, seed=seed)
-    return ["Fine-tuning on a share of the training data (the same seeded subsets for every model): every metric of "
-            "the paper's Tables 11–15 as mean ± sd over seeds [95 % interval, the same procedure as Table 3], and "
-            "the trivial baselines on the same test items.",
-            format_limited_data(table), _coverage_note(table.assign(shots=math.nan)) if len(table) else None,
+    return [format_limited_data(table), _saved_figure(figure, grid_dir, "limited_data"),
             "CLIP training subsets (whole notes): notes, sentences and positive sentences per label." if len(subsets)
-            else None, subsets if len(subsets) else None, _saved_figure(figure, grid_dir, "limited_data")]
+            else None, for_reader(subsets) if len(subsets) else None,
+            "Notes: fine-tuning on a share of the training data (the same seeded subsets for every model): every "
+            "metric of the paper's Tables 11–15 as mean ± sd over seeds [95 % interval, the same procedure as "
+            "Table 3], and the trivial baselines on the same test items.",
+            _coverage_note(table.assign(shots=math.nan)) if len(table) else None]
 
 def _saved_figure(fig, grid_dir:Path, name:str) -> Path:
     "`fig` saved into `<grid_dir>/figures/` and closed; its path."
@@ -1335,30 +1739,27 @@ def _saved_figure(fig, grid_dir:Path, name:str) -> Path:
     plt.close(fig)
     return path
 
-def _figure_sections(grid_dir:Path, df:pd.DataFrame, n_boot:int=N_BOOT, seed:int=0) -> list[tuple[str, list]]:
-    "Limited data, ICL vs fine-tuning and cost: each a table and a figure saved into `<grid_dir>/figures/`."
-    def saved(fig, name):
-        return _saved_figure(fig, grid_dir, name)
-    return [
-        ("Limited data", _limited_data_parts(grid_dir, df, n_boot, seed)),
-        ("In-context learning vs fine-tuning", [
-            icl_vs_finetune(df), saved(plot_icl_vs_finetune(df), "icl_vs_finetune")]),
-        ("Cost vs score", ["GPU-hours when every unit ran on a GPU, otherwise wall-clock seconds, against the test "
-                           "selection metric.", cost_table(df), saved(plot_cost_vs_score(df), "cost_vs_score")])]
+def _cost_section(grid_dir:Path, df:pd.DataFrame) -> tuple[str, list]:
+    cost = cost_table(df)
+    return ("Cost vs score", [
+        for_reader(cost) if len(cost) else None, _saved_figure(plot_cost_vs_score(df), grid_dir, "cost_vs_score"),
+        "Notes: GPU-hours when every unit ran on a GPU, otherwise wall-clock seconds, against the test selection "
+        "metric."])
 
 def _efficiency_section(efficiency_table:pd.DataFrame) -> tuple[str, list]:
     return ("Efficiency: compute to the best dev score", [
-        "Per model and task (fine-tuning at 100 %): epochs, optimizer steps and training seconds until the dev metric "
-        "first reached its best value, averaged over seeds, next to the whole run's training time.",
-        efficiency_table])
+        for_reader(efficiency_table),
+        "Notes: per model and task (fine-tuning at 100 %): epochs, optimizer steps and training seconds until the dev "
+        "metric first reached its best value, averaged over seeds, next to the whole run's training time."])
 
 def _provenance_section(prov:dict) -> tuple[str, list]:
-    return ("Provenance", [prov["notes"], "Code", prov["code"], "Packages", prov["packages"],
-                           "Data (sha256, first 16 hex digits)", prov["data"], "Devices and precision", prov["devices"],
-                           "Units without results", prov["missing"]])
+    return ("Provenance", [prov["notes"], "Code", for_reader(prov["code"]), "Packages", for_reader(prov["packages"]),
+                           "Data", for_reader(prov["data"]), "Devices and precision", for_reader(prov["devices"]),
+                           "Units without results", for_reader(prov["missing"])])
 
-def summary_sections(grid_dir, n_boot:int=N_BOOT, seed:int=0) -> list[tuple[str, list]]:
-    "Every summary view as (title, [text, tables, figure paths]), figures saved into `<grid_dir>/figures/`."
+def summary_sections(grid_dir, n_boot:int=N_BOOT, seed:int=0) -> list[tuple[str|None, list]]:
+    """Every summary view as (title, [tables, figure paths, text]), results first, then the method notes and the
+    cost; the first, titled None, is the top (banner, the demo's sentence, the grid's description)."""
     grid_dir = Path(grid_dir)
     manifest = load_manifest(grid_dir) or {}
     df = load_results(grid_dir/"results")
@@ -1367,12 +1768,16 @@ def summary_sections(grid_dir, n_boot:int=N_BOOT, seed:int=0) -> list[tuple[str,
     compared_pairs = pd.DataFrame()
     if pairs:
         compared_pairs = clinical_vs_general(grid_dir/"results", df, pairs, n_boot=n_boot, seed=seed)
-    return [_table3_section(headline, n_boot),
+    glance_figure = _saved_figure(plot_icl_vs_finetune(df), grid_dir, "icl_vs_finetune")
+    return [(None, _top_parts(manifest, df, headline, compared_pairs)),
+            _glance_section(grid_dir/"results", df, glance_figure),
+            _table3_section(headline, n_boot),
+            _pairs_section(compared_pairs, n_boot),
+            ("Limited data", _limited_data_parts(grid_dir, df, n_boot, seed)),
             _generated_section(generated_outputs(df)),
             _protocol_section(paper_protocol_table(df)),
             _paper_section(compare_with_paper(headline)),
-            _pairs_section(compared_pairs, n_boot),
-            *_figure_sections(grid_dir, df, n_boot, seed),
+            _cost_section(grid_dir, df),
             _efficiency_section(efficiency(grid_dir/"results", df)),
             _provenance_section(provenance(df, manifest or None))]
 

@@ -6,14 +6,15 @@ Docs: https://clinical-repro.github.io/clinical_repro/runner.html.md"""
 
 # %% ../nbs/88_runner.ipynb #ad57be42
 from __future__ import annotations
-import datetime, hashlib, json, os, sys, threading, time
+import datetime, hashlib, json, logging, os, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .core import UserError, atomic_write_json, atomic_write_text, get_logger, temporary_environ
+from .core import (UserError, atomic_write_json, atomic_write_text, get_logger, notebook_log,
+                                 temporary_environ)
 from .config import params_dir, code_version
 from .grid import Experiment, Grid, expand, grid_path, load_grid, notebook_name, report_path
 from .governance import check_data_location, network_guard_env, scan_leaks
@@ -201,8 +202,10 @@ def notebook_parameters(exp:Experiment, states:list[UnitState], data_dir, report
 
 class ProgressWatcher:
     "Advances a progress bar as the results files of the running notebook's units appear (a context manager)."
-    def __init__(self, bar, paths:list[Path]):
+    def __init__(self, bar, paths:list[Path],
+                 units:int|None=None):   # units the notebook runs (default: one a path; more: units without a run_id)
         self.bar, self.paths, self.seen = bar, paths, set()
+        self.units, self.counted, self.lock = len(paths) if units is None else units, 0, threading.Lock()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.watch, daemon=True)
 
@@ -213,10 +216,19 @@ class ProgressWatcher:
 
     def poll(self):
         "Count the results files that appeared since the last poll."
-        for path in self.paths:
-            if path not in self.seen and results.unit_status(path)[0] in results.STATUSES:
-                self.seen.add(path)
-                self.bar.update(1)
+        with self.lock:
+            for path in self.paths:
+                if path not in self.seen and results.unit_status(path)[0] in results.STATUSES:
+                    self.seen.add(path)
+                    self.counted += 1
+                    self.bar.update(1)
+
+    def finish(self):
+        "The notebook ended: count each of its units, also those it could not watch (failed before having a run_id)."
+        with self.lock:
+            self.seen = set(self.paths)
+            self.bar.update(self.units - self.counted)
+            self.counted = self.units
 
     def __enter__(self):
         self.thread.start()
@@ -235,23 +247,26 @@ class GridRun:
         self.todo, self.folder = todo, grid_dir(grid, reports)
         self.started, self.start_clock = now_utc(), time.perf_counter()
         log_file = self.folder/"logs"/f"run-{self.started.replace(':', '')[:17]}.log"
-        self.log = get_logger("clinical_repro.runner", log_file)
+        # the terminal shows the progress bar and what went wrong; everything else is in the run's log
+        self.log = get_logger("clinical_repro.runner", log_file, terminal=logging.WARNING)
         self.entries = {(exp.task, exp.model, exp.mode): manifest_entry(exp, states, "cached", 0.0)
                         for exp, states in plan}
-        self.lock, self.ray_info, self.clocks = threading.Lock(), {}, {}
+        self.lock, self.ray_info, self.clocks, self.watchers = threading.Lock(), {}, {}, {}
         self.units = sum(len(states) for _, states in plan)
         self.to_run = sum(s.status not in results.FINISHED for _, states in todo for s in states)
         self.bar = tqdm(total=self.to_run, desc=f"grid {grid.grid}", unit="unit", disable=not progress, file=sys.stderr)
         self.calls = [{"template": str(templates_dir()/"experiment.ipynb"),
                        "out_nb": str(report_path(exp, self.reports).resolve()),
-                       "params": notebook_parameters(exp, states, data_dir, self.reports, grid)}
+                       "params": notebook_parameters(exp, states, data_dir, self.reports, grid),
+                       "log_file": str(notebook_log(self.folder, f"{exp.task}/{exp.model}__{exp.mode}"))}
                       for exp, states in todo]
 
     def watcher(self, index:int) -> ProgressWatcher:
         "The progress watcher of notebook `index`: the results files of its units still to run."
-        paths = [results.results_path(self.folder/"results", s.run_id) for s in self.todo[index][1]
-                 if s.run_id and s.status not in results.FINISHED]
-        return ProgressWatcher(self.bar, paths)
+        running = [s for s in self.todo[index][1] if s.status not in results.FINISHED]
+        paths = [results.results_path(self.folder/"results", s.run_id) for s in running if s.run_id]
+        self.watchers[index] = ProgressWatcher(self.bar, paths, units=len(running))
+        return self.watchers[index]
 
     def save(self) -> dict:
         "Write the manifest and the failures list as they are now; returns the manifest."
@@ -280,11 +295,17 @@ class GridRun:
         seconds = time.perf_counter() - self.clocks.get(index, self.start_clock)
         with self.lock:
             self.entries[(exp.task, exp.model, exp.mode)] = manifest_entry(exp, after, status, seconds, error)
-            if error:
+            failed = [state for state in after if state.status == "failed"]
+            if error:   # the terminal: one line a notebook that failed; the run's log: each failed unit as well
                 self.log.error(f"{notebook}: {error} (partial notebook kept)")
-            for state in after:
-                if state.status == "failed":
-                    self.log.error(f"  {unit_label(exp.mode, state.unit)}: {state.error}")
+            elif failed:
+                self.log.error(f"{exp.task}/{exp.model}__{exp.mode}: {len(failed)} of {len(after)} unit(s) failed "
+                               f"(listed at the end), the first: {failed[0].error}"[:300])
+            for state in failed:
+                self.log.info(f"  {exp.task}/{exp.model}__{exp.mode}, {unit_label(exp.mode, state.unit)} failed: "
+                              f"{state.error}")
+            if index in self.watchers:
+                self.watchers[index].finish()
             self.save()
 
     def run_one(self, index:int, execute=executors.execute_notebook):
@@ -292,7 +313,7 @@ class GridRun:
         self.begin(index)
         call = self.calls[index]
         with self.watcher(index):
-            error = execute(call["template"], call["out_nb"], call["params"])
+            error = execute(call["template"], call["out_nb"], call["params"], log_file=call["log_file"])
         self.done(index, error)
 
     def run_local(self, jobs:int=1, execute=executors.execute_notebook):
@@ -403,7 +424,7 @@ def run_grid(grid_file, data_dir=None, reports="reports", *, dry_run:bool=False,
 
 def leak_scan(manifest:dict, grid_folder, log) -> dict:
     "Scan the grid's reports for verbatim spans of the data, log the verdict, record it in the manifest; returns it."
-    report = scan_leaks(manifest["data_dir"], grid_folder)
+    report = scan_leaks(manifest["data_dir"], grid_folder, progress=False)   # no second bar: one verdict line
     if report.leaks:
         log.error(f"leak scan: {len(report.leaks)} verbatim span(s) of the data in the reports of {grid_folder} "
                   "(clinical-repro scan-leaks for the list)")
@@ -459,13 +480,14 @@ def summarize_grid(grid_folder,
     grid_folder = Path(grid_folder).resolve()
     if not (grid_folder/"manifest.json").is_file():
         raise UserError(f"{grid_folder}: no manifest.json (run the grid first: clinical-repro run GRID.yaml)")
-    log = log or get_logger("clinical_repro.runner")
+    log = log or get_logger("clinical_repro.runner", terminal=logging.WARNING)   # the command prints the paths
     paths = {kind: grid_folder/f"summary.{kind}" for kind in ("ipynb", "html", "md")}
     inputs_hash = summary_inputs_hash(grid_folder)
     if summary_is_current(grid_folder, paths, inputs_hash) and not force:
         return {**{kind: str(path) for kind, path in paths.items()}, "cached": True}
     error = executors.execute_notebook(templates_dir()/"summary.ipynb", paths["ipynb"],
-                                       {"grid_dir": str(grid_folder), "n_boot": n_boot})
+                                       {"grid_dir": str(grid_folder), "n_boot": n_boot},
+                                       log_file=notebook_log(grid_folder, "summary"))
     if error:
         raise UserError(f"the summary notebook failed: {error}; see {paths['ipynb']}")
     export_html(paths["ipynb"], paths["html"])

@@ -24,7 +24,8 @@ from .data import MEDNLI_FILES, RADQA_FILES, CLIP_FILES
 __all__ = ['DEMO_SIZES', 'MEDNLI_RELEASE', 'RADQA_RELEASE', 'CLIP_RELEASE', 'CLIP_ID_FILES', 'DEMO_MARKER', 'LABEL_NOISE',
            'RADQA_UNANSWERABLE', 'VOCABULARY_FILE', 'BORROWED_NEUTRAL', 'DemoSize', 'demo_size', 'tokenize',
            'read_vocabulary', 'ptb_parse', 'binary_parse', 'mednli_pair', 'mednli_split', 'radqa_report', 'radqa_split',
-           'clip_note', 'clip_split', 'write_demo_data', 'bag_of_words_baselines', 'shortcut_scores']
+           'clip_note', 'clip_split', 'generator_version', 'write_demo_data', 'bag_of_words_baselines',
+           'shortcut_scores']
 
 # %% ../nbs/30_synthetic.ipynb #bbef27f4
 @dataclass(frozen=True)
@@ -822,6 +823,13 @@ def _owned(out:Path) -> set[str]:
     except (OSError, ValueError, KeyError, TypeError):
         return set()
 
+def generator_version() -> str:
+    "The generator's version: a hash of its code and its vocabulary (`params/synthetic.yaml`), kept in the marker."
+    import importlib.util, hashlib
+    code = Path(importlib.util.find_spec("clinical_repro.synthetic").origin).read_bytes()
+    vocabulary = (params_dir()/VOCABULARY_FILE).read_bytes()
+    return hashlib.sha256(code + b"\0" + vocabulary).hexdigest()[:16]
+
 def write_demo_data(out, # folder to write into; created if absent, other contents left alone
                     seed:int=0, # same seed, byte-identical files; another seed, other data
                     size:str="tiny", # a key of `DEMO_SIZES`
@@ -840,7 +848,7 @@ def write_demo_data(out, # folder to write into; created if absent, other conten
         raise UserError(f"{out/clash[0]} exists and was not written by demo-data; refusing to overwrite it "
                         f"({len(clash)} such file(s)). Choose an empty folder for --out.")
     marker = {"note": "SYNTHETIC demo data written by clinical_repro; not MedNLI, RadQA or CLIP.", "seed": seed,
-              "size": size}
+              "size": size, "generator": generator_version()}
     # listed before writing, so a crash halfway leaves files a rerun may still replace
     atomic_write_json(out/DEMO_MARKER, {**marker, "complete": False, "files": sorted(owned | set(files))})
     for rel, text in files.items():

@@ -16,15 +16,15 @@ import numpy as np
 import torch
 from torch.utils.data import SequentialSampler
 from transformers import (Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback, EarlyStoppingCallback,
-                          DataCollatorWithPadding, DataCollatorForSeq2Seq, set_seed)
+                          DataCollatorWithPadding, DataCollatorForSeq2Seq, PrinterCallback, set_seed)
 
-from .core import UserError, get_logger, atomic_write_json, crash_point
+from .core import UserError, get_logger, atomic_write_json, crash_point, quiet_mode
 from .config import TrainSpec
 
 # %% auto #0
 __all__ = ['is_oom', 'free_memory', 'BatchPlan', 'plan_batches', 'probe_per_device_batch', 'make_collator', 'UnitTrainer',
-           'DevHistory', 'optimizer_name', 'training_arguments', 'FitResult', 'fit', 'last_complete_checkpoint',
-           'predict_safely', 'remove_checkpoints', 'peak_memory_mb', 'cost_summary']
+           'BestDevOutput', 'DevHistory', 'optimizer_name', 'training_arguments', 'FitResult', 'fit',
+           'last_complete_checkpoint', 'predict_safely', 'remove_checkpoints', 'peak_memory_mb', 'cost_summary']
 
 # %% ../nbs/70_train.ipynb #fbf9f0df
 def is_oom(e:BaseException) -> bool:
@@ -139,6 +139,24 @@ class UnitTrainer(Seq2SeqTrainer):
                 self.oom_phase = "eval"
             raise
 
+class BestDevOutput(TrainerCallback):
+    """The raw dev predictions of the best evaluation so far (the Trainer's rule: strictly better replaces), so the
+    best model's dev predictions need not be computed again after training. Wraps the unit's `compute_metrics`."""
+    def __init__(self, compute_metrics:Callable, dev_metric:str):
+        self.compute, self.key = compute_metrics, f"eval_{dev_metric}"
+        self.best, self.step, self.output, self._latest = None, None, None, None
+    def __call__(self, eval_prediction):
+        self._latest = eval_prediction
+        return self.compute(eval_prediction)
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        value = (metrics or {}).get(self.key)
+        if value is not None and (self.best is None or value > self.best):
+            self.best, self.step, self.output = value, state.global_step, self._latest
+        self._latest = None
+    def for_step(self, step:int|None):
+        "The kept predictions when they are those of checkpoint `step` (after a resume they may not be)."
+        return self.output if step is not None and step == self.step else None
+
 class DevHistory(TrainerCallback):
     "Record each dev evaluation with the training time spent so far (for the cost-to-best-score question)."
     def __init__(self, path=None):
@@ -205,7 +223,9 @@ def training_arguments(spec:TrainSpec, plan:BatchPlan, work_dir:Path, seed:int, 
         # The default checks the loss for NaN/inf on every micro-batch: a device->host sync that stalls the host.
         logging_nan_inf_filter=False,
         predict_with_generate=family == "seq2seq", generation_num_beams=generation.get("num_beams"),
-        generation_max_length=generation.get("max_length"), disable_tqdm=False,
+        generation_max_length=generation.get("max_length"),
+        # in a report's kernel the progress bar and loss table would fill the notebook: the dev history keeps them
+        disable_tqdm=quiet_mode(),
     )
 
 # %% ../nbs/70_train.ipynb #0d3855e9
@@ -222,6 +242,7 @@ class FitResult:
     best_dev: float|None
     best_step: int|None
     counts: dict
+    dev_output: object = None   # the best checkpoint's dev predictions from its evaluation (None: predict again)
 
 def _record_oom(e:BaseException, trainer:UnitTrainer, plan:BatchPlan, work_dir:Path, retries:list, log) -> BatchPlan:
     "After an OOM in training or evaluation: the halved plan, with the retry recorded and logged."
@@ -244,6 +265,7 @@ def fit(model_factory:Callable, tokenizer, train_ds, dev_ds, spec:TrainSpec, *, 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     retries, history = [], DevHistory(work_dir/"dev_history.json")
+    best_output = BestDevOutput(compute_metrics, dev_metric)
     resumed = last_complete_checkpoint(work_dir) is not None
     if resumed:
         log.info(f"resuming from {last_complete_checkpoint(work_dir)}")
@@ -252,13 +274,15 @@ def fit(model_factory:Callable, tokenizer, train_ds, dev_ds, spec:TrainSpec, *, 
         set_seed(seed)
         model = model_factory()
         args = training_arguments(spec, plan, work_dir, seed, precision, dev_metric, len(train_ds), family, generation)
-        trainer_callbacks = [history] + list(callbacks or [])
+        trainer_callbacks = [history, best_output] + list(callbacks or [])
         if spec.early_stopping_patience:
             trainer_callbacks.append(EarlyStoppingCallback(spec.early_stopping_patience))
         trainer = UnitTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=dev_ds,
                               processing_class=tokenizer,
                               data_collator=make_collator(family, tokenizer, model, spec.pad_to_multiple_of),
-                              compute_metrics=compute_metrics, callbacks=trainer_callbacks)
+                              compute_metrics=best_output, callbacks=trainer_callbacks)
+        if quiet_mode():
+            trainer.remove_callback(PrinterCallback)  # with the bar off it prints every log dict into the notebook
         try:
             trainer.train(resume_from_checkpoint=last_complete_checkpoint(work_dir))
             break
@@ -272,9 +296,10 @@ def fit(model_factory:Callable, tokenizer, train_ds, dev_ds, spec:TrainSpec, *, 
     state = trainer.state
     for key in counts:
         counts[key] += getattr(trainer, key)
+    best_step = _step_of(state.best_model_checkpoint)
     return FitResult(trainer=trainer, plan=plan, retries=retries, resumed=resumed, optimizer_steps=state.global_step,
                      train_seconds=history.train_seconds, dev_history=history.rows, best_dev=state.best_metric,
-                     best_step=_step_of(state.best_model_checkpoint), counts=counts)
+                     best_step=best_step, counts=counts, dev_output=best_output.for_step(best_step))
 
 def last_complete_checkpoint(work_dir) -> str|None:
     "The newest `checkpoint-N` that a kill did not cut short; half-written newer ones are deleted."

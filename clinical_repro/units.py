@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .core import UserError, get_logger
+from .core import UserError, get_logger, library_log, quiet_mode, route_library_logs
 from .data import load_task
 from .tasks import icl_dev_n
 from . import models, results, synthetic
@@ -28,12 +28,13 @@ def demo_data_dir(size:str, seed:int) -> Path:
     return models.default_cache_dir().parent/"demo-data"/f"{size}-seed{seed}"
 
 def demo_data_complete(folder, size:str, seed:int) -> bool:
-    "True when `folder` holds a complete copy of the demo data of this size and seed."
+    "True when `folder` holds a complete copy of the demo data of this size and seed, from this generator version."
     try:
         marker = json.loads((Path(folder)/synthetic.DEMO_MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return marker.get("complete") is True and marker.get("size") == size and marker.get("seed") == seed
+    wanted = {"complete": True, "size": size, "seed": seed, "generator": synthetic.generator_version()}
+    return all(marker.get(key) == value for key, value in wanted.items())
 
 def ensure_demo_data(folder=None, size:str="demo", seed:int=0) -> Path:
     "The synthetic demo releases in `folder` (default: the cache), written unless a complete copy is there."
@@ -121,11 +122,15 @@ def run_one_unit(task:str, model:str, mode:str, unit:dict, data_dir, results_dir
     run_id, status, error = planned_state(task, model, mode, unit, data_dir, results_dir, data, overrides)
     row = {"unit": unit_label(mode, kwargs), "run_id": run_id, "status": status, "seconds": 0.0, "error": error,
            "cached": status in results.FINISHED}
+    log = log or get_logger("clinical_repro.units")
     if not row["cached"]:
+        log.info(f"{task} / {model} / {mode}, {row['unit']}: starts" + (f" (run_id {run_id})" if run_id else ""))
         try:
             if run_id is None:
                 raise UserError(error)
-            status = _run_unit_now(task, model, mode, unit, run_id, data_dir, results_dir, data, overrides)
+            route_library_logs()   # in a quiet notebook: the libraries' load reports and progress bars to the logs
+            with library_log(Path(results_dir)/"logs"/f"{run_id}.log"):   # the unit's log (its own lines too)
+                status = _run_unit_now(task, model, mode, unit, run_id, data_dir, results_dir, data, overrides)
             row["status"], row["error"] = status, None
             results.results_path(results_dir, results.fallback_id(task, model, mode, kwargs)).unlink(missing_ok=True)
         except Exception as e:  # noqa: BLE001 - a unit's failure is recorded, the others go on
@@ -134,9 +139,10 @@ def run_one_unit(task:str, model:str, mode:str, unit:dict, data_dir, results_dir
                 results.write_failed(results_dir, run_id, task, model, mode, kwargs, e)
             except OSError as write_error:
                 row["error"] += f" (and its failure record could not be written: {write_error})"
-            (log or get_logger("clinical_repro.units")).error(f"{task} / {model} / {mode}, {row['unit']}: failed: "
-                                                              f"{row['error']}")
+            log.error(f"{task} / {model} / {mode}, {row['unit']}: failed: {row['error']}")
     row["seconds"] = round(time.perf_counter() - started, 2)
+    if not row["cached"] and row["status"] != "failed":
+        log.info(f"{task} / {model} / {mode}, {row['unit']}: {row['status']} in {row['seconds']:.0f} s")
     return row
 
 # %% ../nbs/84_units.ipynb #220b682f
@@ -146,7 +152,8 @@ def run_experiment(task:str, model:str, mode:str,
                    train_overrides:dict|None=None,   # fine-tuning only
                    task_overrides:dict|None=None,    # fine-tuning only
                    overrides_source:str="",
-                   progress:bool=True) -> list[dict]:
+                   progress:bool|None=None,          # a bar over the units (None: unless in a quiet notebook)
+                  ) -> list[dict]:
     "Run the unfinished units of one experiment; returns one row per unit (label, run_id, status, seconds, error)."
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -157,7 +164,8 @@ def run_experiment(task:str, model:str, mode:str,
         overrides = dict(train_overrides=train_overrides, task_overrides=task_overrides,
                          overrides_source=overrides_source)
     rows = [run_one_unit(task, model, mode, unit, data_dir, results_dir, data=data, overrides=overrides, log=log)
-            for unit in tqdm(units, desc=f"{task} / {model} / {mode}", unit="unit", disable=not progress)]
+            for unit in tqdm(units, desc=f"{task} / {model} / {mode}", unit="unit",
+                             disable=quiet_mode() if progress is None else not progress)]
     lost = [row for row in rows if row["error"] and "failure record could not be written" in row["error"]]
     if lost:
         raise UserError("; ".join(f"{task} / {model} / {mode}, {row['unit']}: {row['error']}" for row in lost))

@@ -107,7 +107,8 @@ def summary_tables(md:str) -> dict:
     for line in md.splitlines():
         if line.startswith("## "):
             head = line[3:]
-        elif head and any(head.startswith(h) for h in ("Table 3", "Clinical vs general", "Limited data", "In-context")):
+        elif head and any(head.startswith(h) for h in ("Table 3", "Clinical vs general", "Paired", "Limited data",
+                                                        "In-context")):
             parts.setdefault(head, []).append(line)
     return parts
 

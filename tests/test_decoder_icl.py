@@ -163,7 +163,7 @@ def test_decoder_rank_scores_are_the_option_logprobs(tiny_release, tiny_llama):
     template = prompt_set.template("paper")
     room = predictor.answer_room["mednli"]
     texts = predictor._texts(template, queries, icl.NoteWindows([], 0), room)
-    assert all(text.startswith("<|im_start|>system\n" + icl.DECODER_SYSTEM) for text in texts)
+    assert all(text.startswith("<|im_start|>system\n" + template.instruction + "<|im_end|>") for text in texts)
     assert all(text.endswith("Answer:<|im_end|>\n<|im_start|>assistant\n") for text in texts)
     options = [prompt_set.verbalizers[label] for label in MEDNLI_LABELS]
     best, scores = icl.rank_classify(model, tok, texts, options)
@@ -176,6 +176,12 @@ def test_decoder_rank_scores_are_the_option_logprobs(tiny_release, tiny_llama):
     one_by_one = [icl.generate(model, tok, [text], 5)[0][0] for text in texts]
     assert icl.generate(model, tok, texts, 5, batch_size=3)[0] == one_by_one
     assert predicted["raw"] == dict(zip([q.id for q in queries], icl.generate(model, tok, texts, room)[0]))
+    # = transformers' own greedy generation, one prompt at a time
+    for text, reply in zip(texts, one_by_one):
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        out = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, num_beams=1,
+                             pad_token_id=tok.pad_token_id)
+        assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == reply
 
 
 @pytest.mark.parametrize("task", ["mednli", "radqa", "clip"])
@@ -197,3 +203,114 @@ def test_decoder_icl_unit_writes_the_results_layout(tiny_release, tiny_llama, tm
     generated = raw[task]["raw"] if task != "clip" else raw["list"]["raw"]
     assert len(generated) == 4 and all(isinstance(text, str) for text in generated.values())
     assert saved["cost"]["tokens_in"] > 0 and saved["cost"]["tokens_out"] > 0
+
+
+def _messages(tok, text:str) -> list[tuple[str, str]]:
+    "(role, content) of each turn of a chat-formatted text in the test chat template."
+    turns = text.removesuffix("<|im_start|>assistant\n").split("<|im_end|>\n")
+    return [tuple(turn.removeprefix("<|im_start|>").split("\n", 1)) for turn in turns if turn]
+
+
+@pytest.mark.parametrize("task", ["mednli", "radqa", "clip"])
+def test_decoder_prompts_are_chat_turns(tiny_release, tiny_llama, task):
+    "k kept exemplars: 2k + 2 turns (the instruction as system, exemplar query/answer pairs, the query last)."
+    tok, model, _ = tiny_llama
+    data, _ = tiny_release
+    task_data = load_task(data, task)
+    prompt_set = prompts.load_prompts(task)
+    template = prompt_set.templates[0]
+    label = CLIP_LABELS[0] if template.variant == "per_label" else None
+    windows = icl.NoteWindows(task_data.notes.get("train", []), 40)
+    query_windows = icl.NoteWindows(task_data.notes.get("test", []), 40)
+    queries = task_data.splits["test"][:2]
+    for k in (0, 1, 3):
+        exemplars = prompts.draw_exemplars(task_data.splits["train"], k, 0, 0, prompts.exemplar_stratum(task))
+        predictor = icl.TemplatePredictor(task, model, tok, prompt_set, exemplars, windows)
+        assert predictor.layout == "chat_turns"
+        texts = predictor._texts(template, queries, query_windows, 8, label)
+        answers = [prompts.record_fields(e, prompt_set, template, context=windows(e), label=label)["answer"]
+                   for e in exemplars]
+        assert task == "radqa" or predictor.kept["test"] == [k, k]   # long reports: the 1,024 tokens keep fewer
+        for text, query, kept in zip(texts, queries, predictor.kept["test"]):
+            turns = _messages(tok, text)
+            assert len(turns) == 2 * kept + 2
+            assert [role for role, _ in turns] == ["system"] + ["user", "assistant"] * kept + ["user"]
+            assert turns[0][1] == template.instruction
+            assert [content for role, content in turns if role == "assistant"] == answers[:kept]
+            fields = prompts.record_fields(query, prompt_set, template, answer=False, context=query_windows(query),
+                                           label=label)
+            assert turns[-1][1] == template.query.format(**fields)
+    # exemplars inline in one user turn: the other decoder layout
+    inline = icl.TemplatePredictor(task, model, tok, prompt_set, exemplars, windows, layout="chat_inline")
+    turns = _messages(tok, inline._texts(template, queries, query_windows, 8, label)[0])
+    assert [role for role, _ in turns] == ["system", "user"] and turns[0][1] == icl.DECODER_SYSTEM
+
+
+def test_decoder_budget_drops_whole_exemplar_turns(tiny_release, tiny_llama):
+    tok, model, _ = tiny_llama
+    data, _ = tiny_release
+    task_data = load_task(data, "mednli")
+    prompt_set = prompts.load_prompts("mednli")
+    template = prompt_set.paper_template()
+    exemplars = prompts.draw_exemplars(task_data.splits["train"], 3, 0, 0, prompts.exemplar_stratum("mednli"))
+    query = task_data.splits["test"][:1]
+    two = icl.TemplatePredictor("mednli", model, tok, prompt_set, exemplars[:2], icl.NoteWindows([], 0))
+    budget = two._tokens(two._texts(template, query, icl.NoteWindows([], 0), 8)[0]) + 8   # two exemplars' turns fit
+    small = icl.TemplatePredictor("mednli", model, tok, prompt_set, exemplars, icl.NoteWindows([], 0), budget=budget)
+    text = small._texts(template, query, icl.NoteWindows([], 0), 8)[0]
+    kept = small.kept["test"][0]
+    assert kept == 2 and small.truncation["exemplars_dropped"] == 1
+    assert len(_messages(tok, text)) == 2 * kept + 2 and small._tokens(text) <= budget - 8   # answer room kept
+
+
+def test_fixed_template_runs_no_dev_pass_and_says_so(tiny_release, tiny_llama, tmp_path, monkeypatch):
+    from clinical_repro.identity import icl_identity
+    data, _ = tiny_release
+    _, _, registry = tiny_llama
+    splits = []
+    predict = icl.TemplatePredictor.predict
+    def spy(self, template, queries, windows, split="test"):
+        splits.append(split)
+        return predict(self, template, queries, windows, split)
+    monkeypatch.setattr(icl.TemplatePredictor, "predict", spy)
+    saved = icl.run_icl_unit("clip", "tiny-llama", data, tmp_path, shots=1, limit=3, dev_n=3, registry=registry,
+                             template=["list-labels", "paper-yes-no"])
+    assert "dev" not in splits and splits.count("test") == 2          # per_label and list on test only
+    assert saved["template"] == {variant: {"template": template_id, "scores": {}, "reason": icl.FIXED_TEMPLATE,
+                                           "fixed": True}
+                                 for variant, template_id in (("per_label", "paper-yes-no"), ("list", "list-labels"))}
+    assert saved["counts"]["dev_sample"] == 0 and saved["prompt_layout"] == "chat_turns"
+    assert saved["primary_variant"] == "per_label" and saved["paper_protocol"]["applicable"]
+    assert saved["config"]["template"] == ["list-labels", "paper-yes-no"]
+    chosen = icl_identity("clip", "tiny-llama", data, shots=1, limit=3, dev_n=3, registry=registry)[2]
+    assert saved["run_id"] != chosen
+    with pytest.raises(UserError, match="no prompt template 'papr' for mednli"):
+        icl_identity("mednli", "tiny-llama", data, shots=1, template="papr", registry=registry)
+
+
+def test_decoder_per_label_batches_by_item_score_like_one_label_at_a_time(tiny_release, tiny_llama):
+    "CLIP per_label on a decoder runs an item's seven prompts together (shared context once): same answers."
+    tok, model, _ = tiny_llama
+    data, _ = tiny_release
+    task_data = load_task(data, "clip")
+    prompt_set = prompts.load_prompts("clip")
+    template = prompt_set.paper_template("per_label")
+    windows = icl.NoteWindows(task_data.notes["train"], 40)
+    query_windows = icl.NoteWindows(task_data.notes["test"], 40)
+    queries = [s for note in task_data.notes["test"] for s in note.sentences][:3]
+    exemplars = prompts.draw_exemplars(task_data.splits["train"], 1, 0, 0, prompts.exemplar_stratum("clip"))
+    predictor = icl.TemplatePredictor("clip", model, tok, prompt_set, exemplars, windows)
+    yes_no = [prompt_set.verbalizers["positive"], prompt_set.verbalizers["negative"]]
+    expected = {q.id: [] for q in queries}
+    for label in CLIP_LABELS:
+        texts = predictor._texts(template, queries, query_windows, 4, label)
+        direct = np.array([[_direct_option_logprob(model, tok, text, option) for option in yes_no] for text in texts])
+        for q, row in zip(queries, direct):
+            if row.argmax() == 0:
+                expected[q.id].append(label)
+    assert predictor.predict(template, queries, query_windows)["labels"] == expected
+    # the paper's protocol generates per label, also one batch per item: = each label's prompts generated alone
+    raw = predictor.generate_raw(template, queries, query_windows)
+    for label in CLIP_LABELS:
+        texts = predictor._texts(template, queries, query_windows, 4, label)
+        assert raw[label] == {q.id: icl.generate(model, tok, [text], 4)[0][0] for q, text in zip(queries, texts)}

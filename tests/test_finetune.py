@@ -133,6 +133,21 @@ def test_evaluation_oom_halves_the_eval_batch_and_completes(tiny_release, tmp_pa
     assert res["metrics"]["test"]["n"] == 30
 
 
+def test_dev_is_not_predicted_again_after_training(tiny_release, tmp_path, monkeypatch):
+    "The best checkpoint's dev predictions come from its own evaluation: after training, one pass (test) remains."
+    passes = []
+    predict = experiment.predict_safely
+    def counted(trainer, ds, *args, **kwargs):
+        passes.append(len(ds))
+        return predict(trainer, ds, *args, **kwargs)
+    monkeypatch.setattr(experiment, "predict_safely", counted)
+    res = unit(tiny_release[0], tmp_path)
+    assert passes == [res["counts"]["test_features"]]
+    best = max(res["dev_history"], key=lambda row: row["accuracy"])      # max keeps the first best, as the Trainer
+    assert res["best_step"] == best["step"]
+    assert res["metrics"]["dev"]["accuracy"] == pytest.approx(best["accuracy"])
+
+
 def _copy(interrupted_unit, tmp_path):
     "A private copy of the shared interrupted unit's output folder (each resume test mutates its own)."
     out = tmp_path / "b"

@@ -46,12 +46,12 @@ def test_grid_files_are_all_listed():
 
 
 def test_demo_counts_as_documented():
-    # demo.yaml's header: 3 tasks x 2 models fine-tuned; mednli 2 fractions x 2 seeds, radqa/clip 1 seed;
-    # icl: 3 tasks x t5-tiny-demo x shots {0, 1} -> 9 experiments, 18 units
+    # demo.yaml's header: 3 tasks x 2 models fine-tuned; mednli: minilm-demo 3 fractions x 2 seeds, the random one
+    # 100 % x 2 seeds; radqa/clip 1 seed; icl: smollm2-demo x shots {0, 1, 3} (clip: {0}) -> 9 experiments, 19 units
     c = summary_counts(load_grid(PARAMS / "demo.yaml"))
-    assert (c["experiments"], c["units"]) == (9, 18)
-    assert (c["finetune_experiments"], c["finetune_units"]) == (6, 2 * (4 + 1 + 1))
-    assert (c["icl_experiments"], c["icl_units"]) == (3, 6)
+    assert (c["experiments"], c["units"]) == (9, 19)
+    assert (c["finetune_experiments"], c["finetune_units"]) == (6, (6 + 2) + 2 + 2)
+    assert (c["icl_experiments"], c["icl_units"]) == (3, 3 + 3 + 1)
 
 
 def test_paper_grids_counts():
@@ -77,7 +77,7 @@ def test_demo_is_offline():
     g = load_grid(PARAMS / "demo.yaml")
     reg = load_registry()
     used = {e.model for e in expand(g)}
-    assert used == {"minilm-demo", "t5-tiny-demo"}
+    assert used == {"minilm-demo", "minilm-random-demo", "smollm2-demo"}
     assert all(reg[m].builtin is not None and reg[m].hub_id is None for m in used)
     assert g.data.synthetic is not None and not g.data.needs_data_dir
     assert g.tasks == ["mednli", "radqa", "clip"] and not g.show_examples
@@ -129,8 +129,8 @@ def test_expansion_is_deterministic():
     (lambda d: d["finetune"]["train"].update(learnig_rate=1e-3), "finetune.train.learnig_rate", "unknown key"),
     (lambda d: d["finetune"]["task"]["clip"].update(window=64), "finetune.task.clip.window", "unknown key"),
     (lambda d: d["finetune"]["train"].update(epochs=-1), "finetune.train.epochs", "positive"),
-    (lambda d: d["finetune"].update(per_model={"t5-tiny-demo": {"train": {"lr": 1}}}),
-     "finetune.per_model.t5-tiny-demo.train.lr", "unknown key"),
+    (lambda d: d["finetune"].update(per_model={"minilm-demo": {"train": {"lr": 1}}}),
+     "finetune.per_model.minilm-demo.train.lr", "unknown key"),
     (lambda d: d["finetune"].update(fractions=[0.0, 1.0]), "finetune.fractions", "(0, 1]"),
     (lambda d: d["finetune"].update(seeds=[0, 0]), "finetune.seeds", "at most once"),
 ])
@@ -164,3 +164,45 @@ def test_grid_path_by_name():
     assert grid_path("demo") == PARAMS / "demo.yaml"
     with pytest.raises(UserError, match="colab-t4"):
         grid_path("no-such-grid")
+
+
+def test_icl_template_fixed_per_task(tmp_path, tiny_release):
+    "per_task.<task>.template fixes the template (no dev choice): in every unit, in the run_id; unknown ids named."
+    from clinical_repro.grid import icl_experiments
+    from clinical_repro.identity import icl_identity
+    obj = demo_obj()
+    obj["icl"]["per_task"] = {"mednli": {"template": "paper"}, "clip": {"template": ["paper-yes-no", "list-labels"]}}
+    grid = load_grid(write(tmp_path, obj))
+    units = {task: icl_experiments(grid, task)[0].units for task in grid.tasks}
+    assert {unit["template"] for unit in units["mednli"]} == {"paper"}
+    assert all(unit["template"] == ["paper-yes-no", "list-labels"] for unit in units["clip"])
+    assert all("template" not in unit for unit in units["radqa"])
+    data, _ = tiny_release
+    model = grid.icl.models[0]
+    unit = dict(units["mednli"][0])
+    fixed_id = icl_identity("mednli", model, data, **unit)[2]
+    unit.pop("template")
+    assert fixed_id != icl_identity("mednli", model, data, **unit)[2]
+    obj["icl"]["per_task"]["mednli"]["template"] = "papr"
+    path = write(tmp_path, obj, "typo.yaml")
+    message = error_of(path)
+    assert str(path) in message and "icl.per_task.mednli.template" in message and "'papr'" in message
+    obj["icl"]["per_task"] = {"clip": {"template": ["paper-yes-no", "short-yes-no"]}}
+    assert "icl.per_task.clip.template" in error_of(write(tmp_path, obj, "two.yaml"))
+
+
+def test_per_model_fractions_and_seeds_replace_the_tasks(tmp_path):
+    "A learning curve for one model only: per_model fractions (and seeds) win over per_task's and the section's."
+    p = write(tmp_path, {"grid": "curve", "tasks": ["mednli", "clip"],
+                         "finetune": {"models": ["minilm-demo", "minilm-random-demo"], "seeds": [0],
+                                      "per_task": {"mednli": {"seeds": [0, 1], "fractions": [0.25, 1.0]}},
+                                      "per_model": {"minilm-random-demo": {"fractions": [1.0]}}}})
+    exps = {(e.task, e.model): e for e in expand(load_grid(p))}
+    units = lambda task, model: [(u["fraction"], u["seed"]) for u in exps[task, model].units]
+    assert units("mednli", "minilm-demo") == [(0.25, 0), (0.25, 1), (1.0, 0), (1.0, 1)]
+    assert units("mednli", "minilm-random-demo") == [(1.0, 0), (1.0, 1)]
+    assert units("clip", "minilm-random-demo") == [(1.0, 0)]
+    p = write(tmp_path, {"grid": "bad", "tasks": ["mednli"],
+                         "finetune": {"models": ["minilm-demo"], "seeds": [0],
+                                      "per_model": {"minilm-demo": {"fractions": [0]}}}})
+    assert "finetune.per_model.minilm-demo.fractions" in error_of(p)

@@ -402,7 +402,8 @@ def test_exemplars_kept_are_summarised_over_the_test_prompts(tiny_release, tmp_p
     r = icl.run_icl_unit("radqa", "t5-tiny-demo", data, tmp_path, shots=2, limit=5, dev_n=3, template="paper")
     kept = r["exemplars_kept"]
     assert kept["shots"] == 2 and kept["test"]["prompts"] == 5 and 0 <= kept["test"]["min"] <= kept["test"]["max"] <= 2
-    assert kept["test"]["min"] <= kept["test"]["mean"] <= kept["test"]["max"] and kept["dev"]["prompts"] == 3
+    assert kept["test"]["min"] <= kept["test"]["mean"] <= kept["test"]["max"]
+    assert kept["dev"]["prompts"] == 0 and r["counts"]["dev_sample"] == 0   # a fixed template: no dev pass
     assert r["config"]["budget"] == r["truncation"]["budget"] == 1024
 
 
@@ -415,3 +416,29 @@ def test_clip_template_choice_uses_a_dev_sample_with_positives_of_every_label(ti
         has_positives = any(label in x.labels for x in dev.values())
         in_sample = sum(label in dev[i].labels for i in draw["ids"])
         assert in_sample == draw["positives"][label] and in_sample >= int(has_positives), label
+
+
+def test_seq2seq_and_encoder_prompts_stay_one_text(tiny_release, tiny_t5):
+    "Only decoders read chat turns: a seq2seq model reads the built text as it is; the layout is in the run_id."
+    from clinical_repro import prompts
+    from clinical_repro.identity import icl_identity
+    tok, model = tiny_t5
+    data, _ = tiny_release
+    task_data = load_task(data, "mednli")
+    prompt_set = prompts.load_prompts("mednli")
+    template = prompt_set.paper_template()
+    exemplars = prompts.draw_exemplars(task_data.splits["train"], 3, 0, 0, prompts.exemplar_stratum("mednli"))
+    queries = task_data.splits["test"][:2]
+    predictor = icl.TemplatePredictor("mednli", model, tok, prompt_set, exemplars, icl.NoteWindows([], 0))
+    assert predictor.layout == "text"
+    shown = [prompts.record_fields(e, prompt_set, template) for e in exemplars]
+    by_hand = [template.separator.join([template.instruction, *(template.example.format(**s) for s in shown),
+                                        template.query.format(**prompts.record_fields(q, prompt_set, template,
+                                                                                      answer=False))])
+               for q in queries]
+    assert predictor._texts(template, queries, icl.NoteWindows([], 0), 8) == by_hand
+    with pytest.raises(UserError, match="expected one of text"):
+        icl.TemplatePredictor("mednli", model, tok, prompt_set, exemplars, icl.NoteWindows([], 0), layout="chat_turns")
+    config = icl_identity("mednli", "t5-tiny-demo", data, shots=1)[0]
+    assert config["prompt_layout"] == "text"
+    assert icl_identity("mednli", "minilm-demo", data, shots=1)[0]["prompt_layout"] == "text"

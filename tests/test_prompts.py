@@ -345,3 +345,58 @@ def test_clip_dev_sample_has_positives_of_every_label(tiny_release):
     assert ids == dev_sample_per_label(list(reversed(dev)), CLIP_LABELS, n=n)   # order-free, seeded
     assert ids != dev_sample_per_label(dev, CLIP_LABELS, n=n, seed=1)
     assert dev_sample_per_label(dev, CLIP_LABELS, n=len(dev) + 5) == sorted(by_id)
+
+
+# ---- a prompt in pieces (a decoder's chat turns) ---------------------------------------------------------------
+
+@pytest.mark.parametrize("task", ["mednli", "radqa", "clip"])
+def test_prompt_parts_are_the_text_in_pieces(data, task):
+    "The pieces rebuild the text exactly (encoders and seq2seq read the text, unchanged); exemplars: (query, answer)."
+    from clinical_repro.prompts import PromptParts
+    ps = load_prompts(task)
+    td = data[task]
+    train, item = td.splits["train"], td.splits["test"][0]
+    for tpl in ps.templates:
+        label = CLIP_LABELS[0] if tpl.variant == "per_label" else None
+        exemplars = draw_exemplars(train, 3, 0, 0, exemplar_stratum(task))
+        shown = [record_fields(e, ps, tpl, answer=True, label=label) for e in exemplars]
+        query = record_fields(item, ps, tpl, answer=False, label=label)
+        for budget in (10_000, 400, 150):
+            try:
+                built = build_prompt(tpl, shown, query, words, budget, 5, task=task)
+            except UserError:
+                continue
+            parts = built.parts
+            assert isinstance(parts, PromptParts) and len(parts.exemplars) == built.n_exemplars
+            assert parts.instruction == tpl.instruction and built.text.endswith(parts.query)
+            examples = [q + tpl.example[len(tpl.query):].replace("{answer}", a) for q, a in parts.exemplars]
+            assert built.text == tpl.separator.join([tpl.instruction, *examples, parts.query])
+            assert [a for _, a in parts.exemplars] == [fields["answer"] for fields in shown[:built.n_exemplars]]
+
+
+def test_prompt_parts_fit_the_budget_as_counted_turns():
+    "With `count_parts` (a chat's tokens), the budget drops whole exemplars (a user and an assistant turn together)."
+    tpl = load_prompts("mednli").paper_template()
+    exs = [{"premise": f"p{i} " * 5, "hypothesis": f"h{i}", "answer": "neutral"} for i in range(3)]
+    q = {"premise": "the patient", "hypothesis": "is febrile"}
+    def turns(parts):   # 10 tokens of chat frame, 4 per turn, plus the words
+        texts = [parts.instruction, *(t for pair in parts.exemplars for t in pair), parts.query]
+        return 10 + sum(4 + words(t) for t in texts)
+    full = build_prompt(tpl, exs, q, words, 10_000, 5, count_parts=turns)
+    assert full.n_tokens == turns(full.parts) == 10 + (4 + 5) + 3 * (4 + 9 + 4 + 1) + (4 + 7) == 84
+    assert full.n_exemplars == 3 and words(full.text) < full.n_tokens   # counted as turns, not as the text
+    # 84 - 18 = 66 tokens fit two exemplars, not three: the third exemplar's two turns go, the others are whole
+    dropped = build_prompt(tpl, exs, q, words, 66 + 5, 5, count_parts=turns, min_exemplar_words=5)
+    assert (dropped.n_exemplars, dropped.n_tokens, dropped.truncated["exemplars_dropped"]) == (2, 66, 1)
+    assert dropped.parts.exemplars == full.parts.exemplars[:2]
+
+
+def test_fixed_templates_by_variant():
+    from clinical_repro.prompts import fixed_templates
+    assert fixed_templates(load_prompts("mednli"), "paper") == {None: "paper"}
+    assert fixed_templates(load_prompts("clip"), ["list-labels", "paper-yes-no"]) == {"list": "list-labels",
+                                                                                    "per_label": "paper-yes-no"}
+    with pytest.raises(UserError, match="no prompt template 'papr' for radqa; expected one of paper"):
+        fixed_templates(load_prompts("radqa"), "papr")
+    with pytest.raises(UserError, match="one per variant"):
+        fixed_templates(load_prompts("clip"), ["paper-yes-no", "short-yes-no"])

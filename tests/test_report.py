@@ -1,6 +1,6 @@
 """The report layer: numbers a reader of Table 3 and the paired tests relies on, checked against numpy, sklearn and
 hand-worked cases on small hand-made results/items files (no models, no data)."""
-import json, logging, math, shutil
+import json, logging, math, re, shutil
 from pathlib import Path
 
 import matplotlib
@@ -243,7 +243,7 @@ def test_intervals_are_labelled_by_what_they_cover(tmp_path):
     table3_part = md[md.index("## Table 3"):md.index("## Comparison with the paper")]
     assert ("Intervals cover:\n- MedNLI: over seeds and items (clusters: premise) for clin (fine-tuned), "
             "gen (fine-tuned); items only (1 seed; clusters: premise) for gen (ICL, 1-shot)") in table3_part
-    assert "| CI | covers |" in md and "not in the Holm family" in md
+    assert "| 95 % interval | The interval covers |" in md and "not in the Holm family" in md
 
 
 def test_items_files_without_cluster_ids_are_still_summarised(tmp_path, caplog):
@@ -394,7 +394,7 @@ def test_summary_shows_baselines_protocols_and_parse_failures(tmp_path):
                paper_protocol=paper)
     text = R.summarize(tmp_path, n_boot=50).read_text()
     assert "baseline: always no answer" in text
-    assert "| enc (fine-tuned) | RadQA F1 | 0.5 | 0.25 |" in text   # both protocols side by side, on 0-1
+    assert "| enc (fine-tuned) | RadQA F1 | .500 | .250 |" in text   # both protocols side by side, on 0-1
     assert "RadQA EM .000; RadQA F1 .250" in text                    # Table 3's protocol column
     assert "## Generated outputs: parse failures" in text
 
@@ -408,7 +408,7 @@ def test_icl_rows_say_how_many_exemplars_fitted_and_skip_inapplicable_protocols(
     shown = R.format_table3(R.table3(tmp_path, df, n_boot=50))
     assert "t5 (ICL, 3-shot, 2.4 kept on average)" in shown.index
     assert R.paper_protocol_table(df).empty and shown.loc["t5 (ICL, 3-shot, 2.4 kept on average)",
-                                                          "paper's protocol"] == "not recorded"
+                                                          "The paper's protocol"] == "not recorded"
 
 
 def test_a_baseline_that_ties_the_best_model_is_not_marked_best(tmp_path):
@@ -418,3 +418,156 @@ def test_a_baseline_that_ties_the_best_model_is_not_marked_best(tmp_path):
     shown = R.format_table3(R.table3(tmp_path, R.load_results(tmp_path), n_boot=50))
     assert shown.loc["m (fine-tuned)", "RadQA F1"].startswith("**.667")
     assert shown.loc["baseline: always no answer", "RadQA F1"].startswith(".667")   # same score, not marked
+
+
+# ------------------------------------------------------------------ what a reader sees: headers, formats, figures
+def icl_unit(results_dir, run_id, model, task, items, shots, score, parse_rate=0.0, **fields):
+    "An ICL unit whose primary variant scored `score` (official scale); its generated variant counted parse failures."
+    primary = ICL_PRIMARY[task]
+    metric = dev_metric(task)
+    generated = {metric: score, "parse_failures": {"n": 10, "failures": round(10 * parse_rate), "rate": parse_rate}}
+    test = {primary: {metric: score}, "generate": generated} if task != "radqa" else {metric: score}
+    return fake_results(results_dir, variants={primary: items}, run_id=run_id, task=task, model=model, mode="icl",
+                        shots=shots, draw=0, seed=0, primary_variant=primary, metrics={"dev": {}, "test": test},
+                        **fields)
+
+
+def demo_like_grid(root, synthetic=True):
+    """A grid shaped like the demo: a pretrained and a random-init encoder fine-tuned on MedNLI (3 seeds, 2 shares of
+    train) and RadQA (one share), an LLM in context at 0/1/3 shots, the pair compared, costs as units record them."""
+    g = root / "grid"
+    rng = np.random.default_rng(11)
+    gold, clusters = rng.integers(0, 3, 90), np.arange(90) // 3
+    cost = {"wall_seconds": 38.04, "train_seconds": 24.7, "samples_per_second": 12.957, "peak_rss_mb": 1107.7,
+            "oom_retries": 0, "gpu_hours": 0.0}
+    for model, p_right in (("minilm-demo", 0.85), ("minilm-random-demo", 0.30)):
+        for fraction in (0.25, 1.0):
+            for seed in (0, 1, 2):
+                pred = np.where(rng.random(90) < p_right * (0.8 + 0.2 * fraction), gold, (gold + 1) % 3)
+                nli_unit(g / "results", f"{model}-{fraction}-{seed}", model, gold, pred, seed=seed, fraction=fraction,
+                         clusters=clusters, cost=cost, counts={"test": 90}, synthetic=synthetic)
+        qa = {"ids": list("abcdef"), "exact": [1, 0, 1, 0, 1, 0], "f1": [1.0, 0.5, 1.0, 0.0, 1.0, 0.2],
+              "has_answer": [1] * 6, "answer_words": [3] * 6, "pred_empty": [0] * 6, "clusters": [0, 0, 1, 1, 2, 2]}
+        write_unit(g / "results", f"{model}-qa", "radqa", model, qa, metrics_test={"exact": 50.0, "f1": 61.7},
+                   cost=cost, counts={"test": 6}, synthetic=synthetic)
+    for shots, rate in ((0, 1.0), (1, 0.5), (3, 1 / 6)):
+        pred = np.where(rng.random(90) < 0.4, gold, -1)
+        icl_unit(g / "results", f"llm-{shots}", "smollm2-demo", "mednli", nli_items(gold, pred, clusters=clusters),
+                 shots, float(np.mean(pred == gold)), rate, synthetic_demo=synthetic,
+                 cost={"wall_seconds": 6.43}, counts={"test": 90})
+    manifest = {"grid": "g", "synthetic": synthetic, "compare": [["minilm-demo", "minilm-random-demo"]],
+                "experiments": []}
+    (g / "manifest.json").write_text(json.dumps(manifest))
+    return g
+
+
+def markdown_tables(md:str) -> list[tuple[list[str], list[list[str]]]]:
+    "Every pipe table of a Markdown text: (header, rows of cells)."
+    tables, lines = [], md.splitlines()
+    for k, line in enumerate(lines):
+        if line.startswith("|") and k + 1 < len(lines) and lines[k + 1].startswith("|---"):
+            cells = lambda text: [cell.strip() for cell in text.strip().strip("|").split(" | ")]
+            body = [cells(row) for row in lines[k + 2:] if row.startswith("|")]
+            end = next((i for i, row in enumerate(lines[k + 2:]) if not row.startswith("|")), len(body))
+            tables.append((cells(line), body[:end]))
+    return tables
+
+
+NUMBER = r"^[+-]?(\d+|\d*\.\d+)$"
+
+
+def test_summary_tables_have_human_headers_one_format_per_column_and_integer_counts(tmp_path):
+    g = demo_like_grid(tmp_path)
+    md = R.summarize(g, n_boot=100).read_text()
+    tables = markdown_tables(md)
+    assert len(tables) >= 8
+    for header, rows in tables:
+        snake = [name for name in header if re.fullmatch(r"[a-z0-9]+(_[a-z0-9]+)+", name)]
+        assert not snake, f"implementation names as headers: {snake} in {header}"
+        for position, name in enumerate(header):
+            cells = [row[position] for row in rows if position < len(row)]
+            numbers = [cell for cell in cells if re.fullmatch(NUMBER, cell)]
+            decimals = {len(cell.split(".")[1]) if "." in cell else 0 for cell in numbers}
+            assert len(decimals) <= 1, f"column {name!r} mixes formats: {numbers}"
+            if name in ("Units", "Test items", "Peak memory (MB)", "Out-of-memory retries", "Steps to best"):
+                assert all(re.fullmatch(r"\d+", cell) for cell in cells if cell != "—"), (name, cells)
+    failures = next(rows for header, rows in tables if "Parse failures (%)" in header)
+    assert sorted(row[3] for row in failures) == ["100.0", "16.7", "50.0"]   # rates as percentages, one decimal
+    cost = next((header, rows) for header, rows in tables if "Wall time per unit (s)" in header)
+    assert cost[1][0][cost[0].index("Peak memory (MB)")] == "1108" and "wall_s_mean" not in md
+
+
+def test_the_top_sentence_says_what_a_synthetic_demo_shows_and_cannot(tmp_path):
+    demo = R.summarize(demo_like_grid(tmp_path / "demo"), n_boot=200).read_text()
+    top = demo.split("\n## ")[0]
+    assert "This demo shows the pipeline end to end on synthetic data" in top
+    assert "minilm-demo (encoder) beats the trivial baselines on every task" in top   # read from the results
+    assert "the paired test finds minilm-demo ahead of minilm-random-demo on MedNLI" in top
+    assert "general-domain models" in top and "smollm2-demo" in top            # from the registry's domains
+    assert "cannot show anything about clinical vs general models" in top and "the paper's numbers" in top
+    real = R.summarize(demo_like_grid(tmp_path / "real", synthetic=False), n_boot=50).read_text()
+    assert "This demo shows" not in real and "cannot show" not in real
+
+
+def test_a_panel_with_a_single_point_is_a_table(tmp_path):
+    g = demo_like_grid(tmp_path)
+    df = R.load_results(g / "results")
+    figure = R.plot_limited_data(df)
+    mednli, radqa = figure.axes[:2]
+    assert mednli.lines and not mednli.tables                       # two shares of train: a curve
+    assert radqa.tables and not radqa.lines and not radqa.collections  # one share: its numbers as a table
+    plt.close(figure)
+    figure = R.plot_cost_vs_score(df[(df.task != "radqa") | (df.model == "minilm-demo")])   # RadQA: one unit
+    assert figure.axes[1].tables and not figure.axes[1].collections
+    plt.close(figure)
+
+
+def _plotted_y(ax) -> np.ndarray:
+    "The data y of every line, whisker and band drawn on `ax`."
+    ys = [np.asarray(line.get_ydata(), float) for line in ax.lines]
+    ys += [path.vertices[:, 1] for collection in ax.collections for path in collection.get_paths()]
+    ys = np.concatenate(ys) if ys else np.array([])
+    return ys[np.isfinite(ys)]
+
+
+def test_whiskers_and_bands_stay_within_the_metric_range(tmp_path):
+    gold = np.zeros(30, int)
+    for fraction in (0.5, 1.0):
+        for seed, right in enumerate((30, 30, 8)):   # accuracies 1, 1, .27: mean + sd above 1, mean - sd fine
+            nli_unit(tmp_path, f"u{fraction}{seed}", "m", gold, np.where(np.arange(30) < right, 0, 1), seed=seed,
+                     fraction=fraction)
+    nli_unit(tmp_path, "other", "n", gold, gold, seed=0)
+    df = R.load_results(tmp_path)
+    for plot in (R.plot_icl_vs_finetune, R.plot_limited_data):
+        figure = plot(df)
+        ys = _plotted_y(figure.axes[0])
+        assert ys.size and ys.min() >= 0 and ys.max() <= 1, (plot.__name__, ys.max())
+        plt.close(figure)
+
+
+def test_zero_bars_are_marked_and_missing_ones_say_na(tmp_path):
+    gold = np.zeros(20, int)
+    nli_unit(tmp_path, "a", "good", gold, gold)
+    nli_unit(tmp_path, "z", "zero", gold, np.ones(20, int))                  # accuracy 0: a bar of height 0
+    qa = {"ids": list("ab"), "exact": [1, 0], "f1": [1.0, 0.0], "has_answer": [1, 1], "answer_words": [1, 1],
+          "pred_empty": [0, 0]}
+    write_unit(tmp_path, "q", "radqa", "good", qa, metrics_test={"exact": 50.0, "f1": 50.0})
+    icl_unit(tmp_path, "i", "llm", "radqa", qa, 1, 50.0)                     # "zero" has no RadQA unit: n/a
+    figure = R.plot_icl_vs_finetune(R.load_results(tmp_path))
+    mednli, radqa = figure.axes[:2]
+    assert ".000" in [text.get_text() for text in mednli.texts]
+    assert "n/a" in [text.get_text() for text in radqa.texts]
+    plt.close(figure)
+
+
+def test_experiment_report_tables_have_human_headers_and_integer_counts(tmp_path):
+    g = demo_like_grid(tmp_path)
+    df = R.load_results(g / "results")
+    ok = df[(df.task == "mednli") & (df.model == "minilm-demo")]
+    units = markdown_tables(R.reader_md(R.units_table(ok)))[0]
+    assert {"Test accuracy", "Test items", "Wall time (s)", "Training time (s)"} <= set(units[0])
+    assert {row[units[0].index("Test items")] for row in units[1]} == {"90"}
+    cost = markdown_tables(R.reader_md(R.cost_table(ok)))[0]
+    row = dict(zip(*cost[0:1], cost[1][0]))
+    assert (row["Units"], row["Peak memory (MB)"], row["Out-of-memory retries"]) == ("6", "1108", "0")
+    assert row["Wall time per unit (s)"] == "38.0" and "GPU-hours, all units" not in row   # CPU: no GPU column

@@ -121,7 +121,7 @@ def test_summary_files(grid_run):
     table3 = md.split("## Table 3", 1)[1].split("\n## ", 1)[0]
     assert "| baseline: majority class (" in table3 and ", from train) |" in table3   # the training data's majority
     assert "paper's protocol |" in table3                                            # the protocol column
-    assert "| t5-tiny-demo (ICL, 0-shot) | mednli | generate |" in md.split("## Generated outputs", 1)[1]
+    assert "| t5-tiny-demo (ICL, 0-shot) | MedNLI | generate |" in md.split("## Generated outputs", 1)[1]
     for link in [l.split("](")[1].rstrip(")") for l in md.splitlines() if l.startswith("![")]:
         assert (gdir / link).is_file(), link
     nb = nbformat.read(str(gdir / "summary.ipynb"), as_version=4)
@@ -201,5 +201,56 @@ def test_ray_executor_gives_the_local_results(grid_run, tiny_release, tmp_path, 
     m = json.loads((tmp_path / "r" / "manifest.json").read_text())
     assert m["executor"] == "ray" and m["ray"]["resources"] and all(e["status"] == "ok" for e in m["experiments"])
     assert all((tmp_path / "r" / e["notebook"]).is_file() for e in m["experiments"])
+    assert (tmp_path / "r" / "logs" / "mednli" / "minilm-demo__finetune.log").is_file()   # the kernel's log, on Ray too
+    assert _stderr_outputs(tmp_path / "r" / "mednli" / "minilm-demo__finetune.ipynb") == ""
     again = run_cli("run", g, "--reports", tmp_path, "--no-summary", "--executor", "ray", env=no_ray_cluster())
     assert again.returncode == 0 and "(0 executed, 2 skipped" in again.stdout
+
+
+# What a reader of an executed report must not see: library warnings, load reports, progress bars, INFO lines.
+NOISE = ("Loading weights", "LOAD REPORT", "Writing model shards", "Warning", " INFO ", "it/s]", "unit/s]")
+
+
+def _stderr_outputs(nb_path) -> str:
+    "The text of a notebook's stderr stream outputs."
+    nb = nbformat.read(str(nb_path), as_version=4)
+    return "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", [])
+                   if o.get("output_type") == "stream" and o.get("name") == "stderr")
+
+
+def test_reports_show_their_content_and_real_errors_only(grid_run):
+    _, gdir, _, _, _ = grid_run
+    for nb_path in sorted((gdir / "mednli").glob("*.ipynb")) + [gdir / "summary.ipynb"]:
+        stderr = _stderr_outputs(nb_path)
+        assert not [noise for noise in NOISE if noise in stderr], (nb_path.name, stderr[:3000])
+    assert _stderr_outputs(gdir / "mednli" / "minilm-demo__finetune.ipynb") == ""
+    trained = nbformat.read(str(gdir / "mednli" / "minilm-demo__finetune.ipynb"), as_version=4)
+    html = [o.get("data", {}).get("text/html", "") for c in trained.cells for o in c.get("outputs", [])]
+    assert not [h for h in html if "<progress" in h]   # no training progress bar (the Trainer's notebook callback)
+    failing = _stderr_outputs(gdir / "mednli" / "roberta-base__finetune.ipynb")   # a failing unit still says so
+    assert failing.count("ERROR") == 2 and "roberta-base" in failing, failing
+
+
+def test_a_clean_run_prints_the_bar_and_each_final_line_once(grid_run):
+    _, gdir, first, second, _ = grid_run
+    for run in (first, second):
+        terminal = run.stdout + run.stderr
+        for alarming in ("TCP without encryption", "KeyboardInterrupt", " INFO ", "Warning", "scan-leaks"):
+            assert alarming not in terminal, (alarming, terminal[-3000:])
+        assert terminal.count("summary.html") == 1 and terminal.count("leak scan: ") == 1, terminal[-3000:]
+    assert "4 unit(s) failed" in first.stderr and "roberta-base" in first.stderr     # the failures, with their errors
+
+
+def test_the_logs_keep_what_the_reports_do_not_show(grid_run):
+    _, gdir, _, _, _ = grid_run
+    m = json.loads((gdir / "manifest.json").read_text())
+    minilm = next(e for e in m["experiments"] if e["model"] == "minilm-demo")
+    notebook_log = (gdir / "logs" / "mednli" / "minilm-demo__finetune.log").read_text()
+    for unit in minilm["units"]:
+        unit_log = (gdir / "results" / "logs" / f"{unit['run_id']}.log").read_text()
+        assert f"INFO clinical_repro.unit.{unit['run_id']}: unit {unit['run_id']} done" in unit_log
+        assert "LOAD REPORT" in unit_log                  # the library's messages of the unit, in the unit's log
+        assert f"INFO clinical_repro.unit.{unit['run_id']}: unit {unit['run_id']}: mednli" in notebook_log
+    assert "LOAD REPORT" in notebook_log
+    run_log = "".join(p.read_text() for p in (gdir / "logs").glob("run-*.log"))
+    assert "leak scan: " in run_log and "summary of t: " in run_log and "failed: UserError" in run_log

@@ -289,3 +289,22 @@ def test_a_missing_or_malformed_table_names_the_file_and_the_key(tmp_path, edit,
         read_vocabulary(path)
     assert f"{path}: {key}" in str(e.value)
 
+
+
+def test_demo_data_written_by_another_generator_version_is_written_again(tmp_path):
+    "A cached copy from an older generator (a package upgrade changed the data) is not used as if it were current."
+    from clinical_repro import units
+    from clinical_repro.synthetic import generator_version
+    folder = units.ensure_demo_data(tmp_path/"demo", size="tiny", seed=0)
+    marker_file = folder/DEMO_MARKER
+    test_file = next(folder.rglob("mli_test_v1.jsonl"))
+    current = test_file.read_bytes()
+    assert json.loads(marker_file.read_text())["generator"] == generator_version()
+    assert units.demo_data_complete(folder, "tiny", 0)
+    marker = json.loads(marker_file.read_text())
+    marker_file.write_text(json.dumps({**marker, "generator": "an-older-one"}))
+    test_file.write_text("written by an older generator\n")
+    assert not units.demo_data_complete(folder, "tiny", 0)
+    units.ensure_demo_data(folder, size="tiny", seed=0)
+    assert test_file.read_bytes() == current
+    assert units.demo_data_complete(folder, "tiny", 0)
