@@ -67,6 +67,17 @@ def tiny_release(tmp_path_factory):
     return d, written
 
 
+@pytest.fixture(scope="session")
+def mednli_three_shot(tiny_release):
+    "Tiny MedNLI, its prompt set, the paper's template, 3 exemplars: (task_data, prompt_set, template, exemplars)."
+    from clinical_repro import prompts
+    from clinical_repro.data import load_task
+    task_data = load_task(tiny_release[0], "mednli")
+    prompt_set = prompts.load_prompts("mednli")
+    exemplars = prompts.draw_exemplars(task_data.splits["train"], 3, 0, 0, prompts.exemplar_stratum("mednli"))
+    return task_data, prompt_set, prompt_set.paper_template(), exemplars
+
+
 @pytest.fixture
 def release(tiny_release, tmp_path):
     "A private, mutable copy of the tiny releases."

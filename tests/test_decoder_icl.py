@@ -246,13 +246,9 @@ def test_decoder_prompts_are_chat_turns(tiny_release, tiny_llama, task):
     assert [role for role, _ in turns] == ["system", "user"] and turns[0][1] == icl.DECODER_SYSTEM
 
 
-def test_decoder_budget_drops_whole_exemplar_turns(tiny_release, tiny_llama):
+def test_decoder_budget_drops_whole_exemplar_turns(mednli_three_shot, tiny_llama):
     tok, model, _ = tiny_llama
-    data, _ = tiny_release
-    task_data = load_task(data, "mednli")
-    prompt_set = prompts.load_prompts("mednli")
-    template = prompt_set.paper_template()
-    exemplars = prompts.draw_exemplars(task_data.splits["train"], 3, 0, 0, prompts.exemplar_stratum("mednli"))
+    task_data, prompt_set, template, exemplars = mednli_three_shot
     query = task_data.splits["test"][:1]
     two = icl.TemplatePredictor("mednli", model, tok, prompt_set, exemplars[:2], icl.NoteWindows([], 0))
     budget = two._tokens(two._texts(template, query, icl.NoteWindows([], 0), 8)[0]) + 8   # two exemplars' turns fit

@@ -418,16 +418,13 @@ def test_clip_template_choice_uses_a_dev_sample_with_positives_of_every_label(ti
         assert in_sample == draw["positives"][label] and in_sample >= int(has_positives), label
 
 
-def test_seq2seq_and_encoder_prompts_stay_one_text(tiny_release, tiny_t5):
+def test_seq2seq_and_encoder_prompts_stay_one_text(tiny_release, mednli_three_shot, tiny_t5):
     "Only decoders read chat turns: a seq2seq model reads the built text as it is; the layout is in the run_id."
     from clinical_repro import prompts
     from clinical_repro.identity import icl_identity
     tok, model = tiny_t5
     data, _ = tiny_release
-    task_data = load_task(data, "mednli")
-    prompt_set = prompts.load_prompts("mednli")
-    template = prompt_set.paper_template()
-    exemplars = prompts.draw_exemplars(task_data.splits["train"], 3, 0, 0, prompts.exemplar_stratum("mednli"))
+    task_data, prompt_set, template, exemplars = mednli_three_shot
     queries = task_data.splits["test"][:2]
     predictor = icl.TemplatePredictor("mednli", model, tok, prompt_set, exemplars, icl.NoteWindows([], 0))
     assert predictor.layout == "text"
