@@ -20,12 +20,12 @@ from .grid import GRIDS
 from . import metrics, synthetic
 
 # %% auto #0
-__all__ = ['cmd_demo_data', 'format_split', 'print_task_check', 'cmd_check_data', 'read_predictions', 'check_ids', 'gold_split',
-           'first_bad', 'score_mednli', 'score_radqa', 'clip_label_row', 'score_clip', 'format_scores', 'cmd_score',
-           'cmd_subsets', 'parse_sets', 'cmd_finetune', 'cmd_icl', 'print_failures', 'print_run', 'scan_and_print',
-           'cmd_run', 'cmd_summarize', 'add_demo_data_parser', 'add_check_data_parser', 'add_score_parser',
-           'fractions_text', 'add_subsets_parser', 'add_unit_arguments', 'add_finetune_parser', 'add_icl_parser',
-           'add_run_parser', 'add_summarize_parser', 'build_parser', 'main']
+__all__ = ['cmd_demo_data', 'format_split', 'format_warning', 'print_task_check', 'cmd_check_data', 'read_predictions',
+           'check_ids', 'gold_split', 'first_bad', 'score_mednli', 'score_radqa', 'clip_label_row', 'score_clip',
+           'format_scores', 'cmd_score', 'cmd_subsets', 'parse_sets', 'cmd_finetune', 'cmd_icl', 'print_failures',
+           'print_run', 'scan_and_print', 'dry_run_json', 'cmd_run', 'cmd_summarize', 'add_demo_data_parser',
+           'add_check_data_parser', 'add_score_parser', 'fractions_text', 'add_subsets_parser', 'add_unit_arguments',
+           'add_finetune_parser', 'add_icl_parser', 'add_run_parser', 'add_summarize_parser', 'build_parser', 'main']
 
 # %% ../nbs/99_cli.ipynb #f3dfb724
 def cmd_demo_data(args) -> int:
@@ -58,6 +58,12 @@ def format_split(task:str, counts:dict) -> str:
                 f"labels: {labels}")
     return f"{counts['items']} pairs; labels: {labels}"
 
+def format_warning(warning:dict) -> str:
+    "One line of `check-data` about keys or columns beyond the documented ones (`data.ignored_entries`)."
+    where = "rows" if warning["kind"] == "column" else "objects"
+    return (f"warning: {warning['file']}: unknown {warning['kind']} {warning['name']} in {warning['count']} {where}: "
+            "ignored")
+
 def print_task_check(task:str, result:dict) -> None:
     "What `check-data` says about one task: missing (where to get it), invalid (the errors), or counts and hashes."
     print(f"{task}: {result['status']}")
@@ -72,6 +78,8 @@ def print_task_check(task:str, result:dict) -> None:
         print(f"  {split}: {format_split(task, result['splits'][split])}")
     for name, digest in result["files"].items():
         print(f"  sha256 {digest}  {name}")
+    for warning in result.get("warnings", []):
+        print(f"  {format_warning(warning)}")
 
 def cmd_check_data(args) -> int:
     "Validate the releases under --data-dir and report counts, labels and file hashes."
@@ -337,13 +345,23 @@ def scan_and_print(manifest:dict, grid_folder:Path) -> int:
         print(f"leak scan: {verdict['files_scanned']} report files checked, no verbatim span of the data")
     return verdict["leaks"]
 
+def dry_run_json(manifest:dict) -> dict:
+    "What `run --dry-run --json` prints: the grid, its data, the device named, and every unit's resolved settings."
+    keys = ("grid", "source", "data_dir", "device", "units")
+    return {key: manifest[key] for key in keys}
+
 def cmd_run(args) -> int:
     "Run a grid: execute its notebooks, skip finished units, write the summary, scan the reports for leaks."
     from clinical_repro import runner
+    if (args.json or args.gpu) and not args.dry_run:
+        raise UserError("--json and --gpu describe a dry run: add --dry-run")
     started = time.perf_counter()
+    out = (lambda line: print(line, file=sys.stderr)) if args.json else print   # stdout: the JSON alone
     manifest = runner.run_grid(args.grid, args.data_dir, args.reports, dry_run=args.dry_run, executor=args.executor,
-                               jobs=args.jobs, ray_address=args.ray_address, scan=False)
+                               jobs=args.jobs, ray_address=args.ray_address, scan=False, out=out, gpu=args.gpu)
     if args.dry_run:
+        if args.json:
+            print(json.dumps(dry_run_json(manifest), indent=1))
         return 0
     grid_folder = Path(args.reports)/manifest["grid"]
     print_run(manifest, grid_folder)
@@ -447,7 +465,7 @@ def add_icl_parser(commands) -> None:
     parser.set_defaults(func=cmd_icl)
 
 def add_run_parser(commands) -> None:
-    "`run GRID [--data-dir DIR] [--reports DIR] [--executor local|ray] [--jobs N] [--dry-run] ...`."
+    "`run GRID [--data-dir DIR] [--reports DIR] [--executor local|ray] [--jobs N] [--dry-run [--json] [--gpu G]]`."
     parser = commands.add_parser("run", help="run a grid: one papermill notebook per (task, model, mode), finished "
                                              "units skipped, then the summary")
     parser.add_argument("grid", help=f"a grid file, or the name of one in params/ ({', '.join(GRIDS)})")
@@ -459,6 +477,10 @@ def add_run_parser(commands) -> None:
                         help="local: notebooks on this machine; ray: each notebook a Ray task (see docs/cluster.md)")
     parser.add_argument("--ray-address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--dry-run", action="store_true", help="show what would run and what is cached; run nothing")
+    parser.add_argument("--json", action="store_true", help="with --dry-run: print every unit with its resolved "
+                        "settings (learning rate, epochs, effective batch, precision, preprocessing) as JSON")
+    parser.add_argument("--gpu", choices=("t4", "a100", "h100", "cpu"),
+                        help="with --dry-run: the device whose precision the units show (default: this machine's)")
     parser.add_argument("--jobs", type=int, default=1, help="notebooks run at once (CPU: each gets cores/jobs threads; "
                         "one GPU: keep 1; ray: the cap on notebooks at once, 1 = no cap)")
     parser.add_argument("--no-summary", action="store_true", help="do not write the summary afterwards")

@@ -18,7 +18,8 @@ from .core import UserError, DataError, Problem, sha256_json
 
 # %% auto #0
 __all__ = ['DEFAULTS_FILE_KEYS', 'TASK_FILE_KEYS', 'params_dir', 'read_yaml', 'Spec', 'validate_spec', 'TrainSpec', 'TaskSpec',
-           'check_keys', 'train_layers', 'task_layer', 'merge_train', 'code_version', 'make_run_id']
+           'unknown_keys', 'check_keys', 'train_layers', 'task_layer', 'merge_train', 'model_train_layer',
+           'resolve_train', 'code_version', 'make_run_id']
 
 # %% ../nbs/10_config.ipynb #6e641ba6
 def params_dir() -> Path:
@@ -66,7 +67,8 @@ def validate_spec(cls, data:dict, file:str, prefix:str=""):
 # %% ../nbs/10_config.ipynb #05164f87
 class TrainSpec(Spec):
     "Fine-tuning hyperparameters of one unit: every value comes from params/ (`defaults.yaml` and the layers above)."
-    optimizer: Literal["adamw", "adafactor"]
+    # adamw_8bit: AdamW with 8-bit optimizer states (bitsandbytes, optional): a quarter of AdamW's state memory
+    optimizer: Literal["adamw", "adafactor", "adamw_8bit"]
     learning_rate: float
     learning_rate_grid: list[float] | None          # searched values (the paper: ClinicalBERT, GatorTron)
     lr_scheduler: Literal["linear", "constant"]
@@ -83,6 +85,7 @@ class TrainSpec(Spec):
     early_stopping_patience: int | None
     keep_checkpoints: bool
     max_grad_norm: float
+    gradient_checkpointing: bool                    # recompute activations in backward: less memory, ~30 % more time
 
     @field_validator("learning_rate", "epochs")
     @classmethod
@@ -118,12 +121,15 @@ _TASK_KEYS = set(TaskSpec.model_fields)
 DEFAULTS_FILE_KEYS = ("study", "icl", "train")
 TASK_FILE_KEYS = ("title", "physionet_page", "labels", "cluster", "metrics", "text_to_text", "icl", "task", "train")
 
+def unknown_keys(layer:dict, allowed:set, file:str, prefix:str) -> list[Problem]:
+    "A problem naming the file and the key for each key of `layer` not in `allowed`."
+    expected = f"unknown key; expected one of {', '.join(sorted(allowed))}"
+    return [Problem(str(file), f"{prefix}.{key}", expected) for key in sorted(set(layer) - allowed)]
+
 def check_keys(layer:dict, allowed:set, file:str, prefix:str) -> None:
     "Unknown keys in one layer are errors naming the file and the key."
-    unknown = sorted(set(layer) - allowed)
-    if not unknown: return
-    expected = f"unknown key; expected one of {', '.join(sorted(allowed))}"
-    raise DataError([Problem(str(file), f"{prefix}.{key}", expected) for key in unknown])
+    problems = unknown_keys(layer, allowed, file, prefix)
+    if problems: raise DataError(problems)
 
 def train_layers(family:str, params:Path|None=None) -> tuple[dict, str]:
     "The defaults layer of TrainSpec values for `family` and the file it came from."
@@ -169,6 +175,52 @@ def merge_train(layers:list[tuple[dict, str]]) -> TrainSpec:
             message = error["msg"] + (f" (got {error.get('input')!r})" if error["type"] != "missing" else "")
             problems.append(Problem(file, f"train.{key}", message))
         raise DataError(problems)
+
+# %% ../nbs/10_config.ipynb #c13a7e01
+def model_train_layer(train:dict,        # the model's `train:` mapping in models.yaml
+                      task:str,          # the unit's task
+                      file:str,          # models.yaml, named in errors
+                      model:str,         # the registry name, first part of the key path in errors
+                      tasks,             # the study's task names (`clinical_repro.tasks.task_names()`)
+                     ) -> dict:
+    "The model's TrainSpec overrides for `task`: its `train:` keys, then its `per_task.<task>` keys (strict)."
+    where = f"{model}.train"
+    if not isinstance(train, dict):
+        raise DataError([Problem(str(file), where, "a mapping of TrainSpec keys")])
+    per_task = train.get("per_task") or {}
+    if not isinstance(per_task, dict):
+        raise DataError([Problem(str(file), f"{where}.per_task", "a mapping of task -> TrainSpec keys")])
+    problems = unknown_keys(train, _TRAIN_KEYS | {"per_task"}, file, where)
+    problems += [Problem(str(file), f"{where}.per_task.{name}", f"unknown task; expected one of {', '.join(tasks)}")
+                 for name in sorted(set(per_task) - set(tasks))]
+    for name, values in per_task.items():
+        if not isinstance(values, dict):
+            problems.append(Problem(str(file), f"{where}.per_task.{name}", "a mapping of TrainSpec keys"))
+        else:
+            problems += unknown_keys(values, _TRAIN_KEYS, file, f"{where}.per_task.{name}")
+    if problems:
+        raise DataError(problems)   # every bad key at once
+    shared = {key: value for key, value in train.items() if key != "per_task"}
+    return {**shared, **(per_task.get(task) or {})}
+
+def resolve_train(task:str, family:str, model:str,
+                  model_train:dict,                  # the model's `train:` in models.yaml
+                  overrides:dict|None=None,          # the grid's or the command line's TrainSpec values
+                  overrides_source:str="command line",
+                  params:Path|None=None,             # the params/ folder (default: `params_dir()`)
+                  tasks=None,                        # the study's tasks (default: the task registry's)
+                 ) -> TrainSpec:
+    "A unit's TrainSpec: defaults.yaml < tasks/<task>.yaml < the model's `train:` < its `per_task.<task>` < overrides."
+    if tasks is None:
+        from clinical_repro.tasks import task_names  # imported here: the task registry imports this module
+        tasks = task_names()
+    params = params or params_dir()
+    defaults, defaults_file = train_layers(family, params)
+    task_settings, task_file = task_layer(task, family, params)
+    models_file = str(params/"models.yaml")
+    model_layer = model_train_layer(model_train, task, models_file, model, tasks)
+    return merge_train([(defaults, defaults_file), (task_settings["_train"], task_file), (model_layer, models_file),
+                        (dict(overrides or {}), overrides_source)])
 
 # %% ../nbs/10_config.ipynb #ae6ef021
 def code_version() -> str:

@@ -18,10 +18,11 @@ from .tasks import TASKS, MEDNLI_LABELS, CLIP_LABELS, check_task, data_fractions
 
 # %% auto #0
 __all__ = ['MEDNLI_FILES', 'RADQA_FILES', 'CLIP_FILES', 'LOADERS', 'NLIRecord', 'QARecord', 'CLIPSentence', 'CLIPNote',
-           'cut_window', 'MissingTaskError', 'TaskData', 'parse_split', 'repeated_keys', 'parse_mednli_lines',
-           'load_mednli', 'parse_radqa', 'read_json', 'load_radqa', 'parse_clip_sentences', 'parse_id_file',
-           'load_clip', 'load_task', 'record_counts', 'split_summary', 'check_data', 'blind', 'stratified_order',
-           'fraction_size', 'fraction_subsets', 'subsets_path', 'load_subsets', 'ensure_subsets', 'select_fraction']
+           'cut_window', 'MissingTaskError', 'TaskData', 'parse_split', 'repeated_keys', 'count_extra_keys',
+           'ignored_entries', 'parse_mednli_lines', 'load_mednli', 'parse_radqa', 'read_json', 'load_radqa',
+           'parse_clip_sentences', 'parse_id_file', 'load_clip', 'load_task', 'record_counts', 'split_summary',
+           'check_data', 'blind', 'stratified_order', 'fraction_size', 'fraction_subsets', 'subsets_path',
+           'load_subsets', 'ensure_subsets', 'select_fraction']
 
 # %% ../nbs/20_data.ipynb #4cf9f121
 @dataclass(frozen=True)
@@ -145,6 +146,7 @@ class TaskData:
     splits: dict[str, list]                      # split -> records
     files: dict[str, str]                        # source file (relative to root) -> sha256
     notes: dict[str, list[CLIPNote]] = field(default_factory=dict)  # CLIP only: split -> notes
+    ignored: list[dict] = field(default_factory=list)  # keys and columns beyond the documented ones (`ignored_entries`)
 
     @property
     def data_hash(self) -> str:
@@ -171,6 +173,17 @@ def repeated_keys(keys:Iterable[str], seen:dict[str, str], place:str, problem:ca
         else:
             seen[key] = place
     return problems
+
+# %% ../nbs/20_data.ipynb #e13a0001
+def count_extra_keys(obj:dict, known:set, place:str, ignored:Counter) -> None:
+    "Count each key of `obj` beyond `known` as (`key`, `<place><key>`), e.g. place `data[].paragraphs[].qas[].`."
+    for key in set(obj) - known:
+        ignored[("key", f"{place}{key}")] += 1
+
+def ignored_entries(ignored:Counter, file:str) -> list[dict]:
+    "The counted extras of one file as `check-data` lists them: file, kind (key or column), name, count."
+    return [{"file": file, "kind": kind, "name": name, "count": count}
+            for (kind, name), count in sorted(ignored.items())]
 
 # %% ../nbs/20_data.ipynb #60533522
 MEDNLI_FILES = {"train": "mli_train_v1.jsonl", "dev": "mli_dev_v1.jsonl", "test": "mli_test_v1.jsonl"}
@@ -281,18 +294,17 @@ def load_mednli(root) -> TaskData:
 # %% ../nbs/20_data.ipynb #a5ee397b
 RADQA_FILES = {"train": "train.json", "dev": "dev.json", "test": "test.json"}
 _QA_KEYS = {"id", "question", "is_impossible", "answers"}
-_QA_OPTIONAL = {"plausible_answers"}  # SQuAD 2.0 carries these on some unanswerable questions; ignored
-
-def _unknown_keys(obj:dict, known:set) -> str:
-    return ", ".join(sorted(set(obj) - known))
+_QA_OPTIONAL = {"plausible_answers"}  # SQuAD 2.0 carries these on some unanswerable questions; ignored silently
+_ANSWER_KEYS = {"text", "answer_start"}
+_QUESTION_PLACE = "data[].paragraphs[].qas[]."
 
 def _is_answer(answer) -> bool:
-    "A well-formed answer object: exactly a non-empty text and an integer (not bool) offset."
-    return (isinstance(answer, dict) and set(answer) == {"text", "answer_start"} and isinstance(answer["text"], str)
+    "A well-formed answer object: a non-empty text and an integer (not bool) offset (other keys are extras)."
+    return (isinstance(answer, dict) and _ANSWER_KEYS <= set(answer) and isinstance(answer["text"], str)
             and bool(answer["text"]) and isinstance(answer["answer_start"], int)
             and not isinstance(answer["answer_start"], bool))
 
-def _parse_answers(answers:list, context:str, where:str, collector:ProblemCollector) -> list|None:
+def _parse_answers(answers:list, context:str, where:str, collector:ProblemCollector, ignored:Counter) -> list|None:
     "The (text, offset) answers of one question; None (after reporting every bad one) when any is bad."
     parsed, all_ok = [], True
     for k, answer in enumerate(answers):
@@ -300,6 +312,7 @@ def _parse_answers(answers:list, context:str, where:str, collector:ProblemCollec
             collector.add(where, f'answer {k} as {{"text": non-empty str, "answer_start": int}}')
             all_ok = False
             continue
+        count_extra_keys(answer, _ANSWER_KEYS, f"{_QUESTION_PLACE}answers[].", ignored)
         text, start = answer["text"], answer["answer_start"]
         if context[start:start+len(text)] != text or start < 0:
             near = context.find(text)
@@ -312,7 +325,7 @@ def _parse_answers(answers:list, context:str, where:str, collector:ProblemCollec
     return parsed if all_ok else None
 
 def _question_problem(qa:dict) -> str|None:
-    "What is wrong with a question's fields (all present, none unknown), or None."
+    "What is wrong with a question's required fields (all present), or None."
     if not isinstance(qa["id"], str) or not isinstance(qa["question"], str) or not qa["question"].strip():
         return "a string id and a non-empty question"
     if not isinstance(qa["is_impossible"], bool):
@@ -325,72 +338,71 @@ def _question_problem(qa:dict) -> str|None:
         return "at least one answer for an answerable question (is_impossible false)"
     return None
 
-def _parse_question(qa, where:str, title:str, context:str, collector:ProblemCollector) -> QARecord|None:
+def _parse_question(qa, where:str, title:str, context:str, collector:ProblemCollector,
+                    ignored:Counter) -> QARecord|None:
     "One question of a paragraph as a record, or None after reporting what is wrong with it."
     if not isinstance(qa, dict):
         collector.add(where, "a question object")
         return None
-    missing, unknown = sorted(_QA_KEYS - set(qa)), sorted(set(qa) - _QA_KEYS - _QA_OPTIONAL)
+    missing = sorted(_QA_KEYS - set(qa))
     if missing:
         collector.add(where, f"fields {', '.join(sorted(_QA_KEYS))}; missing {', '.join(missing)}")
-    if unknown:
-        collector.add(where, f"only fields {', '.join(sorted(_QA_KEYS | _QA_OPTIONAL))}; unknown {', '.join(unknown)}")
-    if missing or unknown:
         return None
+    count_extra_keys(qa, _QA_KEYS | _QA_OPTIONAL, _QUESTION_PLACE, ignored)
     problem = _question_problem(qa)
     if problem:
         collector.add(where, problem)
         return None
-    answers = _parse_answers(qa["answers"], context, where, collector)
+    answers = _parse_answers(qa["answers"], context, where, collector, ignored)
     if answers is None:
         return None
     return QARecord(qa["id"], title, context, qa["question"], tuple(answers), not qa["is_impossible"])
 
-def _parse_paragraph(paragraph, where:str, position:str, title:str, collector:ProblemCollector) -> list:
-    "The questions of one paragraph as records (problems go to `collector`)."
+def _parse_paragraph(paragraph, where:str, position:str, title:str, collector:ProblemCollector,
+                     ignored:Counter) -> list:
+    "The questions of one paragraph as records (problems go to `collector`, extra keys to `ignored`)."
     if (not isinstance(paragraph, dict) or not isinstance(paragraph.get("context"), str)
             or not isinstance(paragraph.get("qas"), list)):
         collector.add(where, 'a paragraph {"context": str, "qas": [...]}')
         return []
-    if set(paragraph) - {"context", "qas"}:
-        collector.add(where, f"only keys context and qas; unknown {_unknown_keys(paragraph, {'context', 'qas'})}")
+    count_extra_keys(paragraph, {"context", "qas"}, "data[].paragraphs[].", ignored)
     records = []
     for q, qa in enumerate(paragraph["qas"]):
         question_where = f"{where}.qas[{q}]"
         if isinstance(qa, dict) and "id" in qa:
             question_where = f"question {qa['id']!r} ({position}.qas[{q}])"
-        record = _parse_question(qa, question_where, title, paragraph["context"], collector)
+        record = _parse_question(qa, question_where, title, paragraph["context"], collector, ignored)
         if record is not None:
             records.append(record)
     return records
 
-def _parse_article(article, where:str, collector:ProblemCollector) -> list:
+def _parse_article(article, where:str, collector:ProblemCollector, ignored:Counter) -> list:
     "The questions of one article (a report) as records."
     if (not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list)
             or not isinstance(article.get("title", ""), str)):
         collector.add(where, 'an article {"title": str, "paragraphs": [...]}')
         return []
-    if set(article) - {"title", "paragraphs"}:
-        unknown = _unknown_keys(article, {"title", "paragraphs"})
-        collector.add(where, f"only keys title and paragraphs; unknown {unknown}")
+    count_extra_keys(article, {"title", "paragraphs"}, "data[].", ignored)
     title = article.get("title", "")
     records = []
     for p, paragraph in enumerate(article["paragraphs"]):
         paragraph_where = f"{where}.paragraphs[{p}] (title {title!r})"
-        records += _parse_paragraph(paragraph, paragraph_where, f"{where}.paragraphs[{p}]", title, collector)
+        records += _parse_paragraph(paragraph, paragraph_where, f"{where}.paragraphs[{p}]", title, collector, ignored)
     return records
 
-def parse_radqa(obj, file:str) -> list[QARecord]:
+def parse_radqa(obj, file:str,
+                ignored:Counter|None=None, # counts keys beyond the documented ones (`count_extra_keys`), if given
+               ) -> list[QARecord]:
     "Validate one SQuAD 2.0 style RadQA object into records; raise `DataError` for every defect."
     collector = ProblemCollector(file)
+    ignored = Counter() if ignored is None else ignored
     if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
         collector.add("top level", 'an object {"version": ..., "data": [...]}')
         collector.raise_if_any()
-    if set(obj) - {"version", "data"}:
-        collector.add("top level", f"only keys version and data; unknown {_unknown_keys(obj, {'version', 'data'})}")
+    count_extra_keys(obj, {"version", "data"}, "", ignored)
     records = []
     for a, article in enumerate(obj["data"]):
-        records += _parse_article(article, f"data[{a}]", collector)
+        records += _parse_article(article, f"data[{a}]", collector, ignored)
     if not records and not collector.problems:
         collector.add("", "at least one question; the file has none")
     collector.raise_if_any()
@@ -410,17 +422,20 @@ def load_radqa(root) -> TaskData:
     "Load and validate RadQA from a folder holding the extracted release."
     root = Path(root)
     found = _find_release(root, RADQA_FILES, "radqa", "all three split files")
-    splits, problems, seen = {}, [], {}
+    splits, problems, seen, extras = {}, [], {}, []
     for split, path in found.items():
-        records = parse_split(lambda: parse_radqa(read_json(path), str(path)), problems)
+        ignored = Counter()
+        records = parse_split(lambda: parse_radqa(read_json(path), str(path), ignored), problems)
         if records is None:
             continue
         splits[split] = records
+        extras += ignored_entries(ignored, _rel(path, root))
         problems += repeated_keys([r.id for r in records], seen, str(path), lambda _, question_id, first: Problem(
             str(path), f"question {question_id!r}", f"unique question ids across splits; also in {first}"))
     if problems:
         raise DataError(problems)
-    return TaskData("radqa", root, splits, {_rel(path, root): sha256_file(path) for path in found.values()})
+    files = {_rel(path, root): sha256_file(path) for path in found.values()}
+    return TaskData("radqa", root, splits, files, ignored=extras)
 
 # %% ../nbs/20_data.ipynb #e07384d9
 CLIP_FILES = {"sentences": "sentence_level.csv", "train": "train_ids.csv", "dev": "val_ids.csv", "test": "test_ids.csv"}
@@ -435,12 +450,13 @@ def _literal_list(text:str):
         return None
     return value if isinstance(value, list) and all(isinstance(x, str) for x in value) else None
 
-def _parse_clip_row(row:list[str], line_no:int, collector:ProblemCollector) -> CLIPSentence|None:
+def _parse_clip_row(row:list[str], header:list[str], line_no:int, collector:ProblemCollector) -> CLIPSentence|None:
     "One row of `sentence_level.csv` as a sentence, or None after reporting what is wrong with it."
-    if len(row) != 4:
-        collector.add(f"line {line_no}", f"4 columns ({','.join(_CLIP_COLUMNS)}), got {len(row)}")
+    if len(row) != len(header):
+        collector.add(f"line {line_no}", f"{len(header)} columns ({','.join(header)}), got {len(row)}")
         return None
-    doc, index, sentence_text, labels_text = row
+    values = dict(zip(header, row))
+    doc, index, sentence_text, labels_text = (values[column] for column in _CLIP_COLUMNS)
     if not doc.strip().isdigit():
         collector.add(f"line {line_no}", f"doc_id a non-negative integer, got {doc!r}")
         return None
@@ -463,32 +479,42 @@ def _parse_clip_row(row:list[str], line_no:int, collector:ProblemCollector) -> C
     ordered_labels = tuple(sorted(set(names), key=_LABEL_ORDER.get))
     return CLIPSentence(doc.strip(), int(index), tuple(tokens), ordered_labels)
 
-def _read_clip_header(reader, collector:ProblemCollector) -> None:
-    "Consume and check the header row (raising at once when it is absent or wrong)."
+def _read_clip_header(reader, collector:ProblemCollector) -> list[str]:
+    "Consume and check the header row: the four released columns in any order, others ignored (raising at once)."
     try:
-        header = next(reader)
+        header = [name.strip() for name in next(reader)]
     except StopIteration:
         collector.add("", f"a header {','.join(_CLIP_COLUMNS)} and rows; the file is empty")
         collector.raise_if_any()
     except csv.Error as e:
         collector.add("line 1", f"a CSV header ({e})")
         collector.raise_if_any()
-    if tuple(h.strip() for h in header) != _CLIP_COLUMNS:
-        collector.add("line 1", f"the header {','.join(_CLIP_COLUMNS)}, got {','.join(header)}")
+    missing = [column for column in _CLIP_COLUMNS if column not in header]
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if missing or repeated:
+        wrong = f"missing {', '.join(missing)}" if missing else f"repeated {', '.join(repeated)}"
+        collector.add("line 1", f"the header {','.join(_CLIP_COLUMNS)} (other columns are ignored); {wrong}, "
+                                f"got {','.join(header)}")
         collector.raise_if_any()
+    return header
 
-def parse_clip_sentences(text:str, file:str) -> dict[str, list[CLIPSentence]]:
+def parse_clip_sentences(text:str, file:str,
+                         ignored:Counter|None=None, # counts rows per column beyond the documented four, if given
+                        ) -> dict[str, list[CLIPSentence]]:
     "Validate `sentence_level.csv` text into sentences grouped by note."
     collector, notes, seen = ProblemCollector(file), {}, set()
+    ignored = Counter() if ignored is None else ignored
     reader = csv.reader(io.StringIO(text, newline=""))
-    _read_clip_header(reader, collector)
+    header = _read_clip_header(reader, collector)
+    extra_columns = [name for name in header if name not in _CLIP_COLUMNS]
     try:
         for row in reader:
             if not row:
                 continue
-            sentence = _parse_clip_row(row, reader.line_num, collector)
+            sentence = _parse_clip_row(row, header, reader.line_num, collector)
             if sentence is None:
                 continue
+            ignored.update(("column", name) for name in extra_columns)
             if (sentence.doc_id, sentence.sent_index) in seen:
                 collector.add(f"line {reader.line_num}", f"one row per (doc_id, sent_index); doc {sentence.doc_id} "
                                                          f"sentence {sentence.sent_index} repeats")
@@ -553,15 +579,17 @@ def load_clip(root) -> TaskData:
     "Load and validate CLIP from a folder holding the extracted release."
     root = Path(root)
     found = _find_release(root, CLIP_FILES, "clip", "sentence_level.csv and the three split files")
-    problems = []
-    notes = parse_split(lambda: parse_clip_sentences(_read_text(found["sentences"]), str(found["sentences"])), problems)
+    problems, ignored, sentences_file = [], Counter(), found["sentences"]
+    notes = parse_split(lambda: parse_clip_sentences(_read_text(sentences_file), str(sentences_file), ignored),
+                        problems)
     ids = _split_ids(found, notes, problems)
     if problems:
         raise DataError(problems[:50])
     split_notes = {split: [CLIPNote(doc_id, tuple(notes[doc_id])) for doc_id in ids[split]] for split in SPLITS}
     splits = {split: [sentence for note in split_notes[split] for sentence in note.sentences] for split in SPLITS}
     files = {_rel(path, root): sha256_file(path) for path in found.values()}
-    return TaskData("clip", root, splits, files, notes=split_notes)
+    return TaskData("clip", root, splits, files, notes=split_notes,
+                    ignored=ignored_entries(ignored, _rel(sentences_file, root)))
 
 # %% ../nbs/20_data.ipynb #905e45d1
 LOADERS = {"mednli": load_mednli, "radqa": load_radqa, "clip": load_clip}
@@ -593,7 +621,7 @@ def split_summary(task_data:TaskData) -> dict:
     return {split: record_counts(task_data.task, task_data.splits[split]) for split in SPLITS}
 
 def _task_report(data_dir:Path, task:str) -> dict:
-    "What `check-data` says about one task: ok (files, hash, counts), missing (where to get it) or invalid."
+    "What `check-data` says about one task: ok (files, hash, counts, ignored extras), missing or invalid."
     try:
         task_data = load_task(data_dir, task)
     except MissingTaskError as e:
@@ -601,7 +629,7 @@ def _task_report(data_dir:Path, task:str) -> dict:
     except DataError as e:
         return {"status": "invalid", "errors": [str(p) for p in e.problems]}
     return {"status": "ok", "files": task_data.files, "data_hash": task_data.data_hash,
-            "splits": split_summary(task_data)}
+            "splits": split_summary(task_data), "warnings": task_data.ignored}
 
 def check_data(data_dir, tasks:Iterable[str]=TASKS) -> dict:
     "Validate every task under `data_dir`: per task status ok/missing/invalid with counts, hashes or errors."

@@ -277,7 +277,8 @@ def _probe_batch(spec:TrainSpec, family:str, tokenizer, train_ds:Dataset, model_
     "The largest per-device batch up to `start` whose training step fits on the GPU."
     features = [{k: v for k, v in row.items() if k not in NOT_MODEL_INPUTS} for row in train_ds]
     collator = make_collator(family, tokenizer, None, spec.pad_to_multiple_of)
-    return probe_per_device_batch(model_factory, collator, features, start, train_ds["length"], precision, log)
+    return probe_per_device_batch(model_factory, collator, features, start, train_ds["length"], precision, log,
+                                  gradient_checkpointing=spec.gradient_checkpointing)
 
 def choose_batch_plan(spec:TrainSpec, family:str, tokenizer, train_ds:Dataset, model_factory, device:dict,
                       precision:str, max_per_device:int|None, log) -> BatchPlan:
@@ -379,6 +380,7 @@ def run_unit(task:str, model:str, data_dir, out, *, seed:int=0, fraction:float=1
     log.info(f"unit {run_id}: {task} / {model} / finetune, seed {seed}, fraction {fraction:g}")
     family, train_spec = config["family"], TrainSpec(**config["train"])
     resolved = models.resolve_model(model)
+    task_data = models.preprocess_task_data(task_data, resolved)   # the registry's preprocessing (Clinical-T5)
     device = models.device_info()
     precision = models.choose_precision(family, device["type"], device.get("capability"))
     tokenizer = models.load_tokenizer(resolved)

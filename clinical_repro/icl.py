@@ -31,7 +31,7 @@ __all__ = ['CALIBRATIONS', 'DECODER_SYSTEM', 'FIXED_TEMPLATE', 'NO_PAPER_PROTOCO
            'chat_messages', 'chat_prompt', 'causal_prompt_pass', 'causal_option_logprobs', 'causal_generate',
            'NoteWindows', 'TemplatePredictor', 'verbatim_span_rate', 'score_predictions', 'dev_value',
            'paper_mednli_label', 'paper_label_search', 'paper_radqa_answer', 'paper_subset', 'paper_reading',
-           'paper_metrics', 'not_applicable_reason', 'check_icl_model', 'load_icl_model', 'ICLQueries',
+           'paper_metrics', 'not_applicable_reason', 'check_icl_model', 'icl_precision', 'load_icl_model', 'ICLQueries',
            'dev_sample_draw', 'icl_queries', 'test_gold', 'icl_variants', 'choose_cloze', 'choose_templates',
            'paper_predictions', 'paper_protocol_section', 'paper_payload', 'variant_predictions', 'icl_outcomes',
            'ICLScores', 'icl_record', 'run_icl_unit']
@@ -213,17 +213,32 @@ def calibrate(
         return scores - content_free
     raise UserError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
 
-def load_mlm(resolved):
-    "The encoder with its masked-LM head (refusing checkpoints the registry says have none)."
+def _refuse_random_weights(resolved, info:dict) -> None:
+    "Refuse a masked LM whose checkpoint lacks weights (transformers would initialise them at random)."
+    missing = sorted(info.get("missing_keys") or ()) + sorted(k[0] for k in info.get("mismatched_keys") or ())
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise UserError(f"model {resolved.name!r}: the checkpoint at {resolved.source} has no masked-LM head "
+                        f"(missing or mismatched: {shown}); cloze scoring with a randomly initialised head would be "
+                        "chance, not ICL. Set has_mlm_head: false for it in the model registry.")
+
+def load_mlm(resolved, dtype:str="fp32"):
+    """The encoder with its masked-LM head, refusing checkpoints the registry says have none and checkpoints that lack
+    any of its weights (`dtype`: fp32, bf16 or fp16, the precision policy's choice)."""
     from transformers import AutoModelForMaskedLM
     if not resolved.spec.has_mlm_head:
         raise UserError(f"model {resolved.name!r} has no masked-LM head (registry: has_mlm_head false)")
     offline = resolved.offline or os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     try:
-        return AutoModelForMaskedLM.from_pretrained(resolved.source, local_files_only=offline, trust_remote_code=False)
+        model, info = AutoModelForMaskedLM.from_pretrained(resolved.source, local_files_only=offline,
+                                                           trust_remote_code=False, dtype=dtypes[dtype],
+                                                           output_loading_info=True)
     except (OSError, ValueError) as e:
         raise UserError(f"model {resolved.name!r}: could not load the masked-LM head from {resolved.source}: "
                         f"{str(e).splitlines()[0]}") from None
+    _refuse_random_weights(resolved, info)
+    return model
 
 # %% ../nbs/75_icl.ipynb #5c1e0a02
 def verbalizer_candidates(task:str, prompt_set) -> dict[str, list[str]]:
@@ -843,13 +858,17 @@ def check_icl_model(model:str, spec) -> None:
         raise UserError(f"model {model!r}: ICL is implemented for seq2seq models, decoders and masked-LM encoders, "
                         f"not {spec.family}")
 
+def icl_precision(family:str, device:dict) -> str:
+    "The weights' dtype for ICL on `device` (`device_info()`): the precision policy's (`models.choose_precision`)."
+    return models.choose_precision(family, device["type"], device.get("capability"))
+
 def load_icl_model(resolved, device:dict):
     """Tokenizer and model: the masked-LM head of an encoder (cloze), the causal LM of a decoder, else the seq2seq
-    model (bf16 on CUDA)."""
+    model, in the precision policy's dtype (`icl_precision`: bf16 from compute capability 8.0, fp32 on CPU)."""
     tokenizer = models.load_tokenizer(resolved)
-    dtype = "fp32" if device["type"] != "cuda" else "bf16"
+    dtype = icl_precision(resolved.spec.family, device)
     if resolved.spec.family == "encoder":
-        model = load_mlm(resolved)
+        model = load_mlm(resolved, dtype)
     else:
         head = "causal-lm" if resolved.spec.family == "decoder" else "seq2seq"
         model = models.load_model(resolved, head, dtype=dtype)
@@ -1119,7 +1138,7 @@ def icl_record(run_id:str, config:dict, unit:dict, task_data:TaskData, queries:I
             "predictions": files["predictions"], "items": files["items"], "primary_variant": scores.primary,
             "config": config,
             "provenance": provenance(task_data, resolved.source, device=device, prompt_version=config["prompt_version"],
-                                     template_id=template_id),
+                                     template_id=template_id, precision=icl_precision(resolved.spec.family, device)),
             "cost": cost, "synthetic_demo": resolved.spec.builtin is not None}
 
 # %% ../nbs/75_icl.ipynb #c4382963
@@ -1198,6 +1217,7 @@ def run_icl_unit(
     log.info(f"unit {run_id}: {task} / {model} / icl, {shots} shots, draw {draw}, seed {seed}, limit {limit}")
     device = models.device_info()
     tokenizer, icl_model = load_icl_model(resolved, device)
+    task_data = models.preprocess_task_data(task_data, resolved)   # the registry's preprocessing (Clinical-T5)
     prompt_set, window_words = prompts.load_prompts(task), config["window_words"]
     verbalizers, reason = _cloze_verbalizers_or_reason(task, model, prompt_set, tokenizer, config["protocol"])
     if reason is not None:

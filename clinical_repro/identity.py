@@ -10,14 +10,13 @@ import re
 from pathlib import Path
 
 from .core import UserError
-from .config import (TrainSpec, TaskSpec, train_layers, task_layer, merge_train, check_keys, make_run_id,
-                                   params_dir)
+from .config import TaskSpec, task_layer, resolve_train, check_keys, make_run_id
 from .tasks import answer_room, check_task, content_free_input, get_task, icl_budget, icl_dev_n
 from .data import TaskData, load_task, ensure_subsets
 from . import models, prompts
 
 # %% auto #0
-__all__ = ['resolve_unit', 'unit_identity', 'check_local', 'clip_window_words', 'icl_identity']
+__all__ = ['input_settings', 'resolve_unit', 'unit_identity', 'check_local', 'clip_window_words', 'icl_identity']
 
 # %% ../nbs/69_identity.ipynb #58a7a0d1
 def _check_unit_arguments(task:str, mode:str, fraction:float) -> None:
@@ -27,6 +26,11 @@ def _check_unit_arguments(task:str, mode:str, fraction:float) -> None:
         raise UserError(f"mode {mode!r}: this function resolves fine-tuning units")
     if not 0 < fraction <= 1:
         raise UserError(f"fraction must be in (0, 1], got {fraction}")
+
+def input_settings(spec) -> dict:
+    """What the registry changes in a model's input text (preprocessing) and its tokenizer (e.g. GatorTron cased):
+    part of every unit's identity, so a changed setting never reuses results computed without it."""
+    return {"preprocessing": models.preprocessing(spec), "tokenizer": spec.tokenizer.model_dump(exclude_none=True)}
 
 def resolve_unit(task:str, model:str, *, seed:int=0, fraction:float=1.0, mode:str="finetune",
                  train_overrides:dict|None=None, task_overrides:dict|None=None, overrides_source:str="command line",
@@ -38,20 +42,15 @@ def resolve_unit(task:str, model:str, *, seed:int=0, fraction:float=1.0, mode:st
     if "finetune" not in resolved.spec.modes:
         raise UserError(f"model {model!r} supports {', '.join(resolved.spec.modes)} only, not fine-tuning")
     family = resolved.spec.family
-    models_file = str(params_dir()/"models.yaml")
-    defaults, defaults_file = train_layers(family)
-    task_settings, task_file = task_layer(task, family)
-    task_train = task_settings.pop("_train")
-    model_train = dict(resolved.spec.train or {})
-    check_keys(model_train, set(TrainSpec.model_fields), models_file, f"{model}.train")
-    train = merge_train([(defaults, defaults_file), (task_train, task_file), (model_train, models_file),
-                         (dict(train_overrides or {}), overrides_source)])
+    train = resolve_train(task, family, model, dict(resolved.spec.train or {}), train_overrides, overrides_source)
+    task_settings, _ = task_layer(task, family)
+    task_settings.pop("_train")
     task_settings.update(task_overrides or {})
     check_keys(task_settings, set(TaskSpec.model_fields), overrides_source, "task")
     task_spec = TaskSpec.model_validate(task_settings)
     return {"task": task, "model": model, "mode": mode, "seed": int(seed), "fraction": float(fraction),
             "family": family, "model_source": resolved.source, "train": train.model_dump(),
-            "task_params": task_spec.model_dump()}
+            "task_params": task_spec.model_dump(), "inputs": input_settings(resolved.spec)}
 
 # %% ../nbs/69_identity.ipynb #ba9971c9
 def unit_identity(task:str, model:str, data_dir, out, *, seed:int=0, fraction:float=1.0, train_overrides:dict|None=None,
@@ -121,6 +120,7 @@ def icl_identity(task:str, model:str, data_dir, *, shots:int, draw:int=0, seed:i
               "window_words": clip_window_words(), "answer_room": answer_room(),
               "protocol": "cloze" if resolved.spec.family == "encoder" else "generative",
               "budget": icl_budget(resolved.spec.family),
-              "prompt_layout": prompts.prompt_layout(resolved.spec.family, layout), **_icl_answers(task)}
+              "prompt_layout": prompts.prompt_layout(resolved.spec.family, layout), **_icl_answers(task),
+              "inputs": input_settings(resolved.spec)}
     task_data = data if data is not None else load_task(data_dir, task)
     return config, task_data, make_run_id(config, task_data.data_hash), resolved

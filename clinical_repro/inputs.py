@@ -1,4 +1,4 @@
-"""Per-task model inputs and outputs: MedNLI pairs and CLIP note windows for encoders; text-to-text sources, targets, generation settings and strict output parsers for T5.
+"""Per-task model inputs and outputs: MedNLI pairs and CLIP note windows for encoders and (as text templates) decoders; text-to-text sources, targets, generation settings and strict output parsers for T5.
 
 Docs: https://clinical-repro.github.io/clinical_repro/inputs.html.md"""
 
@@ -13,13 +13,14 @@ from typing import Sequence
 from .core import UserError, get_logger
 from .tasks import TASKS, MEDNLI_LABELS, CLIP_LABELS, check_task, empty_target, family_spec
 from .data import NLIRecord, QARecord, CLIPSentence, CLIPNote, cut_window
+from .qa import is_decoder_tokenizer, decoder_bos
 
 # %% auto #0
-__all__ = ['MEDNLI_LABEL2ID', 'MEDNLI_ID2LABEL', 'CLIP_LABEL2ID', 'CLIP_ID2LABEL', 'NO_ANSWER', 'CLIP_NONE', 'T2T_SETTINGS',
-           'OUTPUT_PARSERS', 'mednli_label_id', 'clip_multi_hot', 'clip_labels_from_multi_hot',
-           'mednli_encoder_features', 'clip_encoder_features', 't2t_settings', 'generation_kwargs',
-           't2t_sources_targets', 't2t_features', 'parse_mednli_output', 'parse_radqa_output', 'parse_clip_output',
-           'parse_output', 'parse_failure_rate']
+__all__ = ['MEDNLI_LABEL2ID', 'MEDNLI_ID2LABEL', 'CLIP_LABEL2ID', 'CLIP_ID2LABEL', 'DECODER_CUE', 'NO_ANSWER', 'CLIP_NONE',
+           'T2T_SETTINGS', 'OUTPUT_PARSERS', 'mednli_label_id', 'clip_multi_hot', 'clip_labels_from_multi_hot',
+           'mednli_encoder_features', 'clip_encoder_features', 'mednli_decoder_features', 'clip_decoder_features',
+           't2t_settings', 'generation_kwargs', 't2t_sources_targets', 't2t_features', 'parse_mednli_output',
+           'parse_radqa_output', 'parse_clip_output', 'parse_output', 'parse_failure_rate']
 
 # %% ../nbs/60_inputs.ipynb #4a70056c
 MEDNLI_LABEL2ID = {label: index for index, label in enumerate(MEDNLI_LABELS)}
@@ -65,6 +66,8 @@ def mednli_encoder_features(
 ) -> dict[str, list]:
     "Unpadded pair encodings with class-index `labels`, `length` and `item_id` (the pairID)."
     if not records: raise UserError("expected at least one MedNLI record, got none")
+    if is_decoder_tokenizer(tokenizer):   # GPT-2 style: no [CLS]/[SEP] to build a pair from
+        return mednli_decoder_features(tokenizer, records, max_length)
     encoded = tokenizer([record.premise for record in records], [record.hypothesis for record in records],
                         truncation="longest_first", max_length=max_length)
     features = {key: list(values) for key, values in encoded.items()}
@@ -152,6 +155,8 @@ def clip_encoder_features(
     window_tokens:int=256,           # tokens per item, special tokens and the position marker included
 ) -> dict[str, list]:
     "One unpadded pair per sentence (sentence; left [SEP] right) with multi-hot `labels`, `length`, `item_id`."
+    if is_decoder_tokenizer(tokenizer):   # GPT-2 style: no [CLS]/[SEP] to build a pair from
+        return clip_decoder_features(tokenizer, notes, window_tokens)
     notes = _as_notes(notes)
     template = _pair_template(tokenizer)
     marker = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
@@ -178,6 +183,79 @@ def clip_encoder_features(
     features["attention_mask"] = [[1] * len(ids) for ids in input_ids]
     features.update(labels=labels, length=[len(ids) for ids in input_ids], item_id=item_ids)
     return features
+
+# %% ../nbs/60_inputs.ipynb #47bd9ec4
+# Fields are separated by labelled text ("\nhypothesis:"), not by eos: eos is also the pad token of a tokenizer
+# without one, and the classifier reads the last token that is not a pad id, so an eos there would be skipped.
+DECODER_CUE = "\nanswer:"   # every decoder classification input ends here: the head reads this token's state
+
+def _piece_ids(tokenizer, *texts:str) -> list[list[int]]:
+    "Ids of template pieces, each tokenized alone, without special tokens."
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+def _field_ids(tokenizer, texts:list[str]) -> list[list[int]]:
+    "Ids of free-text fields as they tokenize after a label such as `premise:` (with running text's leading space)."
+    space = " " if _leading_space(tokenizer) else ""
+    return tokenizer([space + text for text in texts], add_special_tokens=False, verbose=False)["input_ids"]
+
+def _longest_first(first:int, second:int, budget:int) -> tuple[int, int]:
+    "Tokens kept of two segments cut to `budget` longest-first (the longer first; on a tie the first keeps one more)."
+    if first + second <= budget: return first, second
+    short = min(first, second, budget // 2)
+    return (budget - short, short) if first >= second else (short, budget - short)
+
+def _decoder_features(input_ids:list[list[int]], labels:list, item_ids:list[str]) -> dict[str, list]:
+    "The feature columns of decoder classification items."
+    return {"input_ids": input_ids, "attention_mask": [[1] * len(ids) for ids in input_ids], "labels": labels,
+            "length": [len(ids) for ids in input_ids], "item_id": item_ids}
+
+def _too_small(what:str, size:int, n_template:int) -> UserError:
+    return UserError(f"{what} must leave room for text beside the decoder template's {n_template} tokens, got {size}")
+
+def mednli_decoder_features(
+    tokenizer,                      # a decoder's fast tokenizer (GPT-2 style, with a bos token)
+    records:Sequence[NLIRecord],    # MedNLI pairs
+    max_length:int=256,             # tokens per item, template included (the paper: 256)
+) -> dict[str, list]:
+    "Unpadded `bos premise: P\\nhypothesis: H\\nanswer:` encodings with class-index `labels`, `length`, `item_id`."
+    if not records: raise UserError("expected at least one MedNLI record, got none")
+    bos = decoder_bos(tokenizer)
+    premise_label, hypothesis_label, cue = _piece_ids(tokenizer, "premise:", "\nhypothesis:", DECODER_CUE)
+    n_template = 1 + len(premise_label) + len(hypothesis_label) + len(cue)
+    budget = max_length - n_template
+    if budget < 2: raise _too_small("max_length", max_length, n_template)
+    premises = _field_ids(tokenizer, [record.premise for record in records])
+    hypotheses = _field_ids(tokenizer, [record.hypothesis for record in records])
+    input_ids = []
+    for premise, hypothesis in zip(premises, hypotheses):
+        keep_premise, keep_hypothesis = _longest_first(len(premise), len(hypothesis), budget)
+        input_ids.append([bos] + premise_label + premise[:keep_premise] + hypothesis_label
+                         + hypothesis[:keep_hypothesis] + cue)
+    return _decoder_features(input_ids, [mednli_label_id(record.label) for record in records],
+                             [record.id for record in records])
+
+def clip_decoder_features(
+    tokenizer,                       # a decoder's fast tokenizer (GPT-2 style, with a bos token)
+    notes:Sequence[CLIPNote],        # whole notes (or all sentences of whole notes)
+    window_tokens:int=256,           # tokens per item, template included
+) -> dict[str, list]:
+    "Unpadded `bos sentence: S\\ncontext: L [sentence] R\\nanswer:` items with multi-hot `labels`, `length`, `item_id`."
+    notes = _as_notes(notes)
+    bos = decoder_bos(tokenizer)
+    pieces = _piece_ids(tokenizer, "sentence:", "\ncontext:", " [sentence]", DECODER_CUE)
+    sentence_label, context_label, marker, cue = pieces
+    n_template = 1 + sum(len(piece) for piece in pieces)
+    budget = window_tokens - n_template
+    if budget < 1: raise _too_small("window_tokens", window_tokens, n_template)
+    input_ids, labels, item_ids = [], [], []
+    for note, sentence_ids in zip(notes, _sentence_tokens(tokenizer, notes)):
+        totals = _cumulative([len(ids) for ids in sentence_ids])
+        for i, sentence in enumerate(note.sentences):
+            left, centre, right = _window(sentence_ids, totals, i, budget)
+            input_ids.append([bos] + sentence_label + centre + context_label + left + marker + right + cue)
+            labels.append(clip_multi_hot(sentence.labels))
+            item_ids.append(sentence.id)
+    return _decoder_features(input_ids, labels, item_ids)
 
 # %% ../nbs/60_inputs.ipynb #396db43c
 NO_ANSWER = empty_target("radqa")   # "no answer": the T5 target of an unanswerable RadQA question; parsed back to ""

@@ -6,7 +6,7 @@ Docs: https://clinical-repro.github.io/clinical_repro/models.html.md"""
 
 # %% ../nbs/50_models.ipynb #021a3f76
 from __future__ import annotations
-import difflib, importlib.metadata, os, platform, re, shutil, tempfile
+import dataclasses, difflib, importlib.metadata, os, platform, re, shutil, tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,14 +17,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 import clinical_repro
 from .core import Problem, UserError, DataError, atomic_write_json, sha256_json
 from .config import params_dir
+from .data import CLIPNote, CLIPSentence, NLIRecord, QARecord, TaskData
 # torch and transformers are imported inside the functions that need them: reading and validating the registry
 # (grid checks, `run --dry-run`) should not pay their ~5 s import.
 
 # %% auto #0
-__all__ = ['FAMILIES', 'DOMAINS', 'MODES', 'BUILTINS', 'T5_TINY_DEMO', 'SMOLLM2_DISTRIBUTION', 'HEADS', 'ModelSpec',
-           'default_registry_path', 'load_registry', 'ResolvedModel', 'default_cache_dir', 'minilm_demo_dir',
-           'resolve_model', 'build_t5_tiny_demo', 'build_minilm_random_demo', 'smollm2_gguf_path', 'convert_gguf',
-           'build_smollm2_demo', 'check_available', 'load_tokenizer', 'load_model', 'choose_precision', 'device_info']
+__all__ = ['FAMILIES', 'DOMAINS', 'MODES', 'BUILTINS', 'PLACEHOLDER_MODES', 'DEID_TAGS', 'DEID_FALLBACK_TAG', 'T5_TINY_DEMO',
+           'SMOLLM2_DISTRIBUTION', 'HEADS', 'PYTORCH_WEIGHTS', 'FLAX_WEIGHTS', 'Preprocessing', 'TokenizerSettings',
+           'ModelSpec', 'default_registry_path', 'load_registry', 'ResolvedModel', 'default_cache_dir',
+           'minilm_demo_dir', 'resolve_model', 'preprocessing', 'deid_tag', 'preprocess_text', 'preprocess_task_data',
+           'build_t5_tiny_demo', 'build_minilm_random_demo', 'smollm2_gguf_path', 'convert_gguf', 'build_smollm2_demo',
+           'check_available', 'load_tokenizer', 'load_model', 'convert_release_model', 'choose_precision',
+           'device_info']
 
 # %% ../nbs/50_models.ipynb #85d91869
 FAMILIES = ("encoder", "seq2seq", "decoder")
@@ -33,6 +37,19 @@ MODES = ("finetune", "icl")
 BUILTINS = ("minilm-demo", "minilm-random-demo", "t5-tiny-demo", "smollm2-demo")
 _NAME_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+PLACEHOLDER_MODES = ("keep", "tags")
+
+class Preprocessing(BaseModel):
+    "What a model's inputs need before tokenizing, because of how it was pretrained (registry key `preprocessing`)."
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    lowercase: bool = False                            # lower-case every input (an uncased vocabulary)
+    placeholders: Literal[PLACEHOLDER_MODES] = "keep"  # MIMIC `[** ... **]`: keep as is, or replace by tag tokens
+
+class TokenizerSettings(BaseModel):
+    "Settings the loader passes to the tokenizer where its files say otherwise (registry key `tokenizer`)."
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    do_lower_case: bool | None = None  # None: as the tokenizer's files say; GatorTron ships none and is cased
 
 class ModelSpec(BaseModel):
     "One registry entry: where the weights are, what kind of model it is, how the paper trained it."
@@ -46,6 +63,9 @@ class ModelSpec(BaseModel):
     size_m: float = Field(gt=0)                       # parameters, millions
     modes: tuple[Literal["finetune", "icl"], ...] = Field(min_length=1)
     has_mlm_head: bool
+    preprocessing: Preprocessing = Field(default_factory=Preprocessing)  # input text changes, see `preprocessing`
+    tokenizer: TokenizerSettings = Field(default_factory=TokenizerSettings)  # honoured by `load_tokenizer`
+    release_folder: str | None = None                 # local_path models: the folder in the credentialed release
     train: dict[str, Any] = Field(default_factory=dict)  # hyperparameter overrides (validated by the config module)
     notes: str = ""                                   # provenance and caveats, shown in errors
 
@@ -68,6 +88,8 @@ class ModelSpec(BaseModel):
         if len(given) != 1: raise ValueError(f"exactly one of hub_id, local_path, builtin; got {given or 'none'}")
         if self.has_mlm_head and self.family != "encoder":
             raise ValueError("has_mlm_head: only encoders have an MLM head")
+        if self.release_folder is not None and self.local_path is None:
+            raise ValueError("release_folder: only models read from a local_path come from a release folder")
         return self
 
     @property
@@ -95,13 +117,16 @@ def _show(path:Path) -> str:
     try: return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
     except ValueError: return str(path)
 
+_NESTED = {"preprocessing": Preprocessing, "tokenizer": TokenizerSettings}
+
 def _pydantic_problems(file:str, name:str, err:ValidationError) -> list[Problem]:
     "One Problem per pydantic error, keyed by the YAML path."
     out = []
     for e in err.errors():
         where = ".".join([name, *map(str, e["loc"])])
         if e["type"] == "extra_forbidden":
-            what = f"unknown key (expected one of: {', '.join(ModelSpec.model_fields)})"
+            fields = _NESTED.get(e["loc"][0], ModelSpec).model_fields if len(e["loc"]) > 1 else ModelSpec.model_fields
+            what = f"unknown key (expected one of: {', '.join(fields)})"
         elif e["type"] == "missing":
             what = "missing required key"
         else:
@@ -215,6 +240,137 @@ def resolve_model(name:str, registry:dict[str, ModelSpec]|None=None) -> Resolved
                        f"to the folder holding config.json, the PyTorch weights and the tokenizer. {spec.notes}")
             raise UserError(message.strip())
     return ResolvedModel(name, spec, str(source), True)
+
+# %% ../nbs/50_models.ipynb #b7e2c4a1
+def preprocessing(
+    entry:ModelSpec|ResolvedModel,  # a registry entry (or a resolved one)
+) -> dict:
+    "The input preprocessing a model's registry entry asks for: {'lowercase': bool, 'placeholders': 'keep'|'tags'}."
+    spec = entry.spec if isinstance(entry, ResolvedModel) else entry
+    if not isinstance(spec, ModelSpec):
+        raise UserError(f"preprocessing needs a registry entry (ModelSpec), got {type(entry).__name__}")
+    return spec.preprocessing.model_dump()
+
+# %% ../nbs/50_models.ipynb #c3d1e0a1
+# Placeholder category -> tag token of Clinical-T5's pretraining; the first category found in a placeholder wins.
+DEID_TAGS = (
+    ("First Name", "[Name]"), ("Last Name", "[Name]"), ("Clip Number (Radiology)", "[Reg#]"),
+    ("Hospital", "[Company]"), ("Numeric Identifier", "[Reg#]"), ("Location", "[LOC]"), ("Initials", "[Name]"),
+    ("Known lastname", "[Name]"), ("Known firstname", "[Name]"), ("Age over 90", "[Age]"),
+    ("Medical Record Number", "[Reg#]"), ("Telephone/Fax", "[#]"), ("Name", "[Name]"), ("Street Address", "[LOC]"),
+    ("Date Range", "[DR]"), ("Serial Number", "[#]"), ("Social Security Number", "[#]"), ("State", "[State]"),
+    ("E-mail address", "[CI]"), ("Company", "[Company]"), ("Pager number", "[#]"), ("Country", "[Country]"),
+    ("MD Number", "[Reg#]"), ("Wardname", "[LOC]"), ("College", "[Company]"), ("Apartment Address", "[LOC]"),
+    ("URL", "[URL]"), ("CC Contact Info", "[CI]"), ("Attending Info", "[CI]"), ("Job Number", "[Reg#]"),
+    ("Year", "[YR]"), ("Month", "[MO]"), ("Day", "[DAY]"), ("Holiday", "[DAY]"), ("Unit Number", "[Reg#]"),
+    ("PO Box", "[LOC]"), ("Dictator Info", "[CI]"), ("Provider Number", "[#]"))
+DEID_FALLBACK_TAG = "[MISC]"
+_PLACEHOLDER_RE = re.compile(r"\[\s*\*\*(.*?)\*\*\s*\]")
+_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December")
+
+def deid_tag(
+    content:str,  # the text between `[**` and `**]`
+) -> str:
+    "What one placeholder becomes: a tag token, its date-like content, or '' (empty placeholder)."
+    folded = content.lower()
+    for category, tag in DEID_TAGS:
+        if category.lower() in folded: return tag
+    kept = content.strip()
+    if kept.count("-") == 2 or any(month in kept for month in _MONTHS): return kept
+    if kept.isdigit(): return "[Reg#]"
+    if kept.replace("-", "").replace("/", "").isdigit(): return kept
+    return "" if not kept else DEID_FALLBACK_TAG
+
+def _padded_tag(match:re.Match) -> str:
+    "A placeholder's replacement, set off by a space from the characters around it."
+    tag, text = deid_tag(match.group(1)), match.string
+    if not tag: return ""
+    left = " " if match.start() > 0 and not text[match.start() - 1].isspace() else ""
+    right = " " if match.end() < len(text) and not text[match.end()].isspace() else ""
+    return f"{left}{tag}{right}"
+
+def preprocess_text(
+    text:str,    # one input text
+    prep:dict,   # from `preprocessing`
+) -> str:
+    "`text` as the model was pretrained to read it: placeholders replaced by tags (`tags`), then lower-cased."
+    if prep["placeholders"] == "tags": text = _PLACEHOLDER_RE.sub(_padded_tag, text)
+    return text.lower() if prep["lowercase"] else text
+
+# %% ../nbs/50_models.ipynb #c3d1e0a4
+def _edit_with_offsets(text:str, prep:dict) -> tuple[str, list[int], list[int]]:
+    """`preprocess_text` of `text`, and for each character of `text` where it starts and ends in the result (the
+    characters of a placeholder all map to its tag)."""
+    pieces, starts, ends, at, cursor = [], [], [], 0, 0
+    def copy(upto:int):
+        nonlocal at, cursor
+        for char in text[at:upto]:
+            new = char.lower() if prep["lowercase"] else char
+            pieces.append(new)
+            starts.append(cursor)
+            cursor += len(new)
+            ends.append(cursor)
+        at = upto
+    for match in (_PLACEHOLDER_RE.finditer(text) if prep["placeholders"] == "tags" else ()):
+        copy(match.start())
+        padded = _padded_tag(match)
+        padded = padded.lower() if prep["lowercase"] else padded
+        tag_start = cursor + (len(padded) - len(padded.lstrip(" ")))
+        starts += [tag_start] * (match.end() - match.start())
+        ends += [tag_start + len(padded.strip(" "))] * (match.end() - match.start())
+        pieces.append(padded)
+        cursor += len(padded)
+        at = match.end()
+    copy(len(text))
+    return "".join(pieces), starts, ends
+
+def _qa_record(record:QARecord, prep:dict, contexts:dict) -> QARecord:
+    "A RadQA record with its context, question and answers preprocessed; each answer re-located in the new context."
+    if record.context not in contexts: contexts[record.context] = _edit_with_offsets(record.context, prep)
+    context, starts, ends = contexts[record.context]
+    answers = []
+    for text, offset in record.answers:
+        start, end = starts[offset], ends[offset + len(text) - 1] if text else starts[offset]
+        answers.append((context[start:end], start))
+    return dataclasses.replace(record, context=context, question=preprocess_text(record.question, prep),
+                               answers=tuple(answers))
+
+def _clip_sentence(sentence:CLIPSentence, prep:dict) -> CLIPSentence:
+    "A CLIP sentence with its tokens preprocessed (re-split on white space where a placeholder was replaced)."
+    joined = " ".join(sentence.tokens)
+    if prep["placeholders"] == "tags" and _PLACEHOLDER_RE.search(joined):
+        tokens = tuple(preprocess_text(joined, prep).split())
+    else:
+        tokens = tuple(preprocess_text(token, prep) for token in sentence.tokens)
+    return dataclasses.replace(sentence, tokens=tokens)
+
+def preprocess_task_data(
+    task_data:TaskData,              # a loaded release (`data.load_task`)
+    entry:ModelSpec|ResolvedModel,   # the model that will read it
+) -> TaskData:
+    "The release as `entry` reads it (see `preprocessing`); the same object when the model needs no preprocessing."
+    prep = preprocessing(entry)
+    if prep == Preprocessing().model_dump(): return task_data
+    notes = {split: [CLIPNote(n.doc_id, tuple(_clip_sentence(s, prep) for s in n.sentences)) for n in split_notes]
+             for split, split_notes in task_data.notes.items()}
+    sentences = {s.id: s for split_notes in notes.values() for note in split_notes for s in note.sentences}
+    contexts, splits = {}, {}
+    for split, records in task_data.splits.items():
+        edited = []
+        for r in records:
+            if isinstance(r, NLIRecord):
+                r = dataclasses.replace(r, premise=preprocess_text(r.premise, prep),
+                                        hypothesis=preprocess_text(r.hypothesis, prep))
+            elif isinstance(r, QARecord):
+                r = _qa_record(r, prep, contexts)
+            elif isinstance(r, CLIPSentence):
+                r = sentences.get(r.id) or _clip_sentence(r, prep)
+            else:
+                raise UserError(f"{task_data.task}: cannot preprocess a {type(r).__name__} record")
+            edited.append(r)
+        splits[split] = edited
+    return dataclasses.replace(task_data, splits=splits, notes=notes)
 
 # %% ../nbs/50_models.ipynb #d82c0b59
 T5_TINY_DEMO = dict(d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=16)
@@ -418,12 +574,25 @@ def check_available(resolved:ResolvedModel) -> None:
     if not isinstance(try_to_load_from_cache(resolved.source, "config.json"), str):
         raise _load_error(resolved, "configuration", FileNotFoundError("config.json is not in the Hugging Face cache"))
 
+def _tokenizer_kwargs(resolved:ResolvedModel) -> dict:
+    "The registry's tokenizer settings that are set (`tokenizer:`), as keyword arguments."
+    return resolved.spec.tokenizer.model_dump(exclude_none=True)
+
+def _check_tokenizer_settings(resolved:ResolvedModel, tok) -> None:
+    "Refuse a tokenizer that ignored a registry setting (e.g. a cased model read lower-cased)."
+    for key, wanted in _tokenizer_kwargs(resolved).items():
+        if getattr(tok, key, wanted) != wanted:
+            raise UserError(f"model {resolved.name!r}: the registry sets tokenizer.{key}: {wanted}, but the loaded "
+                            f"{type(tok).__name__} has {key}={getattr(tok, key)!r}")
+
 def load_tokenizer(resolved:ResolvedModel):
-    "The model's tokenizer; decoders without a pad token pad with their end-of-sequence token."
+    """The model's tokenizer, with the registry's `tokenizer:` settings (GatorTron: cased); decoders without a pad
+    token pad with their end-of-sequence token."""
     from transformers import AutoTokenizer
     try:
-        tok = AutoTokenizer.from_pretrained(resolved.source, **_load_kwargs(resolved))
+        tok = AutoTokenizer.from_pretrained(resolved.source, **_load_kwargs(resolved), **_tokenizer_kwargs(resolved))
     except (OSError, ValueError) as e: raise _load_error(resolved, "tokenizer", e) from None
+    _check_tokenizer_settings(resolved, tok)
     if resolved.spec.family == "decoder" and tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -469,6 +638,69 @@ def load_model(
     if family == "decoder" and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id  # as load_tokenizer does for the tokenizer
     return model
+
+# %% ../nbs/50_models.ipynb #d4e2f0a1
+PYTORCH_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # read first, in this order
+FLAX_WEIGHTS = "flax_model.msgpack"
+
+def _release_source(release_dir:Path, name:str, folder:str) -> Path:
+    "The one folder called `folder` at any depth under `release_dir` (or `release_dir` itself)."
+    if release_dir.name == folder: return release_dir
+    found = sorted(p for p in release_dir.rglob(folder) if p.is_dir())
+    if len(found) != 1:
+        what = "no folder" if not found else f"{len(found)} folders ({', '.join(map(str, found))})"
+        raise UserError(f"model {name!r}: {what} called {folder} under {release_dir}; expected the release's "
+                        f"{folder} (the Clinical-T5 release has Clinical-T5-Base, Clinical-T5-Large, Clinical-T5-Sci "
+                        "and Clinical-T5-Scratch)")
+    return found[0]
+
+def _flax_only_error(name:str, source:Path) -> UserError:
+    "Flax weights only: the one-off conversion command (transformers 5 has no Flax)."
+    script = ("import sys; from transformers import AutoTokenizer, T5ForConditionalGeneration as T; "
+              "m = T.from_pretrained(sys.argv[1], from_flax=True); m.save_pretrained(sys.argv[2]); "
+              "AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])")
+    return UserError(f"model {name!r}: {source} holds Flax weights only ({FLAX_WEIGHTS}), which transformers 5 cannot "
+                     "read. Convert them once in a throwaway environment, then convert the result:\n"
+                     "  python3 -m venv /tmp/flax2pt && /tmp/flax2pt/bin/pip install 'transformers>=4.40,<5' flax "
+                     "'jax[cpu]' torch sentencepiece protobuf\n"
+                     f"  /tmp/flax2pt/bin/python -c \"{script}\" {source} /tmp/flax2pt-out/{source.name}\n"
+                     f"  then: convert_release_model('/tmp/flax2pt-out', {name!r})")
+
+def convert_release_model(
+    release_dir:str|Path,       # the downloaded release (e.g. physionet.org/files/clinical-t5/1.0.0), or the folder
+    name:str,                   # registry name, e.g. clinical-t5-base (its `release_folder` says which folder)
+    out:str|Path|None=None,     # where to write; default the registry's local_path (its variable, else its default)
+    registry:dict[str, ModelSpec]|None=None,
+) -> Path:
+    "Write a release folder's PyTorch weights as safetensors, with its tokenizer, where the registry loads them."
+    registry = load_registry() if registry is None else registry
+    if name not in registry: resolve_model(name, registry)   # the unknown-name error, with suggestions
+    spec = registry[name]
+    if spec.release_folder is None:
+        have = ", ".join(n for n, s in registry.items() if s.release_folder) or "none"
+        raise UserError(f"model {name!r} has no release_folder in the registry; "
+                        f"models converted from a release: {have}")
+    source = _release_source(Path(release_dir).expanduser().resolve(), name, spec.release_folder)
+    if not (source/"config.json").is_file():
+        raise UserError(f"model {name!r}: {source} holds no config.json; expected a model folder of the release")
+    if not any((source/w).is_file() for w in PYTORCH_WEIGHTS):
+        if (source/FLAX_WEIGHTS).is_file(): raise _flax_only_error(name, source)
+        raise UserError(f"model {name!r}: {source} holds none of {', '.join(PYTORCH_WEIGHTS)} or {FLAX_WEIGHTS}")
+    target = Path(out).expanduser().resolve() if out is not None else _expand_local_path(name, spec.local_path)[0]
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        held = "already holds a model" if (target/"config.json").exists() else "exists and is not an empty folder"
+        raise UserError(f"model {name!r}: {target} {held}; delete it to convert again")
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    tmp = _temporary_build(target)
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(str(source), local_files_only=True, trust_remote_code=False)
+        model.save_pretrained(tmp)   # safetensors
+        AutoTokenizer.from_pretrained(str(source), local_files_only=True).save_pretrained(tmp)
+        if target.is_dir(): target.rmdir()   # an empty folder made beforehand
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 # %% ../nbs/50_models.ipynb #d9bcb23e
 def choose_precision(

@@ -1,4 +1,4 @@
-"""Sliding-window features for encoder QA and framework-free post-processing: n-best spans mapped back through offsets, the null score as the minimum over windows, an answer-length cap taken from train.
+"""Sliding-window features for encoder and decoder QA, and framework-free post-processing: n-best spans mapped back through offsets, the null score as the minimum over windows, an answer-length cap taken from train.
 
 Docs: https://clinical-repro.github.io/clinical_repro/qa.html.md"""
 
@@ -13,10 +13,24 @@ from .core import UserError
 from .data import QARecord
 
 # %% auto #0
-__all__ = ['QA_META_COLUMNS', 'qa_features', 'answer_label_mismatches', 'max_answer_tokens', 'postprocess_qa']
+__all__ = ['QA_META_COLUMNS', 'DECODER_QUESTION', 'is_decoder_tokenizer', 'decoder_bos', 'qa_features', 'answer_label_mismatches',
+           'max_answer_tokens', 'postprocess_qa']
 
 # %% ../nbs/55_qa.ipynb #2e1d8d3d
 QA_META_COLUMNS = ("example_index", "offset_mapping")  # feature columns that are not model inputs
+# A decoder's first segment: its bos token (the null answer's position), the question, then the report on a new line
+DECODER_QUESTION = "{bos}question: {question}\ncontext:\n"
+
+def is_decoder_tokenizer(tokenizer) -> bool:
+    "Whether `tokenizer` has neither [CLS] nor [SEP] (GPT-2 style): its inputs are then built from text templates."
+    return getattr(tokenizer, "cls_token", None) is None and getattr(tokenizer, "sep_token", None) is None
+
+def decoder_bos(tokenizer) -> int:
+    "The id of a decoder's bos token, which starts every decoder input (and is RadQA's null position)."
+    if getattr(tokenizer, "bos_token_id", None) is None:
+        raise UserError(f"{type(tokenizer).__name__}: a tokenizer without [CLS]/[SEP] needs a bos token to start "
+                        "each input (GPT-2 style: <|endoftext|>); it has none")
+    return tokenizer.bos_token_id
 
 def _check_tokenizer(tokenizer):
     if not getattr(tokenizer, "is_fast", False):
@@ -61,8 +75,27 @@ def _token_labels(offsets, seq_ids, span) -> tuple[int, int]:
     last = int(report_tokens[np.nonzero(report_offsets[:, 0] < span_end)[0][-1]])
     return first, last
 
+def _check_null_position(tokenizer, encoded, decoder:bool) -> None:
+    "Every window must start with the token whose logits score the null answer: [CLS] (encoders) or bos (decoders)."
+    if decoder:
+        if any(ids[0] != tokenizer.bos_token_id for ids in encoded["input_ids"]):
+            raise UserError(f"expected every window to start with the bos token {tokenizer.bos_token!r} (the null "
+                            "answer's position); the tokenizer does not read it as one special token")
+    elif encoded.sequence_ids(0)[0] is not None:
+        raise UserError("expected a tokenizer that starts each (question, report) pair with a special token "
+                        "such as [CLS]")
+
+def _trim_spaces(offsets, sequence_ids, context:str) -> list[tuple[int, int]]:
+    "Report-token offsets without the whitespace a byte-level BPE token carries before its word."
+    trimmed = []
+    for (start, end), sequence in zip(offsets, sequence_ids):
+        if sequence == 1:
+            start = end - len(context[start:end].lstrip())
+        trimmed.append((start, end))
+    return trimmed
+
 def qa_features(
-    tokenizer,                   # a fast Hugging Face tokenizer that pads on the right
+    tokenizer,                   # a fast Hugging Face tokenizer that pads on the right (encoder or decoder)
     records:Sequence[QARecord],  # RadQA questions
     max_length:int=384,          # tokens per window, question and special tokens included
     doc_stride:int=128,          # tokens shared by consecutive windows of a long report
@@ -76,6 +109,10 @@ def qa_features(
     if not records: raise UserError("expected at least one RadQA record, got none")
     # leading spaces only cost room in the window (and change BPE tokens)
     questions = [record.question.lstrip() for record in records]
+    decoder = is_decoder_tokenizer(tokenizer)
+    if decoder:
+        bos = tokenizer.convert_ids_to_tokens(decoder_bos(tokenizer))
+        questions = [DECODER_QUESTION.format(bos=bos, question=question) for question in questions]
     room = max_length - tokenizer.num_special_tokens_to_add(pair=True)
     question_lengths = [len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]]
     for record, n_tokens in zip(records, question_lengths):
@@ -86,16 +123,18 @@ def qa_features(
     encoded = tokenizer(questions, [record.context for record in records], truncation="only_second",
                         max_length=max_length, stride=doc_stride, return_overflowing_tokens=True,
                         return_offsets_mapping=True, padding=False)
-    if encoded.sequence_ids(0)[0] is not None:
-        raise UserError("expected a tokenizer that starts each (question, report) pair with a special token "
-                        "such as [CLS]")
+    _check_null_position(tokenizer, encoded, decoder)
     features = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
     if "token_type_ids" in encoded:
         features["token_type_ids"] = encoded["token_type_ids"]
     features["example_index"] = [int(i) for i in encoded["overflow_to_sample_mapping"]]
+    offsets = encoded["offset_mapping"]
+    if decoder:
+        offsets = [_trim_spaces(window_offsets, encoded.sequence_ids(i), records[record_index].context)
+                   for i, (window_offsets, record_index) in enumerate(zip(offsets, features["example_index"]))]
     if train:
         spans = [_answer_span(record) for record in records]
-        labels = [_token_labels(encoded["offset_mapping"][i], encoded.sequence_ids(i), spans[record_index])
+        labels = [_token_labels(offsets[i], encoded.sequence_ids(i), spans[record_index])
                   for i, record_index in enumerate(features["example_index"])]
         features["start_positions"] = [start for start, _ in labels]
         features["end_positions"] = [end for _, end in labels]
@@ -103,7 +142,7 @@ def qa_features(
         features["offset_mapping"] = [
             [tuple(offset) if sequence == 1 else None
              for offset, sequence in zip(window_offsets, encoded.sequence_ids(i))]
-            for i, window_offsets in enumerate(encoded["offset_mapping"])]
+            for i, window_offsets in enumerate(offsets)]
     return features
 
 # %% ../nbs/55_qa.ipynb #7551bda1

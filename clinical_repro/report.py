@@ -627,6 +627,7 @@ def _metric_cells(results_dir, units:pd.DataFrame, task:str, metric:str, n_boot:
     return {column: values.mean() if len(values) else math.nan,
             f"{column}_sd": values.std(ddof=1) if len(values) > 1 else math.nan,
             f"{column}_n": len(values),
+            f"{column}_items": interval.get("n_items", 0),
             f"{column}_low": interval.get("low", math.nan),
             f"{column}_high": interval.get("high", math.nan),
             f"{column}_covers": interval.get("covers", "")}
@@ -668,8 +669,15 @@ def _row_label(model, mode, shots, kept:float=math.nan) -> str:
     fewer = pd.notna(kept) and kept < int(shots) - 0.005
     return f"{label}, {kept:.1f} kept on average)" if fewer else f"{label})"
 
-def _metric_cell(row, column:str, best:float, mark:str) -> str:
-    "'.818 ± .004 [.80, .83]' for one row and column, wrapped in `mark` when it is the column's best; '—' if absent."
+def _fewer_items(items, full_items) -> str:
+    "' (n = 30)' when a row was scored on fewer test items than the task's fullest row (ICL limits), else ''."
+    if pd.isna(items) or pd.isna(full_items) or not 0 < items < full_items:
+        return ""
+    return f" (n = {int(items)})"
+
+def _metric_cell(row, column:str, best:float, mark:str, full_items:float=math.nan) -> str:
+    """'.818 ± .004 [.80, .83]' for one row and column, wrapped in `mark` when it is the column's best; '—' if absent;
+    ' (n = 30)' added when the row has fewer test items than `full_items`."""
     if pd.isna(row[column]):
         return "—"
     text = _paper_number(row[column])
@@ -677,7 +685,8 @@ def _metric_cell(row, column:str, best:float, mark:str) -> str:
         text += f" ± {_paper_number(row[f'{column}_sd'])}"
     if not pd.isna(row[f"{column}_low"]):
         text += f" [{_paper_number(row[f'{column}_low'], 2)}, {_paper_number(row[f'{column}_high'], 2)}]"
-    return f"{mark}{text}{mark}" if mark and np.isclose(row[column], best) else text
+    text = f"{mark}{text}{mark}" if mark and np.isclose(row[column], best) else text
+    return text + _fewer_items(row.get(f"{column}_items", math.nan), full_items)
 
 def _protocol_cell(row) -> str:
     """Table 3's protocol column: the row's scores under the paper's protocol where it differs from the project's
@@ -700,8 +709,9 @@ def format_table3(headline:pd.DataFrame,  # `table3`'s output
         if column not in headline or headline[column].isna().all():
             continue
         best = headline.loc[headline["mode"] != BASELINE_MODE, column].max()   # a baseline is never marked best
-        table[METRIC_LABELS[column]] = [_metric_cell(row, column, best, "" if row["mode"] == BASELINE_MODE else mark)
-                                         for _, row in headline.iterrows()]   # a baseline is never marked
+        full = headline[f"{column}_items"].max() if f"{column}_items" in headline else math.nan
+        table[METRIC_LABELS[column]] = [_metric_cell(row, column, best, "" if row["mode"] == BASELINE_MODE else mark,
+                                                     full) for _, row in headline.iterrows()]
     table["The paper's protocol"] = [_protocol_cell(row) for _, row in headline.iterrows()]
     return table
 
@@ -1202,6 +1212,11 @@ def _scores_of(rows:pd.DataFrame, model:str, setting:str) -> pd.Series:
     "The test selection metric of the units of one (model, setting)."
     return rows.loc[(rows.model == model) & (rows.setting == setting), "test"].astype(float).dropna()
 
+def _items_of(rows:pd.DataFrame, model:str, setting:str) -> float:
+    "How many test items the units of one (model, setting) were scored on (the fewest of them); NaN if unknown."
+    counts = rows.loc[(rows.model == model) & (rows.setting == setting), "n_test"].astype(float).dropna()
+    return counts.min() if len(counts) else math.nan
+
 def _baselines_text(baselines:pd.DataFrame|None, task:str) -> str:
     "The task's trivial baselines on its selection metric: 'majority class (entailment, from train) .333'."
     if baselines is None or baselines.empty:
@@ -1222,11 +1237,14 @@ def finetune_vs_icl(df:pd.DataFrame,
     for task in [task for task in TASKS if task in set(rows.task)]:
         task_rows = rows[rows.task == task]
         scores = {f"{model}, {setting}": _scores_of(task_rows, model, setting) for model, setting in settings}
+        items = {f"{model}, {setting}": _items_of(task_rows, model, setting) for model, setting in settings}
         best = max((values.mean() for values in scores.values() if len(values)), default=math.nan)
+        full = max(items.values(), default=math.nan)
         line = {"Task (test metric)": _metric_label(task)}
         for column, values in scores.items():
             text = _score_text(values) if len(values) else "—"
-            line[column] = f"{mark}{text}{mark}" if mark and len(values) and np.isclose(values.mean(), best) else text
+            text = f"{mark}{text}{mark}" if mark and len(values) and np.isclose(values.mean(), best) else text
+            line[column] = text + (_fewer_items(items[column], full) if len(values) else "")
         table.append({**line, "Trivial baselines": _baselines_text(baselines, task)})
     return pd.DataFrame(table).set_index("Task (test metric)") if table else pd.DataFrame()
 
@@ -1660,7 +1678,7 @@ def _glance_section(results_dir:Path, df:pd.DataFrame, figure:Path) -> tuple[str
     return ("In-context learning vs fine-tuning", [
         "Each task's selection metric on test: every fine-tuned model (100 % of the training data) and every "
         "in-context model per number of shots, mean ± sd over seeds and draws, the best in bold; the trivial "
-        "baselines beside.",
+        "baselines beside; (n = k) where a setting was scored on fewer test items than the task's test split.",
         finetune_vs_icl(df, baseline_units(results_dir, df)), figure])
 
 def _table3_section(headline:pd.DataFrame, n_boot:int) -> tuple[str, list]:
@@ -1670,8 +1688,9 @@ def _table3_section(headline:pd.DataFrame, n_boot:int) -> tuple[str, list]:
         "and seeds per shot count) and, in brackets, a 95 % percentile interval of the seed-averaged metric from a "
         f"two-level bootstrap ({n_boot} resamples): the row's units resampled with replacement, then the test-item "
         "clusters (MedNLI premises, RadQA reports, CLIP notes). All metrics on a 0–1 scale; the best value per column "
-        "in bold (never a baseline). The last column gives the row's scores under the paper's protocol where it "
-        "differs from ours."])
+        "in bold (never a baseline); (n = k) where a row was scored on fewer test items than the task's test split "
+        "(in-context rows are limited to a number of items, so their intervals are wider). The last column gives "
+        "the row's scores under the paper's protocol where it differs from ours."])
 
 def _generated_section(generated:pd.DataFrame) -> tuple[str, list]:
     if not len(generated):

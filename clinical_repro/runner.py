@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .core import (UserError, atomic_write_json, atomic_write_text, get_logger, notebook_log,
                                  temporary_environ)
-from .config import params_dir, code_version
+from .config import params_dir, code_version, resolve_train
 from .grid import Experiment, Grid, expand, grid_path, load_grid, notebook_name, report_path
 from .governance import check_data_location, network_guard_env, scan_leaks
 from .units import (demo_data_complete, demo_data_dir, ensure_demo_data, identify, load_task_or_none,
@@ -23,12 +23,12 @@ from .units import (demo_data_complete, demo_data_dir, ensure_demo_data, identif
 from . import executors, models, results
 
 # %% auto #0
-__all__ = ['templates_dir', 'grid_dir', 'resolve_data_dir', 'UnitState', 'read_state', 'unit_state', 'overrides_of',
+__all__ = ['GPUS', 'templates_dir', 'grid_dir', 'resolve_data_dir', 'UnitState', 'read_state', 'unit_state', 'overrides_of',
            'experiment_states', 'load_grid_data', 'plan_grid', 'planned_units', 'states_after', 'now_utc',
            'manifest_of', 'manifest_entry', 'failures', 'kernel_env', 'notebook_complete', 'clean_temporaries',
-           'notebook_parameters', 'ProgressWatcher', 'GridRun', 'check_executor', 'plan_run', 'to_run', 'print_plan',
-           'run_grid', 'leak_scan', 'summary_inputs_hash', 'export_html', 'summary_is_current', 'summarize_grid',
-           'grid_folders']
+           'notebook_parameters', 'ProgressWatcher', 'GridRun', 'planned_device', 'unit_settings', 'planned_settings',
+           'check_executor', 'plan_run', 'to_run', 'print_plan', 'run_grid', 'leak_scan', 'summary_inputs_hash',
+           'export_html', 'summary_is_current', 'summarize_grid', 'grid_folders']
 
 # %% ../nbs/88_runner.ipynb #fce64458
 def templates_dir() -> Path:
@@ -365,6 +365,49 @@ class GridRun:
                       f"{self.units} units finished, {failed} failed; manifest {self.folder/'manifest.json'}")
         return manifest
 
+# %% ../nbs/88_runner.ipynb #r13a0001
+# Named GPUs of a dry run: what the precision policy needs to know about each (CUDA compute capability).
+GPUS = {"t4": ("NVIDIA T4", (7, 5)), "a100": ("NVIDIA A100", (8, 0)), "h100": ("NVIDIA H100", (9, 0))}
+
+def planned_device(gpu:str|None=None) -> dict:
+    "The device a run would use: `gpu` (t4 | a100 | h100 | cpu) as named, else this machine's (`models.device_info`)."
+    if gpu is None:
+        info = models.device_info()
+        return {"type": info["type"], "name": info["name"], "capability": info["capability"]}
+    if gpu == "cpu":
+        return {"type": "cpu", "name": "cpu", "capability": None}
+    if gpu not in GPUS:
+        raise UserError(f"--gpu {gpu!r}: expected one of {', '.join([*GPUS, 'cpu'])}")
+    name, capability = GPUS[gpu]
+    return {"type": "cuda", "name": name, "capability": list(capability)}
+
+def _train_settings(exp:Experiment, spec) -> dict:
+    "The resolved TrainSpec of a fine-tuning experiment's units: the protocol's fields first, then all of it."
+    train = resolve_train(exp.task, spec.family, exp.model, dict(spec.train or {}), exp.train_overrides,
+                          exp.overrides_source or "grid")
+    shown = ("learning_rate", "learning_rate_grid", "epochs", "effective_batch", "per_device_batch", "optimizer",
+             "lr_scheduler", "max_steps")
+    return {**{key: getattr(train, key) for key in shown}, "train": train.model_dump()}
+
+def unit_settings(exp:Experiment, states:list[UnitState], registry:dict, device:dict) -> list[dict]:
+    "One record per unit of `exp`: what it is, the settings it will run with on `device`, and its planned state."
+    spec = registry[exp.model]
+    capability = tuple(device["capability"]) if device["capability"] else None
+    shared = {"family": spec.family, "device": device["name"],
+              "precision": models.choose_precision(spec.family, device["type"], capability),
+              "preprocessing": models.preprocessing(spec)}
+    if exp.mode == "finetune":
+        shared = {**_train_settings(exp, spec), **shared}
+    return [{"task": exp.task, "model": exp.model, "mode": exp.mode, **state.unit, **shared,
+             "notebook": f"{exp.task}/{notebook_name(exp)}", "run_id": state.run_id, "status": state.status,
+             "error": state.error}
+            for state in states]
+
+def planned_settings(plan:list, device:dict) -> list[dict]:
+    "`unit_settings` of every unit of a plan, in the plan's order."
+    registry = models.load_registry()
+    return [record for exp, states in plan for record in unit_settings(exp, states, registry, device)]
+
 # %% ../nbs/88_runner.ipynb #32f3560b
 def check_executor(executor:str, jobs:int) -> None:
     "Refuse an unknown executor, fewer than one job, or the Ray executor without Ray."
@@ -404,9 +447,13 @@ def print_plan(grid:Grid, plan:list, todo:list, data_dir, reports, out=print) ->
     out(f"would run {would} of {units} units in {len(todo)} notebooks")
 
 def run_grid(grid_file, data_dir=None, reports="reports", *, dry_run:bool=False, executor:str="local", jobs:int=1,
-             ray_address:str|None=None, progress:bool=True, scan:bool=True, out=print) -> dict:
-    "Run (or, with `dry_run`, show) a grid, `jobs` notebooks at a time; then scan the reports for leaks; the manifest."
+             ray_address:str|None=None, progress:bool=True, scan:bool=True, out=print,
+             gpu:str|None=None, # dry run: the device whose precision the units show (t4|a100|h100|cpu; None: this one)
+            ) -> dict:
+    """Run (or, with `dry_run`, show) a grid, `jobs` notebooks at a time; then scan the reports for leaks; the manifest
+    (a dry run's also has `device` and `units`: every unit's resolved settings, `planned_settings`)."""
     check_executor(executor, jobs)
+    device = planned_device(gpu) if dry_run else None
     grid = load_grid(grid_path(str(grid_file)))
     reports = Path(reports).resolve()  # notebooks run in their own folders: every path they get is absolute
     data_dir = resolve_data_dir(grid, data_dir, write=not dry_run)
@@ -417,7 +464,8 @@ def run_grid(grid_file, data_dir=None, reports="reports", *, dry_run:bool=False,
     if dry_run:
         print_plan(grid, plan, todo, data_dir, reports, out)
         entries = [manifest_entry(exp, states, "planned", 0.0) for exp, states in plan]
-        return manifest_of(grid, data_dir, now_utc(), time.perf_counter(), executor, entries)
+        manifest = manifest_of(grid, data_dir, now_utc(), time.perf_counter(), executor, entries)
+        return {**manifest, "device": device, "units": planned_settings(plan, device)}
     run = GridRun(grid, data_dir, reports, plan, todo, executor, progress)
     manifest = run.execute(jobs, ray_address)
     return leak_scan(manifest, run.folder, run.log) if scan else manifest

@@ -1,5 +1,6 @@
 """Fine-tuning on the Hugging Face Trainer: dynamic padding, length grouping, the precision policy, memory-safe
-batch sizing with OOM recovery that keeps the effective batch, checkpoint/resume and cost accounting.
+batch sizing with OOM recovery that keeps the effective batch, memory options for billion-parameter models,
+checkpoint/resume and cost accounting.
 
 Docs: https://clinical-repro.github.io/clinical_repro/train.html.md"""
 
@@ -7,7 +8,7 @@ Docs: https://clinical-repro.github.io/clinical_repro/train.html.md"""
 
 # %% ../nbs/70_train.ipynb #1ef0e28a
 from __future__ import annotations
-import gc, json, math, os, resource, shutil, time
+import gc, importlib.util, json, math, os, resource, shutil, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Callable
@@ -22,9 +23,10 @@ from .core import UserError, get_logger, atomic_write_json, crash_point, quiet_m
 from .config import TrainSpec
 
 # %% auto #0
-__all__ = ['is_oom', 'free_memory', 'BatchPlan', 'plan_batches', 'probe_per_device_batch', 'make_collator', 'UnitTrainer',
-           'BestDevOutput', 'DevHistory', 'optimizer_name', 'training_arguments', 'FitResult', 'fit',
-           'last_complete_checkpoint', 'predict_safely', 'remove_checkpoints', 'peak_memory_mb', 'cost_summary']
+__all__ = ['CHECKPOINTING_KWARGS', 'is_oom', 'free_memory', 'BatchPlan', 'plan_batches', 'enable_checkpointing',
+           'probe_per_device_batch', 'make_collator', 'UnitTrainer', 'BestDevOutput', 'DevHistory', 'optimizer_name',
+           'training_arguments', 'FitResult', 'fit', 'last_complete_checkpoint', 'predict_safely', 'remove_checkpoints',
+           'peak_memory_mb', 'cost_summary']
 
 # %% ../nbs/70_train.ipynb #fbf9f0df
 def is_oom(e:BaseException) -> bool:
@@ -72,12 +74,23 @@ def plan_batches(effective:int, max_per_device:int, devices:int=1, eval_factor:i
     return BatchPlan(per_device, per_device_share // per_device, devices, per_device * eval_factor)
 
 # %% ../nbs/70_train.ipynb #8b87fcbb
+CHECKPOINTING_KWARGS = {"use_reentrant": False}   # PyTorch's recommended (non-reentrant) checkpointing
+# transformers 5 renamed gradient checkpointing to activation checkpointing (the old names warn, and go in v6)
+_RENAMED = "activation_checkpointing" in Seq2SeqTrainingArguments.__dataclass_fields__
+_CHECKPOINTING = "activation_checkpointing" if _RENAMED else "gradient_checkpointing"
+
+def enable_checkpointing(model) -> None:
+    "Turn on activation (gradient) checkpointing in `model`, as the Trainer does for `gradient_checkpointing: true`."
+    getattr(model, f"{_CHECKPOINTING}_enable")(**{f"{_CHECKPOINTING}_kwargs": CHECKPOINTING_KWARGS})
+
 def probe_per_device_batch(model_factory:Callable, collator, features:list[dict], start:int, lengths:list[int],
-                           precision:str, log=None) -> int:
+                           precision:str, log=None, gradient_checkpointing:bool=False) -> int:
     "Largest per-device batch (≤ start, a power-of-two fraction of it) whose forward+backward fits on the GPU."
     if not torch.cuda.is_available(): return start
     order = np.argsort(lengths)[::-1]
     model = model_factory().cuda().train()
+    if gradient_checkpointing:   # as training will run: probing without it would pick a needlessly small batch
+        enable_checkpointing(model)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     per_device = start
     try:
@@ -105,8 +118,19 @@ def probe_per_device_batch(model_factory:Callable, collator, features:list[dict]
         free_memory()
 
 # %% ../nbs/70_train.ipynb #c340a5f2
+def _check_decoder_padding(tokenizer) -> None:
+    "A decoder's batches pad on the right with a pad token: its position ids count from the first token."
+    if tokenizer.pad_token_id is None:
+        raise UserError(f"{type(tokenizer).__name__}: a decoder needs a pad token to batch "
+                        "(clinical_repro.models.load_tokenizer makes it the eos token)")
+    if tokenizer.padding_side != "right":
+        raise UserError(f"a decoder's batches must pad on the right (its position ids count from the first token, "
+                        f"and classification reads the last real token), got padding_side={tokenizer.padding_side!r}")
+
 def make_collator(family:str, tokenizer, model=None, pad_to_multiple_of:int=8):
-    "Dynamic padding to a small multiple: encoders pad inputs; seq2seq also pads labels with -100."
+    "Dynamic padding to a small multiple: encoders and decoders pad inputs; seq2seq also pads labels with -100."
+    if family == "decoder":
+        _check_decoder_padding(tokenizer)
     if family == "seq2seq":
         return DataCollatorForSeq2Seq(tokenizer, model=model, pad_to_multiple_of=pad_to_multiple_of,
                                       label_pad_token_id=-100)
@@ -188,8 +212,14 @@ class DevHistory(TrainerCallback):
 
 # %% ../nbs/70_train.ipynb #d3fdda23
 def optimizer_name(optimizer:str, device_type:str) -> str:
-    "The Trainer's optimizer name: fused AdamW where the device supports it, Adafactor as in the paper's T5 runs."
+    """The Trainer's optimizer name: fused AdamW where the device supports it, Adafactor as in the paper's T5 runs,
+    or bitsandbytes' 8-bit AdamW (an optional package) for billion-parameter models on a 40-48 GB GPU."""
     if optimizer == "adafactor": return "adafactor"
+    if optimizer == "adamw_8bit":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("optimizer adamw_8bit needs the optional package bitsandbytes (pip install bitsandbytes, "
+                            "on a machine with a CUDA GPU); or set optimizer to adamw or adafactor")
+        return "adamw_bnb_8bit"
     return "adamw_torch_fused" if device_type in ("cuda", "cpu") else "adamw_torch"
 
 def training_arguments(spec:TrainSpec, plan:BatchPlan, work_dir:Path, seed:int, precision:str, dev_metric:str,
@@ -214,6 +244,8 @@ def training_arguments(spec:TrainSpec, plan:BatchPlan, work_dir:Path, seed:int, 
         logging_strategy="steps", logging_steps=max(1, min(50, every)),
         load_best_model_at_end=True, metric_for_best_model=dev_metric, greater_is_better=True, save_total_limit=1,
         bf16=precision == "bf16", fp16=precision == "fp16",
+        **{_CHECKPOINTING: spec.gradient_checkpointing,
+           f"{_CHECKPOINTING}_kwargs": CHECKPOINTING_KWARGS if spec.gradient_checkpointing else None},
         train_sampling_strategy="group_by_length" if spec.length_grouped else "random",
         report_to="none", push_to_hub=False,
         # On a GPU, fetching and collating overlap the device's work; on CPU the workers would compete with compute.
@@ -273,6 +305,8 @@ def fit(model_factory:Callable, tokenizer, train_ds, dev_ds, spec:TrainSpec, *, 
     while True:
         set_seed(seed)
         model = model_factory()
+        if family == "decoder":
+            model.config.use_cache = False   # classification and QA heads never reuse keys and values
         args = training_arguments(spec, plan, work_dir, seed, precision, dev_metric, len(train_ds), family, generation)
         trainer_callbacks = [history, best_output] + list(callbacks or [])
         if spec.early_stopping_patience:

@@ -196,3 +196,13 @@ def pytest_configure(config):
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
         torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    "Tiny models gain nothing from threads, and on a loaded machine idle threads spinning at each step cost 20x."
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

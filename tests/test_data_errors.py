@@ -138,9 +138,11 @@ def r_missing_field(r):
     name, question_id = _edit_question(r, "dev.json", True, lambda qa: qa.pop("is_impossible"))
     return "radqa", name, question_id, "missing is_impossible"
 
-def r_unknown_field(r):
-    name, question_id = _edit_question(r, "train.json", False, lambda qa: qa.update(difficulty=3))
-    return "radqa", name, question_id, "unknown difficulty"
+def r_answer_without_text(r):
+    "An extra key does not make up for a missing required one."
+    name, question_id = _edit_question(r, "train.json", True,
+                                       lambda qa: qa["answers"][0].update(answer_end=3) or qa["answers"][0].pop("text"))
+    return "radqa", name, question_id, 'answer 0 as {"text": non-empty str, "answer_start": int}'
 
 def r_duplicate_id(r):
     holder = {}
@@ -162,7 +164,8 @@ def c_bad_header(r):
     p, ls = _csv_rows(r)
     ls[0] = "doc_id,sent_index,text,labels"
     _write_lines(p, ls)
-    return "clip", p.name, "line 1", "the header doc_id,sent_index,sentence,labels"
+    return "clip", p.name, "line 1", "the header doc_id,sent_index,sentence,labels (other columns are ignored); " \
+                                     "missing sentence"
 
 def c_wrong_columns(r):
     p, ls = _csv_rows(r)
@@ -233,8 +236,8 @@ c_missing_split = _named("c_missing_split", lambda r: _deleted(r, "clip", "val_i
 
 CASES = [m_invalid_json, m_missing_field, m_unknown_field, m_unknown_label, m_duplicate_id, m_empty_split,
          m_missing_split, m_not_utf8, m_bad_zip, r_invalid_json, r_offset_mismatch, r_unanswerable_with_answers,
-         r_answerable_without_answers, r_missing_field, r_unknown_field, r_duplicate_id, r_missing_split, r_wrong_shape,
-         c_bad_header, c_wrong_columns, c_unparsable_tokens, c_unparsable_labels, c_unknown_label, c_duplicate_row,
+         r_answerable_without_answers, r_missing_field, r_answer_without_text, r_duplicate_id, r_missing_split,
+         r_wrong_shape, c_bad_header, c_wrong_columns, c_unparsable_tokens, c_unparsable_labels, c_unknown_label, c_duplicate_row,
          c_split_header, c_split_unknown_doc, c_doc_in_two_splits, c_empty_split, c_missing_split, c_sentence_gap]
 
 
@@ -266,3 +269,48 @@ def test_console_script_prints_no_traceback(release, run_cli):
 def test_not_a_folder_is_a_usage_error(tmp_path, run_main):
     rc, _, err = run_main("check-data", "--data-dir", tmp_path / "nope")
     assert rc == 2 and "expected a folder holding mednli/, radqa/ and clip/" in err
+
+
+# ---- Extra keys and columns: warnings, not errors ---------------------------------------------------------------
+
+def _add_extras(release):
+    "Keys and columns beyond the documented ones, as a real release may carry; returns the expected warnings."
+    counts = {}
+    def radqa_extras(obj):
+        obj["release"] = "1.0.0"
+        for article in obj["data"]:
+            article["report_type"] = "CT"
+        for qa in _qas(obj):
+            qa["difficulty"] = 1
+            for answer in qa["answers"]:
+                answer["answer_end"] = answer["answer_start"] + len(answer["text"])
+        counts["questions"], counts["articles"] = len(_qas(obj)), len(obj["data"])
+        counts["answers"] = sum(len(qa["answers"]) for qa in _qas(obj))
+    radqa_file = _edit_json(release, "train.json", radqa_extras).relative_to(release / "radqa").as_posix()
+    p, ls = _csv_rows(release)
+    _write_lines(p, [ls[0] + ",note_type"] + [line + ",Discharge summary" for line in ls[1:]])
+    place = "data[].paragraphs[].qas[]."
+    return {"radqa": [{"file": radqa_file, "kind": "key", "name": name, "count": n} for name, n in sorted(
+                {"release": 1, "data[].report_type": counts["articles"], f"{place}difficulty": counts["questions"],
+                 f"{place}answers[].answer_end": counts["answers"]}.items())],
+            "clip": [{"file": p.relative_to(release / "clip").as_posix(), "kind": "column", "name": "note_type",
+                      "count": len(ls) - 1}]}
+
+
+def test_extra_keys_and_columns_are_warnings_with_counts(release, run_main, capsys):
+    before = {task: load_task(release, task) for task in ("radqa", "clip")}
+    expected = _add_extras(release)
+    rc, out, _ = run_main("check-data", "--data-dir", release, "--json")
+    assert rc == 0   # warnings do not fail the check
+    report = json.loads(out)
+    for task, warnings in expected.items():
+        assert report[task]["status"] == "ok"
+        assert report[task]["warnings"] == warnings
+        after = load_task(release, task)
+        assert after.splits == before[task].splits   # the extras change no record
+    assert report["mednli"]["warnings"] == []
+    rc, out, _ = run_main("check-data", "--data-dir", release)
+    assert rc == 0
+    assert f"warning: {expected['radqa'][0]['file']}: unknown key data[].paragraphs[].qas[].difficulty in " \
+           f"{expected['radqa'][1]['count']} objects: ignored" in out
+    assert f"unknown column note_type in {expected['clip'][0]['count']} rows: ignored" in out

@@ -16,13 +16,7 @@ from clinical_repro.data import load_task
 from clinical_repro.models import ModelSpec
 from clinical_repro.tasks import CLIP_LABELS, MEDNLI_LABELS
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "Tiny models gain nothing from threads, and on a loaded machine idle threads spinning at each step cost 20x."
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one torch thread (tests/conftest.py)
 
 
 CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -55,8 +55,8 @@ def test_demo_counts_as_documented():
 
 
 def test_paper_grids_counts():
-    assert summary_counts(load_grid(PARAMS / "paper.yaml"))["units"] == 12 * 3 * 3
-    assert summary_counts(load_grid(PARAMS / "limited-data.yaml"))["units"] == 7 * 3 * 5 * 3
+    assert summary_counts(load_grid(PARAMS / "paper.yaml"))["units"] == 14 * 3 * 3
+    assert summary_counts(load_grid(PARAMS / "limited-data.yaml"))["units"] == 5 * 3 * 5 * 3
     # icl: per (task, model) 0 shots once + 3 shot counts x 3 draws
     assert summary_counts(load_grid(PARAMS / "icl.yaml"))["units"] == 6 * 3 * (1 + 3 * 3)
     assert summary_counts(load_grid(PARAMS / "colab-t4.yaml"))["units"] == 3 * 2
@@ -65,12 +65,29 @@ def test_paper_grids_counts():
 def test_paper_grid_models_and_data():
     g = load_grid(PARAMS / "paper.yaml")
     assert set(g.finetune.models) == {"t5-base", "clinical-t5-base", "roberta-large", "bioclinroberta", "gatortron",
-                                      "t5-large", "clinical-t5-large", "pubmedgpt", "t5-3b", "bioclinicalbert",
-                                      "clinical-t5-base-ckpt", "scifive"}
+                                      "t5-large", "clinical-t5-large", "pubmedgpt", "t5-3b",   # Table 3
+                                      "bioclinicalbert", "clinical-longformer", "clinical-t5-base-ckpt", "scifive",
+                                      "bert-base"}   # appendix, and ClinicalBERT's general counterpart
     assert g.finetune.seeds == [0, 1, 2] and g.finetune.fractions == [1.0] and g.data.needs_data_dir
     assert g.finetune.train == {} and g.finetune.task == {}
     lim = load_grid(PARAMS / "limited-data.yaml")
     assert lim.finetune.fractions == list(data_fractions())   # the paper's fractions
+    tables_11_to_15 = {"pubmedgpt", "gatortron", "roberta-large", "bioclinroberta", "clinical-t5-large"}
+    assert set(lim.finetune.models) == tables_11_to_15
+
+
+def test_compare_pairs_differ_in_domain_only():
+    "Each paired test of a shipped grid: clinical against general, same family and size (paper Table 1)."
+    registry = load_registry()
+    for name in ("paper", "limited-data", "colab-t4"):
+        for clinical, general in load_grid(PARAMS / f"{name}.yaml").compare:
+            a, b = registry[clinical], registry[general]
+            assert (a.domain, b.domain) == ("clinical", "general"), (name, clinical, general)
+            assert (a.family, a.size_m) == (b.family, b.size_m), (name, clinical, general)
+    assert load_grid(PARAMS / "colab-t4.yaml").compare == [("bioclinicalbert", "bert-base")]
+    pairs = set(load_grid(PARAMS / "paper.yaml").compare)
+    assert {("bioclinroberta", "roberta-large"), ("gatortron", "roberta-large"), ("clinical-t5-base", "t5-base"),
+            ("clinical-t5-large", "t5-large"), ("bioclinicalbert", "bert-base")} <= pairs
 
 
 def test_demo_is_offline():

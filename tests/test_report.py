@@ -571,3 +571,19 @@ def test_experiment_report_tables_have_human_headers_and_integer_counts(tmp_path
     row = dict(zip(*cost[0:1], cost[1][0]))
     assert (row["Units"], row["Peak memory (MB)"], row["Out-of-memory retries"]) == ("6", "1108", "0")
     assert row["Wall time per unit (s)"] == "38.0" and "GPU-hours, all units" not in row   # CPU: no GPU column
+
+
+def test_a_row_scored_on_fewer_test_items_says_how_many(tmp_path):
+    "ICL limited to 30 of 90 test pairs: Table 3 and the fine-tuning vs ICL view say '(n = 30)' on that row only."
+    rng = np.random.default_rng(11)
+    gold = rng.integers(0, 3, 90)
+    nli_unit(tmp_path, "f", "enc", gold, gold, counts={"test": 90})
+    nli_unit(tmp_path, "i", "dec", gold[:30], rng.integers(0, 3, 30), mode="icl", shots=1, draw=0,
+             counts={"test": 30})
+    df = R.load_results(tmp_path)
+    shown = R.format_table3(R.table3(tmp_path, df, n_boot=50))
+    assert shown.loc["dec (ICL, 1-shot)", "MedNLI acc"].endswith("(n = 30)")
+    assert "(n = " not in shown.loc["enc (fine-tuned)", "MedNLI acc"]
+    view = R.finetune_vs_icl(df)
+    assert view.loc["MedNLI acc", "dec, ICL 1-shot"].endswith(" (n = 30)")
+    assert "(n = " not in view.loc["MedNLI acc", "enc, fine-tuned"]
