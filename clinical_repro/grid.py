@@ -16,14 +16,15 @@ from pydantic import AfterValidator, Field, ValidationError, field_validator, mo
 
 from .core import UserError, DataError, Problem
 from .config import (Spec, TrainSpec, TaskSpec, validate_spec, read_yaml, params_dir, train_layers,
-                                   task_layer)
+                                   task_layer, resolve_train)
 from .tasks import TASKS, icl_dev_n
+from .units import finetune_units
 from . import models, prompts
 
 # %% auto #0
 __all__ = ['GRIDS', 'SyntheticData', 'DataSpec', 'FinetuneTask', 'FinetuneModel', 'FinetuneSection', 'ICLTask', 'ICLSection',
-           'Grid', 'load_grid', 'Experiment', 'finetune_experiments', 'icl_experiments', 'expand', 'notebook_name',
-           'report_path', 'summary_counts', 'grid_path']
+           'Grid', 'load_grid', 'Experiment', 'searched_learning_rates', 'finetune_experiments', 'icl_experiments',
+           'expand', 'notebook_name', 'report_path', 'summary_counts', 'grid_path']
 
 # %% ../nbs/85_grid.ipynb #2619d921
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -269,17 +270,29 @@ class Experiment:
     task_overrides: dict = field(default_factory=dict)   # TaskSpec overrides (finetune)
     overrides_source: str = "" # the grid file, named in errors about the overrides
 
-def finetune_experiments(grid:Grid, task:str) -> list[Experiment]:
-    "The fine-tuning experiments of one task: units by fraction, then seed; models as listed."
+def searched_learning_rates(task:str, model:str, train:dict, source:str="grid",
+                            registry:dict|None=None) -> list[float]|None:
+    """The learning rates one fine-tuning experiment searches: its resolved TrainSpec's `learning_rate_grid`; None
+    (one rate) without a grid, or when the grid's `train` sets a `learning_rate` and no `learning_rate_grid`."""
+    if "learning_rate" in train and "learning_rate_grid" not in train:
+        return None   # a rate the grid file asks for explicitly is run as asked
+    spec = (models.load_registry() if registry is None else registry)[model]
+    resolved = resolve_train(task, spec.family, model, dict(spec.train or {}), train, source)
+    return list(resolved.learning_rate_grid) if resolved.learning_rate_grid else None
+
+def finetune_experiments(grid:Grid, task:str, registry:dict|None=None) -> list[Experiment]:
+    "The fine-tuning experiments of one task: units by fraction, learning rate (a search), then seed; models as listed."
     section = grid.finetune
     per_task = section.per_task.get(task, FinetuneTask())
+    registry = models.load_registry() if registry is None else registry
     experiments = []
     for model in section.models:
         per_model = section.per_model.get(model, FinetuneModel())
         fractions = per_model.fractions or per_task.fractions or section.fractions
         seeds = per_model.seeds or per_task.seeds or section.seeds
-        units = tuple({"seed": seed, "fraction": float(fraction)} for fraction in fractions for seed in seeds)
         train = {**section.train, **per_task.train, **per_model.train}
+        rates = searched_learning_rates(task, model, train, grid.source or "grid", registry)
+        units = tuple(finetune_units(seeds, fractions, rates))
         task_values = {**section.task.get(task, {}), **per_model.task.get(task, {})}
         experiments.append(Experiment(grid.grid, task, model, "finetune", units, train, task_values, grid.source))
     return experiments
@@ -300,9 +313,10 @@ def icl_experiments(grid:Grid, task:str) -> list[Experiment]:
 def expand(grid:Grid) -> list[Experiment]:
     "The experiments of `grid`, in a deterministic order: tasks as listed, fine-tuning before ICL."
     experiments = []
+    registry = models.load_registry() if grid.finetune is not None else None
     for task in grid.tasks:
         if grid.finetune is not None:
-            experiments += finetune_experiments(grid, task)
+            experiments += finetune_experiments(grid, task, registry)
         if grid.icl is not None:
             experiments += icl_experiments(grid, task)
     return experiments

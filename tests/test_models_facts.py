@@ -145,6 +145,24 @@ def test_placeholder_shapes_by_hand():
         assert preprocess_text(placeholder, tags) == replacement, placeholder
     assert preprocess_text("On [**2157-1-10**], Dr. [**Last Name**] saw her.", {**tags, "lowercase": True}) == \
         "on 2157-1-10 , dr. [name] saw her."
+    # as CLIP's token lists hold them once joined by spaces: the release's tokenizer split the brackets and stars
+    assert preprocess_text("Dr. [ * * Known lastname 988 * * ] on [ * * 2150 - 04 - 15 * * ]", tags) == \
+        "Dr. [Name] on 2150 - 04 - 15"
+    plain_stars = "Disp : * 30 Tablet ( s ) * Refills : * 2 *"   # MIMIC's own asterisks are no placeholder
+    assert preprocess_text(plain_stars, tags) == plain_stars
+
+
+def test_the_synthetic_clip_notes_carry_placeholders_and_clinical_t5_reads_none(tiny_release, registry):
+    "The demo data has MIMIC-style placeholders (header dates, some names); a Clinical-T5 unit sees tags instead."
+    clip = load_task(tiny_release[0], "clip")
+    texts = [s.text for split in clip.notes.values() for note in split for s in note.sentences]
+    with_placeholders = [t for t in texts if "[ * *" in t]
+    assert len(with_placeholders) >= len(clip.notes["train"])   # at least every note's header
+    seen = preprocess_task_data(clip, registry["clinical-t5-base"])
+    seen_texts = [s.text for split in seen.notes.values() for note in split for s in note.sentences]
+    assert len(seen_texts) == len(texts) and not [t for t in seen_texts if "[ * *" in t]
+    headers = [t for t in seen_texts if t.startswith("admission date")]
+    assert headers and all("[" not in t and "*" not in t for t in headers)   # dates kept, brackets gone, lower-cased
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ tasks: [mednli]
 finetune:
   models: [minilm-demo, roberta-base, clinical-t5-base]
   seeds: [0, 1]
-  train: {{max_steps: 2, eval_steps: 2, effective_batch: 8}}
+  train: {{max_steps: 2, eval_steps: 2, effective_batch: 8, learning_rate_grid: null}}
 icl: {{models: [t5-tiny-demo], shots: [0], limit: 6, dev_n: 4}}
 compare: [[roberta-base, minilm-demo]]
 """
