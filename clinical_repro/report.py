@@ -16,9 +16,9 @@ import matplotlib.pyplot as plt
 import seaborn as sns
 
 from .core import DataError, Problem, UserError, atomic_write_text, get_logger
-from .config import Spec, params_dir, read_yaml, validate_spec
+from .config import Spec, params_file, read_yaml, validate_spec
 from .tasks import TASKS, MEDNLI_LABELS, CLIP_LABELS, dev_metric, get_task, to_unit_scale
-from . import metrics, models, results
+from . import estimates, metrics, models, results
 
 # %% auto #0
 __all__ = ['N_BOOT', 'METRICS', 'METRIC_LABELS', 'HEADLINE_COLUMNS', 'PAPER_PREFIX', 'SYNTHETIC_HEADLINE', 'SYNTHETIC_BANNER',
@@ -29,8 +29,8 @@ __all__ = ['N_BOOT', 'METRICS', 'METRIC_LABELS', 'HEADLINE_COLUMNS', 'PAPER_PREF
            'PaperResult', 'PaperResults', 'paper_results', 'compare_with_paper', 'paper_protocol_table',
            'generated_outputs', 'clinical_vs_general', 'limited_data', 'format_limited_data', 'clip_subsets',
            'plot_limited_data', 'icl_vs_finetune', 'finetune_vs_icl', 'plot_icl_vs_finetune', 'plot_cost_vs_score',
-           'efficiency', 'provenance', 'save_figure', 'md_table', 'summary_markdown', 'write_summary_md',
-           'demo_sentence', 'format_pairs', 'summary_sections', 'summarize']
+           'estimated_vs_measured', 'efficiency', 'provenance', 'save_figure', 'md_table', 'summary_markdown',
+           'write_summary_md', 'demo_sentence', 'format_pairs', 'summary_sections', 'summarize']
 
 # %% ../nbs/90_report.ipynb #714478e8
 _log = get_logger("clinical_repro.report")
@@ -837,6 +837,9 @@ READER_COLUMNS = {  # column name in the views -> (header a reader sees, format)
     "versions": ("Versions", "text"), "data_hash": ("Data release (sha256, first 16 hex digits)", "text"),
     "name": ("Device name", "text"), "unit": ("Unit", "text"), "seconds": ("Wall time (s)", "seconds"),
     "cached": ("From an earlier run", "flag"),
+    "estimated_s": ("Estimated (s)", "seconds"), "measured_s": ("Measured (s)", "seconds"),
+    "ratio": ("Measured / estimated", "decimal"), "estimated_train_s": ("Estimated training (s)", "seconds"),
+    "measured_train_s": ("Measured training (s)", "seconds"),
     "learning_rate": ("Learning rate", "scientific"), "dev_mean": ("Dev mean (selection metric)", "metric"),
     "test_mean": ("Test mean (selection metric)", "metric"), "chosen": ("Chosen on dev", "text"),
     **_metric_kinds()}
@@ -933,10 +936,10 @@ def _score_problems(model:str, scores:dict, file:str) -> list[Problem]:
                 problems.append(Problem(file, where, f"a score on the 0-1 scale (got {value!r})"))
     return problems
 
-def paper_results(params:Path|None=None, # a params/ folder; default `config.params_dir()`
+def paper_results(params:Path|None=None, # a complete params/ folder to read instead; default `config.params_file`
                  ) -> dict[str, PaperResult]:
     "The paper's published rows (Table 3 and appendix) by registry model name, from `params/paper_results.yaml`."
-    path = Path(params or params_dir())/"paper_results.yaml"
+    path = params_file("paper_results.yaml", params)
     published = validate_spec(PaperResults, read_yaml(path), str(path))
     problems = [problem for model, row in published.models.items()
                 for problem in _score_problems(model, row.scores, str(path))]
@@ -1427,6 +1430,23 @@ def _to_best(unit) -> dict|None:
             "gpu_hours_to_best": seconds * gpus / 3600 if unit.device == "cuda" else math.nan,
             "total_train_seconds": unit.train_seconds, "evaluations": len(history)}
 
+def estimated_vs_measured(grid_dir, df:pd.DataFrame) -> pd.DataFrame:
+    """Per model x task x mode: the cost model's estimate recorded when the grid ran (`estimates.read_estimates`)
+    against the measured wall and training times of the finished units, means over units."""
+    recorded = estimates.read_estimates(grid_dir)
+    rows = [{"task": u.task, "model": u.model, "mode": u.mode, "device": recorded[u.run_id]["device"],
+             "estimated_s": recorded[u.run_id]["total_s"], "measured_s": u.wall_seconds,
+             "estimated_train_s": recorded[u.run_id]["train_s"] or math.nan, "measured_train_s": u.train_seconds}
+            for u in df.itertuples() if u.run_id in recorded and u.status in results.FINISHED]
+    columns = ["task", "model", "mode", "device", "units", "estimated_s", "measured_s", "ratio", "estimated_train_s",
+               "measured_train_s"]
+    if not rows: return pd.DataFrame(columns=columns)
+    groups = pd.DataFrame(rows).groupby(["task", "model", "mode", "device"], sort=False)
+    table = groups[["estimated_s", "measured_s", "estimated_train_s", "measured_train_s"]].mean()
+    table.insert(0, "units", groups.size())
+    table["ratio"] = table.measured_s/table.estimated_s
+    return _sort_by_task(table.reset_index()[columns].dropna(axis=1, how="all"), ["model", "mode"])
+
 def efficiency(results_dir, df:pd.DataFrame) -> pd.DataFrame:
     "Per model x task: epochs, steps, train seconds (GPU-hours on CUDA) to the best dev score, mean over seeds."
     per_unit = [_to_best(unit) for _, unit in _finetuned_at_full_data(df).iterrows()]
@@ -1845,6 +1865,14 @@ def _efficiency_section(efficiency_table:pd.DataFrame) -> tuple[str, list]:
         "Notes: per model and task (fine-tuning at 100 %): epochs, optimizer steps and training seconds until the dev "
         "metric first reached its best value, averaged over seeds, next to the whole run's training time."])
 
+def _estimates_section(table:pd.DataFrame) -> tuple[str, list]:
+    return ("Estimated vs measured time", [
+        for_reader(table),
+        "Notes: the time the dry run's cost model estimated for each unit before the run (tokens of the data x 6 x "
+        "parameters per training token, 2 x per evaluated token, over the sustained speeds of params/throughput.yaml), "
+        "against the time the unit measured; means per model, task and mode. A ratio far from 1 on a device means its "
+        "speeds should be re-fitted: multiply its TFLOP/s by the estimated / measured training time."])
+
 def _lr_search_section(search:pd.DataFrame) -> tuple[str, list]:
     return ("Learning-rate search", [
         format_learning_rate_search(search),
@@ -1881,6 +1909,7 @@ def summary_sections(grid_dir, n_boot:int=N_BOOT, seed:int=0) -> list[tuple[str|
             _paper_section(compare_with_paper(headline)),
             _cost_section(grid_dir, df),
             _efficiency_section(efficiency(grid_dir/"results", df)),
+            _estimates_section(estimated_vs_measured(grid_dir, df)),
             _provenance_section(provenance(df, manifest or None))] + _appendix(df)
 
 def _appendix(df:pd.DataFrame) -> list[tuple[str, list]]:

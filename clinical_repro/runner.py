@@ -6,7 +6,7 @@ Docs: https://clinical-repro.github.io/clinical_repro/runner.html.md"""
 
 # %% ../nbs/88_runner.ipynb #ad57be42
 from __future__ import annotations
-import datetime, hashlib, json, logging, os, sys, threading, time
+import datetime, hashlib, json, logging, os, shutil, sys, tempfile, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,37 +15,48 @@ from tqdm.auto import tqdm
 
 from .core import (UserError, atomic_write_json, atomic_write_text, get_logger, notebook_log,
                                  temporary_environ)
-from .config import params_dir, code_version, resolve_train
-from .grid import Experiment, Grid, expand, grid_path, load_grid, notebook_name, report_path
+from .config import code_version, resolve_train
+from .grid import (Experiment, Grid, expand, grid_path, load_grid, notebook_name, report_path,
+                                 with_data_size)
 from .governance import check_data_location, network_guard_env, scan_leaks
+from .data import check_data
+from .tasks import get_task
 from .units import (demo_data_complete, demo_data_dir, ensure_demo_data, finetune_arguments, identify,
                                   load_task_or_none, unit_label)
-from . import executors, models, results
+from . import estimates, executors, models, results
 
 # %% auto #0
 __all__ = ['GPUS', 'templates_dir', 'grid_dir', 'resolve_data_dir', 'UnitState', 'read_state', 'unit_state', 'overrides_of',
            'experiment_states', 'load_grid_data', 'plan_grid', 'planned_units', 'states_after', 'now_utc',
-           'manifest_of', 'manifest_entry', 'failures', 'kernel_env', 'notebook_complete', 'clean_temporaries',
-           'notebook_parameters', 'ProgressWatcher', 'GridRun', 'planned_device', 'unit_settings', 'planned_settings',
-           'check_executor', 'plan_run', 'to_run', 'print_plan', 'run_grid', 'leak_scan', 'summary_inputs_hash',
-           'export_html', 'summary_is_current', 'summarize_grid', 'grid_folders']
+           'manifest_of', 'manifest_entry', 'failures', 'kernel_env', 'notebook_complete', 'clean_grid',
+           'clean_temporaries', 'notebook_parameters', 'ProgressWatcher', 'GridRun', 'planned_device', 'unit_settings',
+           'planned_settings', 'preflight', 'preflight_failures', 'print_preflight', 'check_executor', 'plan_run',
+           'to_run', 'print_plan', 'estimate_plan', 'run_grid', 'leak_scan', 'summary_inputs_hash', 'export_html',
+           'summary_is_current', 'summarize_grid', 'grid_folders']
 
 # %% ../nbs/88_runner.ipynb #fce64458
 def templates_dir() -> Path:
-    "The papermill templates: `$CLINICAL_REPRO_TEMPLATES`, else `nbs/experiments/` beside `params/`."
+    "The papermill templates: `$CLINICAL_REPRO_TEMPLATES`, else the installed package's copy, else the clone's."
+    from clinical_repro.config import shipped_dir   # the one rule for package data (pyproject.toml's package-dir)
     env = os.environ.get("CLINICAL_REPRO_TEMPLATES")
-    folder = Path(env).expanduser() if env else params_dir().parent/"nbs"/"experiments"
+    folder = Path(env).expanduser() if env else shipped_dir("templates", "nbs/experiments", "experiment.ipynb")
+    if folder is None:
+        raise UserError("no papermill templates: expected experiment.ipynb in the installed package (templates/) or "
+                        "in a clone's nbs/experiments/; reinstall clinical_repro or set CLINICAL_REPRO_TEMPLATES")
     if not (folder/"experiment.ipynb").is_file():
-        raise UserError(f"no experiment template in {folder}: expected experiment.ipynb there "
-                        "(set CLINICAL_REPRO_TEMPLATES)")
+        raise UserError(f"no experiment template in {folder} (CLINICAL_REPRO_TEMPLATES): expected experiment.ipynb "
+                        "there")
     return folder
 
 def grid_dir(grid:Grid, reports) -> Path:
     "`<reports>/<grid>`."
     return Path(reports)/grid.grid
 
-def resolve_data_dir(grid:Grid, data_dir=None, write:bool=True) -> Path:
-    "The data folder of a run: `--data-dir`, else the grid's `data.dir`, else (synthetic) the demo folder (written)."
+def resolve_data_dir(grid:Grid, data_dir=None, write:bool=True,
+                     dry_run:bool=False,   # a grid on the releases without a folder: ./data (the README's DATA)
+                    ) -> Path:
+    """The data folder of a run: `--data-dir`, else the grid's `data.dir`, else (synthetic) the demo folder (written);
+    a dry run of a grid on the releases without one looks in ./data (its preflight then says what is missing)."""
     synthetic = grid.data.synthetic
     if data_dir is not None:
         folder = Path(data_dir).expanduser()
@@ -53,12 +64,14 @@ def resolve_data_dir(grid:Grid, data_dir=None, write:bool=True) -> Path:
         folder = Path(grid.data.dir).expanduser()
     elif synthetic is not None:
         folder = demo_data_dir(synthetic.size, synthetic.seed)
+    elif dry_run:
+        folder = Path("data")
     else:
         raise UserError(f"{grid.source}: this grid runs on the PhysioNet releases: pass --data-dir (the folder "
                         "holding mednli/, radqa/, clip/)")
     if synthetic is not None and write:
         ensure_demo_data(folder, synthetic.size, synthetic.seed)
-    if not folder.is_dir() and (write or synthetic is None):
+    if not folder.is_dir() and (write or synthetic is None) and not dry_run:   # a dry run's preflight says it
         raise UserError(f"data folder {folder} does not exist")
     return folder.resolve() if folder.exists() else folder
 
@@ -170,7 +183,8 @@ def kernel_env(grid:Grid, jobs:int=1) -> dict:
     names = set(grid.finetune.models if grid.finetune else []) | set(grid.icl.models if grid.icl else [])
     # Trackers and telemetry always off; demo and local models only: the Hugging Face libraries offline as well.
     offline = all(registry[name].hub_id is None for name in names)
-    env = {"CLINICAL_REPRO_RUNNER_PID": str(os.getpid()), **network_guard_env(offline=offline)}
+    env = {"CLINICAL_REPRO_RUNNER_PID": str(os.getpid()), **network_guard_env(offline=offline),
+           **models.hub_timeouts_env()}   # huggingface_hub reads its timeouts once, when a kernel imports it
     if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # several notebooks at once on CPU share the cores
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
     return env
@@ -182,6 +196,25 @@ def notebook_complete(notebook) -> bool:
     except (OSError, ValueError, KeyError, AttributeError, TypeError):
         return False
     return meta.get("end_time") is not None and not meta.get("exception")
+
+def _size(path:Path) -> int:
+    "Bytes of a file, or of every file under a folder."
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+def clean_grid(grid_folder, dry_run:bool=False) -> list[tuple[Path, int]]:
+    """Free a grid's disk: the checkpoints of its FINISHED units (left by `keep_checkpoints: true` or a crash after the
+    results were written) and the temporaries of killed writes. An unfinished unit's checkpoints are its resume point
+    and stay; results, per-item predictions (the paired tests read them) and reports stay. Returns (path, bytes)."""
+    folder = Path(grid_folder)
+    removed = []
+    for work in sorted((folder/"results"/"work").glob("*")):
+        status, _ = results.unit_status(results.results_path(folder/"results", work.name))
+        if status in results.FINISHED:
+            removed += [(checkpoint, _size(checkpoint)) for checkpoint in sorted(work.glob("checkpoint-*"))]
+    removed += [(path, _size(path)) for path in folder.rglob(".*.tmp") if path.is_file()]
+    for path, _ in [] if dry_run else removed:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return removed
 
 def clean_temporaries(grid_folder) -> int:
     "Remove the `.<name>.*.tmp` files that a killed write leaves (run one runner per grid folder at a time)."
@@ -403,6 +436,7 @@ def unit_settings(exp:Experiment, states:list[UnitState], registry:dict, device:
             trains[state.unit.get("learning_rate")] = _train_settings(exp, spec, state.unit)
     return [{"task": exp.task, "model": exp.model, "mode": exp.mode, **state.unit,
              **trains.get(state.unit.get("learning_rate"), {}), **shared,
+             "task_settings": exp.task_overrides if exp.mode == "finetune" else {},
              "notebook": f"{exp.task}/{notebook_name(exp)}", "run_id": state.run_id, "status": state.status,
              "error": state.error}
             for state in states]
@@ -411,6 +445,70 @@ def planned_settings(plan:list, device:dict) -> list[dict]:
     "`unit_settings` of every unit of a plan, in the plan's order."
     registry = models.load_registry()
     return [record for exp, states in plan for record in unit_settings(exp, states, registry, device)]
+
+# %% ../nbs/88_runner.ipynb #e36759db
+def _model_check(name:str, registry:dict) -> dict:
+    "One preflight row: whether model `name` can load here (`models.model_status`), and else what to do."
+    try:
+        return {"kind": "model", "name": name, "status": "ok", "detail": models.model_status(name, registry)}
+    except UserError as e:
+        return {"kind": "model", "name": name, "status": "fail", "detail": str(e).removeprefix(f"model {name!r}: ")}
+
+def _items(root, counts:dict) -> str:
+    "Where a release is and its items per split, e.g. `data/mednli: train 11232, dev 1395, test 1422 items`."
+    return f"{root}: " + ", ".join(f"{split} {n}" for split, n in counts.items()) + " items"
+
+def _task_check(task:str, data_dir, task_data=None) -> dict:
+    "One preflight row: whether `task`'s release under `data_dir` is there and valid (`check-data`), else why."
+    if task_data is not None:
+        counts = {split: len(records) for split, records in task_data.splits.items()}
+        return {"kind": "task", "name": task, "status": "ok", "detail": _items(task_data.root, counts)}
+    if not Path(data_dir).is_dir():
+        return {"kind": "task", "name": task, "status": "fail",
+                "detail": f"no data folder {data_dir}: pass --data-dir, the folder holding mednli/, radqa/, clip/ "
+                          f"(request {task} at {get_task(task).physionet_page})"}
+    report = check_data(data_dir, [task])[task]
+    if report["status"] == "missing":
+        return {"kind": "task", "name": task, "status": "fail", "detail": report["message"]}
+    if report["status"] == "invalid":
+        errors = report["errors"]
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        return {"kind": "task", "name": task, "status": "fail",
+                "detail": f"invalid release: {'; '.join(errors[:3])}{more}; see clinical-repro check-data --data-dir "
+                          f"{data_dir}"}
+    counts = {split: split_counts["items"] for split, split_counts in report["splits"].items()}
+    return {"kind": "task", "name": task, "status": "ok", "detail": _items(Path(data_dir)/task, counts)}
+
+def preflight(grid:Grid, data_dir,
+              data:dict|None=None,       # each task's records (`load_grid_data`); None: checked here
+              registry:dict|None=None,   # the model registry (default: params/models.yaml)
+             ) -> list[dict]:
+    """What would fail before any unit runs: a row per model of the grid (can it load here?) and per task (is its
+    data there and valid?), each {kind, name, status: ok | fail, detail: where from, or why not and what to do}."""
+    registry = models.load_registry() if registry is None else registry
+    names = [*(grid.finetune.models if grid.finetune else []), *(grid.icl.models if grid.icl else [])]
+    rows = [_model_check(name, registry) for name in dict.fromkeys(names)]
+    if _demo_data_pending(grid, data_dir):
+        return rows + [{"kind": "task", "name": task, "status": "ok",
+                        "detail": f"synthetic demo data, written to {data_dir} before the first unit"}
+                       for task in grid.tasks]
+    return rows + [_task_check(task, data_dir, (data or {}).get(task)) for task in grid.tasks]
+
+def preflight_failures(checks:list[dict]) -> list[dict]:
+    "The preflight rows that would fail."
+    return [row for row in checks if row["status"] != "ok"]
+
+def print_preflight(checks:list[dict], out=print) -> None:
+    "The preflight table: one line per model and task, then the verdict (what to fix, or nothing)."
+    out("preflight (each model can load here, each task's data is there and valid):")
+    for row in checks:
+        out(f"  {'ok' if row['status'] == 'ok' else 'FAIL':4}  {row['kind']} {row['name']}: {row['detail']}")
+    failing = preflight_failures(checks)
+    if failing:
+        names = ", ".join(f"{row['kind']} {row['name']}" for row in failing)
+        out(f"preflight: {len(failing)} of {len(checks)} checks would fail ({names}): fix them before running")
+    else:
+        out(f"preflight: all {len(checks)} checks pass")
 
 # %% ../nbs/88_runner.ipynb #32f3560b
 def check_executor(executor:str, jobs:int) -> None:
@@ -422,13 +520,19 @@ def check_executor(executor:str, jobs:int) -> None:
     if executor == "ray" and not executors.ray_available():
         raise UserError(f"--executor ray: Ray is not installed. {executors.INSTALL_HINT}")
 
-def plan_run(grid:Grid, data_dir, reports, dry_run:bool, out=print) -> list[tuple[Experiment, list[UnitState]]]:
-    "The plan of a run (a dry run on demo data not written yet: every unit to do, unnamed)."
+def _demo_data_pending(grid:Grid, data_dir) -> bool:
+    "True when the grid runs on synthetic demo data not written (completely) yet."
     synthetic = grid.data.synthetic
-    if dry_run and synthetic is not None and not demo_data_complete(data_dir, synthetic.size, synthetic.seed):
+    return synthetic is not None and not demo_data_complete(data_dir, synthetic.size, synthetic.seed)
+
+def plan_run(grid:Grid, data_dir, reports, dry_run:bool, out=print,
+             data:dict|None=None,   # each task's records (`load_grid_data`); None: loaded here
+            ) -> list[tuple[Experiment, list[UnitState]]]:
+    "The plan of a run (a dry run on demo data not written yet: every unit to do, unnamed)."
+    if dry_run and _demo_data_pending(grid, data_dir):
         out(f"the synthetic demo data will be written to {data_dir} first")
         return [(exp, [UnitState(dict(u), None, "todo", None) for u in exp.units]) for exp in expand(grid)]
-    return plan_grid(grid, data_dir, reports)
+    return plan_grid(grid, data_dir, reports, data)
 
 def to_run(plan:list, reports) -> list:
     "The experiments whose notebook must run: a unit not finished, or a notebook missing or incomplete."
@@ -436,40 +540,96 @@ def to_run(plan:list, reports) -> list:
             if any(s.status not in results.FINISHED for s in states)
             or not notebook_complete(report_path(exp, reports))]
 
-def print_plan(grid:Grid, plan:list, todo:list, data_dir, reports, out=print) -> None:
-    "What a run would do: per notebook, its cached units and those to run (with why)."
+def _why(error:str, checks:list[dict]) -> str:
+    "A unit's error, or where the preflight says it (the same message for every unit of a model or a task)."
+    failed = [row for row in checks if row["status"] != "ok" and row["detail"] in error]
+    return f"{failed[0]['kind']} {failed[0]['name']} would fail (see the preflight)" if failed else error
+
+def print_plan(grid:Grid, plan:list, todo:list, data_dir, reports, out=print,
+               checks:list[dict]|None=None,   # `preflight` rows: a unit failing for one of them points at it
+               estimate:dict|None=None,       # `estimate_plan`: each unit to run shows its estimated time
+              ) -> None:
+    "What a run would do: per notebook, its cached units and those to run (with why and, estimated, how long)."
     units = sum(len(states) for _, states in plan)
+    seconds = iter([u["estimate"]["total_s"] for u in estimate["units"]] if estimate else [None]*units)
     out(f"grid {grid.grid} ({grid.source}): {len(plan)} notebooks, {units} units; data {data_dir}; "
         f"reports {grid_dir(grid, reports)}")
     for exp, states in plan:
         cached = sum(s.status in results.FINISHED for s in states)
         out(f"  {report_path(exp, reports)}: {len(states)} units, {cached} cached, {len(states) - cached} to run")
-        for s in states:
+        for s, unit_seconds in zip(states, seconds):
             if s.status not in results.FINISHED:
-                out(f"      {unit_label(exp.mode, s.unit)}: {s.status}{' - ' + s.error if s.error else ''}")
+                why = f" - {_why(s.error, checks or [])}" if s.error else ""
+                took = f" (~{estimates.format_duration(unit_seconds)})" if unit_seconds is not None else ""
+                out(f"      {unit_label(exp.mode, s.unit)}: {s.status}{took}{why}")
     would = sum(s.status not in results.FINISHED for _, states in todo for s in states)
     out(f"would run {would} of {units} units in {len(todo)} notebooks")
+
+def estimate_plan(records:list[dict], data:dict|None, device:dict, jobs:int=1, out=print) -> dict|None:
+    """The cost model's estimate of a plan's units (`planned_settings`) on `device`, `jobs` notebooks at a time; None,
+    said to `out`, without data (a synthetic grid's before its first run) or speeds for the device."""
+    if data is None:
+        out("no time estimates: no data")
+        return None
+    threads = max(1, (os.cpu_count() or 1)//jobs) if device["type"] != "cuda" else 1
+    try:
+        costs = estimates.UnitCosts(data, models.load_registry(), estimates.load_cost_table(), device, threads)
+    except UserError as e:
+        out(f"no time estimates: {e}")
+        return None
+    return estimates.plan_estimate(records, costs, jobs, done=lambda unit: unit["status"] in results.FINISHED)
+
+def _dry_run(grid:Grid, plan:list, todo:list, data_dir, reports, out, data, device:dict, jobs:int) -> dict:
+    "Print what a run would do, what would fail and how long it would take; the manifest with all of it."
+    checks = preflight(grid, data_dir, data)
+    settings = planned_settings(plan, device)
+    estimate = estimate_plan(settings, _data_to_estimate(grid, data), device, jobs, out)
+    print_plan(grid, plan, todo, data_dir, reports, out, checks, estimate)
+    for line in estimates.verdict_lines(estimate) if estimate else []:
+        out(line)
+    print_preflight(checks, out)   # last: whether anything would fail
+    entries = [manifest_entry(exp, states, "planned", 0.0) for exp, states in plan]
+    manifest = manifest_of(grid, data_dir, now_utc(), time.perf_counter(), "local", entries)
+    total = {key: estimate[key] for key in ("device", "jobs", "threads", "total_s", "session_s")} if estimate else None
+    return {**manifest, "device": device, "units": _with_estimates(settings, estimate), "preflight": checks,
+            "estimate": total}
+
+def _data_to_estimate(grid:Grid, data:dict|None) -> dict|None:
+    "The data a dry run estimates on: the grid's, or a synthetic grid's generated in a temporary folder (~1 s)."
+    synthetic = grid.data.synthetic
+    if data is not None or synthetic is None: return data
+    with tempfile.TemporaryDirectory(prefix="clinical-repro-estimate-") as folder:
+        return load_grid_data(grid, ensure_demo_data(Path(folder)/"data", synthetic.size, synthetic.seed))
+
+def _with_estimates(settings:list[dict], estimate:dict|None) -> list[dict]:
+    "Each unit's settings with its estimated seconds (`estimate`: by part and in all; None without an estimate)."
+    if estimate is None: return [{**unit, "estimate": None} for unit in settings]
+    return [{**unit, "estimate": planned["estimate"]} for unit, planned in zip(settings, estimate["units"])]
 
 def run_grid(grid_file, data_dir=None, reports="reports", *, dry_run:bool=False, executor:str="local", jobs:int=1,
              ray_address:str|None=None, progress:bool=True, scan:bool=True, out=print,
              gpu:str|None=None, # dry run: the device whose precision the units show (t4|a100|h100|cpu; None: this one)
+             data_size:str|None=None, # a synthetic grid on data of this size (tiny | demo), as `<grid>-<size>`
             ) -> dict:
     """Run (or, with `dry_run`, show) a grid, `jobs` notebooks at a time; then scan the reports for leaks; the manifest
-    (a dry run's also has `device` and `units`: every unit's resolved settings, `planned_settings`)."""
+    (a dry run's also has `device`, `units`: every unit's resolved settings, `planned_settings`, and `preflight`: the
+    check of each model and task, `preflight`)."""
     check_executor(executor, jobs)
-    device = planned_device(gpu) if dry_run else None
-    grid = load_grid(grid_path(str(grid_file)))
+    grid = with_data_size(load_grid(grid_path(str(grid_file))), data_size)
     reports = Path(reports).resolve()  # notebooks run in their own folders: every path they get is absolute
-    data_dir = resolve_data_dir(grid, data_dir, write=not dry_run)
+    data_dir = resolve_data_dir(grid, data_dir, write=not dry_run, dry_run=dry_run)
     if grid.data.synthetic is None:
         check_data_location(data_dir)
-    plan = plan_run(grid, data_dir, reports, dry_run, out)
+    data = None if dry_run and _demo_data_pending(grid, data_dir) else load_grid_data(grid, data_dir)
+    plan = plan_run(grid, data_dir, reports, dry_run, out, data)
     todo = to_run(plan, reports)
     if dry_run:
-        print_plan(grid, plan, todo, data_dir, reports, out)
-        entries = [manifest_entry(exp, states, "planned", 0.0) for exp, states in plan]
-        manifest = manifest_of(grid, data_dir, now_utc(), time.perf_counter(), executor, entries)
-        return {**manifest, "device": device, "units": planned_settings(plan, device)}
+        return _dry_run(grid, plan, todo, data_dir, reports, out, data, planned_device(gpu), jobs)
+    device = planned_device()
+    estimate = estimate_plan(planned_settings(plan, device), data, device, jobs, out)
+    if estimate:
+        estimates.write_estimates(grid_dir(grid, reports), estimate)
+        out(estimates.verdict_lines(estimate)[0])
     run = GridRun(grid, data_dir, reports, plan, todo, executor, progress)
     manifest = run.execute(jobs, ray_address)
     return leak_scan(manifest, run.folder, run.log) if scan else manifest

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from .core import (SPLITS, DataError, Problem, UserError, atomic_write_text, atomic_write_json,
                                  sha256_file)
-from .config import Spec, params_dir, read_yaml, validate_spec
+from .config import Spec, params_file, read_yaml, validate_spec
 from .tasks import MEDNLI_LABELS, CLIP_LABELS
 from .data import MEDNLI_FILES, RADQA_FILES, CLIP_FILES
 
@@ -185,7 +185,7 @@ _SLOT_NAMES = ("lab", "img", "proc", "sx", "dx", "SERVICE", "allergy", "invasive
 def read_vocabulary(path=None, # a vocabulary YAML file; default `params/synthetic.yaml`
                    ) -> _Vocabulary:
     "The demo generator's vocabulary, validated: a missing or malformed table is a `DataError` naming file and key."
-    path = Path(path) if path else params_dir()/VOCABULARY_FILE
+    path = Path(path) if path else params_file(VOCABULARY_FILE)
     vocabulary = validate_spec(_Vocabulary, read_yaml(path), str(path))
     clip = vocabulary.clip
     problems = [Problem(str(path), f"clip.slots.{name}", "a list of texts (Field required)")
@@ -548,7 +548,7 @@ def _topics() -> dict[str, tuple]:
     "topic -> (generator, `_Topic`), in `_FINDINGS` order; the vocabulary must describe exactly these topics."
     described = _vocab().radqa.topics
     if set(described) != set(_FINDINGS):
-        where = str(params_dir()/VOCABULARY_FILE)
+        where = str(params_file(VOCABULARY_FILE))
         raise DataError([Problem(where, "radqa.topics", f"exactly the topics {', '.join(_FINDINGS)}")])
     return {name: (generator, described[name]) for name, generator in _FINDINGS.items()}
 
@@ -827,7 +827,7 @@ def generator_version() -> str:
     "The generator's version: a hash of its code and its vocabulary (`params/synthetic.yaml`), kept in the marker."
     import importlib.util, hashlib
     code = Path(importlib.util.find_spec("clinical_repro.synthetic").origin).read_bytes()
-    vocabulary = (params_dir()/VOCABULARY_FILE).read_bytes()
+    vocabulary = params_file(VOCABULARY_FILE).read_bytes()
     return hashlib.sha256(code + b"\0" + vocabulary).hexdigest()[:16]
 
 def write_demo_data(out, # folder to write into; created if absent, other contents left alone

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from .core import UserError
-from .config import (Spec, TaskSpec, TASK_FILE_KEYS, params_dir, read_yaml, task_layer, validate_spec)
+from .config import (Spec, TaskSpec, TASK_FILE_KEYS, default_params_dir, params_file, read_yaml, task_layer, validate_spec)
 
 # %% auto #0
 __all__ = ['TASKS', 'MEDNLI_LABELS', 'CLIP_LABELS', 'MetricDef', 'ClusterDef', 'TextToTextDef', 'PaperProtocolDef', 'ICLDef',
@@ -109,7 +109,7 @@ def _file_version(path:Path) -> tuple:
     return (stat.st_mtime_ns, stat.st_size)
 
 def _defaults() -> tuple[StudyDef, ICLDefaults]:
-    path = params_dir()/"defaults.yaml"
+    path = params_file("defaults.yaml")
     return _read_defaults(str(path), _file_version(path))
 
 def task_names() -> tuple[str, ...]:
@@ -147,7 +147,7 @@ def _read_task(name:str, path:str, version:tuple) -> TaskDef:
 def get_task(name:str) -> TaskDef:
     "The definition of task `name` from `params/tasks/<name>.yaml`."
     check_task(name)
-    path = params_dir()/"tasks"/f"{name}.yaml"
+    path = params_file(f"tasks/{name}.yaml")
     return _read_task(name, str(path), _file_version(path))
 
 def family_spec(task:str, family:str) -> TaskSpec:

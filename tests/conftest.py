@@ -176,7 +176,7 @@ def full_campaign(request) -> bool:
 # The files that run whole grids (a minute or more each, see `--durations`), longest first: they start first, so that
 # the workers of `pytest -n 2 --dist loadfile` share out the short files at the end and finish together.
 LONG_FILES = ["test_crash.py", "test_runner.py", "test_finetune.py", "test_bad_inputs.py", "test_governance_e2e.py",
-              "test_icl.py", "test_ray.py", "test_ray_grid.py"]
+              "test_icl.py", "test_colab.py", "test_packaging.py", "test_ray.py", "test_ray_grid.py"]
 
 
 def pytest_collection_modifyitems(config, items):

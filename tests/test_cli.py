@@ -1,5 +1,6 @@
 """The user-facing commands end to end on synthetic releases: demo-data, check-data, score, subsets."""
-import json, random, shutil, zipfile
+import argparse, importlib.metadata, json, random, shutil, zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ from clinical_repro.core import SPLITS
 from clinical_repro.data import load_task
 from clinical_repro.tasks import CLIP_LABELS, MEDNLI_LABELS, TASKS, data_fractions, get_task
 import squad2_reference
-from conftest import find, tree_state
+import yaml
+from conftest import ROOT, find, tree_state
 
 
 def test_check_data_reports_exactly_what_demo_data_wrote(tiny_release, run_main):
@@ -229,3 +231,132 @@ def test_subsets_are_shared_nested_and_stratified(tmp_path, run_main):
     other = tmp_path / "subsets-seed1"
     run_main("subsets", "--data-dir", d, "--out", other, "--seed", 1)
     assert {p.name: p.read_bytes() for p in sorted(other.iterdir())} != first
+
+
+# ---- the command itself: help, version, --params, --data-size ---------------------------------------------------
+
+def command_parsers() -> dict:
+    "The main parser and each command's parser, by name."
+    from clinical_repro.cli import build_parser
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {"clinical-repro": parser, **commands.choices}
+
+
+def test_every_option_has_help_text_and_shows_its_default():
+    for name, parser in command_parsers().items():
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue
+            assert action.help and action.help.strip(), f"{name} {action.option_strings or action.dest}: no help"
+            rendered = " ".join(parser._get_formatter()._format_action(action).split())
+            unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+            if not unset and action.option_strings:
+                assert f"default: {action.default}" in rendered, f"{name}: {rendered}"
+        text = parser.format_help()
+        assert "default: None" not in text and "default: False" not in text, name
+
+
+def test_version_is_the_installed_package_version(capsys):
+    from clinical_repro.cli import main
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out == f"clinical-repro {importlib.metadata.version('clinical_repro')}\n"
+
+
+def test_top_level_help_points_at_the_readme_commands(capsys):
+    from clinical_repro.cli import main
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    epilog = capsys.readouterr().out.split("start here (README.md):", 1)[1]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for command in ("make demo", "make test"):
+        assert command in readme and command in epilog
+    assert "clinical-repro run demo" in epilog
+
+
+@pytest.mark.parametrize("where", ["before the command", "after the command"])
+def test_an_unknown_params_folder_is_a_clear_error(tmp_path, run_main, where):
+    missing = tmp_path / "no-such-params"
+    command = ["check-data", "--data-dir", tmp_path]
+    rc, out, err = run_main(*(["--params", missing, *command] if where == "before the command"
+                              else [*command, "--params", missing]))
+    assert (rc, out) == (2, "")   # refused before the command ran
+    assert f"parameters folder {missing} (--params or $CLINICAL_REPRO_PARAMS) does not exist" in err
+
+
+FINETUNE_GRID = """
+grid: p
+data: {{dir: {data}}}
+tasks: [mednli, radqa]
+finetune: {{models: [minilm-demo], seeds: [0]}}
+"""
+
+
+def test_a_params_folder_with_one_file_overrides_that_file_only(tiny_release, tmp_path, run_main):
+    from clinical_repro.config import default_params_dir
+    task_file = yaml.safe_load((default_params_dir() / "tasks" / "mednli.yaml").read_text(encoding="utf-8"))
+    task_file["train"] = {**(task_file.get("train") or {}), "warmup_ratio": 0.37}
+    user = tmp_path / "my-params"
+    (user / "tasks").mkdir(parents=True)
+    (user / "tasks" / "mednli.yaml").write_text(yaml.safe_dump(task_file), encoding="utf-8")
+    grid = tmp_path / "p.yaml"
+    grid.write_text(FINETUNE_GRID.format(data=tiny_release[0]))
+
+    def warmup(*params):
+        rc, out, err = run_main(*params, "run", grid, "--reports", tmp_path / "reports", "--dry-run", "--json")
+        assert rc == 0, err
+        return {unit["task"]: unit["train"]["warmup_ratio"] for unit in json.loads(out)["units"]}
+
+    shipped = warmup()
+    assert shipped["mednli"] != 0.37
+    assert warmup("--params", user) == {**shipped, "mednli": 0.37}   # radqa: the shipped files, as before
+
+
+def test_data_size_changes_only_the_data_of_a_synthetic_grid(tmp_path, run_main):
+    from clinical_repro.grid import grid_path, load_grid
+    from clinical_repro.units import demo_data_dir
+
+    def planned(*extra):
+        rc, out, err = run_main("run", "demo", "--reports", tmp_path / "reports", "--dry-run", "--json", *extra)
+        assert rc == 0, err
+        return json.loads(out)
+
+    full, tiny = planned(), planned("--data-size", "tiny")
+    seed = load_grid(grid_path("demo")).data.synthetic.seed
+    assert (full["grid"], tiny["grid"]) == ("demo", "demo-tiny")   # apart: reports/demo-tiny/
+    assert Path(tiny["data_dir"]).resolve() == demo_data_dir("tiny", seed).resolve()
+    assert Path(full["data_dir"]).resolve() == demo_data_dir("demo", seed).resolve()
+    # the same units and settings; only what depends on the data differs (identity, and the time estimated on it)
+    same = lambda units: [{k: v for k, v in unit.items() if k not in ("run_id", "status", "error", "estimate")}
+                          for unit in units]
+    assert same(tiny["units"]) == same(full["units"])
+    assert tiny["estimate"]["total_s"] < full["estimate"]["total_s"]
+
+
+def test_data_size_refuses_a_grid_on_the_releases(run_main):
+    from clinical_repro.grid import grid_path
+    rc, _, err = run_main("run", "paper", "--data-size", "tiny", "--dry-run")
+    assert rc == 2
+    assert f"--data-size tiny: {grid_path('paper')} runs on the PhysioNet releases" in err
+
+
+def test_clean_frees_finished_units_checkpoints_only(run_main, tmp_path):
+    "`clean` lists and removes a finished unit's checkpoint; an unfinished unit's (its resume point) and results stay."
+    from clinical_repro import results
+    grid = tmp_path / "reports" / "g"
+    results.fake_results(grid / "results", run_id="done")
+    (grid / "manifest.json").write_text("{}")
+    for run_id in ("done", "running"):
+        folder = grid / "results" / "work" / run_id / "checkpoint-4"
+        folder.mkdir(parents=True)
+        (folder / "optimizer.pt").write_bytes(b"0" * 3_000_000)
+    rc, out, _ = run_main("clean", "--reports", tmp_path / "reports", "--dry-run")
+    assert rc == 0 and "would free 3.0 MB in 1 item(s)" in out and "results/work/done/checkpoint-4" in out
+    assert (grid / "results" / "work" / "done" / "checkpoint-4").exists()
+    rc, out, _ = run_main("clean", "--reports", tmp_path / "reports")
+    assert rc == 0 and "freed 3.0 MB" in out
+    assert not (grid / "results" / "work" / "done" / "checkpoint-4").exists()
+    assert (grid / "results" / "work" / "running" / "checkpoint-4" / "optimizer.pt").exists()
+    assert (grid / "results" / "done.json").exists()

@@ -7,8 +7,8 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from clinical_repro.core import UserError
-from clinical_repro.grid import GRIDS, expand, grid_path, load_grid, notebook_name, report_path, summary_counts
+from clinical_repro.core import DataError, UserError
+from clinical_repro.grid import expand, grid_names, grid_path, load_grid, notebook_name, report_path, summary_counts
 from clinical_repro.models import load_registry
 from clinical_repro.tasks import data_fractions
 from conftest import PARAMS
@@ -30,7 +30,7 @@ def error_of(path) -> str:
     return str(e.value)
 
 
-@pytest.mark.parametrize("name", GRIDS)
+@pytest.mark.parametrize("name", ["demo", "paper", "limited-data", "icl", "colab-t4"])
 def test_every_grid_loads_and_expands(name):
     g = load_grid(PARAMS / f"{name}.yaml")
     exps = expand(g)
@@ -40,9 +40,9 @@ def test_every_grid_loads_and_expands(name):
 
 
 def test_grid_files_are_all_listed():
-    not_grids = {"defaults", "models", "paper_results", "synthetic"}
+    not_grids = {"defaults", "models", "paper_results", "synthetic", "throughput"}
     on_disk = {p.stem for p in PARAMS.glob("*.yaml")} - not_grids
-    assert on_disk == set(GRIDS)
+    assert on_disk == set(grid_names())
 
 
 def test_demo_counts_as_documented():
@@ -170,6 +170,89 @@ def test_unknown_names_list_what_exists(tmp_path):
     d["tasks"] = ["nli"]
     msg = error_of(write(tmp_path, d))
     assert all(t in msg for t in ("mednli", "radqa", "clip"))
+
+
+# Hand-made grids with one mistake each: exactly the expected problems (the nearest name suggested), and no problem
+# about the entries that are right (a per_task block of the misspelt task, a compare pair naming the misspelt model).
+HAND_MADE = """
+grid: hand
+data: {synthetic: {size: tiny}}
+tasks: [mednli, clip]
+finetune:
+  models: [minilm-demo, minilm-random-demo]
+  seeds: [0]
+  train: {epochs: 1}
+  task: {clip: {window_tokens: 32}}
+  per_task: {clip: {seeds: [1]}}
+  per_model: {minilm-random-demo: {fractions: [1.0]}}
+icl: {models: [smollm2-demo], shots: [0], per_task: {clip: {limit: 4}}}
+compare: [[minilm-demo, minilm-random-demo]]
+"""
+MODELS = ("bert-base, bioclinicalbert, bioclinroberta, clinical-longformer, clinical-t5-base, clinical-t5-base-ckpt, "
+          "clinical-t5-large, flan-t5-xxl, gatortron, minilm-demo, minilm-random-demo, pubmedgpt, roberta-base, "
+          "roberta-large, scifive, smollm2-demo, t5-3b, t5-base, t5-large, t5-tiny-demo")
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ("tasks: [mednli, clip]", "tasks: [mednli, clpi]",
+     ["tasks: unknown task 'clpi' (did you mean 'clip'?); expected one of: mednli, radqa, clip"]),
+    ("models: [minilm-demo, minilm-random-demo]", "models: [minilm-demo, minilm-random-dem]",
+     [f"finetune.models: unknown model 'minilm-random-dem' (did you mean 'minilm-random-demo'?); "
+      f"expected one of: {MODELS}"]),
+    ("icl: {models: [smollm2-demo]", "icl: {models: [smollm-demo]",
+     [f"icl.models: unknown model 'smollm-demo' (did you mean 'smollm2-demo'?); expected one of: {MODELS}"]),
+    ("  seeds: [0]", "  sedes: [0]",   # a required key misspelt: not also "seeds: missing"
+     ["finetune.sedes: unknown key (did you mean 'seeds'?); expected one of: models, seeds, fractions, train, task, "
+      "per_task, per_model"]),
+    ("tasks: [mednli, clip]", "taks: [mednli, clip]",
+     ["taks: unknown key (did you mean 'tasks'?); expected one of: grid, description, data, tasks, show_examples, "
+      "finetune, icl, compare"]),
+    ("per_task: {clip: {seeds", "per_task: {clip: {sedes",
+     ["finetune.per_task.clip.sedes: unknown key (did you mean 'seeds'?); expected one of: seeds, fractions, train"]),
+    ("per_task: {clip: {seeds", "per_task: {clpi: {seeds",
+     ["finetune.per_task.clpi: unknown task 'clpi' (did you mean 'clip'?); expected one of: mednli, radqa, clip"]),
+    ("{size: tiny}", "{sise: tiny}",
+     ["data.synthetic.sise: unknown key (did you mean 'size'?); expected one of: size, seed"]),
+    ("train: {epochs: 1}", "train: {epoch: 1}",
+     ["finetune.train.epoch: unknown key (did you mean 'epochs'?); expected one of early_stopping_patience, "
+      "effective_batch, epochs, eval_batch, eval_steps, gradient_checkpointing, keep_checkpoints, learning_rate, "
+      "learning_rate_grid, length_grouped, lr_scheduler, max_grad_norm, max_steps, optimizer, pad_to_multiple_of, "
+      "per_device_batch, warmup_ratio, weight_decay"]),
+    ("compare: [[minilm-demo, minilm-random-demo]]", "compare: [[minilm-demo, minilm-randm-demo]]",
+     [f"compare[0]: unknown model 'minilm-randm-demo' (did you mean 'minilm-random-demo'?); "
+      f"expected one of: {MODELS}"]),
+])
+def test_typos_suggest_the_nearest_name_and_nothing_else(tmp_path, old, new, expected):
+    assert HAND_MADE.count(old) == 1
+    path = tmp_path / "hand.yaml"
+    path.write_text(HAND_MADE.replace(old, new))
+    with pytest.raises(DataError) as e:
+        load_grid(path)
+    assert [str(p) for p in e.value.problems] == [f"{path}: {line}" for line in expected]
+
+
+def test_hand_made_grid_is_valid_and_two_typos_are_both_reported(tmp_path):
+    "The grid above loads; a misspelt task no longer hides a misspelt model in the finetune section."
+    path = tmp_path / "hand.yaml"
+    path.write_text(HAND_MADE)
+    assert load_grid(path).tasks == ["mednli", "clip"]
+    path.write_text(HAND_MADE.replace("[mednli, clip]", "[mednli, clpi]")
+                    .replace("models: [minilm-demo, minilm-random-demo]", "models: [minilm-demo, minilm-randm-demo]"))
+    with pytest.raises(DataError) as e:
+        load_grid(path)
+    assert [p.where for p in e.value.problems] == ["tasks", "finetune.models"]
+    assert "did you mean 'clip'" in str(e.value) and "did you mean 'minilm-random-demo'" in str(e.value)
+
+
+def test_an_entry_for_a_task_outside_the_grid_is_still_an_error(tmp_path):
+    "Only what a misspelt name meant is spared: a per_task block for a task the grid never names is reported."
+    path = tmp_path / "hand.yaml"
+    path.write_text(HAND_MADE.replace("[mednli, clip]", "[mednli, clpi]").replace("{clip: {limit", "{radqa: {limit"))
+    with pytest.raises(DataError) as e:
+        load_grid(path)
+    assert [str(p) for p in e.value.problems] == [
+        f"{path}: tasks: unknown task 'clpi' (did you mean 'clip'?); expected one of: mednli, radqa, clip",
+        f"{path}: icl.per_task.radqa: a task of this grid (mednli, clpi)"]
 
 
 def test_overrides_for_tasks_outside_the_grid(tmp_path):

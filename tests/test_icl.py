@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from clinical_repro import icl, models
-from clinical_repro.config import params_dir
+from clinical_repro.config import default_params_dir
 from clinical_repro.core import UserError
 from clinical_repro.data import load_task
 from clinical_repro.models import ModelSpec
@@ -276,7 +276,7 @@ def test_cloze_unit_without_a_one_token_word_is_not_applicable(tiny_release, tmp
     data, _ = tiny_release
     _, reg = tiny_mlm
     params = tmp_path / "params"
-    shutil.copytree(params_dir(), params)
+    shutil.copytree(default_params_dir(), params)
     task_file = params / "tasks" / "mednli.yaml"
     task_file.write_text(task_file.read_text().replace('entailment: ["yes", "true"]', "entailment: []"))
     monkeypatch.setenv("CLINICAL_REPRO_PARAMS", str(params))

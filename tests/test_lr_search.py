@@ -147,8 +147,8 @@ def test_a_grid_expands_bioclinicalbert_into_three_rates_per_seed(tmp_path, tiny
 def test_the_dry_run_shows_one_record_per_rate(tmp_path, tiny_release, run_main):
     path = tmp_path / "lr.yaml"
     path.write_text(TINY_GRID.format(data=tiny_release[0]))
-    code, out, _ = run_main("run", path, "--reports", tmp_path / "reports", "--dry-run", "--json", "--gpu", "a100")
-    assert code == 0
+    code, out, err = run_main("run", path, "--reports", tmp_path / "reports", "--dry-run", "--json", "--gpu", "a100")
+    assert code == 1 and "preflight check(s) would fail" in err   # bioclinicalbert is a hub model, not here
     units = [u for u in json.loads(out)["units"] if u["model"] == "bioclinicalbert"]
     assert [(u["seed"], u["learning_rate"], u["train"]["learning_rate"]) for u in units] == \
         [(s, r, r) for r in RATES for s in (0, 1)]

@@ -175,6 +175,70 @@ def test_uncached_hub_model_offline_is_a_clear_error(registry):
     with pytest.raises(UserError, match="Offline"): load_model(r, "sequence-classification", num_labels=3)
 
 
+# A fresh process for each: huggingface_hub reads HF_ENDPOINT, HF_HUB_CACHE and its timeouts when imported.
+# HF_ENDPOINT at a closed port stands for a hub that cannot be reached (deterministic, no network needed).
+_LOAD_IN_A_FRESH_PROCESS = """
+import json, sys, time
+from clinical_repro.core import UserError
+from clinical_repro.models import load_model, load_registry, resolve_model
+spec = load_registry()["roberta-base"].model_copy(update={"hub_id": sys.argv[1]})
+resolved = resolve_model("hub-model", {"hub-model": spec})
+start = time.perf_counter()
+try:
+    load_model(resolved, "sequence-classification", num_labels=2)
+    error = None
+except UserError as e:
+    error = str(e)
+import huggingface_hub.constants as hub
+print(json.dumps({"error": error, "seconds": round(time.perf_counter() - start, 2),
+                  "etag_timeout": hub.HF_HUB_ETAG_TIMEOUT, "transformers_imported": "transformers" in sys.modules}))
+"""
+
+
+def _load_in_a_fresh_process(hub_id: str, cache: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                                                           "HF_HUB_ETAG_TIMEOUT", "HF_HOME")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(cache))
+    done = subprocess.run([sys.executable, "-c", _LOAD_IN_A_FRESH_PROCESS, hub_id], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"{hub_id}: {outcome['seconds']} s")   # the measured time, for the record (no timed assertion)
+    return outcome
+
+
+def test_unreachable_hub_model_is_refused_before_transformers_with_the_remedy(tmp_path):
+    "Not cached, hub unreachable: refused before transformers is imported, saying the two ways out."
+    outcome = _load_in_a_fresh_process("clinical-repro-test/not-a-model", tmp_path / "hub")
+    error = outcome["error"]
+    assert error.startswith("model 'hub-model': hub id clinical-repro-test/not-a-model is not in the Hugging Face "
+                            "cache and the hub at http://127.0.0.1:9 cannot be reached"), error
+    assert "set HF_HUB_OFFLINE=1" in error and "hf download clinical-repro-test/not-a-model" in error
+    assert "replace `hub_id: clinical-repro-test/not-a-model` of hub-model by `local_path:" in error
+    assert outcome["transformers_imported"] is False   # no retries: transformers was never asked
+    assert outcome["etag_timeout"] == 5                 # huggingface_hub's own metadata timeout, shortened
+
+
+def test_cached_hub_model_loads_while_the_hub_is_unreachable(tmp_path):
+    "config.json and weights in the Hugging Face cache: the model loads from there, the hub unreachable."
+    from transformers import BertConfig, BertModel
+    snapshot = tmp_path / "hub" / "models--clinical-repro-test--tiny-bert" / "snapshots" / "abc123"
+    (snapshot.parents[1] / "refs").mkdir(parents=True)
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    config = BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    BertModel(config).save_pretrained(snapshot)
+    outcome = _load_in_a_fresh_process("clinical-repro-test/tiny-bert", tmp_path / "hub")
+    assert outcome["error"] is None and outcome["transformers_imported"]
+
+
+def test_offline_uncached_error_gives_the_remedy(registry):
+    spec = registry["roberta-base"].model_copy(update={"hub_id": "clinical-repro-test/not-a-model"})
+    r = resolve_model("ghost", {"ghost": spec})
+    with pytest.raises(UserError) as e: load_tokenizer(r)
+    assert "config.json is not in the Hugging Face cache" in str(e.value)
+    assert "set HF_HUB_OFFLINE=1" in str(e.value) and "by `local_path: /path/to/the/folder`" in str(e.value)
+
+
 # ---------------------------------------------------------------- minilm-demo
 
 def test_minilm_demo_is_the_packaged_encoder_without_its_stale_pooler(registry):

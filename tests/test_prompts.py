@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from clinical_repro.config import params_dir
+from clinical_repro.config import default_params_dir
 from clinical_repro.core import DataError, UserError
 from clinical_repro.tasks import CLIP_LABELS, MEDNLI_LABELS
 from clinical_repro.data import load_task
@@ -37,7 +37,7 @@ def data(tiny_release):
 def params_copy(tmp_path):
     "A private copy of params/prompts to break."
     dst = tmp_path / "params"
-    shutil.copytree(params_dir() / "prompts", dst / "prompts")
+    shutil.copytree(default_params_dir() / "prompts", dst / "prompts")
     return dst
 
 

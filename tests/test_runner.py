@@ -139,7 +139,9 @@ def test_dry_run_shows_cached_and_missing_units_and_writes_nothing(grid_run, run
     tmp, gdir, _, _, _ = grid_run
     before = {p: p.stat().st_mtime_ns for p in gdir.rglob("*") if p.is_file()}
     r = run_cli("run", tmp / "t.yaml", "--reports", tmp / "reports", "--dry-run", env=NO_T5_BASE)
-    assert r.returncode == 0, r.stderr[-2000:]
+    # roberta-base is a hub model that is not here: the preflight says so and the dry run exits 1
+    assert r.returncode == 1 and "preflight check(s) would fail" in r.stderr, r.stderr[-2000:]
+    assert "FAIL  model roberta-base" in r.stdout
     assert "minilm-demo__finetune.ipynb: 2 units, 2 cached, 0 to run" in r.stdout
     assert "roberta-base__finetune.ipynb: 2 units, 0 cached, 2 to run" in r.stdout
     assert "would run 4 of 7 units" in r.stdout
@@ -169,8 +171,12 @@ def test_unknown_key_in_a_grid_is_refused_before_anything_runs(tmp_path, tiny_re
 
 
 def test_a_grid_on_real_data_needs_a_data_dir(tmp_path, run_cli):
-    r = run_cli("run", "paper", "--reports", tmp_path / "reports", "--dry-run")
+    r = run_cli("run", "paper", "--reports", tmp_path / "reports")
     assert r.returncode == 2 and "--data-dir" in r.stderr
+    # a dry run still shows the plan and its estimates (on stand-ins), and its preflight names what is missing
+    r = run_cli("run", "paper", "--reports", tmp_path / "reports", "--dry-run")
+    assert r.returncode == 1 and "FAIL  task mednli: no data folder data: pass --data-dir" in r.stdout
+    assert "estimated on a stand-in of the release's documented size" in r.stdout
 
 
 def test_notebooks_get_the_run_ids_the_runner_planned(grid_run):
@@ -254,3 +260,14 @@ def test_the_logs_keep_what_the_reports_do_not_show(grid_run):
     assert "LOAD REPORT" in notebook_log
     run_log = "".join(p.read_text() for p in (gdir / "logs").glob("run-*.log"))
     assert "leak scan: " in run_log and "summary of t: " in run_log and "failed: UserError" in run_log
+
+
+def test_kernels_get_short_hub_timeouts_unless_set(monkeypatch):
+    "huggingface_hub reads its metadata timeout once, when a kernel imports it: the runner hands its short one over."
+    from clinical_repro.grid import grid_path, load_grid
+    from clinical_repro.runner import kernel_env
+    grid = load_grid(grid_path("demo"))
+    monkeypatch.delenv("HF_HUB_ETAG_TIMEOUT", raising=False)
+    assert kernel_env(grid)["HF_HUB_ETAG_TIMEOUT"] == "5"     # huggingface_hub's default: 10 s, retried five times
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "30")
+    assert kernel_env(grid)["HF_HUB_ETAG_TIMEOUT"] == "30"    # the user's value wins

@@ -8,7 +8,7 @@ import pytest
 
 import yaml
 
-from clinical_repro.config import params_dir
+from clinical_repro.config import params_file
 from clinical_repro.core import SPLITS, DataError, UserError
 from clinical_repro.synthetic import (CLIP_ID_FILES, CLIP_RELEASE, DEMO_MARKER, DEMO_SIZES, MEDNLI_FILES,
                                       MEDNLI_RELEASE, RADQA_FILES, RADQA_RELEASE, VOCABULARY_FILE,
@@ -250,7 +250,7 @@ def test_mednli_hypothesis_length_and_predicate_say_little_about_the_label():
 
 
 def test_the_vocabulary_is_a_params_file_of_words_not_study_parameters():
-    path = params_dir()/VOCABULARY_FILE
+    path = params_file(VOCABULARY_FILE)
     assert path.name == "synthetic.yaml"
     head = path.read_text(encoding="utf-8").splitlines()[:8]
     assert head[0].startswith("# Vocabulary of the synthetic demo data generator")
@@ -266,7 +266,7 @@ def test_the_vocabulary_is_a_params_file_of_words_not_study_parameters():
 
 
 def _broken_vocabulary(tmp_path, edit) -> Path:
-    data = yaml.safe_load((params_dir()/VOCABULARY_FILE).read_text(encoding="utf-8"))
+    data = yaml.safe_load((params_file(VOCABULARY_FILE)).read_text(encoding="utf-8"))
     edit(data)
     path = tmp_path/"synthetic.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")

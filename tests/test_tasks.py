@@ -5,7 +5,7 @@ import math, shutil
 
 import pytest
 
-from clinical_repro.config import params_dir, task_layer
+from clinical_repro.config import default_params_dir, task_layer
 from clinical_repro.core import DataError, UserError, temporary_environ
 from clinical_repro.tasks import (CLIP_LABELS, MEDNLI_LABELS, TASKS, answer_room, check_task, data_fractions,
                                   dev_metric, empty_target, family_spec, get_task, icl_dev_n, task_names,
@@ -16,7 +16,7 @@ from clinical_repro.tasks import (CLIP_LABELS, MEDNLI_LABELS, TASKS, answer_room
 def params_copy(tmp_path):
     "A private copy of params/ to break, made current through $CLINICAL_REPRO_PARAMS."
     copy = tmp_path / "params"
-    shutil.copytree(params_dir(), copy)
+    shutil.copytree(default_params_dir(), copy)
     with temporary_environ({"CLINICAL_REPRO_PARAMS": copy}):
         yield copy
 
