@@ -6,16 +6,16 @@ Docs: https://clinical-repro.github.io/clinical_repro/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #f6348c96
 from __future__ import annotations
-import errno, fnmatch, hashlib, json, logging, os, signal, sys, tempfile
+import difflib, errno, fnmatch, hashlib, json, logging, os, signal, sys, tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 # %% auto #0
 __all__ = ['SPLITS', 'LOG_FORMAT', 'LOG_DATE_FORMAT', 'NOTEBOOK_LOG_ENV', 'Problem', 'UserError', 'DataError', 'ProblemCollector',
-           'sha256_file', 'sha256_json', 'crash_point', 'disk_full_point', 'atomic_write_text', 'atomic_write_json',
-           'temporary_environ', 'quiet_mode', 'TerminalHandler', 'get_logger', 'notebook_log', 'route_library_logs',
-           'quiet_notebook', 'library_log']
+           'nearest', 'did_you_mean', 'sha256_file', 'sha256_json', 'crash_point', 'disk_full_point',
+           'atomic_write_text', 'atomic_write_json', 'temporary_environ', 'quiet_mode', 'TerminalHandler', 'get_logger',
+           'notebook_log', 'route_library_logs', 'quiet_notebook', 'library_log']
 
 # %% ../nbs/00_core.ipynb #f3450f54
 SPLITS = ("train", "dev", "test")  # canonical split names (CLIP's released `val` is `dev`)
@@ -55,6 +55,17 @@ class ProblemCollector:
         if extra:
             self.problems.append(Problem(self.file, "", f"... and {extra} more problem(s) of the same file"))
         raise DataError(self.problems)
+
+# %% ../nbs/00_core.ipynb #1c74ccea
+def nearest(name, known) -> str|None:
+    "The entry of `known` closest to a mistyped `name` (difflib), or None when none is close."
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
+    return close[0] if close else None
+
+def did_you_mean(name, known) -> str:
+    "` (did you mean 'x'?)` for the entry of `known` nearest to `name`, or nothing: every unknown-name message uses it."
+    close = nearest(name, known)
+    return f" (did you mean {close!r}?)" if close else ""
 
 # %% ../nbs/00_core.ipynb #b30643ec
 def sha256_file(path, chunk:int=1 << 20) -> str:

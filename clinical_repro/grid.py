@@ -6,13 +6,13 @@ Docs: https://clinical-repro.github.io/clinical_repro/grid.html.md"""
 
 # %% ../nbs/85_grid.ipynb #6e830547
 from __future__ import annotations
-import difflib, re, types
+import re, types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
-from .core import UserError, DataError, Problem
+from .core import UserError, DataError, Problem, did_you_mean, nearest
 from .config import (Spec, TrainSpec, TaskSpec, validate_spec, read_yaml, params_file, params_files, train_layers,
                                    task_layer, resolve_train)
 from .tasks import TASKS, icl_dev_n
@@ -137,18 +137,13 @@ class Grid(Spec):
         return self
 
 # %% ../nbs/85_grid.ipynb #52a21b1d
-def _did_you_mean(name, known) -> str:
-    "` (did you mean 'x'?)` for the nearest of `known` (difflib), or nothing when none is close."
-    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
 def _meant(given, known) -> set:
     "What the unknown names in `given` were probably meant to be: entries naming those are not errors of their own."
-    return {close for name in given if name not in known for close in difflib.get_close_matches(name, known, n=1)}
+    return {nearest(name, known) for name in given if name not in known} - {None}
 
 def _unknown(name, known, what) -> str:
     "What is wrong with an unknown name: the nearest known one, and all of them."
-    return f"unknown {what} {name!r}{_did_you_mean(name, known)}; expected one of: {', '.join(known)}"
+    return f"unknown {what} {name!r}{did_you_mean(name, known)}; expected one of: {', '.join(known)}"
 
 def _names(file, key, given, known, what) -> list[Problem]:
     "Problems for names in `given` that are not in `known`, each with the nearest known name."
@@ -159,7 +154,7 @@ def _check_values(cls, layers:dict, overrides:dict, file:str, prefix:str) -> lis
     bad = sorted(set(overrides) - set(cls.model_fields))
     if bad:
         expected = ", ".join(sorted(cls.model_fields))
-        return [Problem(file, f"{prefix}.{key}", f"unknown key{_did_you_mean(key, cls.model_fields)}; expected one "
+        return [Problem(file, f"{prefix}.{key}", f"unknown key{did_you_mean(key, cls.model_fields)}; expected one "
                                                  f"of {expected}") for key in bad]
     try:
         cls.model_validate({**layers, **overrides})
@@ -284,8 +279,8 @@ def _with_suggestions(problems:list[Problem]) -> list[Problem]:
             continue
         *parent, key = p.where.split(".")
         known = _keys_at(parent)
-        hint = _did_you_mean(key, known)
-        meant |= {".".join([*parent, close]) for close in difflib.get_close_matches(key, known, n=1)}
+        hint = did_you_mean(key, known)
+        meant |= {".".join([*parent, nearest(key, known)])} if nearest(key, known) else set()
         out.append(Problem(p.file, p.where, f"unknown key{hint}; expected one of: {', '.join(known)}"
                            if known else p.expected))
     return [p for p in out if not (p.where in meant and p.expected.lower().startswith("field required"))]
@@ -408,7 +403,7 @@ def grid_path(name_or_path:str) -> Path:
         return given
     shipped = params_file(f"{name_or_path}.yaml")
     if not shipped.is_file():
-        close = _did_you_mean(name_or_path, grid_names())
+        close = did_you_mean(name_or_path, grid_names())
         raise UserError(f"no grid {name_or_path!r}{close}: not a file, and {shipped} does not exist; the grids in "
                         f"params/ are {', '.join(grid_names())}")
     return shipped

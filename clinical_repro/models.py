@@ -6,7 +6,7 @@ Docs: https://clinical-repro.github.io/clinical_repro/models.html.md"""
 
 # %% ../nbs/50_models.ipynb #021a3f76
 from __future__ import annotations
-import dataclasses, difflib, functools, importlib.metadata, json, os, platform, re, shutil, sys, tempfile
+import dataclasses, functools, importlib.metadata, json, os, platform, re, shutil, sys, tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import clinical_repro
-from .core import Problem, UserError, DataError, atomic_write_json, sha256_json
+from .core import Problem, UserError, DataError, atomic_write_json, did_you_mean, sha256_json
 from .config import params_file
 from .data import CLIPNote, CLIPSentence, NLIRecord, QARecord, TaskData
 # torch and transformers are imported inside the functions that need them: reading and validating the registry
@@ -217,8 +217,7 @@ def resolve_model(name:str, registry:dict[str, ModelSpec]|None=None) -> Resolved
     "Bind a registry name to its weights: a hub id, a local folder, or a demo model (built on first use)."
     registry = load_registry() if registry is None else registry
     if name not in registry:
-        close = difflib.get_close_matches(name, registry, n=1)
-        raise UserError(f"unknown model {name!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+        raise UserError(f"unknown model {name!r}{did_you_mean(name, registry)}; "
                         f"the registry has: {', '.join(sorted(registry))}")
     spec = registry[name]
     if spec.hub_id is not None: return ResolvedModel(name, spec, spec.hub_id, _hub_offline())
