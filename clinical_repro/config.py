@@ -18,10 +18,9 @@ from .core import UserError, DataError, Problem, sha256_json
 
 # %% auto #0
 __all__ = ['PARAMS_ENV', 'DEFAULTS_FILE_KEYS', 'TASK_FILE_KEYS', 'shipped_dir', 'default_params_dir', 'user_params_dir',
-           'params_file', 'params_files', 'params_dir', 'read_yaml', 'project_urls', 'repository_url',
-           'install_requirement', 'Spec', 'validate_spec', 'TrainSpec', 'TaskSpec', 'unknown_keys', 'check_keys',
-           'train_layers', 'task_layer', 'merge_train', 'model_train_layer', 'resolve_train', 'code_version',
-           'make_run_id']
+           'params_file', 'params_files', 'read_yaml', 'project_urls', 'repository_url', 'install_requirement', 'Spec',
+           'validate_spec', 'TrainSpec', 'TaskSpec', 'unknown_keys', 'check_keys', 'train_layers', 'task_layer',
+           'merge_train', 'model_train_layer', 'resolve_train', 'code_version', 'make_run_id']
 
 # %% ../nbs/10_config.ipynb #6e641ba6
 PARAMS_ENV = "CLINICAL_REPRO_PARAMS"   # a user's folder of overrides (`--params DIR` sets it)
@@ -77,11 +76,6 @@ def params_files(pattern:str="**/*.yaml") -> dict[str, Path]:
         if folder is not None:
             found.update({path.relative_to(folder).as_posix(): path for path in folder.glob(pattern) if path.is_file()})
     return dict(sorted(found.items()))
-
-def params_dir() -> Path:
-    """The folder of the `defaults.yaml` in use (the user's folder when it has one, else the defaults). Code that joins
-    other names to it misses a partial user folder: ask `params_file` for each file instead."""
-    return params_file("defaults.yaml").parent
 
 def read_yaml(path) -> dict:
     "A YAML mapping from `path`; syntax errors name the file and line."

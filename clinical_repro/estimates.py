@@ -228,10 +228,12 @@ def icl_seconds(unit:dict, size_m:float, splits:dict[str, Sequences], speed:Spee
 
 # %% ../nbs/87_estimates.ipynb #190f7dde
 def ready_tokenizer(name:str, registry:dict):
-    """The model's tokenizer when it is at hand without a download (a local folder, the Hugging Face cache, a demo
-    model); None otherwise (tokens are then estimated from characters)."""
+    """The model's tokenizer when it is at hand without a download or a build (a local folder, the Hugging Face cache,
+    a demo model already built); None otherwise (tokens are then estimated from characters)."""
     from clinical_repro import models
     try:
+        builtin = registry[name].builtin
+        if builtin is not None and not models.demo_folder(builtin)[1]: return None   # built by its unit, not here
         resolved = models.resolve_model(name, registry)
         if not Path(resolved.source).is_absolute():
             from huggingface_hub import try_to_load_from_cache

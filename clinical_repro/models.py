@@ -28,8 +28,8 @@ __all__ = ['FAMILIES', 'DOMAINS', 'MODES', 'BUILTINS', 'PLACEHOLDER_MODES', 'DEI
            'default_cache_dir', 'minilm_demo_dir', 'resolve_model', 'preprocessing', 'deid_tag', 'preprocess_text',
            'preprocess_task_data', 'build_t5_tiny_demo', 'build_minilm_demo', 'build_minilm_random_demo',
            'smollm2_gguf_path', 'convert_gguf', 'build_smollm2_demo', 'hub_endpoint', 'hub_timeouts_env', 'probe_hub',
-           'hub_cached', 'check_available', 'model_status', 'load_tokenizer', 'load_model', 'convert_release_model',
-           'choose_precision', 'device_info']
+           'hub_cached', 'check_available', 'demo_folder', 'model_status', 'load_tokenizer', 'load_model',
+           'convert_release_model', 'choose_precision', 'device_info']
 
 # %% ../nbs/50_models.ipynb #85d91869
 FAMILIES = ("encoder", "seq2seq", "decoder")
@@ -685,15 +685,19 @@ def check_available(resolved:ResolvedModel) -> str:
 _DEMO_RECIPES = {"minilm-demo": _minilm_recipe, "minilm-random-demo": lambda: _minilm_random_recipe(0),
                  "t5-tiny-demo": lambda: _t5_tiny_recipe(0)}   # the seeds `resolve_model` builds with
 
-def _demo_status(builtin:str) -> str:
-    "A demo model: built, or built on first use (the package it is made from is checked)."
+def demo_folder(builtin:str) -> tuple[Path, bool]:
+    "Where a demo model is (or will be) built, and whether it is built (the package it is made from is checked)."
     if builtin == "smollm2-demo":
         out = _demo_folder(None, builtin, _gguf_recipe(smollm2_gguf_path(), builtin))
     else:
         minilm_demo_dir()   # each of the others is made from the packaged MiniLM
         out = _demo_folder(None, builtin, _DEMO_RECIPES[builtin]())
-    if (out/_DEMO_RECORD).is_file(): return f"demo model, built ({out})"
-    return f"demo model, built on first use (into {out.parent})"
+    return out, (out/_DEMO_RECORD).is_file()
+
+def _demo_status(builtin:str) -> str:
+    "A demo model: built, or built on first use."
+    out, built = demo_folder(builtin)
+    return f"demo model, built ({out})" if built else f"demo model, built on first use (into {out.parent})"
 
 def model_status(name:str, registry:dict[str, ModelSpec]|None=None) -> str:
     """Whether model `name` can load here, without building or loading it: where it will come from; a `UserError`
