@@ -193,6 +193,9 @@ class TaskSpec(Spec):
     max_source_length: int | None = None
     max_target_length: int | None = None
     num_beams: int = 1
+    # a new classification head's output bias: the library's zeros (the paper), or the training labels' log prior
+    # odds (multi-label), so that training does not spend its first epoch learning how rare each label is
+    head_bias: Literal["zero", "prior"] = "zero"
 
 # %% ../nbs/10_config.ipynb #938f636b
 _TRAIN_KEYS = set(TrainSpec.model_fields)

@@ -28,9 +28,9 @@ from .train import (BatchPlan, plan_batches, probe_per_device_batch, fit, predic
                                   remove_checkpoints, cost_summary, make_collator)
 
 # %% auto #0
-__all__ = ['ADAPTERS', 'NOT_MODEL_INPUTS', 'Adapter', 'MedNLIEncoder', 'CLIPEncoder', 'RadQAEncoder', 'Text2Text', 'task_items',
-           'UnitInputs', 'unit_inputs', 'choose_batch_plan', 'score_test', 'UnitScores', 'predict_and_score',
-           'finetune_record', 'run_unit']
+__all__ = ['ADAPTERS', 'NOT_MODEL_INPUTS', 'Adapter', 'output_layer', 'prior_bias', 'MedNLIEncoder', 'CLIPEncoder',
+           'RadQAEncoder', 'Text2Text', 'task_items', 'UnitInputs', 'unit_inputs', 'choose_batch_plan', 'score_test',
+           'UnitScores', 'predict_and_score', 'finetune_record', 'run_unit']
 
 # %% ../nbs/80_experiment.ipynb #96872f1c
 def _with_order(feats:dict) -> Dataset:
@@ -56,11 +56,17 @@ class Adapter:
     head, num_labels, problem_type = None, None, None
     def __init__(self, task, tokenizer, spec:TaskSpec, train_records, gen:dict|None=None):
         self.task, self.tok, self.spec, self.gen = task, tokenizer, spec, gen or {}
+        if spec.head_bias != "zero" and type(self).init_head is Adapter.init_head:
+            raise UserError(f"{task}: head_bias {spec.head_bias!r} is defined for multi-label heads (CLIP encoders), "
+                            f"not for {type(self).__name__}; expected head_bias: zero")
     def generation(self) -> dict|None:
         return None
     def paper_protocol(self, records, decoded) -> dict|None:
         "Test metrics under the paper's protocol where it differs from this adapter's (None: it does not)."
         return None
+    def init_head(self, model, train_ds:Dataset):
+        "The freshly loaded model with its head as the task setting `head_bias` asks ('zero': as loaded)."
+        return model
     def setting(self, key:str):
         "A task setting this adapter needs; an error naming it when it is not set."
         value = getattr(self.spec, key)
@@ -70,6 +76,21 @@ class Adapter:
         return value
 
 # %% ../nbs/80_experiment.ipynb #d836ec81
+def output_layer(model, n_out:int) -> torch.nn.Linear:
+    "The model's last linear layer with `n_out` outputs (its classification head's output)."
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == n_out]
+    if not layers or layers[-1].bias is None:
+        raise UserError(f"{type(model).__name__}: head_bias 'prior' needs an output layer of {n_out} outputs with a "
+                        f"bias, and this model has none; expected head_bias: zero for it")
+    return layers[-1]
+
+def prior_bias(model, labels:np.ndarray) -> None:
+    "Set the output bias to each label's log prior odds in `labels` (0/1 rows): sigmoid(bias) = its share."
+    share = np.clip(labels.astype(np.float64).mean(0), 1e-4, 1 - 1e-4)
+    layer = output_layer(model, share.size)
+    with torch.no_grad():
+        layer.bias.copy_(torch.as_tensor(np.log(share / (1 - share)), dtype=layer.bias.dtype))
+
 def _clip_gold(notes) -> np.ndarray:
     "0/1 label rows of every sentence of `notes`, in CLIP_LABELS order."
     return metrics.clip_label_matrix(s.labels for note in notes for s in note.sentences)
@@ -99,6 +120,10 @@ class MedNLIEncoder(Adapter):
 class CLIPEncoder(Adapter):
     "Multi-label classification over a token window; thresholds tuned on dev, AUC from probabilities."
     head, num_labels, problem_type = "sequence-classification", 7, "multi_label_classification"
+    def init_head(self, model, train_ds:Dataset):
+        if self.spec.head_bias == "prior":
+            prior_bias(model, np.asarray(train_ds["labels"]))
+        return model
     def dataset(self, notes, split):
         features = inputs.clip_encoder_features(self.tok, notes, window_tokens=self.setting("window_tokens"))
         return _with_order(features)
@@ -388,8 +413,9 @@ def run_unit(task:str, model:str, data_dir, out, *, seed:int=0, fraction:float=1
     adapter = ADAPTERS[(task, family)](task, tokenizer, TaskSpec(**config["task_params"]), train_records)
     prepared = unit_inputs(adapter, task_data, train_records, log)
     def model_factory():
-        return models.load_model(resolved, adapter.head, num_labels=adapter.num_labels,
-                                 problem_type=adapter.problem_type)
+        model = models.load_model(resolved, adapter.head, num_labels=adapter.num_labels,
+                                  problem_type=adapter.problem_type)
+        return adapter.init_head(model, prepared.train_ds)
     plan = choose_batch_plan(train_spec, family, tokenizer, prepared.train_ds, model_factory, device, precision,
                              max_per_device, log)
     work = out/"work"/run_id

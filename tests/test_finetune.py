@@ -6,6 +6,7 @@ the results-file, caching and resume tests, and one interrupted unit (`interrupt
 test. Tests sharing them are in one xdist group, so one worker trains them once (with `--dist loadgroup`)."""
 import json, shutil
 
+import numpy as np
 import pytest
 import torch
 from transformers import TrainerCallback
@@ -299,3 +300,53 @@ def test_unknown_model_is_a_clear_error(tiny_release, tmp_path, run_main):
     assert code == 2   # run_main also checks that no traceback was printed
     assert "gpt-5" in err and "minilm-demo" in err and "bioclinicalbert" in err
     assert not any(tmp_path.iterdir())
+
+
+# ---- head_bias: prior (a multi-label head starts at each label's share) ---------------------------------------------
+
+def _tiny(cls_name, config_name, **kw):
+    import transformers
+    config = getattr(transformers, config_name)(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                                 num_attention_heads=2, intermediate_size=32, num_labels=3, **kw)
+    return getattr(transformers, cls_name)(config)
+
+
+@pytest.mark.parametrize("cls_name,config_name", [("BertForSequenceClassification", "BertConfig"),
+                                                  ("RobertaForSequenceClassification", "RobertaConfig")])
+def test_prior_bias_makes_the_untrained_head_predict_each_labels_share(cls_name, config_name):
+    model = _tiny(cls_name, config_name)
+    labels = np.array([[1, 0, 1], [1, 0, 0], [0, 0, 0], [1, 1, 0]])   # shares 3/4, 1/4, 1/4
+    experiment.prior_bias(model, labels)
+    layer = experiment.output_layer(model, 3)
+    assert layer is (model.classifier if cls_name.startswith("Bert") else model.classifier.out_proj)
+    assert torch.sigmoid(layer.bias).tolist() == pytest.approx([0.75, 0.25, 0.25], abs=1e-6)
+    assert layer.bias[0].item() == pytest.approx(np.log(3), abs=1e-6)   # log odds of 3/4 by hand
+
+
+def test_prior_bias_on_a_head_without_bias_is_a_clear_error():
+    model = _tiny("LlamaForSequenceClassification", "LlamaConfig", num_key_value_heads=2)
+    with pytest.raises(UserError, match="head_bias 'prior'.*LlamaForSequenceClassification|"
+                                        "LlamaForSequenceClassification.*head_bias 'prior'"):
+        experiment.prior_bias(model, np.array([[1, 0, 0], [0, 1, 0]]))
+
+
+class _HeadAtStart(TrainerCallback):
+    "Keeps the classifier's bias as training starts."
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self.bias = experiment.output_layer(model, len(CLIP_LABELS)).bias.detach().clone()
+
+
+def test_a_clip_unit_with_head_bias_prior_starts_from_the_training_shares(tiny_release, tmp_path):
+    spy = _HeadAtStart()
+    res = unit(tiny_release[0], tmp_path, task="clip", model="minilm-demo", train={"max_steps": 1, "eval_steps": 1},
+               task_params={**CLIP_FAST, "head_bias": "prior"}, callbacks=[spy])
+    counts = res["counts"]["train_composition"]   # sentences and positives per label, from the results file
+    shares = [max(counts["labels"][label], 1e-4 * counts["items"]) / counts["items"] for label in CLIP_LABELS]
+    assert torch.sigmoid(spy.bias).tolist() == pytest.approx(shares, rel=1e-4)
+    assert res["config"]["task_params"]["head_bias"] == "prior"
+
+
+def test_head_bias_prior_on_a_single_label_task_is_a_clear_error(tiny_release, tmp_path):
+    with pytest.raises(UserError, match="mednli: head_bias 'prior' is defined for multi-label heads"):
+        unit(tiny_release[0], tmp_path, model="minilm-demo", task_params={"head_bias": "prior"})
+    assert not list(tmp_path.glob("*.json"))   # nothing written
