@@ -350,8 +350,9 @@ def scan_and_print(manifest:dict, grid_folder:Path) -> int:
 
 def dry_run_json(manifest:dict) -> dict:
     """What `run --dry-run --json` prints: the grid, its data, the device named, every unit's resolved settings and
-    estimated time, the estimated total, and the preflight checks of every model and task."""
-    keys = ("grid", "source", "data_dir", "device", "units", "estimate", "preflight")
+    estimated time, the estimated total, the preflight checks of every model and task, each model's source, licence,
+    access and clinical-use clause (`models`, with the ICL `backend`), and the matched pairs (`pairs`)."""
+    keys = ("grid", "source", "data_dir", "device", "units", "estimate", "preflight", "models", "pairs")
     return {key: manifest[key] for key in keys}
 
 def cmd_run(args) -> int:

@@ -338,10 +338,15 @@ def verdict_lines(estimate:dict) -> list[str]:
     else:
         lines.append(f"does not fit one free Colab session: about {math.ceil(total/session)} sessions of "
                      f"{session/3600:.0f} h, resuming between them")
-    for unit in estimate["over_session"]:
-        lines.append(f"  too long for any free session ({format_duration(unit['estimate']['total_s'])}): "
-                     f"{unit['notebook']} run_id {unit.get('run_id')}")
-    return lines
+    return lines + _over_session_lines(estimate["over_session"])
+
+def _over_session_lines(units:list[dict]) -> list[str]:
+    "One line per notebook with units longer than any free session: how many, and the longest."
+    by_notebook = {}
+    for unit in units:
+        by_notebook.setdefault(unit["notebook"], []).append(unit["estimate"]["total_s"])
+    return [f"  too long for any free session: {notebook}, {len(seconds)} unit(s), the longest "
+            f"{format_duration(max(seconds))}" for notebook, seconds in by_notebook.items()]
 
 # %% ../nbs/87_estimates.ipynb #d5e75540
 ESTIMATES_FILE = "estimates.json"

@@ -25,16 +25,16 @@ from .results import (FINISHED, check_planned_run_id, finished, provenance, resu
                                     write_not_applicable, write_ok, write_predictions)
 
 # %% auto #0
-__all__ = ['CALIBRATIONS', 'DECODER_SYSTEM', 'FIXED_TEMPLATE', 'NO_PAPER_PROTOCOL', 'is_causal_lm', 'sequence_logprobs',
-           'option_logprobs', 'rank_classify', 'single_token_words', 'cloze_logprobs', 'calibrate', 'load_mlm',
-           'verbalizer_candidates', 'ClozeVerbalizers', 'cloze_verbalizers', 'no_verbalizer_reason', 'generate',
-           'chat_messages', 'chat_prompt', 'causal_prompt_pass', 'causal_option_logprobs', 'causal_generate',
-           'NoteWindows', 'TemplatePredictor', 'verbatim_span_rate', 'score_predictions', 'dev_value',
-           'paper_mednli_label', 'paper_label_search', 'paper_radqa_answer', 'paper_subset', 'paper_reading',
-           'paper_metrics', 'not_applicable_reason', 'check_icl_model', 'icl_precision', 'load_icl_model', 'ICLQueries',
-           'dev_sample_draw', 'icl_queries', 'test_gold', 'icl_variants', 'choose_cloze', 'choose_templates',
-           'paper_predictions', 'paper_protocol_section', 'paper_payload', 'variant_predictions', 'icl_outcomes',
-           'ICLScores', 'icl_record', 'run_icl_unit']
+__all__ = ['BACKEND', 'CALIBRATIONS', 'DECODER_SYSTEM', 'FIXED_TEMPLATE', 'NO_PAPER_PROTOCOL', 'is_causal_lm',
+           'sequence_logprobs', 'option_logprobs', 'rank_classify', 'single_token_words', 'cloze_logprobs', 'calibrate',
+           'load_mlm', 'verbalizer_candidates', 'ClozeVerbalizers', 'cloze_verbalizers', 'no_verbalizer_reason',
+           'generate', 'chat_messages', 'chat_prompt', 'causal_prompt_pass', 'causal_option_logprobs',
+           'causal_generate', 'NoteWindows', 'TemplatePredictor', 'verbatim_span_rate', 'score_predictions',
+           'dev_value', 'paper_mednli_label', 'paper_label_search', 'paper_radqa_answer', 'paper_subset',
+           'paper_reading', 'paper_metrics', 'not_applicable_reason', 'check_icl_model', 'icl_precision',
+           'load_icl_model', 'ICLQueries', 'dev_sample_draw', 'icl_queries', 'test_gold', 'icl_variants',
+           'choose_cloze', 'choose_templates', 'paper_predictions', 'paper_protocol_section', 'paper_payload',
+           'variant_predictions', 'icl_outcomes', 'ICLScores', 'icl_record', 'run_icl_unit']
 
 # %% ../nbs/75_icl.ipynb #71a676ad
 def _check_seq2seq(model):
@@ -198,6 +198,7 @@ def cloze_logprobs(
         scores[a:a+len(texts)] = logprobs[:, wanted].cpu().numpy()
     return scores, np.ones(scores.shape, dtype=int)
 
+BACKEND = "transformers"   # the inference engine of every ICL unit (batched, length-sorted); recorded in dry runs
 CALIBRATIONS = ("none", "content_free")   # cloze score calibrations, chosen on dev (ties: the first)
 
 def calibrate(

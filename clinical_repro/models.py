@@ -24,12 +24,12 @@ from .data import CLIPNote, CLIPSentence, NLIRecord, QARecord, TaskData
 # %% auto #0
 __all__ = ['FAMILIES', 'DOMAINS', 'MODES', 'BUILTINS', 'PLACEHOLDER_MODES', 'DEID_TAGS', 'DEID_FALLBACK_TAG', 'T5_TINY_DEMO',
            'SMOLLM2_DISTRIBUTION', 'HUB_PROBE_TIMEOUT', 'HUB_TIMEOUTS', 'PYTORCH_WEIGHTS', 'HEADS', 'FLAX_WEIGHTS',
-           'Preprocessing', 'TokenizerSettings', 'ModelSpec', 'default_registry_path', 'load_registry', 'ResolvedModel',
-           'default_cache_dir', 'minilm_demo_dir', 'resolve_model', 'preprocessing', 'deid_tag', 'preprocess_text',
-           'preprocess_task_data', 'build_t5_tiny_demo', 'build_minilm_demo', 'build_minilm_random_demo',
-           'smollm2_gguf_path', 'convert_gguf', 'build_smollm2_demo', 'hub_endpoint', 'hub_timeouts_env', 'probe_hub',
-           'hub_cached', 'check_available', 'demo_folder', 'model_status', 'load_tokenizer', 'load_model',
-           'convert_release_model', 'choose_precision', 'device_info']
+           'Preprocessing', 'TokenizerSettings', 'ModelSpec', 'default_registry_path', 'load_registry', 'matched_pairs',
+           'model_facts', 'terms_lines', 'ResolvedModel', 'default_cache_dir', 'minilm_demo_dir', 'resolve_model',
+           'preprocessing', 'deid_tag', 'preprocess_text', 'preprocess_task_data', 'build_t5_tiny_demo',
+           'build_minilm_demo', 'build_minilm_random_demo', 'smollm2_gguf_path', 'convert_gguf', 'build_smollm2_demo',
+           'hub_endpoint', 'hub_timeouts_env', 'probe_hub', 'hub_cached', 'check_available', 'demo_folder',
+           'model_status', 'load_tokenizer', 'load_model', 'convert_release_model', 'choose_precision', 'device_info']
 
 # %% ../nbs/50_models.ipynb #85d91869
 FAMILIES = ("encoder", "seq2seq", "decoder")
@@ -69,6 +69,10 @@ class ModelSpec(BaseModel):
     release_folder: str | None = None                 # local_path models: the folder in the credentialed release
     train: dict[str, Any] = Field(default_factory=dict)  # hyperparameter overrides (validated by the config module)
     notes: str = ""                                   # provenance and caveats, shown in errors
+    base: str | None = None             # the registry name of the general model it is matched with (trained from)
+    licence: str | None = None          # the weights' licence (SPDX id where there is one)
+    access: str | None = None           # how to get the weights when the hub gates them (None: open download)
+    use_restriction: str | None = None  # a licence or model-card clause on clinical use, quoted with its source
 
     @field_validator("modes")
     @classmethod
@@ -167,8 +171,53 @@ def load_registry(path:str|Path|None=None) -> dict[str, ModelSpec]:
             specs[name] = ModelSpec.model_validate(entry)
         except ValidationError as e:
             problems += _pydantic_problems(file, name, e)
+    problems += _base_problems(file, specs, [name for name in raw if isinstance(name, str)])
     if problems: raise DataError(problems)
     return specs
+
+def matched_pairs(names:list[str], registry:dict|None=None) -> list[tuple[str, str]]:
+    "(model, its base) for each model of `names` whose registry `base` is among `names` too, in `names` order."
+    registry = registry or load_registry()
+    return [(name, registry[name].base) for name in names if registry[name].base in names]
+
+def model_facts(name:str, registry:dict|None=None) -> dict:
+    "Where a model's weights come from, what it is, its licence, access and clinical-use clause, its base."
+    spec = (registry or load_registry())[name]
+    source = {key: getattr(spec, key) for key in ("hub_id", "local_path", "builtin") if getattr(spec, key)}
+    facts = ("family", "domain", "size_m", "base", "licence", "access", "use_restriction")
+    return {**source, **{key: getattr(spec, key) for key in facts}}
+
+def terms_lines(names:list[str], registry:dict|None=None) -> list[str]:
+    "What a user must know before downloading: each model's licence and access, and clauses on clinical use."
+    registry = registry or load_registry()
+    lines = []
+    for name in names:
+        spec = registry[name]
+        if spec.licence is None and spec.access is None and spec.use_restriction is None: continue
+        lines.append(f"  {name}: licence {spec.licence or 'not recorded'}; "
+                     f"{'gated: ' + spec.access if spec.access else 'open download'}")
+        if spec.use_restriction:
+            lines.append(f"    on clinical use: {spec.use_restriction}")
+    pairs = matched_pairs(names, registry)
+    if pairs:
+        lines.append("  matched pairs (medical vs general, same base): "
+                     + ", ".join(f"{a} vs {b}" for a, b in pairs))
+    return (["models (licence, access, clauses on clinical use):"] + lines) if lines else []
+
+def _base_problems(file:str, specs:dict[str, ModelSpec], names:list[str]) -> list[Problem]:
+    "A problem for each `base` that names no other entry (`names`: all, valid or not), or one of another family."
+    problems = []
+    for name, spec in specs.items():
+        if spec.base is None: continue
+        base = specs.get(spec.base)   # None when that entry is invalid: its own problems say why
+        if spec.base not in names or spec.base == name:
+            others = [n for n in names if n != name]
+            problems.append(Problem(file, f"{name}.base", f"the name of another registry entry, got "
+                                    f"{spec.base!r}{did_you_mean(spec.base, others)}"))
+        elif base is not None and base.family != spec.family:
+            problems.append(Problem(file, f"{name}.base", f"a {spec.family} model (a matched pair shares its "
+                                    f"architecture), got {spec.base!r}, a {base.family}"))
+    return problems
 
 # %% ../nbs/50_models.ipynb #787f5b47
 @dataclass(frozen=True)

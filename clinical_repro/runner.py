@@ -23,16 +23,16 @@ from .data import check_data
 from .tasks import get_task
 from .units import (demo_data_complete, demo_data_dir, ensure_demo_data, finetune_arguments, identify,
                                   load_task_or_none, unit_label)
-from . import estimates, executors, models, results
+from . import estimates, executors, icl, models, results
 
 # %% auto #0
 __all__ = ['GPUS', 'templates_dir', 'grid_dir', 'resolve_data_dir', 'UnitState', 'read_state', 'unit_state', 'overrides_of',
            'experiment_states', 'load_grid_data', 'plan_grid', 'planned_units', 'states_after', 'now_utc',
            'manifest_of', 'manifest_entry', 'failures', 'kernel_env', 'notebook_complete', 'clean_grid',
            'clean_temporaries', 'notebook_parameters', 'ProgressWatcher', 'GridRun', 'planned_device', 'unit_settings',
-           'planned_settings', 'preflight', 'preflight_failures', 'print_preflight', 'check_executor', 'plan_run',
-           'to_run', 'print_plan', 'estimate_plan', 'run_grid', 'leak_scan', 'summary_inputs_hash', 'export_html',
-           'summary_is_current', 'summarize_grid', 'grid_folders']
+           'planned_settings', 'grid_model_names', 'models_section', 'preflight', 'preflight_failures',
+           'print_preflight', 'check_executor', 'plan_run', 'to_run', 'print_plan', 'estimate_plan', 'run_grid',
+           'leak_scan', 'summary_inputs_hash', 'export_html', 'summary_is_current', 'summarize_grid', 'grid_folders']
 
 # %% ../nbs/88_runner.ipynb #fce64458
 def templates_dir() -> Path:
@@ -479,6 +479,21 @@ def _task_check(task:str, data_dir, task_data=None) -> dict:
     counts = {split: split_counts["items"] for split, split_counts in report["splits"].items()}
     return {"kind": "task", "name": task, "status": "ok", "detail": _items(Path(data_dir)/task, counts)}
 
+def grid_model_names(grid:Grid) -> list[str]:
+    "Every model of the grid once: the fine-tuned ones, then those in context."
+    names = [*(grid.finetune.models if grid.finetune else []), *(grid.icl.models if grid.icl else [])]
+    return list(dict.fromkeys(names))
+
+def models_section(grid:Grid) -> dict:
+    "A dry run's `models` (each model's source, licence, access, clinical-use clause, base; `backend` in context)"
+    " and `pairs` (medical vs general on the same base, both in the grid)."
+    registry = models.load_registry()
+    in_context = set(grid.icl.models if grid.icl else [])
+    facts = {name: {**models.model_facts(name, registry), **({"backend": icl.BACKEND} if name in in_context else {})}
+             for name in grid_model_names(grid)}
+    pairs = [{"medical": a, "general": b} for a, b in models.matched_pairs(list(facts), registry)]
+    return {"models": facts, "pairs": pairs}
+
 def preflight(grid:Grid, data_dir,
               data:dict|None=None,       # each task's records (`load_grid_data`); None: checked here
               registry:dict|None=None,   # the model registry (default: params/models.yaml)
@@ -486,8 +501,7 @@ def preflight(grid:Grid, data_dir,
     """What would fail before any unit runs: a row per model of the grid (can it load here?) and per task (is its
     data there and valid?), each {kind, name, status: ok | fail, detail: where from, or why not and what to do}."""
     registry = models.load_registry() if registry is None else registry
-    names = [*(grid.finetune.models if grid.finetune else []), *(grid.icl.models if grid.icl else [])]
-    rows = [_model_check(name, registry) for name in dict.fromkeys(names)]
+    rows = [_model_check(name, registry) for name in grid_model_names(grid)]
     if _demo_data_pending(grid, data_dir):
         return rows + [{"kind": "task", "name": task, "status": "ok",
                         "detail": f"synthetic demo data, written to {data_dir} before the first unit"}
@@ -587,12 +601,14 @@ def _dry_run(grid:Grid, plan:list, todo:list, data_dir, reports, out, data, devi
     print_plan(grid, plan, todo, data_dir, reports, out, checks, estimate)
     for line in estimates.verdict_lines(estimate) if estimate else []:
         out(line)
+    for line in models.terms_lines(grid_model_names(grid)):
+        out(line)
     print_preflight(checks, out)   # last: whether anything would fail
     entries = [manifest_entry(exp, states, "planned", 0.0) for exp, states in plan]
     manifest = manifest_of(grid, data_dir, now_utc(), time.perf_counter(), "local", entries)
     total = {key: estimate[key] for key in ("device", "jobs", "threads", "total_s", "session_s")} if estimate else None
     return {**manifest, "device": device, "units": _with_estimates(settings, estimate), "preflight": checks,
-            "estimate": total}
+            "estimate": total, **models_section(grid)}
 
 def _data_to_estimate(grid:Grid, data:dict|None) -> dict|None:
     "The data a dry run estimates on: the grid's, or a synthetic grid's generated in a temporary folder (~1 s)."

@@ -77,3 +77,15 @@ def test_colab_grid_dry_run_estimates_without_the_data(run_main, tmp_path, monke
     overhead = estimates.load_cost_table().devices["t4"].overhead_s["notebook"]
     assert total == pytest.approx(sum(u["estimate"]["total_s"] for u in planned["units"]) + notebooks*overhead)
     assert not (tmp_path / "reports").exists() or not any((tmp_path / "reports").rglob("*.json"))
+
+
+def test_units_longer_than_a_session_are_listed_once_per_notebook_with_the_longest():
+    unit = lambda notebook, hours: {"notebook": notebook, "estimate": {"total_s": hours * 3600}}
+    estimate = {"total_s": 60 * 3600, "session_s": 12 * 3600, "device": "NVIDIA H100", "to_run": 4, "jobs": 1,
+                "measured": "unmeasured", "stand_ins": [],
+                "over_session": [unit("clip/a__icl.ipynb", 13), unit("clip/a__icl.ipynb", 20),
+                                 unit("clip/b__icl.ipynb", 14)]}
+    lines = estimates.verdict_lines(estimate)
+    assert lines[1] == "does not fit one free Colab session: about 5 sessions of 12 h, resuming between them"
+    assert lines[2:] == ["  too long for any free session: clip/a__icl.ipynb, 2 unit(s), the longest 20.0 h",
+                         "  too long for any free session: clip/b__icl.ipynb, 1 unit(s), the longest 14.0 h"]

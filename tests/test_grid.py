@@ -188,9 +188,11 @@ finetune:
 icl: {models: [smollm2-demo], shots: [0], per_task: {clip: {limit: 4}}}
 compare: [[minilm-demo, minilm-random-demo]]
 """
-MODELS = ("bert-base, bioclinicalbert, bioclinroberta, clinical-longformer, clinical-t5-base, clinical-t5-base-ckpt, "
-          "clinical-t5-large, flan-t5-xxl, gatortron, minilm-demo, minilm-random-demo, pubmedgpt, roberta-base, "
-          "roberta-large, scifive, smollm2-demo, t5-3b, t5-base, t5-large, t5-tiny-demo")
+MODELS = ("bert-base, bioclinicalbert, bioclinroberta, biomistral-7b, clinical-longformer, clinical-t5-base, "
+          "clinical-t5-base-ckpt, clinical-t5-large, flan-t5-xxl, gatortron, gemma-3-27b-it, gemma-3-4b-it, "
+          "llama-2-7b, llama-3-1-8b-instruct, llama-3-3-70b-instruct, medgemma-27b-text-it, medgemma-4b-it, "
+          "meditron-7b, minilm-demo, minilm-random-demo, mistral-7b-instruct-v0-1, pubmedgpt, qwen2-5-7b-instruct, "
+          "roberta-base, roberta-large, scifive, smollm2-demo, t5-3b, t5-base, t5-large, t5-tiny-demo")
 
 
 @pytest.mark.parametrize("old, new, expected", [

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from clinical_repro import models
 from clinical_repro.core import DataError, UserError
+from clinical_repro.grid import grid_path, load_grid
 from clinical_repro.models import (BUILTINS, ModelSpec, build_minilm_random_demo, build_t5_tiny_demo,
                                    choose_precision, device_info, load_model,
                                    load_registry, load_tokenizer, minilm_demo_dir, resolve_model)
@@ -68,7 +70,8 @@ def test_registry_has_the_papers_and_missions_models(registry):
     for name, (family, domain, size) in EXPECTED.items():
         spec = registry[name]
         assert (spec.family, spec.domain, spec.size_m) == (family, domain, size), name
-    assert {n for n, s in registry.items() if s.builtin is None} == set(EXPECTED)
+    llms = set(load_grid(grid_path("llm-icl")).icl.models)   # the local LLMs in context: not in the paper
+    assert {n for n, s in registry.items() if s.builtin is None} == set(EXPECTED) | llms
     assert {n: s.builtin for n, s in registry.items() if s.builtin is not None} == {b: b for b in BUILTINS}
     assert load_registry() == registry  # the default path is the repository's params/models.yaml
 
@@ -84,7 +87,9 @@ def test_registry_sources_and_protocol(registry):
     assert (registry["minilm-demo"].builtin, registry["t5-tiny-demo"].builtin) == ("minilm-demo", "t5-tiny-demo")
     assert registry["flan-t5-xxl"].modes == ("icl",)
     assert registry["smollm2-demo"].modes == ("icl",)   # the demo's instruction-tuned LLM: ICL only
-    assert all("finetune" in s.modes for n, s in registry.items() if n not in ("flan-t5-xxl", "smollm2-demo"))
+    in_context_only = {"flan-t5-xxl", "smollm2-demo", *load_grid(grid_path("llm-icl")).icl.models}
+    assert all("finetune" in s.modes for n, s in registry.items() if n not in in_context_only)
+    assert all(registry[n].modes == ("icl",) for n in in_context_only)
     assert registry["bioclinicalbert"].has_mlm_head and not registry["minilm-demo"].has_mlm_head
     # REFERENCE.md, "Fine-tuning protocol"
     for name in ("roberta-large", "bioclinroberta"):
@@ -424,3 +429,47 @@ def test_device_info_here():
     info = device_info()
     if info["type"] != "cuda": assert info["precision"] == {"encoder": "fp32", "seq2seq": "fp32", "decoder": "fp32"}
     assert info["bf16"] == (info["precision"]["seq2seq"] == "bf16")
+
+
+# ---- local LLMs: matched pairs, licences and access (params/llm-icl.yaml) --------------------------------------------
+
+def test_matched_pairs_are_the_medical_models_and_the_general_models_of_their_base(registry):
+    names = load_grid(grid_path("llm-icl")).icl.models
+    assert models.matched_pairs(names, registry) == [
+        ("biomistral-7b", "mistral-7b-instruct-v0-1"), ("medgemma-4b-it", "gemma-3-4b-it"),
+        ("medgemma-27b-text-it", "gemma-3-27b-it"), ("meditron-7b", "llama-2-7b")]
+    for medical, general in models.matched_pairs(names, registry):
+        assert registry[medical].domain != "general" and registry[general].domain == "general"
+    assert registry["biomistral-7b"].hub_id == "BioMistral/BioMistral-7B"
+    assert registry["medgemma-4b-it"].hub_id == "google/medgemma-4b-it"
+    assert registry["meditron-7b"].hub_id == "epfl-llm/meditron-7b"
+    assert models.matched_pairs(["biomistral-7b", "gemma-3-4b-it"], registry) == []   # its base not in the list
+
+
+def test_every_llm_of_the_grid_records_its_licence_and_gated_ones_say_how_to_get_access(registry):
+    for name in load_grid(grid_path("llm-icl")).icl.models:
+        spec = registry[name]
+        assert spec.licence and spec.hub_id and spec.family == "decoder", name
+        if spec.hub_id.startswith(("google/", "meta-llama/")):
+            assert spec.access, f"{name}: gated on the hub, but no `access` says how to get it"
+    facts = models.model_facts("medgemma-4b-it", registry)
+    assert facts["licence"] == "health-ai-developer-foundations" and "clinical diagnosis" in facts["use_restriction"]
+    assert facts["hub_id"] == "google/medgemma-4b-it" and facts["base"] == "gemma-3-4b-it"
+    lines = models.terms_lines(["minilm-demo", "biomistral-7b", "mistral-7b-instruct-v0-1"], registry)
+    assert lines[0].startswith("models (licence") and not any("minilm-demo" in line for line in lines)
+    assert lines[-1] == "  matched pairs (medical vs general, same base): biomistral-7b vs mistral-7b-instruct-v0-1"
+    assert models.terms_lines(["minilm-demo"], registry) == []
+
+
+def test_a_base_naming_no_entry_or_another_family_is_an_error_naming_the_key(tmp_path):
+    p = _write_copy(tmp_path, lambda s: s.replace("  base: llama-2-7b\n", "  base: llama-2-7\n"))
+    with pytest.raises(DataError) as e: load_registry(p)
+    assert str(e.value.problems[0]).startswith(f"{p}: meditron-7b.base: the name of another registry entry, got "
+                                                "'llama-2-7' (did you mean 'llama-2-7b'?)")
+    assert len(e.value.problems) == 1
+    p = _write_copy(tmp_path, lambda s: s.replace("  base: llama-2-7b\n", "  base: t5-base\n"))
+    with pytest.raises(DataError, match="meditron-7b.base: a decoder model .* got 't5-base', a seq2seq"):
+        load_registry(p)
+    p = _write_copy(tmp_path, lambda s: s.replace("  base: llama-2-7b\n", "  base: meditron-7b\n"))
+    with pytest.raises(DataError, match="meditron-7b.base: the name of another registry entry, got 'meditron-7b'"):
+        load_registry(p)

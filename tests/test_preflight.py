@@ -108,3 +108,25 @@ def test_demo_grid_passes_before_its_data_is_written(tmp_path):
     assert all(row["detail"].startswith("demo model") for row in rows[:3])
     assert rows[3]["detail"] == f"synthetic demo data, written to {tmp_path / 'not-written-yet'} before the first unit"
     assert not (tmp_path / "not-written-yet").exists()
+
+
+def test_llm_grid_dry_run_lists_pairs_licences_backend_and_gpu_time(tmp_path, run_cli):
+    "`run llm-icl --dry-run --json --gpu h100`: the matched pairs, each model's hub id, licence and backend, the time."
+    (tmp_path / "data").mkdir()
+    r = run_cli("run", "llm-icl", "--dry-run", "--json", "--gpu", "h100", "--data-dir", tmp_path / "data",
+                "--reports", tmp_path / "reports", env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 1, r.stderr[-2000:]   # here: no model cached and no release, so the preflight fails
+    plan = json.loads(r.stdout)
+    assert [(p["medical"], p["general"]) for p in plan["pairs"]] == [
+        ("biomistral-7b", "mistral-7b-instruct-v0-1"), ("medgemma-4b-it", "gemma-3-4b-it"),
+        ("medgemma-27b-text-it", "gemma-3-27b-it"), ("meditron-7b", "llama-2-7b")]
+    biomistral, llama = plan["models"]["biomistral-7b"], plan["models"]["llama-3-3-70b-instruct"]
+    assert biomistral["hub_id"] == "BioMistral/BioMistral-7B" and biomistral["licence"] == "apache-2.0"
+    assert biomistral["backend"] == "transformers" and biomistral["base"] == "mistral-7b-instruct-v0-1"
+    assert llama["licence"] == "llama3.3" and "Llama 3.3 Community License" in llama["access"]
+    assert "medical/health" in llama["use_restriction"]
+    assert plan["estimate"]["device"] == "NVIDIA H100" and len(plan["units"]) == 231
+    seconds = {(u["task"], u["model"], u["shots"], u["draw"]): u["estimate"]["total_s"] for u in plan["units"]}
+    assert all(s > 0 for s in seconds.values())
+    assert seconds["mednli", "llama-3-3-70b-instruct", 3, 0] > 5 * seconds["mednli", "llama-3-1-8b-instruct", 3, 0]
+    assert {row["name"] for row in preflight_failures(plan["preflight"])} >= {"biomistral-7b", "mednli"}
