@@ -54,9 +54,10 @@ def _unsort(values:np.ndarray, ds:Dataset) -> np.ndarray:
 class Adapter:
     "Base: how one task is fed to one model family and scored."
     head, num_labels, problem_type = None, None, None
+    head_biases = ("zero",)   # the `head_bias` settings `init_head` supports
     def __init__(self, task, tokenizer, spec:TaskSpec, train_records, gen:dict|None=None):
         self.task, self.tok, self.spec, self.gen = task, tokenizer, spec, gen or {}
-        if spec.head_bias != "zero" and type(self).init_head is Adapter.init_head:
+        if spec.head_bias not in self.head_biases:
             raise UserError(f"{task}: head_bias {spec.head_bias!r} is defined for multi-label heads (CLIP encoders), "
                             f"not for {type(self).__name__}; expected head_bias: zero")
     def generation(self) -> dict|None:
@@ -120,6 +121,7 @@ class MedNLIEncoder(Adapter):
 class CLIPEncoder(Adapter):
     "Multi-label classification over a token window; thresholds tuned on dev, AUC from probabilities."
     head, num_labels, problem_type = "sequence-classification", 7, "multi_label_classification"
+    head_biases = ("zero", "prior")
     def init_head(self, model, train_ds:Dataset):
         if self.spec.head_bias == "prior":
             prior_bias(model, np.asarray(train_ds["labels"]))

@@ -484,10 +484,9 @@ def grid_model_names(grid:Grid) -> list[str]:
     names = [*(grid.finetune.models if grid.finetune else []), *(grid.icl.models if grid.icl else [])]
     return list(dict.fromkeys(names))
 
-def models_section(grid:Grid) -> dict:
-    "A dry run's `models` (each model's source, licence, access, clinical-use clause, base; `backend` in context)"
-    " and `pairs` (medical vs general on the same base, both in the grid)."
-    registry = models.load_registry()
+def models_section(grid:Grid, registry:dict) -> dict:
+    """A dry run's `models` (each model's source, licence, access, clinical-use clause, base; `backend` in context)
+    and `pairs` (medical vs general on the same base, both in the grid)."""
     in_context = set(grid.icl.models if grid.icl else [])
     facts = {name: {**models.model_facts(name, registry), **({"backend": icl.BACKEND} if name in in_context else {})}
              for name in grid_model_names(grid)}
@@ -595,20 +594,21 @@ def estimate_plan(records:list[dict], data:dict|None, device:dict, jobs:int=1, o
 
 def _dry_run(grid:Grid, plan:list, todo:list, data_dir, reports, out, data, device:dict, jobs:int) -> dict:
     "Print what a run would do, what would fail and how long it would take; the manifest with all of it."
-    checks = preflight(grid, data_dir, data)
+    registry = models.load_registry()
+    checks = preflight(grid, data_dir, data, registry)
     settings = planned_settings(plan, device)
     estimate = estimate_plan(settings, _data_to_estimate(grid, data), device, jobs, out)
     print_plan(grid, plan, todo, data_dir, reports, out, checks, estimate)
     for line in estimates.verdict_lines(estimate) if estimate else []:
         out(line)
-    for line in models.terms_lines(grid_model_names(grid)):
+    for line in models.terms_lines(grid_model_names(grid), registry):
         out(line)
     print_preflight(checks, out)   # last: whether anything would fail
     entries = [manifest_entry(exp, states, "planned", 0.0) for exp, states in plan]
     manifest = manifest_of(grid, data_dir, now_utc(), time.perf_counter(), "local", entries)
     total = {key: estimate[key] for key in ("device", "jobs", "threads", "total_s", "session_s")} if estimate else None
     return {**manifest, "device": device, "units": _with_estimates(settings, estimate), "preflight": checks,
-            "estimate": total, **models_section(grid)}
+            "estimate": total, **models_section(grid, registry)}
 
 def _data_to_estimate(grid:Grid, data:dict|None) -> dict|None:
     "The data a dry run estimates on: the grid's, or a synthetic grid's generated in a temporary folder (~1 s)."
