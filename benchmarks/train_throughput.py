@@ -31,7 +31,7 @@ from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassificati
                           TrainingArguments, default_data_collator, set_seed)
 
 from clinical_repro import models
-from clinical_repro.config import TrainSpec, check_keys, merge_train, params_dir, task_layer, train_layers
+from clinical_repro.config import TrainSpec, check_keys, merge_train, params_file, task_layer, train_layers
 from clinical_repro.core import UserError, atomic_write_json
 from clinical_repro.data import load_task
 from clinical_repro.synthetic import write_demo_data
@@ -153,8 +153,9 @@ def our_train_spec(model:str, max_steps:int) -> tuple[TrainSpec, int]:
     registry = models.load_registry()
     if model in registry:   # bert-base-random is not: it has no model layer
         model_train = dict(registry[model].train or {})
-        check_keys(model_train, set(TrainSpec.model_fields), str(params_dir()/"models.yaml"), f"{model}.train")
-        layers.append((model_train, str(params_dir()/"models.yaml")))
+        registry_file = str(params_file("models.yaml"))
+        check_keys(model_train, set(TrainSpec.model_fields), registry_file, f"{model}.train")
+        layers.append((model_train, registry_file))
     layers.append(({"max_steps": max_steps}, "benchmarks/train_throughput.py"))
     return merge_train(layers), int(task_settings["max_length"])   # params/tasks/mednli.yaml: encoder.max_length
 

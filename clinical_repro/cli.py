@@ -18,7 +18,8 @@ from .config import PARAMS_ENV, read_yaml, user_params_dir
 from .tasks import TASKS, CLIP_LABELS, data_fractions
 from .data import (load_mednli, load_radqa, load_clip, parse_mednli_lines, parse_radqa, read_json,
                                  check_data, MissingTaskError, ensure_subsets, load_task)
-from .grid import grid_names, grid_path, load_grid
+from .grid import ICL_BACKEND_ENV, grid_names, grid_path, load_grid
+from .identity import DEFAULT_BACKEND, ICL_BACKENDS
 from . import metrics, synthetic
 
 # %% auto #0
@@ -297,13 +298,18 @@ def cmd_finetune(args) -> int:
     return 0
 
 # %% ../nbs/99_cli.ipynb #62decc05
+def _templates(given:list[str]|None) -> str|list[str]|None:
+    "`--template` as `run_icl_unit` takes it: one id, one per variant (CLIP: yes/no and list), or None (dev choice)."
+    return given[0] if given and len(given) == 1 else given
+
 def cmd_icl(args) -> int:
     "Run one in-context-learning unit and write its results file."
     from clinical_repro.icl import run_icl_unit
     _guard(args.data_dir)
     with contextlib.redirect_stdout(sys.stderr):
         record = run_icl_unit(args.task, args.model, args.data_dir, args.out, shots=args.shots, draw=args.draw,
-                              seed=args.seed, limit=args.limit, template=args.template)
+                              seed=args.seed, limit=args.limit, template=_templates(args.template),
+                              backend=args.backend)
     if args.json:
         print(json.dumps(record, indent=1, default=str))
     elif record.get("status") != "ok":
@@ -362,9 +368,11 @@ def cmd_run(args) -> int:
         raise UserError("--json and --gpu describe a dry run: add --dry-run")
     started = time.perf_counter()
     out = (lambda line: print(line, file=sys.stderr)) if args.json else print   # stdout: the JSON alone
-    manifest = runner.run_grid(args.grid, args.data_dir, args.reports, dry_run=args.dry_run, executor=args.executor,
-                               jobs=args.jobs, ray_address=args.ray_address, scan=False, out=out, gpu=args.gpu,
-                               data_size=args.data_size)
+    backend = {ICL_BACKEND_ENV: args.icl_backend} if args.icl_backend else {}   # replaces the grid's icl.backend
+    with temporary_environ(backend):
+        manifest = runner.run_grid(args.grid, args.data_dir, args.reports, dry_run=args.dry_run,
+                                   executor=args.executor, jobs=args.jobs, ray_address=args.ray_address, scan=False,
+                                   out=out, gpu=args.gpu, data_size=args.data_size)
     if args.dry_run:
         if args.json:
             print(json.dumps(dry_run_json(manifest), indent=1))
@@ -501,7 +509,7 @@ def add_finetune_parser(commands) -> None:
     parser.set_defaults(func=cmd_finetune)
 
 def add_icl_parser(commands) -> None:
-    "`icl --task T --model M --data-dir DIR --out DIR --shots K [--draw N] [--seed S] [--limit N]`."
+    "`icl --task T --model M --data-dir DIR --out DIR --shots K [--draw N] [--seed S] [--limit N] [--backend B]`."
     parser = commands.add_parser("icl", help="run one in-context-learning unit with a local model, save its results")
     add_unit_arguments(parser, "a local model from params/models.yaml (offline demo: t5-tiny-demo, smollm2-demo)",
                        "folder for <run_id>.json and the per-item predictions")
@@ -509,8 +517,12 @@ def add_icl_parser(commands) -> None:
     parser.add_argument("--draw", type=int, default=0, help="which independent exemplar draw")
     parser.add_argument("--limit", type=int, help="score only the first N test items (quick runs; recorded); "
                                                   "default: all")
-    parser.add_argument("--template", help="a template id from params/prompts/<task>.yaml (default: chosen on a dev "
-                                           "sample)")
+    parser.add_argument("--template", action="append",
+                        help="a template id from params/prompts/<task>.yaml, no dev choice (CLIP: once per variant, "
+                             "e.g. --template paper-yes-no --template list-labels); default: chosen on a dev sample")
+    parser.add_argument("--backend", choices=ICL_BACKENDS, default=DEFAULT_BACKEND,
+                        help="a decoder's inference engine (vllm: a CUDA GPU and the vllm extra); recorded, part "
+                             "of the run id (default: %(default)s)")
     parser.set_defaults(func=cmd_icl)
 
 def add_run_parser(commands) -> None:
@@ -532,6 +544,10 @@ def add_run_parser(commands) -> None:
                         "settings (learning rate, epochs, effective batch, precision, preprocessing) as JSON")
     parser.add_argument("--gpu", choices=("t4", "a100", "h100", "cpu"),
                         help="with --dry-run: the device whose precision the units show (default: this machine's)")
+    parser.add_argument("--icl-backend", choices=ICL_BACKENDS,
+                        help="the inference engine of the grid's in-context units, replacing its icl.backend (part "
+                             "of each unit's run id; vllm: decoder models on a CUDA GPU, with pip install "
+                             f"'clinical_repro[vllm]'); default: the grid's icl.backend, else {DEFAULT_BACKEND}")
     parser.add_argument("--jobs", type=int, default=1, help="notebooks run at once (CPU: each gets cores/jobs threads; "
                         "one GPU: keep 1; ray: the cap on notebooks at once, 1 = no cap)")
     parser.add_argument("--no-summary", action="store_true", help="do not write the summary afterwards")

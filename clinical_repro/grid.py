@@ -6,7 +6,7 @@ Docs: https://clinical-repro.github.io/clinical_repro/grid.html.md"""
 
 # %% ../nbs/85_grid.ipynb #6e830547
 from __future__ import annotations
-import re, types
+import os, re, types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -17,12 +17,14 @@ from .config import (Spec, TrainSpec, TaskSpec, validate_spec, read_yaml, params
                                    task_layer, resolve_train)
 from .tasks import TASKS, icl_dev_n
 from .units import finetune_units
+from .identity import DEFAULT_BACKEND, ICL_BACKENDS
 from . import models, prompts
 
 # %% auto #0
-__all__ = ['SyntheticData', 'DataSpec', 'FinetuneTask', 'FinetuneModel', 'FinetuneSection', 'ICLTask', 'ICLSection', 'Grid',
-           'load_grid', 'Experiment', 'searched_learning_rates', 'finetune_experiments', 'icl_experiments', 'expand',
-           'notebook_name', 'report_path', 'summary_counts', 'grid_names', 'grid_path', 'with_data_size']
+__all__ = ['ICL_BACKEND_ENV', 'SyntheticData', 'DataSpec', 'FinetuneTask', 'FinetuneModel', 'FinetuneSection', 'ICLTask',
+           'ICLSection', 'Grid', 'load_grid', 'Experiment', 'searched_learning_rates', 'finetune_experiments',
+           'icl_experiments', 'expand', 'notebook_name', 'report_path', 'summary_counts', 'grid_names', 'grid_path',
+           'with_data_size']
 
 # %% ../nbs/85_grid.ipynb #2619d921
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -109,6 +111,7 @@ class ICLSection(Spec):
     seeds: _Seeds = Field(default_factory=lambda: [0])
     limit: int | None = Field(None, ge=1)
     dev_n: int = Field(default_factory=icl_dev_n, ge=1)   # the study's default (params/defaults.yaml)
+    backend: str = DEFAULT_BACKEND   # the inference engine (`identity.ICL_BACKENDS`): transformers, or vllm (decoders)
     per_task: dict[str, ICLTask] = Field(default_factory=dict)
 
 class Grid(Spec):
@@ -227,9 +230,31 @@ def _check_templates(section:ICLSection, file:str) -> list[Problem]:
             problems.append(Problem(file, f"icl.per_task.{task}.template", f"{e} (params/prompts/{task}.yaml)"))
     return problems
 
-def _check_icl(section:ICLSection, tasks:list, registry:dict, file:str) -> list[Problem]:
-    "Names and modes of the icl section, and its fixed templates."
+ICL_BACKEND_ENV = "CLINICAL_REPRO_ICL_BACKEND"   # `run --icl-backend`: replaces every grid's `icl.backend`
+
+def _check_backend(section:ICLSection, registry:dict, file:str, key:str="icl.backend") -> list[Problem]:
+    "The icl section's backend: one of ICL_BACKENDS; vllm with decoder models only."
+    if section.backend not in ICL_BACKENDS:
+        return [Problem(file, key, _unknown(section.backend, ICL_BACKENDS, "ICL backend"))]
+    if section.backend != "vllm":
+        return []
+    return [Problem(file, key, f"the vllm backend runs decoder models only; model {name!r} (family: "
+                               f"{registry[name].family}) is not a decoder (use backend: transformers for it)")
+            for name in section.models if name in registry and registry[name].family != "decoder"]
+
+def _backend_override(grid:Grid) -> tuple[Grid, str]:
+    "The grid with `$CLINICAL_REPRO_ICL_BACKEND` (`run --icl-backend`) as its ICL backend, and the key named in errors."
+    override = os.environ.get(ICL_BACKEND_ENV, "").strip()
+    if not override or grid.icl is None:
+        return grid, "icl.backend"
+    icl = grid.icl.model_copy(update={"backend": override})
+    return grid.model_copy(update={"icl": icl}), f"icl.backend (given as --icl-backend / ${ICL_BACKEND_ENV})"
+
+def _check_icl(section:ICLSection, tasks:list, registry:dict, file:str,
+               backend_key:str="icl.backend") -> list[Problem]:
+    "Names and modes of the icl section, its backend, and its fixed templates."
     problems = _names(file, "icl.models", section.models, sorted(registry), "model")
+    problems += _check_backend(section, registry, file, backend_key)
     problems += _check_modes(file, "icl.models", section.models, registry, "icl", "in-context learning")
     problems += _in_grid(file, "icl.per_task", section.per_task, tasks, TASKS, "task", "this grid")
     return problems + _check_templates(section, file)
@@ -300,11 +325,12 @@ def load_grid(path,                  # a grid YAML file
     except DataError as e:
         raise DataError(_with_suggestions(e.problems)) from None
     registry = models.load_registry() if registry is None else registry
+    grid, backend_key = _backend_override(grid)
     problems = _names(file, "tasks", grid.tasks, TASKS, "task")
     if grid.finetune is not None:
         problems += _check_finetune(grid.finetune, grid.tasks, registry, file, params)
     if grid.icl is not None:
-        problems += _check_icl(grid.icl, grid.tasks, registry, file)
+        problems += _check_icl(grid.icl, grid.tasks, registry, file, backend_key)
     problems += _check_compare(grid, registry, file)
     if problems:
         raise DataError(problems)
@@ -352,14 +378,16 @@ def finetune_experiments(grid:Grid, task:str, registry:dict|None=None) -> list[E
 
 def icl_experiments(grid:Grid, task:str) -> list[Experiment]:
     """The ICL experiments of one task: units by shots, draw, then seed (0 shots: one draw); models as listed. A fixed
-    template (`per_task.<task>.template`) goes into every unit (its run_id differs from a dev-chosen unit's)."""
+    template (`per_task.<task>.template`) goes into every unit (its run_id differs from a dev-chosen unit's), and so
+    does the grid's inference backend (`icl.backend`)."""
     section = grid.icl
     per_task = section.per_task.get(task, ICLTask())
     shots, seeds = per_task.shots or section.shots, per_task.seeds or section.seeds
     draws = per_task.draws or section.draws
     limit = per_task.limit if per_task.limit is not None else section.limit
     fixed = {"template": per_task.template} if per_task.template is not None else {}
-    units = tuple({"shots": k, "draw": draw, "seed": seed, "limit": limit, "dev_n": section.dev_n, **fixed}
+    units = tuple({"shots": k, "draw": draw, "seed": seed, "limit": limit, "dev_n": section.dev_n,
+                   "backend": section.backend, **fixed}
                   for k in shots for draw in range(draws if k > 0 else 1) for seed in seeds)
     return [Experiment(grid.grid, task, model, "icl", units, {}, {}, grid.source) for model in section.models]
 

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from jinja2 import TemplateError   # what a chat template raises (transformers renders templates with jinja2)
 
 from .core import UserError, get_logger
 from .config import make_run_id
@@ -20,21 +21,22 @@ from .tasks import (MEDNLI_LABELS, CLIP_LABELS, answer_room, check_task, content
                                   get_task, icl_dev_n, to_unit_scale)
 from .data import CLIPSentence, CLIPNote, TaskData, load_task, blind
 from . import metrics, models, prompts, inputs
-from .identity import clip_window_words, icl_identity
+from .identity import DEFAULT_BACKEND, ICL_BACKENDS, check_icl_backend, clip_window_words, icl_identity
 from .results import (FINISHED, check_planned_run_id, finished, provenance, results_path, write_items,
                                     write_not_applicable, write_ok, write_predictions)
 
 # %% auto #0
-__all__ = ['BACKEND', 'CALIBRATIONS', 'DECODER_SYSTEM', 'FIXED_TEMPLATE', 'NO_PAPER_PROTOCOL', 'is_causal_lm',
-           'sequence_logprobs', 'option_logprobs', 'rank_classify', 'single_token_words', 'cloze_logprobs', 'calibrate',
-           'load_mlm', 'verbalizer_candidates', 'ClozeVerbalizers', 'cloze_verbalizers', 'no_verbalizer_reason',
-           'generate', 'chat_messages', 'chat_prompt', 'causal_prompt_pass', 'causal_option_logprobs',
-           'causal_generate', 'NoteWindows', 'TemplatePredictor', 'verbatim_span_rate', 'score_predictions',
-           'dev_value', 'paper_mednli_label', 'paper_label_search', 'paper_radqa_answer', 'paper_subset',
-           'paper_reading', 'paper_metrics', 'not_applicable_reason', 'check_icl_model', 'icl_precision',
-           'load_icl_model', 'ICLQueries', 'dev_sample_draw', 'icl_queries', 'test_gold', 'icl_variants',
-           'choose_cloze', 'choose_templates', 'paper_predictions', 'paper_protocol_section', 'paper_payload',
-           'variant_predictions', 'icl_outcomes', 'ICLScores', 'icl_record', 'run_icl_unit']
+__all__ = ['CALIBRATIONS', 'DECODER_SYSTEM', 'VLLM_INSTALL', 'VLLM_SCORINGS', 'FIXED_TEMPLATE', 'NO_PAPER_PROTOCOL',
+           'is_causal_lm', 'sequence_logprobs', 'option_logprobs', 'rank_classify', 'single_token_words',
+           'cloze_logprobs', 'calibrate', 'load_mlm', 'verbalizer_candidates', 'ClozeVerbalizers', 'cloze_verbalizers',
+           'no_verbalizer_reason', 'generate', 'chat_messages', 'check_chat_template', 'chat_prompt', 'sliding_window',
+           'causal_prompt_pass', 'causal_option_logprobs', 'causal_generate', 'TransformersBackend', 'import_vllm',
+           'VLLMBackend', 'NoteWindows', 'TemplatePredictor', 'verbatim_span_rate', 'score_predictions', 'dev_value',
+           'paper_mednli_label', 'paper_label_search', 'paper_radqa_answer', 'paper_subset', 'paper_reading',
+           'paper_metrics', 'not_applicable_reason', 'check_icl_model', 'icl_precision', 'load_icl_model',
+           'check_backend_ready', 'load_icl_backend', 'ICLQueries', 'dev_sample_draw', 'icl_queries', 'test_gold',
+           'icl_variants', 'choose_cloze', 'choose_templates', 'paper_predictions', 'paper_protocol_section',
+           'paper_payload', 'variant_predictions', 'icl_outcomes', 'ICLScores', 'icl_record', 'run_icl_unit']
 
 # %% ../nbs/75_icl.ipynb #71a676ad
 def _check_seq2seq(model):
@@ -198,7 +200,6 @@ def cloze_logprobs(
         scores[a:a+len(texts)] = logprobs[:, wanted].cpu().numpy()
     return scores, np.ones(scores.shape, dtype=int)
 
-BACKEND = "transformers"   # the inference engine of every ICL unit (batched, length-sorted); recorded in dry runs
 CALIBRATIONS = ("none", "content_free")   # cloze score calibrations, chosen on dev (ties: the first)
 
 def calibrate(
@@ -333,15 +334,39 @@ def chat_messages(prompt:str|prompts.PromptParts, system:str=DECODER_SYSTEM) -> 
         messages += [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
     return messages + [{"role": "user", "content": prompt.query}]
 
-def chat_prompt(tokenizer, prompt:str|prompts.PromptParts, system:str=DECODER_SYSTEM) -> str:
-    "`chat_messages(prompt, system)` in the tokenizer's chat template, ending where the assistant's answer starts."
+def check_chat_template(tokenizer) -> None:
+    "A chat layout needs the tokenizer's chat template: without one (a base model), say how to give it plain text."
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError("decoder ICL needs an instruction-tuned model: this tokenizer has no chat template")
-    return tokenizer.apply_chat_template(chat_messages(prompt, system), tokenize=False, add_generation_prompt=True)
+        raise UserError("this decoder's tokenizer has no chat template (a base model, not instruction-tuned): give it "
+                        "plain-text prompts with `prompt_layout: text` in its entry of params/models.yaml")
+
+def _system_in_first_turn(messages:list[dict]) -> list[dict]:
+    "The messages without the system turn: its text opens the first user turn (a template with no system role)."
+    system, first, *rest = messages
+    return [{"role": "user", "content": f"{system['content']}\n\n{first['content']}"}, *rest]
+
+def chat_prompt(tokenizer, prompt:str|prompts.PromptParts, system:str=DECODER_SYSTEM) -> str:
+    """`chat_messages(prompt, system)` in the tokenizer's chat template, ending where the assistant's answer starts. A
+    template that refuses a system turn (Mistral-7B-Instruct-v0.1's, BioMistral's: roles must alternate) gets the
+    system text at the start of the first user turn, as Mistral's own prompt format places it."""
+    check_chat_template(tokenizer)
+    messages = chat_messages(prompt, system)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError:
+        return tokenizer.apply_chat_template(_system_in_first_turn(messages), tokenize=False,
+                                             add_generation_prompt=True)
 
 def _plain_ids(tokenizer, text:str) -> list[int]:
     "Token ids of `text` as it is (a chat-formatted text holds its own special tokens)."
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+def _option_ids(tokenizer, options:Sequence[str]) -> list[list[int]]:
+    "Token ids of each assistant reply scored after a prompt; an option without tokens is an error."
+    option_ids = [_plain_ids(tokenizer, option) for option in options]
+    if not all(option_ids):
+        raise UserError(f"an option has no tokens: {list(options)}")
+    return option_ids
 
 def _shared_head(ids:list[list[int]]) -> int:
     "Tokens every prompt starts with, leaving each at least one of its own (its last logits predict the answer)."
@@ -350,6 +375,14 @@ def _shared_head(ids:list[list[int]]) -> int:
         if len({row[position] for row in ids}) > 1:
             return position
     return max(shared, 0)
+
+def sliding_window(model) -> int|None:
+    """The attention window of a model with sliding-window layers (Gemma 3: 1,024 tokens on 5 of 6 layers; Mistral
+    v0.1: 4,096 on all), None when every layer attends to the whole sequence."""
+    config = model.config.get_text_config()
+    window, layer_types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
+    slides = "sliding_attention" in layer_types if layer_types else getattr(config, "use_sliding_window", True)
+    return int(window) if window and slides else None
 
 def _forward_settings(model) -> tuple[str, dict]:
     "The keyword of the key/value cache (transformers renamed `past_key_values` to `cache` in 5.2x), last-logits-only."
@@ -394,6 +427,8 @@ class _CausalBatch:
     def generate(self, max_new_tokens:int, eos:set) -> list[list[int]]:
         "Greedy replies of every row, each up to its end-of-sequence token (included) or `max_new_tokens`."
         replies, done, logprobs = [[] for _ in self.lengths], [False] * len(self.lengths), self.first
+        if hasattr(self.cache, "activate_past_recording"):   # sliding-window layers (Gemma 3) keep what the crop
+            self.cache.activate_past_recording()             # below takes back: the prompts' states for the options
         for t in range(max_new_tokens):
             chosen = logprobs.argmax(-1)
             for row, token in enumerate(chosen.tolist()):
@@ -443,12 +478,15 @@ def causal_prompt_pass(
     """One pass over the prompts that yields both: the (n_prompts, n_options) summed log-probabilities and token
     counts of each option, and the greedy replies (stopping at end of sequence), with the prompt and reply token
     counts. The head all prompts share (system message, exemplar turns) is computed once; its key/value cache is
-    reused by every batch, and what a batch's prompts share beyond it is computed once per batch."""
-    option_ids = [_plain_ids(tokenizer, option) for option in options]
-    if not all(option_ids):
-        raise UserError(f"an option has no tokens: {list(options)}")
+    reused by every batch, and what a batch's prompts share beyond it is computed once per batch. Prompts longer than
+    the model's sliding attention window go one at a time (after the shared head): a window counts cache slots, so a
+    left-padded row would see fewer of its own tokens than it does alone."""
+    option_ids = _option_ids(tokenizer, options)
     model.eval()
     ids = [_plain_ids(tokenizer, prompt) for prompt in prompts]
+    window = sliding_window(model)
+    if window is not None and max(map(len, ids), default=0) + max(max_new_tokens, 1) > window:
+        batch_size = 1
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos), 0)
@@ -493,13 +531,120 @@ def causal_generate(
     _, _, texts, tokens_in, tokens_out = causal_prompt_pass(model, tokenizer, prompts, (), max_new_tokens, batch_size)
     return texts, tokens_in, tokens_out
 
+# %% ../nbs/75_icl.ipynb #b4c0de02
+class TransformersBackend:
+    "Decoder passes on the transformers model itself (`causal_prompt_pass`)."
+    name = "transformers"
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer, self.config = model, tokenizer, model.config
+
+    def prompt_pass(self, prompts:Sequence[str], options:Sequence[str]=(), max_new_tokens:int=0, batch_size:int=16,
+                    sort:bool=True) -> tuple[np.ndarray, np.ndarray, list[str], int, int]:
+        "`causal_prompt_pass` of `prompts`: (option sums, option token counts, greedy replies, tokens in, tokens out)."
+        return causal_prompt_pass(self.model, self.tokenizer, prompts, options, max_new_tokens, batch_size, sort)
+
+VLLM_INSTALL = ('pip install "clinical_repro[vllm]" in a separate GPU environment: vLLM pins its own torch, so '
+                'install vllm first, then clinical_repro constrained to the torch it brought')
+VLLM_SCORINGS = ("forced", "prompt_logprobs")   # how `VLLMBackend` scores options (see above)
+_VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+def import_vllm():
+    "The `vllm` module, or a UserError saying how to install it."
+    try:
+        import vllm
+    except ImportError:
+        raise UserError(f"the vllm backend needs the vllm package, not installed here: {VLLM_INSTALL}") from None
+    return vllm
+
+def _eos_ids(source:str, config) -> list[int]:
+    "The end-of-sequence ids transformers' greedy generation stops at: the generation config's, else the config's."
+    from transformers import GenerationConfig
+    try:
+        eos = GenerationConfig.from_pretrained(source).eos_token_id
+    except OSError:
+        eos = GenerationConfig.from_model_config(config).eos_token_id
+    return sorted(set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None})
+
+def _logprob_of(position:dict, token:int) -> float:
+    "The log-probability of `token` in one position's {token id: Logprob} of a vLLM output."
+    return float(position[token].logprob)
+
+class VLLMBackend:
+    """Decoder passes on vLLM's offline engine, with `TransformersBackend.prompt_pass`'s contract (unverified against a
+    real vLLM here: tested with a stand-in `vllm` module)."""
+    name = "vllm"
+
+    def __init__(self, source:str, tokenizer, *,
+                 dtype:str="bf16",                # the precision policy's (`icl_precision`)
+                 tensor_parallel_size:int=1,      # GPUs the model is split over
+                 seed:int=0,
+                 scoring:str="forced",            # one of VLLM_SCORINGS
+                 **engine):                       # further `vllm.LLM` arguments (gpu_memory_utilization, ...)
+        from transformers import AutoConfig
+        if scoring not in VLLM_SCORINGS:
+            raise UserError(f"scoring must be one of {', '.join(VLLM_SCORINGS)}, got {scoring!r}")
+        self.vllm, self.tokenizer, self.scoring = import_vllm(), tokenizer, scoring
+        self.config = AutoConfig.from_pretrained(str(source))
+        self.eos = _eos_ids(str(source), self.config)
+        self.llm = self.vllm.LLM(model=str(source), tokenizer=str(source), dtype=_VLLM_DTYPES[dtype],
+                                 enable_prefix_caching=True, tensor_parallel_size=tensor_parallel_size, seed=seed,
+                                 **engine)
+
+    def _run(self, ids:list[list[int]], params) -> list:
+        "vLLM's outputs of token-id prompts, in order (`params`: one SamplingParams, or one per prompt)."
+        if not ids:
+            return []
+        return self.llm.generate([{"prompt_token_ids": list(row)} for row in ids], params, use_tqdm=False)
+
+    def _replies(self, ids:list[list[int]], max_new_tokens:int) -> tuple[list[str], int]:
+        "Greedy replies (decoded by the unit's tokenizer, stripped) and the generated ids, end of sequence included."
+        params = self.vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=self.eos)
+        generated = [list(out.outputs[0].token_ids) for out in self._run(ids, params)]
+        texts = [self.tokenizer.decode(reply, skip_special_tokens=True).strip() for reply in generated]
+        return texts, sum(map(len, generated))
+
+    def _forced_scores(self, ids:list[list[int]], option_ids:list[list[int]]) -> np.ndarray:
+        "Option sums from one request per distinct (prompt, option's earlier tokens, token): `allowed_token_ids`."
+        steps = list(dict.fromkeys((i, tuple(option[:k]), option[k]) for i in range(len(ids)) for option in option_ids
+                                   for k in range(len(option))))
+        params = [self.vllm.SamplingParams(temperature=0.0, max_tokens=1, logprobs=1, allowed_token_ids=[token])
+                  for _, _, token in steps]
+        outs = self._run([ids[i] + list(before) for i, before, _ in steps], params)
+        logprob = {step: _logprob_of(out.outputs[0].logprobs[0], step[2]) for step, out in zip(steps, outs)}
+        return np.array([[sum(logprob[(i, tuple(option[:k]), option[k])] for k in range(len(option)))
+                          for option in option_ids] for i in range(len(ids))]).reshape(len(ids), len(option_ids))
+
+    def _prompt_logprob_scores(self, ids:list[list[int]], option_ids:list[list[int]]) -> np.ndarray:
+        "Option sums from one request per (prompt, option): the option's positions in `prompt_logprobs`."
+        pairs = [(i, option) for i in range(len(ids)) for option in option_ids]
+        params = self.vllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+        outs = self._run([ids[i] + option for i, option in pairs], params)
+        sums = [sum(_logprob_of(out.prompt_logprobs[len(ids[i]) + k], token) for k, token in enumerate(option))
+                for (i, option), out in zip(pairs, outs)]
+        return np.array(sums, dtype=float).reshape(len(ids), len(option_ids))
+
+    def prompt_pass(self, prompts:Sequence[str], options:Sequence[str]=(), max_new_tokens:int=0, batch_size:int=16,
+                    sort:bool=True) -> tuple[np.ndarray, np.ndarray, list[str], int, int]:
+        """(option sums, option token counts, greedy replies, tokens in, tokens out), as `causal_prompt_pass`; vLLM
+        batches by itself (`batch_size` and `sort` are accepted for the contract and not used)."""
+        option_ids = _option_ids(self.tokenizer, options)
+        ids = [_plain_ids(self.tokenizer, prompt) for prompt in prompts]
+        texts, tokens_out = self._replies(ids, max_new_tokens) if max_new_tokens > 0 else ([""] * len(ids), 0)
+        sums = np.zeros((len(ids), len(options)))
+        if option_ids and ids:   # after the replies: the prompts are in the prefix cache
+            score = self._forced_scores if self.scoring == "forced" else self._prompt_logprob_scores
+            sums = score(ids, option_ids)
+        counts = np.tile(np.array([len(o) for o in option_ids], dtype=int), (len(ids), 1))
+        return sums, counts, texts, sum(map(len, ids)), tokens_out
+
 # %% ../nbs/75_icl.ipynb #fb71d5db
 def _budget(model, tokenizer=None, budget:int|None=None) -> int:
     """Tokens a prompt may take: `budget` (the registry's for the model's family, `tasks.icl_budget`) or, when None,
     the model's maximum input length (its position embeddings, capped by the tokenizer's maximum)."""
     if budget is not None:
         return int(budget)
-    config = model.config
+    config = model.config.get_text_config()   # an image-text model's (Gemma 3) limits are its language model's
     positions = int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 512)
     tokenizer_max = getattr(tokenizer, "model_max_length", None)
     if tokenizer_max and tokenizer_max < 1_000_000:
@@ -534,15 +679,21 @@ def _build_prompts(task, prompt_set, template, exemplars, queries, exemplar_wind
 class TemplatePredictor:
     "One unit's model, tokenizer, exemplars and prompt set; predicts a list of query records with a template."
     def __init__(self, task, model, tokenizer, prompt_set, exemplars, exemplar_windows, normalisation="sum",
-                 batch_size=16, budget:int|None=None, verbalizers:ClozeVerbalizers|None=None, layout:str|None=None):
-        self.causal = is_causal_lm(model)   # prompts go through the chat template
-        self.cloze = not getattr(model.config, "is_encoder_decoder", False) and not self.causal
+                 batch_size=16, budget:int|None=None, verbalizers:ClozeVerbalizers|None=None, layout:str|None=None,
+                 backend=None):   # a decoder's passes (`TransformersBackend` of `model` when None; vLLM: model None)
+        self.causal = backend is not None or is_causal_lm(model)   # prompts go through the chat template
+        self.backend = backend if backend is not None or not self.causal else TransformersBackend(model, tokenizer)
+        self.cloze = not self.causal and not getattr(model.config, "is_encoder_decoder", False)
         family = "decoder" if self.causal else "encoder" if self.cloze else "seq2seq"
         self.layout = prompts.prompt_layout(family, layout)   # how a built prompt is read (`prompts.PROMPT_LAYOUTS`)
+        self.chat = self.causal and self.layout != "text"      # a decoder's prompts in its chat template
+        if self.chat:
+            check_chat_template(tokenizer)
         self.task, self.model, self.tokenizer, self.prompt_set = task, model, tokenizer, prompt_set
         self.base_prompt_set = prompt_set
         self.exemplars, self.exemplar_windows = exemplars, exemplar_windows
-        self.normalisation, self.batch_size, self.budget = normalisation, batch_size, _budget(model, tokenizer, budget)
+        self.normalisation, self.batch_size = normalisation, batch_size
+        self.budget = _budget(model if model is not None else self.backend, tokenizer, budget)
         self.answer_room = answer_room()
         self.verbalizers, self.calibration, self.cloze_cache = verbalizers, "none", {}
         self.tokens_in = 0
@@ -551,8 +702,13 @@ class TemplatePredictor:
                            "query_words_cut": 0}
         self.kept = {"dev": [], "test": [], "paper": []}   # exemplars each built prompt kept, per split
     def _chat(self, text:str) -> str:
-        "The text a model reads: a decoder's through its chat template (`chat_prompt`), others' as it is."
-        return chat_prompt(self.tokenizer, text) if self.causal else text
+        "The text a model reads: a decoder's through its chat template (`chat_prompt`) or after its BOS, others' as is."
+        if self.chat:
+            return chat_prompt(self.tokenizer, text)
+        return (self.tokenizer.bos_token or "") + text if self.causal else text
+    def _replies(self, raw:list[str]) -> list[str]:
+        "A plain-text decoder's replies up to their first line break (it would go on writing exemplars); others as is."
+        return [reply.split("\n", 1)[0].strip() for reply in raw] if self.causal and not self.chat else raw
     def _read(self, built) -> str:
         "What the model reads of a built prompt in this unit's layout (`PROMPT_LAYOUTS`)."
         if self.layout == "chat_turns":
@@ -592,6 +748,11 @@ class TemplatePredictor:
         return prompts.build_prompt(template, shown, fields, self.count, self.budget, room, task=self.task,
                                     item_id="content-free").text
     def _rank(self, texts, options, content_free=None):
+        if self.causal:
+            summed, n_tokens, _, tokens_in, _ = self.backend.prompt_pass(texts, options, 0, self.batch_size)
+            self.tokens_in += tokens_in
+            scores = self._normalised(summed, n_tokens)
+            return scores.argmax(-1), scores
         if not self.cloze:
             best, scores = rank_classify(self.model, self.tokenizer, texts, options, self.normalisation,
                                          self.batch_size)
@@ -610,19 +771,25 @@ class TemplatePredictor:
             self.cloze_cache.update(((text, words), row) for text, row in zip(new, scores))
         columns = [words.index(option) for option in options]
         return np.stack([self.cloze_cache[(text, words)][columns] for text in texts])
+    def _normalised(self, summed, n_tokens):
+        "Option scores in this unit's normalisation: summed log-probabilities, or their mean per token."
+        return summed if self.normalisation == "sum" else summed / np.maximum(n_tokens, 1)
     def _rank_and_generate(self, texts, options, max_new_tokens):
         "A decoder's ranked options (`normalisation`) and greedy replies, from one pass per prompt."
-        summed, n_tokens, raw, tokens_in, tokens_out = causal_prompt_pass(self.model, self.tokenizer, texts, options,
-                                                                          max_new_tokens, self.batch_size)
-        scores = summed if self.normalisation == "sum" else summed / np.maximum(n_tokens, 1)
+        summed, n_tokens, raw, tokens_in, tokens_out = self.backend.prompt_pass(texts, options, max_new_tokens,
+                                                                                self.batch_size)
+        scores = self._normalised(summed, n_tokens)
         self.tokens_in += tokens_in
         self.tokens_out += tokens_out
-        return scores.argmax(-1), raw
+        return scores.argmax(-1), self._replies(raw)
     def _generate(self, texts, max_new_tokens):
-        out, tokens_in, tokens_out = generate(self.model, self.tokenizer, texts, max_new_tokens, self.batch_size)
+        if self.causal:
+            _, _, out, tokens_in, tokens_out = self.backend.prompt_pass(texts, (), max_new_tokens, self.batch_size)
+        else:
+            out, tokens_in, tokens_out = generate(self.model, self.tokenizer, texts, max_new_tokens, self.batch_size)
         self.tokens_in += tokens_in
         self.tokens_out += tokens_out
-        return out
+        return self._replies(out)
 
     def predict(self, template, queries, windows, split:str="test") -> dict:
         "Raw predictions for `queries` with `template`, by item id (`windows`: CLIP note windows)."
@@ -668,16 +835,15 @@ class TemplatePredictor:
                     predicted[i].append(label)
         return {"labels": predicted}
     def _by_item(self, template, queries, windows, room, split, options, max_new_tokens):
-        "`causal_prompt_pass` over every (item, label) prompt, one batch per item: its seven prompts share its context."
+        "The backend's pass over every (item, label) prompt, one batch per item: its seven prompts share its context."
         texts = [self._texts(template, queries, windows, room, label, split) for label in CLIP_LABELS]
         by_item = [texts[label][item] for item in range(len(queries)) for label in range(len(CLIP_LABELS))]
-        return causal_prompt_pass(self.model, self.tokenizer, by_item, options, max_new_tokens, len(CLIP_LABELS),
-                                  sort=False)
+        return self.backend.prompt_pass(by_item, options, max_new_tokens, len(CLIP_LABELS), sort=False)
     def _per_label_by_item(self, template, queries, windows, room, split, yes_no) -> dict:
         "A decoder's per-label answers (rank), one batch per item."
         summed, n_tokens, _, tokens_in, _ = self._by_item(template, queries, windows, room, split, yes_no, 0)
         self.tokens_in += tokens_in
-        scores = summed if self.normalisation == "sum" else summed / np.maximum(n_tokens, 1)
+        scores = self._normalised(summed, n_tokens)
         answers = scores.argmax(-1).reshape(len(queries), len(CLIP_LABELS))
         return {q.id: [label for label, answer in zip(CLIP_LABELS, row) if answer == 0]
                 for q, row in zip(queries, answers)}
@@ -693,6 +859,7 @@ class TemplatePredictor:
             room = self.answer_room["clip:per_label"]
             _, _, raw, tokens_in, tokens_out = self._by_item(template, queries, windows, room, split, (), room)
             self.tokens_in, self.tokens_out = self.tokens_in + tokens_in, self.tokens_out + tokens_out
+            raw = self._replies(raw)
             return {label: dict(zip(ids, raw[n::len(CLIP_LABELS)])) for n, label in enumerate(CLIP_LABELS)}
         if template.variant == "per_label":
             room = self.answer_room["clip:per_label"]
@@ -876,6 +1043,35 @@ def load_icl_model(resolved, device:dict):
     if device["type"] == "cuda":
         model = model.to("cuda")
     return tokenizer, model
+
+# %% ../nbs/75_icl.ipynb #b4c0de04
+def check_backend_ready(backend:str, device:dict) -> None:
+    "Raise a UserError when `backend` cannot run on this machine (vLLM: a CUDA GPU and the vllm package)."
+    if backend != "vllm":
+        return
+    if device["type"] != "cuda":
+        raise UserError(f"the vllm backend needs a CUDA GPU; this machine runs on {device['type']} ({device['name']}): "
+                        "use the transformers backend (grid icl.backend: transformers, or run --icl-backend "
+                        "transformers)")
+    import_vllm()
+
+def load_icl_backend(name:str, resolved, device:dict, *,
+                     tensor_parallel_size:int|None=None,   # vLLM: GPUs the model is split over (None: all visible)
+                     seed:int=0, **engine):                  # vLLM: its seed and further `vllm.LLM` arguments
+    """(tokenizer, backend) of a decoder: `TransformersBackend` of `load_icl_model`'s model, or `VLLMBackend` of the
+    registry's weights (the hub id or local folder, the demo models' converted folder), in `icl_precision`."""
+    check_icl_backend(name, resolved.name, resolved.spec.family)
+    if resolved.spec.family != "decoder":
+        raise UserError(f"model {resolved.name!r} (family: {resolved.spec.family}) is not a decoder: ICL backends run "
+                        "decoders; load it with load_icl_model")
+    if name == "transformers":
+        tokenizer, model = load_icl_model(resolved, device)
+        return tokenizer, TransformersBackend(model, tokenizer)
+    check_backend_ready(name, device)
+    tokenizer = models.load_tokenizer(resolved)
+    parallel = tensor_parallel_size or max(torch.cuda.device_count(), 1)
+    return tokenizer, VLLMBackend(resolved.source, tokenizer, dtype=icl_precision("decoder", device),
+                                  tensor_parallel_size=parallel, seed=seed, **engine)
 
 # %% ../nbs/75_icl.ipynb #546ba305
 def _by_ids(records, ids) -> list:
@@ -1185,6 +1381,13 @@ def _cloze_verbalizers_or_reason(task:str, model:str, prompt_set, tokenizer, pro
         return None, None
     verbalizers = cloze_verbalizers(verbalizer_candidates(task, prompt_set), tokenizer)
     return verbalizers, no_verbalizer_reason(model, task, verbalizers) if verbalizers.missing() else None
+def _load_unit_model(backend:str, resolved, device:dict, seed:int) -> tuple:
+    "(tokenizer, model, backend) of a unit: a decoder's through its backend (model None on vLLM), others' model alone."
+    if resolved.spec.family != "decoder":
+        return (*load_icl_model(resolved, device), None)
+    tokenizer, engine = load_icl_backend(backend, resolved, device, seed=seed)
+    return tokenizer, getattr(engine, "model", None), engine
+
 def run_icl_unit(
     task:str, model:str, data_dir, out, *,
     shots:int,                   # exemplars per prompt
@@ -1200,13 +1403,15 @@ def run_icl_unit(
     log=None,
     data=None,                   # the task's records (`load_task`), when the caller has them already
     expected_run_id:str|None=None,  # the run_id the runner planned: a different one here is an error
+    backend:str=DEFAULT_BACKEND, # a decoder's inference engine (`ICL_BACKENDS`); recorded, part of the run id
 ) -> dict:
     "Run one in-context-learning unit and write `out/<run_id>.json`; returns the results."
     started = time.perf_counter()
     out = Path(out)
     config, task_data, run_id, resolved = icl_identity(task, model, data_dir, shots=shots, draw=draw, seed=seed,
                                                        limit=limit, template=template, normalisation=normalisation,
-                                                       dev_n=dev_n, registry=registry, data=data, layout=layout)
+                                                       dev_n=dev_n, registry=registry, data=data, layout=layout,
+                                                       backend=backend)
     check_planned_run_id(task, model, run_id, expected_run_id)
     if (previous := finished(results_path(out, run_id), FINISHED)) is not None:
         return previous
@@ -1214,10 +1419,11 @@ def run_icl_unit(
         return write_not_applicable(out, run_id, config, reason, task_data, resolved.source,
                                     resolved.spec.builtin is not None)
     check_icl_model(model, resolved.spec)
+    device = models.device_info()
+    check_backend_ready(backend, device)   # before anything is written
     log = log or get_logger(f"clinical_repro.unit.{run_id}", out/"logs"/f"{run_id}.log")
     log.info(f"unit {run_id}: {task} / {model} / icl, {shots} shots, draw {draw}, seed {seed}, limit {limit}")
-    device = models.device_info()
-    tokenizer, icl_model = load_icl_model(resolved, device)
+    tokenizer, icl_model, engine = _load_unit_model(backend, resolved, device, seed)
     task_data = models.preprocess_task_data(task_data, resolved)   # the registry's preprocessing (Clinical-T5)
     prompt_set, window_words = prompts.load_prompts(task), config["window_words"]
     verbalizers, reason = _cloze_verbalizers_or_reason(task, model, prompt_set, tokenizer, config["protocol"])
@@ -1229,7 +1435,7 @@ def run_icl_unit(
     exemplar_windows = NoteWindows(task_data.notes.get("train", []), window_words)
     predictor = TemplatePredictor(task, icl_model, tokenizer, prompt_set, exemplars, exemplar_windows, normalisation,
                                   batch_size, budget=config["budget"], verbalizers=verbalizers,
-                                  layout=config["prompt_layout"])
+                                  layout=config["prompt_layout"], backend=engine)
     scores, payload, outcomes = _predict_and_score(task, config, task_data, queries, predictor, prompt_set, template,
                                                    model, log)
     files = {"predictions": write_predictions(out, run_id, payload),

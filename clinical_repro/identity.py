@@ -9,14 +9,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .core import UserError
+from .core import UserError, did_you_mean
 from .config import TaskSpec, task_layer, resolve_train, check_keys, make_run_id
 from .tasks import answer_room, check_task, content_free_input, get_task, icl_budget, icl_dev_n
 from .data import TaskData, load_task, ensure_subsets
 from . import models, prompts
 
 # %% auto #0
-__all__ = ['input_settings', 'resolve_unit', 'unit_identity', 'check_local', 'clip_window_words', 'icl_identity']
+__all__ = ['ICL_BACKENDS', 'DEFAULT_BACKEND', 'input_settings', 'resolve_unit', 'unit_identity', 'check_local',
+           'clip_window_words', 'check_icl_backend', 'icl_identity']
 
 # %% ../nbs/69_identity.ipynb #58a7a0d1
 def _check_unit_arguments(task:str, mode:str, fraction:float) -> None:
@@ -91,6 +92,18 @@ def _check_icl_arguments(task:str, shots:int, draw:int, limit:int|None, normalis
     if normalisation not in ("sum", "mean"):
         raise UserError(f"normalisation must be 'sum' or 'mean', got {normalisation!r}")
 
+ICL_BACKENDS = ("transformers", "vllm")   # the inference engines of decoder ICL (`icl.load_icl_backend`)
+DEFAULT_BACKEND = "transformers"           # a grid's `icl.backend` unless it says otherwise
+
+def check_icl_backend(backend:str, model:str, family:str) -> None:
+    "Raise a UserError unless `backend` is one of ICL_BACKENDS and can run `model` (vLLM: decoders only)."
+    if backend not in ICL_BACKENDS:
+        raise UserError(f"unknown ICL backend {backend!r}{did_you_mean(backend, ICL_BACKENDS)}; expected one of: "
+                        f"{', '.join(ICL_BACKENDS)}")
+    if backend == "vllm" and family != "decoder":
+        raise UserError(f"the vllm backend runs decoder (causal LM) models only; model {model!r} (family: {family}) "
+                        "is not a decoder: use the transformers backend for it")
+
 def _icl_answers(task:str) -> dict:
     "The task registry's ICL answer settings a unit's results depend on: synonyms, the paper's protocol, calibration."
     icl = get_task(task).icl
@@ -100,16 +113,18 @@ def _icl_answers(task:str) -> dict:
 
 def icl_identity(task:str, model:str, data_dir, *, shots:int, draw:int=0, seed:int=0, limit:int|None=None,
                  template:str|list[str]|None=None, normalisation:str="sum", dev_n:int|None=None,
-                 registry:dict|None=None, data=None, layout:str|None=None):
+                 registry:dict|None=None, data=None, layout:str|None=None, backend:str=DEFAULT_BACKEND):
     """What names an ICL unit, without loading a model: (config, task data, run_id, resolved model). `template`: fixed
     template id(s), one per variant (`prompts.fixed_templates`), None = chosen on dev; `layout`: how the model reads
-    its prompts (`prompts.prompt_layout`; None = its family's default)."""
+    its prompts (`prompts.prompt_layout`; None = the registry's `prompt_layout`, else its family's default);
+    `backend`: the inference engine (`ICL_BACKENDS`)."""
     _check_icl_arguments(task, shots, draw, limit, normalisation)
     registry = models.load_registry() if registry is None else registry
     if model in registry:
         check_local(model, registry[model])
     resolved = models.resolve_model(model, registry)
     models.check_available(resolved)
+    check_icl_backend(backend, model, resolved.spec.family)
     prompt_set = prompts.load_prompts(task)
     prompts.fixed_templates(prompt_set, template)  # unknown ids fail before any work
     template = template if template is None or isinstance(template, str) else list(template)
@@ -120,7 +135,8 @@ def icl_identity(task:str, model:str, data_dir, *, shots:int, draw:int=0, seed:i
               "window_words": clip_window_words(), "answer_room": answer_room(),
               "protocol": "cloze" if resolved.spec.family == "encoder" else "generative",
               "budget": icl_budget(resolved.spec.family),
-              "prompt_layout": prompts.prompt_layout(resolved.spec.family, layout), **_icl_answers(task),
-              "inputs": input_settings(resolved.spec)}
+              "prompt_layout": prompts.prompt_layout(resolved.spec.family,
+                                                     layout or resolved.spec.prompt_layout), **_icl_answers(task),
+              "inputs": input_settings(resolved.spec), "backend": backend}
     task_data = data if data is not None else load_task(data_dir, task)
     return config, task_data, make_run_id(config, task_data.data_hash), resolved

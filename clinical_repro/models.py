@@ -73,6 +73,8 @@ class ModelSpec(BaseModel):
     licence: str | None = None          # the weights' licence (SPDX id where there is one)
     access: str | None = None           # how to get the weights when the hub gates them (None: open download)
     use_restriction: str | None = None  # a licence or model-card clause on clinical use, quoted with its source
+    prompt_layout: Literal["chat_turns", "chat_inline", "text"] | None = None  # a decoder's default in context
+                                        # (`prompts.PROMPT_LAYOUTS`): `text` for a base model without a chat template
 
     @field_validator("modes")
     @classmethod
@@ -95,6 +97,8 @@ class ModelSpec(BaseModel):
             raise ValueError("has_mlm_head: only encoders have an MLM head")
         if self.release_folder is not None and self.local_path is None:
             raise ValueError("release_folder: only models read from a local_path come from a release folder")
+        if self.prompt_layout is not None and self.family != "decoder":
+            raise ValueError("prompt_layout: only decoders choose how they read prompts (others read text)")
         return self
 
     @property
@@ -828,8 +832,9 @@ def load_model(
             raise UserError(f"model {name!r}: transformers has no {head} head for its architecture") from None
         raise _load_error(resolved, f"{head} model", e) from None
     except OSError as e: raise _load_error(resolved, f"{head} model", e) from None
-    if family == "decoder" and model.config.pad_token_id is None:
-        model.config.pad_token_id = model.config.eos_token_id  # as load_tokenizer does for the tokenizer
+    text_config = model.config.get_text_config()   # an image-text model's (Gemma 3) token ids: its language model's
+    if family == "decoder" and getattr(text_config, "pad_token_id", None) is None:
+        text_config.pad_token_id = text_config.eos_token_id  # as load_tokenizer does for the tokenizer
     return model
 
 # %% ../nbs/50_models.ipynb #d4e2f0a1

@@ -427,12 +427,13 @@ def build_prompt(
     return fitter.query_only(len(exemplars), item_id, budget, answer_room)
 
 # %% ../nbs/65_prompts.ipynb #c7a1e0b2
-PROMPT_LAYOUTS = {"text": "the built prompt as one text (encoders, seq2seq)",
+PROMPT_LAYOUTS = {"text": "the built prompt as one text (encoders, seq2seq; a base decoder without a chat template "
+                          "reads it after its BOS token and its reply ends at its first line break)",
                   "chat_turns": "chat: the instruction as the system message, each kept exemplar a user turn (its "
                                 "query) and an assistant turn (its answer), the query the last user turn",
                   "chat_inline": "chat: a fixed system message, then the whole built prompt (exemplars inline) as "
                                  "one user turn"}
-_FAMILY_LAYOUTS = {"decoder": ("chat_turns", "chat_inline")}   # the first is the default; other families: text
+_FAMILY_LAYOUTS = {"decoder": ("chat_turns", "chat_inline", "text")}   # the first is the default; others: text
 
 def prompt_layout(family:str, layout:str|None=None) -> str:
     "How a model of `family` reads its built prompts (`PROMPT_LAYOUTS`): `layout`, checked, or the family's default."

@@ -8,7 +8,7 @@ Docs: https://clinical-repro.github.io/clinical_repro/report.html.md"""
 from __future__ import annotations
 import json, math, os, re
 from pathlib import Path
-from typing import Callable, Literal, Mapping, Sequence
+from typing import Callable, Literal, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,15 +22,17 @@ from . import estimates, metrics, models, results
 
 # %% auto #0
 __all__ = ['N_BOOT', 'METRICS', 'METRIC_LABELS', 'HEADLINE_COLUMNS', 'PAPER_PREFIX', 'SYNTHETIC_HEADLINE', 'SYNTHETIC_BANNER',
-           'ANSWER_BINS', 'BASELINE_MODE', 'READER_COLUMNS', 'load_results', 'load_items', 'clip_scores_from_masks',
+           'ANSWER_BINS', 'BASELINE_MODE', 'READER_COLUMNS', 'FINETUNE_REPLICATES', 'ICL_REPLICATES',
+           'PAPER_ICL_PROTOCOL', 'LLM_SECTION', 'load_results', 'load_items', 'clip_scores_from_masks',
            'synthetic_notice', 'load_manifest', 'units_table', 'cost_table', 'plot_learning_curve', 'confusion_matrix',
            'plot_confusion', 'qa_breakdown', 'per_label_f1', 'learning_rate_search', 'chosen_rate_units',
            'format_learning_rate_search', 'baseline_units', 'table3', 'format_table3', 'for_reader', 'reader_md',
-           'PaperResult', 'PaperResults', 'paper_results', 'compare_with_paper', 'paper_protocol_table',
-           'generated_outputs', 'clinical_vs_general', 'limited_data', 'format_limited_data', 'clip_subsets',
-           'plot_limited_data', 'icl_vs_finetune', 'finetune_vs_icl', 'plot_icl_vs_finetune', 'plot_cost_vs_score',
-           'estimated_vs_measured', 'efficiency', 'provenance', 'save_figure', 'md_table', 'summary_markdown',
-           'write_summary_md', 'demo_sentence', 'format_pairs', 'summary_sections', 'summarize']
+           'PaperResult', 'PaperResults', 'paper_results', 'paper_icl_results', 'compare_with_paper',
+           'paper_protocol_table', 'generated_outputs', 'Replicates', 'clinical_vs_general', 'matched_llm_pairs',
+           'llm_pairs', 'llms_in_context', 'limited_data', 'format_limited_data', 'clip_subsets', 'plot_limited_data',
+           'icl_vs_finetune', 'finetune_vs_icl', 'plot_icl_vs_finetune', 'plot_cost_vs_score', 'estimated_vs_measured',
+           'efficiency', 'provenance', 'save_figure', 'md_table', 'summary_markdown', 'write_summary_md',
+           'demo_sentence', 'format_pairs', 'summary_sections', 'summarize']
 
 # %% ../nbs/90_report.ipynb #714478e8
 _log = get_logger("clinical_repro.report")
@@ -816,6 +818,7 @@ READER_COLUMNS = {  # column name in the views -> (header a reader sees, format)
     "gpu_hours_to_best": ("GPU-hours to best", "hours"),
     "total_train_seconds": ("Training time, whole run (s)", "seconds"),
     "row": ("Model", "text"), "variant": ("Outputs", "text"), "parse failures": ("Parse failures (%)", "percent"),
+    "verbatim answers": ("Answers quoted verbatim (%)", "percent"),
     "metric": ("Metric", "text"), "ours (project's protocol)": ("Ours (project's protocol)", "metric"),
     "ours (paper's protocol)": ("Ours (paper's protocol)", "metric"), "test items (paper's)": ("Test items", "count"),
     "paper's protocol": ("The paper's protocol", "text"),
@@ -922,13 +925,14 @@ class PaperResults(Spec):
     "The file `params/paper_results.yaml`."
     paper: str                                   # the publication, for the reader
     models: dict[str, PaperResult]               # registry model name -> its published row
+    remote: dict[str, PaperResult] = {}          # rows of models the project does not run (GPT-3: a remote API)
 
-def _score_problems(model:str, scores:dict, file:str) -> list[Problem]:
+def _score_problems(model:str, scores:dict, file:str) -> list[Problem]:   # model: 'models.<name>' or 'remote.<name>'
     "What is wrong with one row's scores: tasks or metrics Table 3 does not have, values outside 0-1."
     problems = []
     for task, values in scores.items():
         for metric, value in values.items():
-            where = f"models.{model}.scores.{task}.{metric}"
+            where = f"{model}.scores.{task}.{metric}"
             if (task, metric) not in METRICS:
                 expected = ", ".join(f"{t}.{m}" for t, m in METRICS)
                 problems.append(Problem(file, where, f"unknown task or metric; expected one of {expected}"))
@@ -936,16 +940,26 @@ def _score_problems(model:str, scores:dict, file:str) -> list[Problem]:
                 problems.append(Problem(file, where, f"a score on the 0-1 scale (got {value!r})"))
     return problems
 
+def _read_paper_results(params:Path|None) -> PaperResults:
+    "`params/paper_results.yaml`, validated: its shape, and every score's task, metric and scale."
+    path = params_file("paper_results.yaml", params)
+    published = validate_spec(PaperResults, read_yaml(path), str(path))
+    problems = [problem for section in ("models", "remote") for model, row in getattr(published, section).items()
+                for problem in _score_problems(f"{section}.{model}", row.scores, str(path))]
+    if problems:
+        raise DataError(problems)
+    return published
+
 def paper_results(params:Path|None=None, # a complete params/ folder to read instead; default `config.params_file`
                  ) -> dict[str, PaperResult]:
     "The paper's published rows (Table 3 and appendix) by registry model name, from `params/paper_results.yaml`."
-    path = params_file("paper_results.yaml", params)
-    published = validate_spec(PaperResults, read_yaml(path), str(path))
-    problems = [problem for model, row in published.models.items()
-                for problem in _score_problems(model, row.scores, str(path))]
-    if problems:
-        raise DataError(problems)
-    return published.models
+    return _read_paper_results(params).models
+
+def paper_icl_results(params:Path|None=None) -> dict[str, PaperResult]:
+    "The paper's published in-context rows by name: registry models run in context (Flan-T5-XXL), then remote ones."
+    published = _read_paper_results(params)
+    in_context = {name: row for name, row in published.models.items() if row.mode == "icl"}
+    return {**in_context, **published.remote}
 
 _COMPARED_COLUMNS = ["model", "paper_name", "mode", "shots", "metric", "protocol", "ours", "ours_project_protocol",
                      "paper", "source", "difference"]
@@ -998,9 +1012,11 @@ def paper_protocol_table(df:pd.DataFrame) -> pd.DataFrame:
 
 # %% ../nbs/90_report.ipynb #f8b9c0d1
 def _generated_parts(record:dict) -> list[tuple[str, dict]]:
-    "(variant, its test metrics) for each part of a unit's scores that counted parse failures."
-    # generated parts record {n, failures, rate}; a classifier's scores hold a count of 0 (mednli_scores) or nothing
-    counted = lambda part: isinstance(part, Mapping) and isinstance(part.get("parse_failures"), Mapping)
+    "(variant, its test metrics) for each generated part of a unit's scores: parse failures or verbatim spans counted."
+    # generated parts record {n, failures, rate}; a classifier's scores hold a count of 0 (mednli_scores) or nothing;
+    # generated RadQA answers record verbatim_span_rate {answers, verbatim, rate, rate_normalized}
+    counted = lambda part: isinstance(part, Mapping) and any(isinstance(part.get(key), Mapping)
+                                                             for key in ("parse_failures", "verbatim_span_rate"))
     scores = _lookup(record, "metrics", "test") or {}
     if counted(scores):
         return [("generated", scores)]
@@ -1009,7 +1025,8 @@ def _generated_parts(record:dict) -> list[tuple[str, dict]]:
 def _generated_row(record:dict, variant:str, scores:dict) -> dict:
     task = record["task"]
     row = {"row": _row_label(record["model"], record["mode"], record.get("shots")), "task": task, "variant": variant,
-           "parse failures": _as_float(scores["parse_failures"].get("rate"))}
+           "parse failures": _as_float(_lookup(scores, "parse_failures", "rate", default=math.nan)),
+           "verbatim answers": _as_float(_lookup(scores, "verbatim_span_rate", "rate", default=math.nan))}
     for metric, label in get_task(task).table_metrics().items():
         row[label] = to_unit_scale(task, metric, _as_float(scores.get(metric)))
         if isinstance(scores.get("worst_case"), Mapping):
@@ -1017,7 +1034,8 @@ def _generated_row(record:dict, variant:str, scores:dict) -> dict:
     return row
 
 def generated_outputs(df:pd.DataFrame) -> pd.DataFrame:
-    "Per Table 3 row, task and generated variant: parse-failure rate and scores (CLIP also worst case), unit means."
+    """Per Table 3 row, task and generated variant: parse-failure rate, RadQA's share of (non-empty) answers quoted
+    verbatim from the report, and scores (CLIP also worst case), unit means."""
     rows = [_generated_row(record, variant, scores)
             for path in _table_rows(df).path for record in [_read_record(path)]
             for variant, scores in _generated_parts(record)]
@@ -1064,32 +1082,50 @@ def _paired_scores(task:str, items_a:list[dict], items_b:list[dict], n_boot:int,
         scores.update(_mcnemar_over_seeds(items_a, items_b))
     return scores
 
-def _compare_pair(results_dir, finetuned:pd.DataFrame, model_a:str, model_b:str, task:str, n_boot:int, seed:int,
-                  cache:dict) -> dict:
-    "One clinical_vs_general row: the seed-matched comparison of two models on `task`, or why there is none."
+class Replicates(NamedTuple):
+    "What a paired test matches units on: fine-tuning's seeds, or in context the (seed, exemplar draw) pairs."
+    keys:tuple[str, ...]    # the results columns that name a replicate
+    units:str               # which units are compared, for a reason ('fine-tuning units at 100 %')
+    name:str                # what a replicate is called, in the plural ('seeds')
+
+FINETUNE_REPLICATES = Replicates(("seed",), "fine-tuning units at 100 %", "seeds")
+
+def _replicate_runs(units:pd.DataFrame, keys:Sequence[str]) -> dict[tuple, str]:
+    "Each replicate's run id, keyed by the values of `keys`."
+    units = units.dropna(subset=list(keys))
+    return {tuple(int(value) for value in values): run_id for values, run_id in zip(units[list(keys)].values,
+                                                                                    units.run_id)}
+
+def _replicates_text(replicates:Sequence[tuple]) -> str:
+    "'0, 1' for seeds; '0/0, 0/1' for (seed, draw) pairs."
+    return ", ".join("/".join(map(str, replicate)) for replicate in replicates)
+
+def _compare_pair(results_dir, units:pd.DataFrame, model_a:str, model_b:str, task:str, n_boot:int, seed:int,
+                  cache:dict, replicates:Replicates=FINETUNE_REPLICATES) -> dict:
+    "One paired row: the replicate-matched comparison of two models on `task` among `units`, or why there is none."
     row = _uncompared(model_a, model_b, task)
-    units_a = finetuned[(finetuned.model == model_a) & (finetuned.task == task)]
-    units_b = finetuned[(finetuned.model == model_b) & (finetuned.task == task)]
-    seeds = sorted(set(units_a.seed.dropna()) & set(units_b.seed.dropna()))
-    if units_a.empty or units_b.empty:
-        row["reason"] = f"no finished fine-tuning units at 100 % for {model_a if units_a.empty else model_b}"
+    runs = [_replicate_runs(units[(units.model == model) & (units.task == task)], replicates.keys)
+            for model in (model_a, model_b)]
+    if not runs[0] or not runs[1]:
+        row["reason"] = f"no finished {replicates.units} for {model_b if runs[0] else model_a}"
         return row
-    if not seeds:
-        seeds_a, seeds_b = sorted(map(int, units_a.seed.dropna())), sorted(map(int, units_b.seed.dropna()))
-        row["reason"] = f"no matched seeds ({model_a}: {seeds_a}, {model_b}: {seeds_b})"
+    matched = sorted(set(runs[0]) & set(runs[1]))
+    if not matched:
+        row["reason"] = (f"no matched {replicates.name} ({model_a}: {_replicates_text(sorted(runs[0]))}; "
+                         f"{model_b}: {_replicates_text(sorted(runs[1]))})")
         return row
-    run_ids = [units[units.seed == s].run_id.iloc[0] for units in (units_a, units_b) for s in seeds]
-    item_lists = _cached_items(results_dir, run_ids, cache)
+    item_lists = _cached_items(results_dir, [run[key] for run in runs for key in matched], cache)
+    row.update(seeds=_replicates_text(matched))
     if any(items is None for items in item_lists):
-        row.update(seeds=", ".join(map(str, seeds)), reason="per-item outcomes missing")
+        row["reason"] = "per-item outcomes missing"
         return row
     ids, positions = _align(item_lists)
     aligned = [_take(items, pos) for items, pos in zip(item_lists, positions)]
-    row.update(seeds=", ".join(str(int(s)) for s in seeds), n_items=len(ids))
+    row["n_items"] = len(ids)
     if len(ids) < 2:
         row["reason"] = "fewer than 2 common test items"
         return row
-    row.update(_paired_scores(task, aligned[:len(seeds)], aligned[len(seeds):], n_boot, seed))
+    row.update(_paired_scores(task, aligned[:len(matched)], aligned[len(matched):], n_boot, seed))
     return row
 
 def _with_holm(comparisons:pd.DataFrame) -> pd.DataFrame:
@@ -1115,6 +1151,71 @@ def clinical_vs_general(results_dir, df:pd.DataFrame,
         for task in tasks:
             rows.append(_compare_pair(results_dir, finetuned, model_a, model_b, task, n_boot, seed, cache))
     return _with_holm(pd.DataFrame(rows, columns=_PAIR_COLUMNS))
+
+# %% ../nbs/90_report.ipynb #186bea6c
+ICL_REPLICATES = Replicates(("seed", "draw"), "in-context units", "seed / draw pairs")
+
+def matched_llm_pairs(df:pd.DataFrame, registry:Mapping|None=None) -> list[tuple[str, str]]:
+    "(medical model, the general model it was trained from) for the registry's pairs that both ran in context here."
+    specs = _registry_specs(registry)
+    in_context = [model for model in dict.fromkeys(df.loc[df["mode"] == "icl", "model"]) if model in specs]
+    return models.matched_pairs(in_context, specs) if in_context else []
+
+def llm_pairs(results_dir, df:pd.DataFrame,
+              pairs:Sequence[Sequence[str]],  # (medical, general) models, usually `matched_llm_pairs`
+              n_boot:int=N_BOOT, seed:int=0) -> pd.DataFrame:
+    """Per pair, task and number of shots: the in-context difference (A - B) of the selection metric over the (seed,
+    exemplar draw) pairs both models ran and their common test items (two-level bootstrap), Holm over these rows."""
+    icl = _table_rows(df)
+    icl = icl[icl["mode"] == "icl"]
+    rows, cache = [], {}
+    for model_a, model_b in pairs:
+        for task in TASKS:
+            ran = icl[icl.model.isin([model_a, model_b]) & (icl.task == task)]
+            for shots in sorted(set(ran.shots.dropna().astype(int))):
+                units = ran[ran.shots == shots]
+                replicates = ICL_REPLICATES._replace(units=f"in-context units at {shots} shots")
+                row = _compare_pair(results_dir, units, model_a, model_b, task, n_boot, seed, cache, replicates)
+                rows.append({**row, "shots": shots})
+    return _with_holm(pd.DataFrame(rows, columns=["shots", *_PAIR_COLUMNS]))
+
+# %% ../nbs/90_report.ipynb #fa90c4a8
+PAPER_ICL_PROTOCOL = ("published (Lehman et al. 2023): 1–3 exemplars, the best of 10–20 wordings chosen on 200 dev "
+                      "items, greedy decoding; CLIP on 25 % of its test set")
+
+def _llm_cells(row, specs:Mapping, matched:dict) -> dict:
+    "One of our in-context rows: the model, its domain and matched model, each task's selection metric, protocol."
+    spec = specs.get(row.model)
+    cells = {"Model": _row_label(row.model, row["mode"], row.shots, row.get("exemplars_kept", math.nan)),
+             "Domain": spec.domain if spec is not None else "", "Matched with": matched.get(row.model, "")}
+    for task in TASKS:
+        column = _column(task, dev_metric(task))
+        cells[METRIC_LABELS[column]] = _metric_cell(row, column, math.nan, "") if column in row else "—"
+    return {**cells, "Protocol": f"ours; paper's protocol: {_protocol_cell(row)}"}
+
+def _published_cells(name:str, published:PaperResult, specs:Mapping) -> dict:
+    "One of the paper's in-context rows, in the columns of `_llm_cells` (a model outside the registry: general)."
+    domain = specs[name].domain if name in specs else "general"
+    cells = {"Model": f"{published.paper_name} (ICL, published)", "Domain": domain, "Matched with": ""}
+    for task in TASKS:
+        score = published.scores.get(task, {}).get(dev_metric(task))
+        cells[METRIC_LABELS[_column(task, dev_metric(task))]] = "—" if score is None else _paper_number(score)
+    return {**cells, "Protocol": PAPER_ICL_PROTOCOL}
+
+def llms_in_context(headline:pd.DataFrame,                    # `table3`'s output
+                    registry:Mapping|None=None,               # default: params/models.yaml
+                    published:Mapping[str, PaperResult]|None=None,  # default `paper_icl_results()`
+                   ) -> pd.DataFrame:
+    """Our in-context rows (each task's selection metric, mean ± sd [95 % interval]) with each model's domain and the
+    model it is matched with, then the paper's published in-context rows (Flan-T5-XXL, GPT-3) with their protocol."""
+    specs = _registry_specs(registry)
+    ours = headline[headline["mode"] == "icl"] if len(headline) else headline
+    pairs = matched_llm_pairs(ours, specs) if len(ours) else []
+    matched = {**{a: b for a, b in pairs}, **{b: a for a, b in pairs}}
+    published = paper_icl_results() if published is None else published
+    rows = [_llm_cells(row, specs, matched) for _, row in ours.iterrows()]
+    rows += [_published_cells(name, row, specs) for name, row in published.items()]
+    return pd.DataFrame(rows).set_index("Model") if rows else pd.DataFrame()
 
 # %% ../nbs/90_report.ipynb #47ffc6b9
 def limited_data(results_dir,            # the grid's results folder
@@ -1791,8 +1892,10 @@ def _generated_section(generated:pd.DataFrame) -> tuple[str, list]:
         return ("Generated outputs: parse failures", ["No unit of this grid generated its outputs."])
     return ("Generated outputs: parse failures", [
         for_reader(generated),
-        "Notes: outputs that are not a label are counted, never mapped to one (MedNLI: wrong; RadQA: empty; CLIP: no "
-        "label). The rate per unit, averaged over units; CLIP's worst case scores every failure as all labels wrong."])
+        "Notes: outputs that are not a label are counted, never mapped to one (MedNLI: wrong; CLIP: no label). RadQA "
+        "has no parse failure (N/A is no answer, any other text is the answer, scored as it is): its column is the "
+        "share of non-empty answers found verbatim in their report, as the prompt asks. Rates per unit, averaged over "
+        "units; CLIP's worst case scores every failure as all labels wrong."])
 
 def _protocol_section(protocols:pd.DataFrame) -> tuple[str, list]:
     if not len(protocols):
@@ -1898,11 +2001,13 @@ def summary_sections(grid_dir, n_boot:int=N_BOOT, seed:int=0) -> list[tuple[str|
     compared_pairs = pd.DataFrame()
     if pairs:
         compared_pairs = clinical_vs_general(grid_dir/"results", df, pairs, n_boot=n_boot, seed=seed)
+    llm_compared = llm_pairs(grid_dir/"results", df, matched_llm_pairs(df), n_boot=n_boot, seed=seed)
     glance_figure = _saved_figure(plot_icl_vs_finetune(df), grid_dir, "icl_vs_finetune")
     return [(None, _top_parts(manifest, df, headline, compared_pairs)),
             _glance_section(grid_dir/"results", df, glance_figure),
             _table3_section(headline, n_boot),
             _pairs_section(compared_pairs, n_boot),
+            _llm_section(headline, llm_compared, n_boot),
             ("Limited data", _limited_data_parts(grid_dir, df, n_boot, seed)),
             _generated_section(generated_outputs(df)),
             _protocol_section(paper_protocol_table(df)),
@@ -1920,3 +2025,25 @@ def _appendix(df:pd.DataFrame) -> list[tuple[str, list]]:
 def summarize(grid_dir, n_boot:int=N_BOOT, seed:int=0) -> Path:
     "Build every summary view of `grid_dir`, save the figures and write `summary.md`; returns its path."
     return write_summary_md(grid_dir, summary_sections(grid_dir, n_boot=n_boot, seed=seed))
+
+# %% ../nbs/90_report.ipynb #005fe6d1
+LLM_SECTION = "LLMs in context: medical vs general on the same base"
+
+def _llm_section(headline:pd.DataFrame, compared:pd.DataFrame, n_boot:int) -> tuple[str, list]:
+    "Our in-context rows beside the paper's, and each matched medical / general pair's paired test per shot count."
+    table = llms_in_context(headline)
+    no_pairs = ("No matched pair ran in context in this grid: a pair is a medical model and the general model it was "
+                "trained from, both in the model registry (`base`); params/llm-icl.yaml runs four.")
+    pairs_part = no_pairs
+    if len(compared):
+        pairs_part = for_reader(format_pairs(compared).drop(columns="test")).rename(columns={"Seeds": "Seed / draw"})
+        pairs_part.insert(3, "Shots", compared.shots.astype(int).astype(str))
+    return (LLM_SECTION, [
+        table if len(table) else None,
+        "Notes: each task's selection metric on test, mean ± sd over seeds and exemplar draws [95 % interval, as in "
+        "Table 3]; the paper's rows are its published numbers under its own protocol (not re-run here).",
+        pairs_part,
+        f"Notes: per pair (A: the medical model, B: its base), task and number of shots, on the (seed, exemplar draw) "
+        f"pairs both ran, which share their exemplars, and their common test items: the difference (A − B), its 95 % "
+        f"interval and p from one two-level bootstrap ({n_boot} resamples), Holm-corrected over these rows (their own "
+        "family, apart from the fine-tuning pairs)." if len(compared) else None])

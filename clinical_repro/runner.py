@@ -23,7 +23,7 @@ from .data import check_data
 from .tasks import get_task
 from .units import (demo_data_complete, demo_data_dir, ensure_demo_data, finetune_arguments, identify,
                                   load_task_or_none, unit_label)
-from . import estimates, executors, icl, models, results
+from . import estimates, executors, models, results
 
 # %% auto #0
 __all__ = ['GPUS', 'templates_dir', 'grid_dir', 'resolve_data_dir', 'UnitState', 'read_state', 'unit_state', 'overrides_of',
@@ -488,7 +488,8 @@ def models_section(grid:Grid, registry:dict) -> dict:
     """A dry run's `models` (each model's source, licence, access, clinical-use clause, base; `backend` in context)
     and `pairs` (medical vs general on the same base, both in the grid)."""
     in_context = set(grid.icl.models if grid.icl else [])
-    facts = {name: {**models.model_facts(name, registry), **({"backend": icl.BACKEND} if name in in_context else {})}
+    backend = {"backend": grid.icl.backend} if grid.icl else {}   # the grid's inference engine (`run --icl-backend`)
+    facts = {name: {**models.model_facts(name, registry), **(backend if name in in_context else {})}
              for name in grid_model_names(grid)}
     pairs = [{"medical": a, "general": b} for a, b in models.matched_pairs(list(facts), registry)]
     return {"models": facts, "pairs": pairs}

@@ -15,7 +15,7 @@ from .core import UserError, get_logger, library_log, quiet_mode, route_library_
 from .data import load_task
 from .tasks import icl_dev_n
 from . import models, results, synthetic
-from .identity import icl_identity, unit_identity
+from .identity import DEFAULT_BACKEND, icl_identity, unit_identity
 
 # %% auto #0
 __all__ = ['UNIT_TRAIN_KEYS', 'demo_data_dir', 'demo_data_complete', 'ensure_demo_data', 'unit_label', 'unit_kwargs',
@@ -99,14 +99,14 @@ def finetune_units(seeds, fractions,
             for fraction in fractions for rate in learning_rates for seed in seeds]
 
 def default_units(mode:str, seeds=(0,), fractions=(1.0,), shots=(1,), draws:int=1, limit:int|None=None,
-                  dev_n:int|None=None, learning_rates=None) -> list[dict]:
+                  dev_n:int|None=None, learning_rates=None, backend:str=DEFAULT_BACKEND) -> list[dict]:
     "Units of one experiment from seeds / fractions (finetune) or shots / draws / seeds (icl), in the grid's order."
     if mode == "finetune":
         return finetune_units(seeds, fractions, learning_rates)
     if mode != "icl":
         raise UserError(f"mode {mode!r}: expected finetune or icl")
     dev_n = icl_dev_n() if dev_n is None else dev_n
-    return [{"shots": int(k), "draw": draw, "seed": int(seed), "limit": limit, "dev_n": dev_n}
+    return [{"shots": int(k), "draw": draw, "seed": int(seed), "limit": limit, "dev_n": dev_n, "backend": backend}
             for k in shots for draw in range(draws if k > 0 else 1) for seed in seeds]
 
 # %% ../nbs/84_units.ipynb #bf35718a

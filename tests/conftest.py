@@ -251,3 +251,28 @@ def save_random_model(model_class, config, folder, seed:int=0) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model_class(config).save_pretrained(folder)
+
+
+# ---------------------------------------------------------------- tiny decoders: offline stand-ins for LLMs
+CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")   # a ChatML template, as SmolLM2's
+
+
+def chat_tokenizer(chat_template:str|None=CHAT):
+    "MiniLM's WordPiece tokenizer (offline) with `chat_template` (None: a base model's tokenizer, without one)."
+    from clinical_repro import models
+    tok = models.load_tokenizer(models.resolve_model("minilm-demo"))
+    tok.chat_template = chat_template
+    return tok
+
+
+def tiny_llama_model(tok, seed:int=0):
+    "A tiny seeded random Llama over `tok`'s vocabulary (pad, end and start of sequence: its [PAD], [SEP], [CLS])."
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config).eval()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import CHAT, chat_tokenizer, tiny_llama_model
 from clinical_repro import icl, models, prompts
 from clinical_repro.core import UserError
 from clinical_repro.data import load_task
@@ -19,8 +20,6 @@ from clinical_repro.tasks import CLIP_LABELS, MEDNLI_LABELS
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one torch thread (tests/conftest.py)
 
 
-CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def _byte_chars() -> list[str]:
@@ -120,15 +119,8 @@ def test_smollm2_registry_entry():
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     "A tiny seeded random Llama over MiniLM's WordPiece tokenizer with a chat template, saved as a local model."
-    from transformers import LlamaConfig, LlamaForCausalLM
-    tok = models.load_tokenizer(models.resolve_model("minilm-demo"))
-    tok.chat_template = CHAT
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config).eval()
+    tok = chat_tokenizer()
+    model = tiny_llama_model(tok)
     folder = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -304,3 +296,27 @@ def test_decoder_per_label_batches_by_item_score_like_one_label_at_a_time(tiny_r
     for label in CLIP_LABELS:
         texts = predictor._texts(template, queries, query_windows, 4, label)
         assert raw[label] == {q.id: icl.generate(model, tok, [text], 4)[0][0] for q, text in zip(queries, texts)}
+
+
+@pytest.mark.parametrize("task", ["mednli", "radqa", "clip"])
+def test_smollm2_runs_k_shot_icl_from_the_cli_with_rank_generation_and_their_rates(task, tiny_release, run_cli,
+                                                                                   tmp_path):
+    """The real instruction-tuned SmolLM2-135M, 1 shot, 2 test items, from `clinical-repro icl`: MedNLI and CLIP
+    report rank (option likelihood) and strict generation with its parse-failure count; RadQA its verbatim-span rate."""
+    data, _ = tiny_release
+    fixed = {"mednli": ["paper"], "radqa": ["paper"], "clip": ["paper-yes-no", "list-labels"]}[task]   # no dev pass
+    done = run_cli("icl", "--task", task, "--model", "smollm2-demo", "--data-dir", data, "--out", tmp_path,
+                   "--shots", "1", "--limit", "2", "--json", *(f"--template={t}" for t in fixed))
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(done.stdout)
+    test = record["metrics"]["test"]
+    assert (record["status"], record["shots"], record["counts"]["test"], record["config"]["backend"]) == (
+        "ok", 1, 2, "transformers")
+    if task == "mednli":
+        assert 0 <= test["rank"]["accuracy"] <= 1 and test["generate"]["parse_failures"]["n"] == 2
+    elif task == "clip":
+        assert set(test) == {"per_label", "list"} and test["list"]["parse_failures"]["n"] == 2
+    else:
+        rate = test["verbatim_span_rate"]
+        assert rate["answers"] <= 2 and (rate["rate"] is None or 0 <= rate["rate"] <= 1)
+    assert (tmp_path/record["predictions"]).is_file() and (tmp_path/record["items"]).is_file()

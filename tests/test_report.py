@@ -587,3 +587,72 @@ def test_a_row_scored_on_fewer_test_items_says_how_many(tmp_path):
     view = R.finetune_vs_icl(df)
     assert view.loc["MedNLI acc", "dec, ICL 1-shot"].endswith(" (n = 30)")
     assert "(n = " not in view.loc["MedNLI acc", "enc, fine-tuned"]
+
+
+# ------------------------------------------------------------------ LLMs in context: matched pairs, the paper's rows
+def test_llm_pairs_match_seed_and_draw_per_shot_count_and_holm_over_their_own_family(tmp_path):
+    """MedNLI, 40 items: per (seed, draw) the medical model is right on 30 and its base on 20 (1 shot); a draw only the
+    medical model ran is left out; at 3 shots only the medical model ran, and the row says so."""
+    gold = np.zeros(40, int)
+    med, gen = np.where(np.arange(40) < 30, 0, 1), np.where(np.arange(40) < 20, 0, 1)
+    for draw in (0, 1):
+        nli_unit(tmp_path, f"m{draw}", "med", gold, med, mode="icl", shots=1, draw=draw)
+        nli_unit(tmp_path, f"g{draw}", "gen", gold, gen, mode="icl", shots=1, draw=draw)
+    nli_unit(tmp_path, "m2", "med", gold, gold, mode="icl", shots=1, draw=2)    # no partner: not in the test
+    nli_unit(tmp_path, "m3", "med", gold, med, mode="icl", shots=3, draw=0)
+    nli_unit(tmp_path, "ft", "med", gold, gold, seed=0)                        # fine-tuned: not an in-context unit
+    out = R.llm_pairs(tmp_path, R.load_results(tmp_path), [("med", "gen")], n_boot=200)
+    one, three = out[out.shots == 1].iloc[0], out[out.shots == 3].iloc[0]
+    assert (one.a, one.b, one.task, one.seeds, one.n_items) == ("med", "gen", "mednli", "0/0, 0/1", 40)
+    assert one["diff"] == pytest.approx(0.75 - 0.5) and one.a_mean == pytest.approx(0.75)
+    assert one.p_value == pytest.approx(2 / 201) and one.p_holm == pytest.approx(2 / 201) and one.significant
+    assert math.isnan(three.p_value) and three.reason == "no finished in-context units at 3 shots for gen"
+    assert (one.mcnemar_b, one.mcnemar_c) == (20, 0)                          # 10 per draw, summed
+
+
+def test_matched_llm_pairs_come_from_the_registry_bases_of_models_run_in_context(tmp_path):
+    gold = np.zeros(4, int)
+    for model in ("biomistral-7b", "mistral-7b-instruct-v0-1", "medgemma-4b-it"):
+        nli_unit(tmp_path, model, model, gold, gold, mode="icl", shots=1, draw=0)
+    nli_unit(tmp_path, "g3", "gemma-3-4b-it", gold, gold, seed=0)   # fine-tuned only: MedGemma 4B has no partner
+    assert R.matched_llm_pairs(R.load_results(tmp_path)) == [("biomistral-7b", "mistral-7b-instruct-v0-1")]
+
+
+def test_llms_in_context_sits_beside_the_papers_published_icl_rows(tmp_path):
+    gold = np.zeros(20, int)
+    for model in ("biomistral-7b", "mistral-7b-instruct-v0-1"):
+        nli_unit(tmp_path / "results", model, model, gold, np.where(np.arange(20) < 15, 0, 1), mode="icl", shots=3,
+                 draw=0)
+    text = R.summarize(tmp_path, n_boot=50).read_text()
+    section = text.split(f"## {R.LLM_SECTION}")[1].split("\n## ")[0]
+    header, rows = markdown_tables(section)[0]
+    table = {row[0]: dict(zip(header, row)) for row in rows}
+    assert table["biomistral-7b (ICL, 3-shot)"]["Matched with"] == "mistral-7b-instruct-v0-1"
+    assert table["biomistral-7b (ICL, 3-shot)"]["Domain"] == "biomedical"
+    assert table["biomistral-7b (ICL, 3-shot)"]["MedNLI acc"].startswith(".750")
+    # Lehman et al. 2023, Table 3 (REFERENCE.md): Flan-T5-XXL .808 / .602 / .178, GPT-3 .805 / .619 / .146
+    assert [table["Flan-T5-XXL (ICL, published)"][c] for c in ("MedNLI acc", "RadQA F1", "CLIP macro-F1")] == [
+        ".808", ".602", ".178"]
+    assert [table["GPT-3 (ICL, published)"][c] for c in ("MedNLI acc", "RadQA F1", "CLIP macro-F1")] == [
+        ".805", ".619", ".146"]
+    pairs_header, pairs = markdown_tables(section)[1]
+    first_pair = dict(zip(pairs_header, pairs[0]))
+    assert first_pair["Shots"] == "3" and first_pair["Difference (A − B)"] and first_pair["Seed / draw"] == "0/0"
+
+
+def test_generated_radqa_answers_show_how_many_are_quoted_verbatim(tmp_path):
+    items = {"ids": ["a", "b"], "exact": [1, 0], "f1": [1.0, 0.0], "has_answer": [1, 1], "answer_words": [1, 1],
+             "pred_empty": [0, 0]}
+    for draw, verbatim in enumerate((1, 2)):
+        rate = {"answers": 2, "verbatim": verbatim, "rate": verbatim / 2, "rate_normalized": verbatim / 2}
+        write_unit(tmp_path, f"q{draw}", "radqa", "llm", items, mode="icl", shots=1, draw=draw,
+                   metrics_test={"exact": 50.0, "f1": 50.0, "verbatim_span_rate": rate})
+    row = R.generated_outputs(R.load_results(tmp_path)).iloc[0]
+    assert row["verbatim answers"] == pytest.approx(0.75) and row.units == 2
+    assert "parse failures" not in row   # RadQA has none to count: the column is not shown
+
+
+def test_a_published_remote_row_is_validated_like_the_others(tmp_path):
+    params = params_copy(tmp_path, lambda d: d["remote"]["gpt-3"]["scores"]["mednli"].update(accuracy=80.5))
+    with pytest.raises(DataError, match=r"remote\.gpt-3\.scores\.mednli\.accuracy"):
+        R.paper_icl_results(params)
