@@ -748,11 +748,7 @@ class TemplatePredictor:
         return prompts.build_prompt(template, shown, fields, self.count, self.budget, room, task=self.task,
                                     item_id="content-free").text
     def _rank(self, texts, options, content_free=None):
-        if self.causal:
-            summed, n_tokens, _, tokens_in, _ = self.backend.prompt_pass(texts, options, 0, self.batch_size)
-            self.tokens_in += tokens_in
-            scores = self._normalised(summed, n_tokens)
-            return scores.argmax(-1), scores
+        "An encoder's (cloze) or seq2seq model's ranked options; a decoder ranks in its backend's pass instead."
         if not self.cloze:
             best, scores = rank_classify(self.model, self.tokenizer, texts, options, self.normalisation,
                                          self.batch_size)

@@ -2001,13 +2001,14 @@ def summary_sections(grid_dir, n_boot:int=N_BOOT, seed:int=0) -> list[tuple[str|
     compared_pairs = pd.DataFrame()
     if pairs:
         compared_pairs = clinical_vs_general(grid_dir/"results", df, pairs, n_boot=n_boot, seed=seed)
-    llm_compared = llm_pairs(grid_dir/"results", df, matched_llm_pairs(df), n_boot=n_boot, seed=seed)
+    registry = _registry_specs(None)   # read once: the LLM pairs and their table
+    llm_compared = llm_pairs(grid_dir/"results", df, matched_llm_pairs(df, registry), n_boot=n_boot, seed=seed)
     glance_figure = _saved_figure(plot_icl_vs_finetune(df), grid_dir, "icl_vs_finetune")
     return [(None, _top_parts(manifest, df, headline, compared_pairs)),
             _glance_section(grid_dir/"results", df, glance_figure),
             _table3_section(headline, n_boot),
             _pairs_section(compared_pairs, n_boot),
-            _llm_section(headline, llm_compared, n_boot),
+            _llm_section(headline, llm_compared, n_boot, registry),
             ("Limited data", _limited_data_parts(grid_dir, df, n_boot, seed)),
             _generated_section(generated_outputs(df)),
             _protocol_section(paper_protocol_table(df)),
@@ -2029,9 +2030,9 @@ def summarize(grid_dir, n_boot:int=N_BOOT, seed:int=0) -> Path:
 # %% ../nbs/90_report.ipynb #005fe6d1
 LLM_SECTION = "LLMs in context: medical vs general on the same base"
 
-def _llm_section(headline:pd.DataFrame, compared:pd.DataFrame, n_boot:int) -> tuple[str, list]:
+def _llm_section(headline:pd.DataFrame, compared:pd.DataFrame, n_boot:int, registry:Mapping) -> tuple[str, list]:
     "Our in-context rows beside the paper's, and each matched medical / general pair's paired test per shot count."
-    table = llms_in_context(headline)
+    table = llms_in_context(headline, registry)
     no_pairs = ("No matched pair ran in context in this grid: a pair is a medical model and the general model it was "
                 "trained from, both in the model registry (`base`); params/llm-icl.yaml runs four.")
     pairs_part = no_pairs
