@@ -5,6 +5,7 @@ the transformers backend against vLLM, on the same model and the same prompts, i
     python benchmarks/icl_throughput.py --quick                  # CPU smoke run: smollm2-demo, 8 items, ~25 s
     python benchmarks/icl_throughput.py --items 64 --out icl.json
     python benchmarks/icl_throughput.py --model qwen2-5-7b-instruct --items 300 --backend both   # a GPU
+    python benchmarks/icl_throughput.py --random-shape llama-3.1-8b --tokenizer DIR   # a GPU without the weights
 
 Modes, each timed after an untimed warm-up pass:
   rank             the three MedNLI options scored after every prompt, batched (one pass per prompt)
@@ -49,6 +50,14 @@ MODES = ("rank", "generate", "generate_batch1")
 BASELINE = "generate_batch1"
 QUICK = dict(items=8, warmup=2, threads=1, model="smollm2-demo")   # one thread: steady on shared cores
 DEFAULTS = {"cpu": dict(items=32, warmup=4), "cuda": dict(items=300, warmup=16)}
+
+# Seeded random weights in a checkpoint's shape run at its speed, and need no download: what a machine without the
+# weights can time (the answers mean nothing). vocab_size None: the tokenizer's.
+SHAPES = {"llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                               num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                               max_position_embeddings=8192),
+          "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=None, max_position_embeddings=4096)}
 
 class NotRun(Exception):
     "A backend that cannot run here (the reason is printed, never raised to the caller)."
@@ -119,19 +128,62 @@ def unit_prompts(model, tokenizer, train:list, queries:list, shots:int, batch_si
     texts = predictor._texts(prompt_set.paper_template(), queries, no_notes, room)
     return texts, [prompt_set.verbalizers[label] for label in MEDNLI_LABELS], room
 
+# --------------------------------------------------------------------------------------------------------- models
+def shape_config(shape:str, tokenizer):
+    "A Llama config of `shape` (`SHAPES`) over `tokenizer` (its special tokens; a vocabulary at least as large)."
+    settings = dict(SHAPES[shape])
+    settings["vocab_size"] = max(settings["vocab_size"] or 0, len(tokenizer))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return transformers.LlamaConfig(**settings, bos_token_id=tokenizer.bos_token_id,
+                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, tie_word_embeddings=False)
+
+def random_shape_model(shape:str, tokenizer_dir:str|Path, device:dict, folder:Path, seed:int=0):
+    """(tokenizer, model, folder): a Llama of `shape` with seeded random weights, built on the device in the precision
+    policy's dtype (`icl.icl_precision`), and a folder with its config, generation config and tokenizer (vLLM reads
+    it with `load_format="dummy"`: random weights, no files)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = shape_config(shape, tokenizer)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[icl.icl_precision("decoder",
+                                                                                                      device)]
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("cuda" if device["type"] == "cuda" else "cpu"):
+            model = transformers.LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    config.save_pretrained(folder)
+    transformers.GenerationConfig.from_model_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return tokenizer, model, folder
+
+def registry_model(name:str, device:dict):
+    "(resolved, tokenizer, model) of a registry decoder, loaded as an ICL unit loads it (`icl.load_icl_model`)."
+    resolved = models.resolve_model(name)
+    if resolved.spec.family != "decoder":
+        raise UserError(f"--model {name} is of the {resolved.spec.family} family; expected a decoder "
+                        "(chat-template ICL)")
+    return (resolved, *icl.load_icl_model(resolved, device))
+
 # --------------------------------------------------------------------------------------------------------- backends
 def transformers_backend(model, tokenizer):
     "`icl.TransformersBackend` on the already loaded model (the batch-1 reference needs the model itself)."
     return icl.TransformersBackend(model, tokenizer), "icl.TransformersBackend"
 
-def vllm_backend(resolved, device:dict, scoring:str|None=None):
-    "`icl.load_icl_backend('vllm', ...)` (`scoring`: `icl.VLLM_SCORINGS`, None: its default); NotRun where it cannot."
+def vllm_backend(resolved, device:dict, scoring:str|None=None, shape:tuple|None=None):
+    """`icl.load_icl_backend('vllm', ...)` (`scoring`: `icl.VLLM_SCORINGS`, None: its default), or with `shape` =
+    (folder, tokenizer) of `random_shape_model` an `icl.VLLMBackend` on dummy weights; NotRun where it cannot."""
     reason = vllm_unavailable(device)
     if reason is not None:
         raise NotRun(reason)
     engine = {} if scoring is None else {"scoring": scoring}
     try:
-        _, backend = icl.load_icl_backend("vllm", resolved, device, **engine)
+        if shape is None:
+            _, backend = icl.load_icl_backend("vllm", resolved, device, **engine)
+        else:
+            backend = icl.VLLMBackend(str(shape[0]), shape[1], dtype=icl.icl_precision("decoder", device),
+                                      load_format="dummy", **engine)
     except Exception as e:
         raise NotRun(f"loading failed: {type(e).__name__}: {e}") from None
     return backend, f"icl.VLLMBackend, scoring {backend.scoring}"
@@ -246,6 +298,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help=f"registry name (params/models.yaml) of a decoder; default {QUICK['model']}")
+    p.add_argument("--random-shape", choices=list(SHAPES), help="instead of --model: seeded random weights in this "
+                   "shape (its speed without its weights; the answers mean nothing), over --tokenizer")
+    p.add_argument("--tokenizer", type=Path, help="with --random-shape: a folder with a chat tokenizer (default: "
+                   "smollm2-demo's)")
     p.add_argument("--backend", choices=(*BACKENDS, "both"),
                    help="who runs rank and batched generation; default transformers, plus vllm when the vllm "
                    "package is installed and CUDA is present. The batch-1 reference always runs on transformers")
@@ -268,7 +324,11 @@ def parse_args(argv=None):
     a.items = a.items if a.items is not None else d["items"]
     a.warmup = a.warmup if a.warmup is not None else d["warmup"]
     a.threads = a.threads if a.threads is not None else d.get("threads")
-    a.model = a.model or QUICK["model"]
+    if a.random_shape and a.model:
+        p.error("--random-shape replaces --model: give one of them")
+    if a.tokenizer and not a.random_shape:
+        p.error("--tokenizer goes with --random-shape (a registry model brings its own)")
+    a.model = a.model or (None if a.random_shape else QUICK["model"])
     if a.items < 1 or a.warmup < 0 or a.batch_size < 1 or a.shots < 0:
         p.error("--items and --batch-size must be at least 1, --warmup and --shots at least 0")
     return a
@@ -319,26 +379,33 @@ def main(argv=None) -> dict:
         torch.set_num_threads(a.threads)
     started = time.perf_counter()
     device = models.device_info()
-    resolved = models.resolve_model(a.model)
-    if resolved.spec.family != "decoder":
-        raise UserError(f"--model {a.model} is of the {resolved.spec.family} family; expected a decoder "
-                        "(chat-template ICL)")
-    tokenizer, model = icl.load_icl_model(resolved, device)
-    info = {**machine(device, icl.icl_precision("decoder", device)), "model": a.model,
+    with tempfile.TemporaryDirectory(prefix="icl_throughput.") as tmp:
+        return _run(a, device, Path(tmp), started)
+
+def _run(a, device:dict, tmp:Path, started:float) -> dict:
+    "`main` in a temporary folder (the demo data; a random shape's config and tokenizer for vLLM)."
+    resolved, shape = None, None
+    if a.random_shape:
+        tokenizer_dir = a.tokenizer or models.load_tokenizer(models.resolve_model(QUICK["model"])).name_or_path
+        tokenizer, model, folder = random_shape_model(a.random_shape, tokenizer_dir, device, tmp/"shape")
+        shape = (folder, tokenizer)
+    else:
+        resolved, tokenizer, model = registry_model(a.model, device)
+    info = {**machine(device, icl.icl_precision("decoder", device)),
+            "model": a.model or f"random weights, {a.random_shape} shape", "random_shape": a.random_shape,
             "n_params": sum(p.numel() for p in model.parameters()), "items": a.items, "shots": a.shots,
             "batch_size": a.batch_size, "warmup": a.warmup, "quick": a.quick}
-    with tempfile.TemporaryDirectory(prefix="icl_throughput.") as tmp:
-        train, queries = mednli_queries(a.data, Path(tmp), a.items)
+    train, queries = mednli_queries(a.data, tmp, a.items)
     texts, options, room = unit_prompts(model, tokenizer, train, queries, a.shots, a.batch_size)
     info.update(task=TASK, template="paper", layout=prompts.prompt_layout("decoder"), options=options, answer_room=room)
-    print(f"icl_throughput: {a.model} ({info['n_params']/1e6:.1f}M parameters, {info['dtype']}) on {device['type']} "
+    print(f"icl_throughput: {info['model']} ({info['n_params']/1e6:.1f}M parameters, {info['dtype']}) on {device['type']} "
           f"[{info['device_name']}], torch {torch.__version__} ({torch.get_num_threads()} threads, nproc "
           f"{os.cpu_count()}), transformers {transformers.__version__}, vllm {info['vllm'] or 'absent'}")
     print(f"prompts: {len(texts)} MedNLI items, {a.shots}-shot, template 'paper', layout {info['layout']}; "
           f"options {options}; generation up to {room} tokens (answer_room); batch {a.batch_size}; "
           f"warm-up {a.warmup} prompts per mode")
     loaders = {"transformers": lambda: transformers_backend(model, tokenizer),
-               "vllm": lambda: vllm_backend(resolved, device, a.vllm_scoring)}
+               "vllm": lambda: vllm_backend(resolved, device, a.vllm_scoring, shape)}
     names = chosen_backends(a.backend, device)
     if "vllm" in names and device["type"] == "cuda":   # vLLM's memory is its own: run it after the model is gone
         loaders["vllm"] = _after_freeing(model, loaders["vllm"])

@@ -17,13 +17,14 @@ from pydantic import Field
 from .core import SPLITS, UserError, atomic_write_text
 from .data import CLIPNote, CLIPSentence, NLIRecord, QARecord, TaskData
 from .config import Spec, params_file, read_yaml, validate_spec
+from .models import precision_parts
 from .tasks import family_spec, get_task, icl_dev_n
 
 # %% auto #0
 __all__ = ['BYTES_PER_PARAMETER', 'ESTIMATES_FILE', 'DeviceSpeed', 'ReleaseStandIn', 'CostTable', 'load_cost_table',
-           'token_counter', 'Sequences', 'task_sequences', 'stand_in_data', 'model_flops', 'Speed', 'finetune_seconds',
-           'icl_seconds', 'ready_tokenizer', 'split_sequences', 'device_key', 'UnitCosts', 'format_bytes',
-           'format_duration', 'plan_estimate', 'verdict_lines', 'write_estimates', 'read_estimates']
+           'token_counter', 'Sequences', 'task_sequences', 'stand_in_data', 'bytes_per_parameter', 'model_flops',
+           'Speed', 'finetune_seconds', 'icl_seconds', 'ready_tokenizer', 'split_sequences', 'device_key', 'UnitCosts',
+           'format_bytes', 'format_duration', 'plan_estimate', 'verdict_lines', 'write_estimates', 'read_estimates']
 
 # %% ../nbs/87_estimates.ipynb #6a2347bf
 class DeviceSpeed(Spec):
@@ -141,7 +142,14 @@ def stand_in_data(task:str, table:CostTable) -> TaskData:
     return TaskData(task, Path("stand-in"), splits, {}, notes)
 
 # %% ../nbs/87_estimates.ipynb #42edbdc2
-BYTES_PER_PARAMETER = {"fp32": 4, "fp16": 2, "bf16": 2}
+BYTES_PER_PARAMETER = {"fp32": 4, "fp16": 2, "bf16": 2}   # dense weights; quantised ones: `bytes_per_parameter`
+
+def bytes_per_parameter(precision:str) -> float:
+    """Bytes a weight takes in memory at a recorded precision (`models.precision_name`): its stored bits when kept
+    quantised (awq-int4: 0.5, gguf-q4_1: 0.625), else its compute dtype's (dense, de-quantised at load, or a quantised
+    type of unknown width: a slower estimate rather than a faster one)."""
+    parts = precision_parts(precision)
+    return parts.bits/8 if parts.bits else BYTES_PER_PARAMETER[parts.compute]
 
 def model_flops(size_m:float, family:str, source:float, target:float=0.0, passes:int=2) -> float:
     """Arithmetic of reading `source` (and `target`) tokens `passes` times a parameter (2: forward; 6: forward and
@@ -160,7 +168,8 @@ class Speed:
 
     def flops(self, training:bool=True) -> float:
         "FLOP/s of training, or of forward passes only."
-        tflops = (self.device.tflops if training else self.device.inference_tflops).get(self.precision)
+        speeds = self.device.tflops if training else self.device.inference_tflops
+        tflops = speeds.get(precision_parts(self.precision).compute)   # quantised weights: their compute dtype's
         if tflops is None:
             raise UserError(f"{self.device.name}: no throughput for {self.precision} in params/throughput.yaml")
         return tflops*1e12*(self.threads if self.device.per_thread else 1)
@@ -208,18 +217,25 @@ def _templates(task:str, unit:dict) -> tuple[list, bool]:
 def _generation_seconds(size_m:float, tokens:float, speed:Speed) -> float:
     "Greedy decoding, one token at a time: each step reads every weight once (or is bound by arithmetic)."
     per_token = max(model_flops(size_m, "decoder", 1)/speed.flops(training=False),
-                    size_m*1e6*BYTES_PER_PARAMETER[speed.precision]/speed.bandwidth)
+                    size_m*1e6*bytes_per_parameter(speed.precision)/speed.bandwidth)
     return tokens*per_token
 
+def _dev_layouts(family:str, layout:str|None, fixed:bool) -> int:
+    "How many prompt layouts a unit tries on dev (`prompts.layout_candidates`): a chat decoder's two, else one."
+    from clinical_repro.prompts import layout_candidates, layout_setting
+    return len(layout_candidates(family, layout_setting(family, layout, not fixed)))
+
 def icl_seconds(unit:dict, size_m:float, splits:dict[str, Sequences], speed:Speed, table:CostTable,
-                budget:int|None=None) -> dict:
-    "Estimated seconds of one ICL unit: the dev choice (unless the template is fixed), then the test items."
+                budget:int|None=None, layout:str|None=None) -> dict:
+    """Estimated seconds of one ICL unit: the dev choice (unless the template is fixed: every template in every layout
+    tried, `layout` the registry's), then the test items."""
     test = splits["test"]
     item = _mean(test.source) + _mean(test.target)
     prompt = min(30 + (unit.get("shots", 0) + 1)*item, budget or 4096)
     templates, fixed = _templates(unit["task"], unit)
     n_test = min(unit.get("limit") or len(test.source), len(test.source))
     n_dev = 0 if fixed else min(unit.get("dev_n") or icl_dev_n(), len(splits["dev"].source))*len(templates)
+    n_dev *= _dev_layouts(unit["family"], layout, fixed)
     per_item = _variants(unit["task"], templates)
     prompts = sum(k for k, _ in per_item)*(n_test + n_dev)
     generated = sum(k*room for k, room in per_item)*(n_test + n_dev)*table.generated_share
@@ -287,9 +303,9 @@ class UnitCosts:
         "One unit's estimate: seconds by part and in all, and how its tokens were had (counted, characters, stand-in)."
         splits, counted = self._splits(unit)
         speed = Speed(self.device, unit["precision"], self.threads)
-        size_m = self.registry[unit["model"]].size_m
-        if unit["mode"] == "finetune": parts = finetune_seconds(unit, size_m, splits, speed)
-        else: parts = icl_seconds(unit, size_m, splits, speed, self.table)
+        spec = self.registry[unit["model"]]
+        if unit["mode"] == "finetune": parts = finetune_seconds(unit, spec.size_m, splits, speed)
+        else: parts = icl_seconds(unit, spec.size_m, splits, speed, self.table, layout=spec.prompt_layout)
         tokens = "release stand-in" if unit["task"] in self.stand_ins else "counted" if counted else "from characters"
         return {**parts, "total_s": sum(parts.values()), "tokens": tokens}
 

@@ -13,8 +13,8 @@ from typing import Callable
 from .core import NOTEBOOK_LOG_ENV, UserError, get_logger, temporary_environ
 
 # %% auto #0
-__all__ = ['INSTALL_HINT', 'FORWARDED_ENV', 'CPU_TASK_ENV', 'execute_notebook', 'ray_available', 'registry_env_names',
-           'driver_env', 'task_resources', 'run_on_ray']
+__all__ = ['INSTALL_HINT', 'FORWARDED_ENV', 'CPU_TASK_ENV', 'VLLM_NODES_ENV', 'SPANNING_ENV', 'execute_notebook', 'ray_available',
+           'registry_env_names', 'driver_env', 'task_resources', 'spans_nodes', 'spanning_resources', 'run_on_ray']
 
 # %% ../nbs/86_executors.ipynb #00f86b39
 def _logged_kernel_manager(log_file):
@@ -75,6 +75,8 @@ def _import_ray():
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_HUB_CACHE",
                  "HF_DATASETS_CACHE", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 CPU_TASK_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+VLLM_NODES_ENV = "CLINICAL_REPRO_VLLM_NODES"   # nodes one vLLM engine of an ICL notebook spans (the grid's icl.nodes)
+SPANNING_ENV = {"RAY_ADDRESS": "auto"}         # such a notebook's vLLM workers join the cluster its node belongs to
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
 
 def registry_env_names() -> set[str]:
@@ -105,6 +107,21 @@ def task_resources(nodes:list[dict]) -> dict:
     cpus_per_gpu = min(math.floor(resources.get("CPU", 0) / resources["GPU"]) for resources in gpu_nodes)
     return {"num_gpus": 1, "num_cpus": max(1, cpus_per_gpu)}
 
+# %% ../nbs/86_executors.ipynb #620622f4
+def spans_nodes(call:dict) -> bool:
+    "Whether a call's notebook runs vLLM over several nodes: ICL with `$CLINICAL_REPRO_VLLM_NODES` > 1 in its env."
+    nodes = str((call.get("env") or {}).get(VLLM_NODES_ENV, "1")).strip()
+    return call["params"].get("mode") == "icl" and nodes.isdigit() and int(nodes) > 1
+
+def spanning_resources(nodes:list[dict]) -> dict:
+    """Ray resources of a notebook whose vLLM engine spans nodes: one CPU and no GPU (the engine's own Ray workers take
+    every GPU its placement group needs), on a GPU node (its `node:<address>` resource), whose GPUs its kernel reads."""
+    gpu_nodes = [n.get("Resources", {}) for n in nodes if n.get("Alive", True) and n.get("Resources", {}).get("GPU")]
+    if not gpu_nodes:
+        raise UserError("icl.nodes > 1 runs vLLM over the GPU nodes of the Ray cluster, but this cluster has no GPU")
+    node = next((key for key in sorted(gpu_nodes[0]) if key.startswith("node:") and "__" not in key), None)
+    return {"num_cpus": 1, "num_gpus": 0, **({"resources": {node: 0.001}} if node else {})}
+
 # %% ../nbs/86_executors.ipynb #da28ae6e
 def _run_call(template:str, out_nb:str, params:dict, env:dict, log_file:str|None=None) -> dict:
     "Body of one task: execute a notebook with `env` set for its kernel; returns error (or None), node and seconds."
@@ -115,6 +132,16 @@ def _run_call(template:str, out_nb:str, params:dict, env:dict, log_file:str|None
         except Exception as e:  # noqa: BLE001 - reported like a failed notebook
             error = f"{type(e).__name__}: {e}"
     return {"error": error, "node": socket.gethostname(), "seconds": round(time.perf_counter() - t0, 2)}
+
+def _run_spanning_call(template:str, out_nb:str, params:dict, env:dict, log_file:str|None=None) -> dict:
+    """Body of a task that holds no GPU and whose notebook starts vLLM's own Ray workers: Ray hides every GPU from such
+    a task (`CUDA_VISIBLE_DEVICES=''`); its kernel sees its node's again (their number and compute capability)."""
+    hidden = os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    try:
+        return _run_call(template, out_nb, params, env, log_file)
+    finally:
+        if hidden is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = hidden
 
 def _check_calls(calls:list) -> list[dict]:
     "The calls with absolute paths, or a `UserError` naming the malformed one."
@@ -162,14 +189,31 @@ def _connect(ray, address:str|None, log) -> tuple[bool, str]:
     return True, address  # ray.shutdown() only disconnects this driver; the cluster keeps running
 
 # %% ../nbs/86_executors.ipynb #ea7e797b
-def _run_tasks(ray, task, calls:list[dict], extra_env:dict, on_done, max_parallel:int|None, refs:dict) -> list:
-    "Submit the calls (at most `max_parallel` in flight), call `on_done` as each finishes; per-call outcomes."
+def _task_plans(ray, calls:list[dict], task, extra_env:dict) -> list[tuple]:
+    """(task, env) of each call: `task` (`task_resources`) with `extra_env`; a notebook whose vLLM spans nodes
+    (`spans_nodes`) a task holding no GPU (`spanning_resources`), told to join the cluster (`SPANNING_ENV`)."""
+    spanning = [spans_nodes(call) for call in calls]
+    if any(spanning):
+        wide = ray.remote(_run_spanning_call).options(**spanning_resources(ray.nodes()), max_retries=0,
+                                                      name="clinical-repro-notebook-nodes")
+    return [(wide, {**extra_env, **call["env"], **SPANNING_ENV}) if spans else (task, {**extra_env, **call["env"]})
+            for call, spans in zip(calls, spanning)]
+
+def _next_call(waiting:list[int], refs:dict, alone:set) -> int|None:
+    "The first waiting call that may start: one of `alone` (vLLM over several nodes) only while no other one runs."
+    busy = bool(alone & set(refs.values()))
+    return next((index for index in waiting if index not in alone or not busy), None)
+
+def _run_tasks(ray, plans:list[tuple], calls:list[dict], on_done, max_parallel:int|None, refs:dict) -> list:
+    """Submit the calls, each with its (task, env) of `plans` (at most `max_parallel` in flight; those spanning nodes
+    one at a time: each takes the GPUs of several nodes), call `on_done` as each finishes; per-call outcomes."""
     outcomes, waiting = [None] * len(calls), list(range(len(calls)))
+    alone = {index for index, call in enumerate(calls) if spans_nodes(call)}
     while waiting or refs:
-        while waiting and (max_parallel is None or len(refs) < max_parallel):
-            index = waiting.pop(0)
-            call = calls[index]
-            env = {**extra_env, **call["env"]}
+        while (max_parallel is None or len(refs) < max_parallel) and (
+                index := _next_call(waiting, refs, alone)) is not None:
+            waiting.remove(index)
+            call, (task, env) = calls[index], plans[index]
             refs[task.remote(call["template"], call["out_nb"], call["params"], env, call["log_file"])] = index
         finished, _ = ray.wait(list(refs), num_returns=1)
         for ref in finished:
@@ -211,7 +255,7 @@ def run_on_ray(calls:list[dict],                           # one notebook each: 
         log.info(f"Ray at {where}: {cluster}; each notebook gets {per_task}")
         task = ray.remote(_run_call).options(**per_task, max_retries=0, name="clinical-repro-notebook")
         extra_env = {} if "num_gpus" in per_task else CPU_TASK_ENV
-        outcomes = _run_tasks(ray, task, calls, extra_env, on_done, max_parallel, refs)
+        outcomes = _run_tasks(ray, _task_plans(ray, calls, task, extra_env), calls, on_done, max_parallel, refs)
     finally:
         _cancel(ray, refs)
         if shutdown:

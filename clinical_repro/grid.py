@@ -22,9 +22,9 @@ from . import models, prompts
 
 # %% auto #0
 __all__ = ['ICL_BACKEND_ENV', 'SyntheticData', 'DataSpec', 'FinetuneTask', 'FinetuneModel', 'FinetuneSection', 'ICLTask',
-           'ICLSection', 'Grid', 'load_grid', 'Experiment', 'searched_learning_rates', 'finetune_experiments',
-           'icl_experiments', 'expand', 'notebook_name', 'report_path', 'summary_counts', 'grid_names', 'grid_path',
-           'with_data_size']
+           'ICLSection', 'Grid', 'icl_engine_env', 'load_grid', 'Experiment', 'searched_learning_rates',
+           'finetune_experiments', 'icl_experiments', 'expand', 'notebook_name', 'report_path', 'summary_counts',
+           'grid_names', 'grid_path', 'with_data_size']
 
 # %% ../nbs/85_grid.ipynb #2619d921
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -112,6 +112,7 @@ class ICLSection(Spec):
     limit: int | None = Field(None, ge=1)
     dev_n: int = Field(default_factory=icl_dev_n, ge=1)   # the study's default (params/defaults.yaml)
     backend: str = DEFAULT_BACKEND   # the inference engine (`identity.ICL_BACKENDS`): transformers, or vllm (decoders)
+    nodes: int = Field(1, ge=1)      # vllm: GPU nodes one engine spans (>1: pipeline parallel over a Ray cluster)
     per_task: dict[str, ICLTask] = Field(default_factory=dict)
 
 class Grid(Spec):
@@ -231,6 +232,21 @@ def _check_templates(section:ICLSection, file:str) -> list[Problem]:
     return problems
 
 ICL_BACKEND_ENV = "CLINICAL_REPRO_ICL_BACKEND"   # `run --icl-backend`: replaces every grid's `icl.backend`
+from .executors import VLLM_NODES_ENV   # the grid's `icl.nodes`, as its notebooks read it
+
+def _check_nodes(section:ICLSection, file:str, backend_key:str="icl.backend") -> list[Problem]:
+    "The icl section's nodes: more than one splits a vLLM engine over a Ray cluster, so it needs backend vllm."
+    if section.nodes == 1 or section.backend == "vllm":
+        return []
+    return [Problem(file, "icl.nodes", f"{section.nodes} nodes split one vLLM engine over a Ray cluster, but "
+                                       f"{backend_key} is {section.backend!r}: set backend: vllm (decoders on CUDA "
+                                       "GPUs, run with --executor ray on the cluster), or nodes: 1")]
+
+def icl_engine_env(grid:Grid) -> dict:
+    "What a grid's notebooks read of its ICL engine besides each unit's backend: `icl.nodes` when it spans nodes."
+    if grid.icl is None or grid.icl.nodes == 1:
+        return {}
+    return {VLLM_NODES_ENV: str(grid.icl.nodes)}
 
 def _check_backend(section:ICLSection, registry:dict, file:str, key:str="icl.backend") -> list[Problem]:
     "The icl section's backend: one of ICL_BACKENDS; vllm with decoder models only."
@@ -255,6 +271,7 @@ def _check_icl(section:ICLSection, tasks:list, registry:dict, file:str,
     "Names and modes of the icl section, its backend, and its fixed templates."
     problems = _names(file, "icl.models", section.models, sorted(registry), "model")
     problems += _check_backend(section, registry, file, backend_key)
+    problems += _check_nodes(section, file, backend_key)
     problems += _check_modes(file, "icl.models", section.models, registry, "icl", "in-context learning")
     problems += _in_grid(file, "icl.per_task", section.per_task, tasks, TASKS, "task", "this grid")
     return problems + _check_templates(section, file)

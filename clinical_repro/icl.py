@@ -30,13 +30,15 @@ __all__ = ['CALIBRATIONS', 'DECODER_SYSTEM', 'VLLM_INSTALL', 'VLLM_SCORINGS', 'F
            'is_causal_lm', 'sequence_logprobs', 'option_logprobs', 'rank_classify', 'single_token_words',
            'cloze_logprobs', 'calibrate', 'load_mlm', 'verbalizer_candidates', 'ClozeVerbalizers', 'cloze_verbalizers',
            'no_verbalizer_reason', 'generate', 'chat_messages', 'check_chat_template', 'chat_prompt', 'sliding_window',
-           'causal_prompt_pass', 'causal_option_logprobs', 'causal_generate', 'TransformersBackend', 'import_vllm',
-           'VLLMBackend', 'NoteWindows', 'TemplatePredictor', 'verbatim_span_rate', 'score_predictions', 'dev_value',
-           'paper_mednli_label', 'paper_label_search', 'paper_radqa_answer', 'paper_subset', 'paper_reading',
-           'paper_metrics', 'not_applicable_reason', 'check_icl_model', 'icl_precision', 'load_icl_model',
-           'check_backend_ready', 'load_icl_backend', 'ICLQueries', 'dev_sample_draw', 'icl_queries', 'test_gold',
-           'icl_variants', 'choose_cloze', 'choose_templates', 'paper_predictions', 'paper_protocol_section',
-           'paper_payload', 'variant_predictions', 'icl_outcomes', 'ICLScores', 'icl_record', 'run_icl_unit']
+           'causal_prompt_pass', 'causal_option_logprobs', 'causal_generate', 'engine_info', 'TransformersBackend',
+           'import_vllm', 'vllm_layout', 'VLLMBackend', 'NoteWindows', 'TemplatePredictor', 'verbatim_span_rate',
+           'score_predictions', 'dev_value', 'paper_mednli_label', 'paper_label_search', 'paper_radqa_answer',
+           'paper_subset', 'paper_reading', 'paper_metrics', 'not_applicable_reason', 'check_icl_model',
+           'icl_precision', 'unit_precision', 'load_icl_model', 'vllm_nodes', 'check_nodes_ready',
+           'check_backend_ready', 'load_icl_backend', 'engine_provenance', 'ICLQueries', 'dev_sample_draw',
+           'icl_queries', 'test_gold', 'icl_variants', 'choose_cloze', 'choose_on_dev', 'choose_templates',
+           'paper_predictions', 'paper_protocol_section', 'paper_payload', 'variant_predictions', 'icl_outcomes',
+           'ICLScores', 'icl_record', 'run_icl_unit']
 
 # %% ../nbs/75_icl.ipynb #71a676ad
 def _check_seq2seq(model):
@@ -532,12 +534,22 @@ def causal_generate(
     return texts, tokens_in, tokens_out
 
 # %% ../nbs/75_icl.ipynb #b4c0de02
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+def engine_info(module, **layout) -> dict:
+    "An inference engine as provenance records it: its name and version (the imported module's), and how it splits."
+    return {"name": module.__name__, "version": getattr(module, "__version__", None), **layout}
+
 class TransformersBackend:
     "Decoder passes on the transformers model itself (`causal_prompt_pass`)."
     name = "transformers"
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer,
+                 precision:str|None=None):   # as recorded (`unit_precision`); default: the model's dtype
+        import transformers
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
+        self.precision = precision or _DTYPE_NAMES.get(model.dtype, str(model.dtype))
+        self.engine = engine_info(transformers)
 
     def prompt_pass(self, prompts:Sequence[str], options:Sequence[str]=(), max_new_tokens:int=0, batch_size:int=16,
                     sort:bool=True) -> tuple[np.ndarray, np.ndarray, list[str], int, int]:
@@ -566,6 +578,31 @@ def _eos_ids(source:str, config) -> list[int]:
         eos = GenerationConfig.from_model_config(config).eos_token_id
     return sorted(set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None})
 
+def vllm_layout(tensor_parallel_size:int=1, pipeline_parallel_size:int=1) -> dict:
+    """How vLLM splits one model (its documented multi-node setup): every layer over the GPUs of a node (tensor
+    parallel); over several nodes, the layers in consecutive stages, one a node (pipeline parallel), with vLLM's
+    workers on the running Ray cluster (`distributed_executor_backend="ray"`)."""
+    layout = {"tensor_parallel_size": tensor_parallel_size}
+    if pipeline_parallel_size > 1:
+        layout.update(pipeline_parallel_size=pipeline_parallel_size, distributed_executor_backend="ray")
+    return layout
+
+def _vllm_weights(source:str, gguf_file:str|None) -> dict:
+    """What vLLM loads: the folder or hub id, with its tokenizer; a GGUF checkpoint as its one file (`quantization:
+    gguf`), with the tokenizer files beside it when there are (vLLM's advice: converting a GGUF's own tokenizer is slow
+    and fragile), else the file's own."""
+    if gguf_file is None:
+        return {"model": source, "tokenizer": source}
+    file = str(Path(source)/gguf_file)
+    beside = (Path(source)/"tokenizer_config.json").is_file()
+    return {"model": file, "tokenizer": source if beside else file, "quantization": "gguf"}
+
+def _model_config(source:str, gguf_file:str|None) -> tuple:
+    "The checkpoint's transformers config (from a GGUF file's metadata for one) and its end-of-sequence ids."
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+    return config, _eos_ids(source, config)
+
 def _logprob_of(position:dict, token:int) -> float:
     "The log-probability of `token` in one position's {token id: Logprob} of a vLLM output."
     return float(position[token].logprob)
@@ -576,20 +613,22 @@ class VLLMBackend:
     name = "vllm"
 
     def __init__(self, source:str, tokenizer, *,
-                 dtype:str="bf16",                # the precision policy's (`icl_precision`)
-                 tensor_parallel_size:int=1,      # GPUs the model is split over
+                 dtype:str="bf16",                # compute dtype (`unit_precision`): the policy's; AWQ/GPTQ/GGUF: fp16
+                 tensor_parallel_size:int=1,      # GPUs every layer is split over (on each node)
+                 pipeline_parallel_size:int=1,    # nodes the layers are split over (`vllm_layout`: Ray)
                  seed:int=0,
                  scoring:str="forced",            # one of VLLM_SCORINGS
+                 gguf_file:str|None=None,         # a GGUF checkpoint: its file's name in folder `source`
+                 precision:str|None=None,         # as recorded (`unit_precision`); default `dtype`
                  **engine):                       # further `vllm.LLM` arguments (gpu_memory_utilization, ...)
-        from transformers import AutoConfig
         if scoring not in VLLM_SCORINGS:
             raise UserError(f"scoring must be one of {', '.join(VLLM_SCORINGS)}, got {scoring!r}")
         self.vllm, self.tokenizer, self.scoring = import_vllm(), tokenizer, scoring
-        self.config = AutoConfig.from_pretrained(str(source))
-        self.eos = _eos_ids(str(source), self.config)
-        self.llm = self.vllm.LLM(model=str(source), tokenizer=str(source), dtype=_VLLM_DTYPES[dtype],
-                                 enable_prefix_caching=True, tensor_parallel_size=tensor_parallel_size, seed=seed,
-                                 **engine)
+        self.config, self.eos = _model_config(str(source), gguf_file)
+        layout = vllm_layout(tensor_parallel_size, pipeline_parallel_size)
+        self.precision, self.engine = precision or dtype, engine_info(self.vllm, **layout)
+        self.llm = self.vllm.LLM(**_vllm_weights(str(source), gguf_file), dtype=_VLLM_DTYPES[dtype],
+                                 enable_prefix_caching=True, seed=seed, **layout, **engine)
 
     def _run(self, ids:list[list[int]], params) -> list:
         "vLLM's outputs of token-id prompts, in order (`params`: one SamplingParams, or one per prompt)."
@@ -685,8 +724,8 @@ class TemplatePredictor:
         self.backend = backend if backend is not None or not self.causal else TransformersBackend(model, tokenizer)
         self.cloze = not self.causal and not getattr(model.config, "is_encoder_decoder", False)
         family = "decoder" if self.causal else "encoder" if self.cloze else "seq2seq"
-        self.layout = prompts.prompt_layout(family, layout)   # how a built prompt is read (`prompts.PROMPT_LAYOUTS`)
-        self.chat = self.causal and self.layout != "text"      # a decoder's prompts in its chat template
+        self.layouts = prompts.layout_candidates(family, layout)   # the layouts tried on dev (`prompts.LAYOUT_ON_DEV`)
+        self.use_layout(self.layouts[0])
         if self.chat:
             check_chat_template(tokenizer)
         self.task, self.model, self.tokenizer, self.prompt_set = task, model, tokenizer, prompt_set
@@ -701,6 +740,13 @@ class TemplatePredictor:
         self.truncation = {"budget": self.budget, "prompts": 0, "prompts_cut": 0, "exemplars_dropped": 0,
                            "query_words_cut": 0}
         self.kept = {"dev": [], "test": [], "paper": []}   # exemplars each built prompt kept, per split
+    def use_layout(self, layout:str) -> None:
+        "Read built prompts in `layout` (`prompts.PROMPT_LAYOUTS`; one of `layouts`) from now on."
+        if layout not in self.layouts:
+            raise UserError(f"prompt layout {layout!r} is not one this unit reads; expected one of "
+                            f"{', '.join(self.layouts)}")
+        self.layout = layout
+        self.chat = self.causal and layout != "text"   # a decoder's prompts in its chat template
     def _chat(self, text:str) -> str:
         "The text a model reads: a decoder's through its chat template (`chat_prompt`) or after its BOS, others' as is."
         if self.chat:
@@ -1026,23 +1072,53 @@ def icl_precision(family:str, device:dict) -> str:
     "The weights' dtype for ICL on `device` (`device_info()`): the precision policy's (`models.choose_precision`)."
     return models.choose_precision(family, device["type"], device.get("capability"))
 
-def load_icl_model(resolved, device:dict):
+def unit_precision(resolved, device:dict, backend:str="transformers") -> str:
+    """The precision a unit's model runs in on `device` and `backend`, as recorded (`models.weights_precision`): the
+    policy's dtype for dense weights (`icl_precision`), e.g. `awq-int4/fp16` or `gguf-q4_1->fp32` for quantised ones."""
+    return models.weights_precision(resolved, device["type"], device.get("capability"), backend)
+
+def _on_device(model, device:dict):
+    return model.to("cuda") if device["type"] == "cuda" else model
+
+def load_icl_model(resolved, device:dict, precision:str|None=None):
     """Tokenizer and model: the masked-LM head of an encoder (cloze), the causal LM of a decoder, else the seq2seq
-    model, in the precision policy's dtype (`icl_precision`: bf16 from compute capability 8.0, fp32 on CPU)."""
+    model, computing in `precision`'s dtype (default `unit_precision`: bf16 from compute capability 8.0, fp32 on CPU;
+    fp16 for AWQ and GPTQ weights on a GPU, loaded there; a GGUF file de-quantised)."""
     tokenizer = models.load_tokenizer(resolved)
-    dtype = icl_precision(resolved.spec.family, device)
+    parts = models.precision_parts(precision or unit_precision(resolved, device))
     if resolved.spec.family == "encoder":
-        model = load_mlm(resolved, dtype)
-    else:
-        head = "causal-lm" if resolved.spec.family == "decoder" else "seq2seq"
-        model = models.load_model(resolved, head, dtype=dtype)
-    if device["type"] == "cuda":
-        model = model.to("cuda")
-    return tokenizer, model
+        return tokenizer, _on_device(load_mlm(resolved, parts.compute), device)
+    head = "causal-lm" if resolved.spec.family == "decoder" else "seq2seq"
+    packed = device["type"] == "cuda" and parts.weights is not None and not parts.dequantised
+    model = models.load_model(resolved, head, dtype=parts.compute, **({"device_map": "cuda"} if packed else {}))
+    return tokenizer, model if packed else _on_device(model, device)
 
 # %% ../nbs/75_icl.ipynb #b4c0de04
-def check_backend_ready(backend:str, device:dict) -> None:
-    "Raise a UserError when `backend` cannot run on this machine (vLLM: a CUDA GPU and the vllm package)."
+from . import executors
+
+def vllm_nodes() -> int:
+    "Nodes one vLLM engine spans: `$CLINICAL_REPRO_VLLM_NODES` (the grid's icl.nodes, given to its notebooks), else 1."
+    raw = os.environ.get(executors.VLLM_NODES_ENV, "").strip() or "1"
+    if not raw.isdigit() or int(raw) < 1:
+        raise UserError(f"{executors.VLLM_NODES_ENV}={raw!r}: expected a whole number of nodes, 1 or more (the grid's "
+                        "icl.nodes)")
+    return int(raw)
+
+def check_nodes_ready(nodes:int) -> None:
+    "Raise a UserError unless vLLM can span `nodes` nodes from here: Ray installed, and a cluster named (RAY_ADDRESS)."
+    if nodes == 1:
+        return
+    if not executors.ray_available():
+        raise UserError(f"icl.nodes: {nodes} runs vLLM's workers on a Ray cluster, but Ray is not installed here: "
+                        f"{executors.INSTALL_HINT}")
+    if not os.environ.get("RAY_ADDRESS"):
+        raise UserError(f"icl.nodes: {nodes} splits the model over {nodes} nodes of a Ray cluster, but no cluster is "
+                        "named here (RAY_ADDRESS is unset): run the grid with --executor ray on the cluster (its "
+                        "notebooks join it), set RAY_ADDRESS (HOST:6379) for a local run, or set icl.nodes: 1")
+
+def check_backend_ready(backend:str, device:dict, nodes:int|None=None) -> None:
+    """Raise a UserError when `backend` cannot run on this machine (vLLM: a CUDA GPU and the vllm package; over
+    several nodes, `nodes` (default `vllm_nodes()`): Ray and a cluster to join)."""
     if backend != "vllm":
         return
     if device["type"] != "cuda":
@@ -1050,24 +1126,51 @@ def check_backend_ready(backend:str, device:dict) -> None:
                         "use the transformers backend (grid icl.backend: transformers, or run --icl-backend "
                         "transformers)")
     import_vllm()
+    check_nodes_ready(vllm_nodes() if nodes is None else nodes)
+
+def _vllm_source(resolved) -> tuple[str, str|None]:
+    "What vLLM reads: the registry's hub id or folder; a GGUF entry's file on this machine, as (its folder, its name)."
+    if resolved.spec.gguf_file is None:
+        return resolved.source, None
+    path = models.gguf_path(resolved)
+    return str(path.parent), path.name
+
+def _load_vllm(resolved, device:dict, tensor_parallel_size:int|None, nodes:int|None, seed:int, engine:dict) -> tuple:
+    "(tokenizer, `VLLMBackend`) of a decoder in `unit_precision`, split over this node's GPUs and `nodes` nodes."
+    nodes = vllm_nodes() if nodes is None else nodes
+    check_backend_ready("vllm", device, nodes)
+    precision = unit_precision(resolved, device, "vllm")
+    tokenizer = models.load_tokenizer(resolved)
+    source, gguf_file = _vllm_source(resolved)
+    layout = {"tensor_parallel_size": tensor_parallel_size or max(torch.cuda.device_count(), 1),
+              "pipeline_parallel_size": nodes}
+    return tokenizer, VLLMBackend(source, tokenizer, dtype=models.precision_parts(precision).compute, seed=seed,
+                                  gguf_file=gguf_file, precision=precision, **layout, **engine)
 
 def load_icl_backend(name:str, resolved, device:dict, *,
-                     tensor_parallel_size:int|None=None,   # vLLM: GPUs the model is split over (None: all visible)
-                     seed:int=0, **engine):                  # vLLM: its seed and further `vllm.LLM` arguments
-    """(tokenizer, backend) of a decoder: `TransformersBackend` of `load_icl_model`'s model, or `VLLMBackend` of the
-    registry's weights (the hub id or local folder, the demo models' converted folder), in `icl_precision`."""
+                     tensor_parallel_size:int|None=None,   # vLLM: GPUs every layer is split over (None: this node's)
+                     nodes:int|None=None,                  # vLLM: nodes the layers are split over (None: `vllm_nodes`)
+                     seed:int=0, **engine):                # vLLM: its seed and further `vllm.LLM` arguments
+    """(tokenizer, backend) of a decoder in `unit_precision`: `TransformersBackend` of `load_icl_model`'s model, or
+    `VLLMBackend` of the registry's weights (the hub id or local folder, a GGUF file, the demo models' converted
+    folder), over several nodes of a Ray cluster when `nodes` > 1 (`vllm_layout`)."""
     check_icl_backend(name, resolved.name, resolved.spec.family)
     if resolved.spec.family != "decoder":
         raise UserError(f"model {resolved.name!r} (family: {resolved.spec.family}) is not a decoder: ICL backends run "
                         "decoders; load it with load_icl_model")
-    if name == "transformers":
-        tokenizer, model = load_icl_model(resolved, device)
-        return tokenizer, TransformersBackend(model, tokenizer)
-    check_backend_ready(name, device)
-    tokenizer = models.load_tokenizer(resolved)
-    parallel = tensor_parallel_size or max(torch.cuda.device_count(), 1)
-    return tokenizer, VLLMBackend(resolved.source, tokenizer, dtype=icl_precision("decoder", device),
-                                  tensor_parallel_size=parallel, seed=seed, **engine)
+    if name == "vllm":
+        return _load_vllm(resolved, device, tensor_parallel_size, nodes, seed, engine)
+    precision = unit_precision(resolved, device)
+    tokenizer, model = load_icl_model(resolved, device, precision)
+    return tokenizer, TransformersBackend(model, tokenizer, precision)
+
+def engine_provenance(backend, resolved, device:dict) -> dict:
+    """A unit's `precision` and `engine` for its provenance: its backend's (a decoder's); an encoder's or a seq2seq
+    model's on transformers, in `unit_precision`."""
+    if backend is not None:
+        return {"precision": backend.precision, "engine": backend.engine}
+    import transformers
+    return {"precision": unit_precision(resolved, device), "engine": engine_info(transformers)}
 
 # %% ../nbs/75_icl.ipynb #546ba305
 def _by_ids(records, ids) -> list:
@@ -1154,42 +1257,75 @@ def _fixed_choice(template_id:str) -> dict:
     "The choice record of a fixed template: no dev pass, no dev scores."
     return {"template": template_id, "scores": {}, "reason": FIXED_TEMPLATE, "fixed": True}
 
+def _dev_pass(task:str, variant:str|None, candidates:list, predictor:TemplatePredictor,
+              queries:ICLQueries) -> tuple[dict, dict, dict]:
+    "Every candidate template on the dev sample in the predictor's layout: dev metrics, predictions, cloze choices."
+    per_template, predicted, cloze = {}, {}, {}
+    for t in candidates:
+        if predictor.cloze:
+            per_template[t.id], predicted[t.id], cloze[t.id] = choose_cloze(task, variant, t, predictor, queries)
+        else:
+            predicted[t.id] = predictor.predict(t, queries.dev, queries.dev_windows, split="dev")
+            per_template[t.id] = score_predictions(task, variant, queries.dev, predicted[t.id])
+    return per_template, predicted, cloze
+
+def _template_choice(task:str, candidates:list, per_template:dict, prompt_set) -> dict:
+    "The best of several templates by dev value (`prompts.choose_template`), or the one given."
+    scores = {template_id: dev_value(task, m) for template_id, m in per_template.items()}
+    if len(candidates) > 1:
+        return prompts.choose_template(scores, prompt_set)
+    return {"template": candidates[0].id, "scores": scores, "reason": "given"}
+
+def choose_on_dev(task:str, variant:str|None, candidates:list, predictor:TemplatePredictor, queries:ICLQueries,
+                  prompt_set) -> tuple[dict, dict, dict]:
+    """The template and the layout chosen together on dev: per layout the predictor tries (`layouts`) its best
+    template, then the layout whose best is highest (ties: the first tried). Returns the choice (`layout`; with
+    several layouts, `layout_scores`: every layout's template scores) and the chosen layout's dev metrics and dev
+    predictions by template."""
+    passes = {}
+    for layout in predictor.layouts:
+        predictor.use_layout(layout)
+        passes[layout] = _dev_pass(task, variant, candidates, predictor, queries)
+    chosen = {layout: _template_choice(task, candidates, per_template, prompt_set)
+              for layout, (per_template, _, _) in passes.items()}
+    values = {layout: part["scores"][part["template"]] for layout, part in chosen.items()}
+    layout = max(values, key=values.get)
+    choice = {**chosen[layout], "layout": layout}
+    if len(passes) > 1:
+        choice["layout_scores"] = {name: part["scores"] for name, part in chosen.items()}
+    per_template, predicted, cloze = passes[layout]
+    if predictor.cloze:
+        choice["cloze"] = cloze[choice["template"]]
+    return choice, per_template, predicted
+
+def _log_choice(log, variant:str|None, chosen:dict) -> None:
+    "One line per variant: the chosen template and layout, and the dev values behind them."
+    scores = chosen.get("layout_scores") or chosen["scores"]
+    log.info(f"template{' (' + variant + ')' if variant else ''}: {chosen['template']} ({chosen['reason']}), layout "
+             f"{chosen['layout']}; dev {scores or '-'}")
+
 def choose_templates(task:str, variants:list, prompt_set, template:str|list[str]|None, predictor:TemplatePredictor,
                      queries:ICLQueries, log) -> tuple[dict, dict, dict]:
-    """Per variant (keyed by the task for a single variant): the chosen template with the scores (cloze: and its
-    verbalizers and calibration, `cloze`), the dev metrics and the dev predictions of every template. A fixed
-    template (`prompts.fixed_templates`) runs no dev pass (`fixed`: true), except in a cloze unit, which still chooses
-    its words and calibration on dev."""
+    """Per variant (keyed by the task for a single variant): the chosen template and layout with the scores (cloze:
+    and its verbalizers and calibration, `cloze`), the dev metrics and the dev predictions of every template in the
+    chosen layout (`choose_on_dev`). A fixed template (`prompts.fixed_templates`) runs no dev pass (`fixed`: true) and
+    keeps the unit's first layout, except in a cloze unit, which still chooses its words and calibration on dev."""
     fixed = prompts.fixed_templates(prompt_set, template)
     choice, dev_metrics, dev_predictions = {}, {}, {}
     for variant in variants:
+        key = variant or task
         if variant in fixed and not predictor.cloze:
-            choice[variant or task], dev_metrics[variant or task] = _fixed_choice(fixed[variant]), {}
-            dev_predictions[variant or task] = {}
-            log.info(f"template{' (' + variant + ')' if variant else ''}: {fixed[variant]} ({FIXED_TEMPLATE})")
+            choice[key] = {**_fixed_choice(fixed[variant]), "layout": predictor.layouts[0]}
+            dev_metrics[key], dev_predictions[key] = {}, {}
+            _log_choice(log, variant, choice[key])
             continue
         candidates = [t for t in prompt_set.templates if t.variant == variant]
         if variant in fixed:
             candidates = [prompt_set.template(fixed[variant])]
-        per_template, predicted, cloze = {}, {}, {}
-        for t in candidates:
-            if predictor.cloze:
-                per_template[t.id], predicted[t.id], cloze[t.id] = choose_cloze(task, variant, t, predictor, queries)
-            else:
-                predicted[t.id] = predictor.predict(t, queries.dev, queries.dev_windows, split="dev")
-                per_template[t.id] = score_predictions(task, variant, queries.dev, predicted[t.id])
-        scores = {template_id: dev_value(task, m) for template_id, m in per_template.items()}
-        if len(candidates) > 1:
-            chosen = prompts.choose_template(scores, prompt_set)
-        else:
-            chosen = {"template": candidates[0].id, "scores": scores, "reason": "given"}
-        chosen["fixed"] = variant in fixed
-        if predictor.cloze:
-            chosen["cloze"] = cloze[chosen["template"]]
-        choice[variant or task], dev_metrics[variant or task] = chosen, per_template
-        dev_predictions[variant or task] = predicted
-        log.info(f"template{' (' + variant + ')' if variant else ''}: {chosen['template']} ({chosen['reason']}); "
-                 f"dev {scores}")
+        choice[key], dev_metrics[key], dev_predictions[key] = choose_on_dev(task, variant, candidates, predictor,
+                                                                            queries, prompt_set)
+        choice[key]["fixed"] = variant in fixed
+        _log_choice(log, variant, choice[key])
     predictor.cloze_cache.clear()
     return choice, dev_metrics, dev_predictions
 
@@ -1220,6 +1356,7 @@ def paper_predictions(task:str, predictor:TemplatePredictor, prompt_set, queries
     for key, per_template in dev_predictions.items():
         read = paper_reading(task, None if key == task else key, prompt_set)
         chosen = _paper_template(task, prompt_set, queries, per_template, choice[key], read)
+        predictor.use_layout(choice[key]["layout"])   # the headline's layout: its dev generations chose the template
         headline = test_predictions[key].get("raw") if chosen["template"] == choice[key]["template"] else None
         raw = {i: headline[i] for i in ids} if headline is not None else predictor.generate_raw(
             prompt_set.template(chosen["template"]), _by_ids(queries.test, ids), queries.test_windows)
@@ -1325,13 +1462,13 @@ def icl_record(run_id:str, config:dict, unit:dict, task_data:TaskData, queries:I
             "dev_metric": dev_metric(config["task"]), "template": choice,
             "exemplar_ids": prompts.exemplar_ids(exemplars), "exemplars_kept": predictor.exemplars_kept(unit["shots"]),
             "normalisation": config["normalisation"], "protocol": config["protocol"],
-            "prompt_layout": config["prompt_layout"],
+            "prompt_layout": choice["layout"] if single else {v: c["layout"] for v, c in choice.items()},
             "cloze": _cloze_record(scores.choice), "paper_protocol": scores.paper, "dev_sample_draw": queries.dev_draw,
             "not_applicable_parts": scores.skipped, "counts": counts, "truncation": predictor.truncation,
             "predictions": files["predictions"], "items": files["items"], "primary_variant": scores.primary,
             "config": config,
             "provenance": provenance(task_data, resolved.source, device=device, prompt_version=config["prompt_version"],
-                                     template_id=template_id, precision=icl_precision(resolved.spec.family, device)),
+                                     template_id=template_id, **engine_provenance(predictor.backend, resolved, device)),
             "cost": cost, "synthetic_demo": resolved.spec.builtin is not None}
 
 # %% ../nbs/75_icl.ipynb #c4382963
@@ -1339,6 +1476,7 @@ def _predict_test(predictor:TemplatePredictor, prompt_set, chosen:dict, queries:
     "Test predictions of one variant with its chosen template (cloze: and its verbalizers and calibration)."
     if predictor.cloze:
         predictor.use_cloze(chosen["cloze"]["verbalizers"], chosen["cloze"]["calibration"])
+    predictor.use_layout(chosen["layout"])
     return predictor.predict(prompt_set.template(chosen["template"]), queries.test, queries.test_windows, split="test")
 
 def _predict_and_score(task:str, config:dict, task_data:TaskData, queries:ICLQueries, predictor:TemplatePredictor,

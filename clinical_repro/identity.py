@@ -31,7 +31,8 @@ def _check_unit_arguments(task:str, mode:str, fraction:float) -> None:
 def input_settings(spec) -> dict:
     """What the registry changes in a model's input text (preprocessing) and its tokenizer (e.g. GatorTron cased):
     part of every unit's identity, so a changed setting never reuses results computed without it."""
-    return {"preprocessing": models.preprocessing(spec), "tokenizer": spec.tokenizer.model_dump(exclude_none=True)}
+    return {"preprocessing": models.preprocessing(spec), "tokenizer": spec.tokenizer.model_dump(exclude_none=True),
+            **({"gguf_file": spec.gguf_file} if spec.gguf_file else {})}   # another file of the folder: other weights
 
 def resolve_unit(task:str, model:str, *, seed:int=0, fraction:float=1.0, mode:str="finetune",
                  train_overrides:dict|None=None, task_overrides:dict|None=None, overrides_source:str="command line",
@@ -111,12 +112,20 @@ def _icl_answers(task:str) -> dict:
             "paper_protocol": icl.paper_protocol.model_dump() if icl.paper_protocol is not None else None,
             "content_free_input": content_free_input()}
 
+def _layout_setting(prompt_set, template, spec, layout:str|None) -> str:
+    """The unit's layout setting (`prompts.layout_setting`): the caller's `layout`, else the registry's, else chosen on
+    dev with the template wherever a variant's template is not fixed."""
+    fixed = prompts.fixed_templates(prompt_set, template)
+    dev_choice = any(t.variant not in fixed for t in prompt_set.templates)
+    return prompts.layout_setting(spec.family, layout or spec.prompt_layout, dev_choice)
+
 def icl_identity(task:str, model:str, data_dir, *, shots:int, draw:int=0, seed:int=0, limit:int|None=None,
                  template:str|list[str]|None=None, normalisation:str="sum", dev_n:int|None=None,
                  registry:dict|None=None, data=None, layout:str|None=None, backend:str=DEFAULT_BACKEND):
     """What names an ICL unit, without loading a model: (config, task data, run_id, resolved model). `template`: fixed
     template id(s), one per variant (`prompts.fixed_templates`), None = chosen on dev; `layout`: how the model reads
-    its prompts (`prompts.prompt_layout`; None = the registry's `prompt_layout`, else its family's default);
+    its prompts (`prompts.PROMPT_LAYOUTS`; None = the registry's `prompt_layout`, else chosen on dev with the template
+    (`prompts.LAYOUT_ON_DEV`), else its family's default: `_layout_setting`);
     `backend`: the inference engine (`ICL_BACKENDS`)."""
     _check_icl_arguments(task, shots, draw, limit, normalisation)
     registry = models.load_registry() if registry is None else registry
@@ -135,8 +144,7 @@ def icl_identity(task:str, model:str, data_dir, *, shots:int, draw:int=0, seed:i
               "window_words": clip_window_words(), "answer_room": answer_room(),
               "protocol": "cloze" if resolved.spec.family == "encoder" else "generative",
               "budget": icl_budget(resolved.spec.family),
-              "prompt_layout": prompts.prompt_layout(resolved.spec.family,
-                                                     layout or resolved.spec.prompt_layout), **_icl_answers(task),
+              "prompt_layout": _layout_setting(prompt_set, template, resolved.spec, layout), **_icl_answers(task),
               "inputs": input_settings(resolved.spec), "backend": backend}
     task_data = data if data is not None else load_task(data_dir, task)
     return config, task_data, make_run_id(config, task_data.data_hash), resolved

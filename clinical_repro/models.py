@@ -6,10 +6,11 @@ Docs: https://clinical-repro.github.io/clinical_repro/models.html.md"""
 
 # %% ../nbs/50_models.ipynb #021a3f76
 from __future__ import annotations
-import dataclasses, functools, importlib.metadata, json, os, platform, re, shutil, sys, tempfile
+import collections, dataclasses, functools, importlib.metadata, importlib.util, json, os, platform, re, shutil, sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,13 +24,15 @@ from .data import CLIPNote, CLIPSentence, NLIRecord, QARecord, TaskData
 
 # %% auto #0
 __all__ = ['FAMILIES', 'DOMAINS', 'MODES', 'BUILTINS', 'PLACEHOLDER_MODES', 'DEID_TAGS', 'DEID_FALLBACK_TAG', 'T5_TINY_DEMO',
-           'SMOLLM2_DISTRIBUTION', 'HUB_PROBE_TIMEOUT', 'HUB_TIMEOUTS', 'PYTORCH_WEIGHTS', 'HEADS', 'FLAX_WEIGHTS',
-           'Preprocessing', 'TokenizerSettings', 'ModelSpec', 'default_registry_path', 'load_registry', 'matched_pairs',
-           'model_facts', 'terms_lines', 'ResolvedModel', 'default_cache_dir', 'minilm_demo_dir', 'resolve_model',
-           'preprocessing', 'deid_tag', 'preprocess_text', 'preprocess_task_data', 'build_t5_tiny_demo',
-           'build_minilm_demo', 'build_minilm_random_demo', 'smollm2_gguf_path', 'convert_gguf', 'build_smollm2_demo',
-           'hub_endpoint', 'hub_timeouts_env', 'probe_hub', 'hub_cached', 'check_available', 'demo_folder',
-           'model_status', 'load_tokenizer', 'load_model', 'convert_release_model', 'choose_precision', 'device_info']
+           'SMOLLM2_DISTRIBUTION', 'HUB_PROBE_TIMEOUT', 'HUB_TIMEOUTS', 'PYTORCH_WEIGHTS', 'QUANT_PACKAGES', 'HEADS',
+           'FLAX_WEIGHTS', 'GGUF_BITS', 'Preprocessing', 'TokenizerSettings', 'ModelSpec', 'default_registry_path',
+           'load_registry', 'matched_pairs', 'model_facts', 'terms_lines', 'ResolvedModel', 'default_cache_dir',
+           'minilm_demo_dir', 'resolve_model', 'preprocessing', 'deid_tag', 'preprocess_text', 'preprocess_task_data',
+           'build_t5_tiny_demo', 'build_minilm_demo', 'build_minilm_random_demo', 'smollm2_gguf_path', 'convert_gguf',
+           'build_smollm2_demo', 'hub_endpoint', 'hub_timeouts_env', 'probe_hub', 'hub_cached', 'check_available',
+           'demo_folder', 'model_status', 'gguf_path', 'gguf_type', 'quantisation', 'check_quantised', 'load_tokenizer',
+           'load_model', 'convert_release_model', 'choose_precision', 'device_info', 'Precision', 'compute_dtype',
+           'precision_name', 'precision_parts', 'weights_precision', 'planned_precision']
 
 # %% ../nbs/50_models.ipynb #85d91869
 FAMILIES = ("encoder", "seq2seq", "decoder")
@@ -75,11 +78,20 @@ class ModelSpec(BaseModel):
     use_restriction: str | None = None  # a licence or model-card clause on clinical use, quoted with its source
     prompt_layout: Literal["chat_turns", "chat_inline", "text"] | None = None  # a decoder's default in context
                                         # (`prompts.PROMPT_LAYOUTS`): `text` for a base model without a chat template
+    gguf_file: str | None = None        # a decoder's weights as one GGUF file: its name in local_path's folder or in
+                                        # hub_id's repo (quantised: `quantisation`, `weights_precision`)
 
     @field_validator("modes")
     @classmethod
     def _unique_modes(cls, v):
         if len(set(v)) != len(v): raise ValueError(f"each mode at most once, got {list(v)}")
+        return v
+
+    @field_validator("gguf_file")
+    @classmethod
+    def _gguf_name(cls, v):
+        if v is not None and (not v.endswith(".gguf") or Path(v).is_absolute() or ".." in Path(v).parts):
+            raise ValueError(f"the name of a .gguf file inside the model's folder or hub repo, got {v!r}")
         return v
 
     @field_validator("local_path")
@@ -99,6 +111,8 @@ class ModelSpec(BaseModel):
             raise ValueError("release_folder: only models read from a local_path come from a release folder")
         if self.prompt_layout is not None and self.family != "decoder":
             raise ValueError("prompt_layout: only decoders choose how they read prompts (others read text)")
+        if self.gguf_file is not None and (self.family != "decoder" or self.builtin is not None):
+            raise ValueError("gguf_file: only decoders read from a hub_id or local_path load a GGUF file")
         return self
 
     @property
@@ -284,12 +298,14 @@ def resolve_model(name:str, registry:dict[str, ModelSpec]|None=None) -> Resolved
         source = build_smollm2_demo()
     else:
         source, said = _expand_local_path(name, spec.local_path)
-        if not (source/"config.json").is_file():
+        marker = spec.gguf_file or "config.json"
+        if not (source/marker).is_file():
             variables = " or ".join(spec.env_vars) or "local_path"
-            what = "no model folder" if not source.is_dir() else "a folder without config.json"
+            what = "no model folder" if not source.is_dir() else f"a folder without {marker}"
+            holds = (f"the GGUF file {marker}" if spec.gguf_file else
+                     "config.json, the PyTorch weights and the tokenizer")
             message = (f"model {name!r}: {what} at {source} (local_path {spec.local_path!r}; {said}). "
-                       f"Set {variables} "
-                       f"to the folder holding config.json, the PyTorch weights and the tokenizer. {spec.notes}")
+                       f"Set {variables} to the folder holding {holds}. {spec.notes}")
             raise UserError(message.strip())
     return ResolvedModel(name, spec, str(source), True)
 
@@ -586,13 +602,14 @@ def _gguf_recipe(gguf_path:Path, builder:str) -> dict:
     return {"builder": builder, "version": 1, "gguf_file": gguf_path.name, "gguf_bytes": stat.st_size,
             "gguf_mtime_ns": stat.st_mtime_ns, "gguf": importlib.metadata.version("gguf")}
 
-def _drop_gguf_quantizer(model) -> None:
-    """Make a de-quantised GGUF model an ordinary one that `save_pretrained` writes (transformers refuses to save a
-    model that still names its GGUF quantizer, even with every weight dense)."""
+def _drop_gguf_quantizer(model, dtype=None) -> None:
+    """Make a GGUF model de-quantised into `dtype` (default float32) an ordinary one that `save_pretrained` writes
+    (transformers refuses to save a model that still names its GGUF quantizer, even with every weight dense)."""
     import torch
-    packed = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
+    dtype = dtype or torch.float32
+    packed = sorted({str(p.dtype) for p in model.parameters() if p.dtype != dtype})
     if packed:
-        raise UserError(f"the GGUF model kept weights in {', '.join(packed)}: expected a de-quantised fp32 model")
+        raise UserError(f"the GGUF model kept weights in {', '.join(packed)}: expected a de-quantised {dtype} model")
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -685,8 +702,10 @@ def _cached(hub_id:str, file:str, cache_dir) -> str|None:
 def hub_cached(
     hub_id:str,
     cache_dir:str|Path|None=None,   # default: huggingface_hub's (HF_HUB_CACHE, read when it is imported)
+    file:str|None=None,             # a single-file checkpoint (GGUF): cached when this file is
 ) -> bool:
     "True when `hub_id`'s config.json and weights (one file, or every shard of an index) are in the cache."
+    if file is not None: return _cached(hub_id, file, cache_dir) is not None
     if _cached(hub_id, "config.json", cache_dir) is None: return False
     for index in _HUB_INDEXES:
         path = _cached(hub_id, index, cache_dir)
@@ -723,12 +742,14 @@ def check_available(resolved:ResolvedModel) -> str:
     cache nor reachable (or offline, not cached) raises, with the remedy, in seconds."""
     if Path(resolved.source).is_absolute(): return f"local folder {resolved.source}"
     _short_hub_timeouts()
+    marker = resolved.spec.gguf_file or "config.json"   # a GGUF repo needs no config.json
     if _load_kwargs(resolved)["local_files_only"]:
-        if _cached(resolved.source, "config.json", None) is None:
+        if _cached(resolved.source, marker, None) is None:
             raise _load_error(resolved, "configuration",
-                              FileNotFoundError("config.json is not in the Hugging Face cache"))
+                              FileNotFoundError(f"{marker} is not in the Hugging Face cache"))
         return f"hub id {resolved.source}, from the Hugging Face cache (offline)"
-    if hub_cached(resolved.source): return f"hub id {resolved.source}, in the Hugging Face cache"
+    if hub_cached(resolved.source, file=resolved.spec.gguf_file):
+        return f"hub id {resolved.source}, in the Hugging Face cache"
     reason = probe_hub()
     if reason is not None:
         raise UserError(f"model {resolved.name!r}: hub id {resolved.source} is not in the Hugging Face cache and the "
@@ -762,6 +783,98 @@ def model_status(name:str, registry:dict[str, ModelSpec]|None=None) -> str:
     if spec.builtin is not None: return _demo_status(spec.builtin)
     return check_available(ResolvedModel(name, spec, spec.hub_id, _hub_offline()))
 
+# %% ../nbs/50_models.ipynb #d54aab69
+QUANT_PACKAGES = {"gptq": ("optimum", "gptqmodel"), "awq": ("gptqmodel",), "bitsandbytes": ("bitsandbytes",),
+                  "compressed-tensors": ("compressed-tensors",)}   # what transformers 5 needs to load each (pip names)
+
+def _gguf_kwargs(resolved:ResolvedModel, dequantize:bool=False) -> dict:
+    "`from_pretrained` arguments of a GGUF entry: its file (for a model: de-quantised at load); none for others."
+    if resolved.spec.gguf_file is None: return {}
+    if not dequantize: return {"gguf_file": resolved.spec.gguf_file}
+    from transformers import GgufConfig
+    return {"gguf_file": resolved.spec.gguf_file, "quantization_config": GgufConfig(dequantize=True)}
+
+def gguf_path(resolved:ResolvedModel, download:bool=True) -> Path|None:
+    """A GGUF entry's file on this machine: in its local folder, else in the Hugging Face cache (fetched there on first
+    use when `download`, as transformers would); None when it is not here and not fetched."""
+    file = resolved.spec.gguf_file
+    if Path(resolved.source).is_absolute(): return Path(resolved.source)/file
+    cached = _cached(resolved.source, file, None)
+    if cached is not None or not download: return Path(cached) if cached else None
+    from huggingface_hub import hf_hub_download
+    try:
+        return Path(hf_hub_download(resolved.source, file, local_files_only=_load_kwargs(resolved)["local_files_only"]))
+    except (OSError, ValueError) as e: raise _load_error(resolved, f"GGUF file {file}", e) from None
+
+@functools.lru_cache(maxsize=None)
+def _gguf_file_type(path:str, size:int, mtime_ns:int) -> str:
+    "`gguf_type` of one version of a file (`size`, `mtime_ns`: a rewritten file is read again)."
+    import gguf
+    reader = gguf.GGUFReader(path)
+    field = reader.get_field("general.file_type")
+    try:
+        return gguf.LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
+    except (AttributeError, ValueError):   # no file type recorded, or one this gguf version does not know
+        return collections.Counter(t.tensor_type.name for t in reader.tensors).most_common(1)[0][0].lower()
+
+def gguf_type(path) -> str:
+    """A GGUF file's quantisation type as llama.cpp names it (`general.file_type`: q4_1, q8_0, q4_k_m, ...; f16 or
+    f32 unquantised), else the type most of its tensors have; read once per version of the file."""
+    path = Path(path)
+    if not path.is_file(): raise UserError(f"{path}: no such GGUF file")
+    if not _installed("gguf"):
+        raise UserError(f"reading {path.name} needs the gguf package: pip install 'gguf>=0.10' (clinical_repro[demo])")
+    stat = path.stat()
+    return _gguf_file_type(str(path), stat.st_size, stat.st_mtime_ns)
+
+def _config_at_hand(resolved:ResolvedModel) -> dict:
+    "The checkpoint's config.json when it is on this machine (its folder, the Hugging Face cache), else {}."
+    local = Path(resolved.source).is_absolute()
+    path = Path(resolved.source)/"config.json" if local else _cached(resolved.source, "config.json", None)
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8")) if path else {}
+    except (OSError, ValueError):
+        return {}
+
+def _quant_type(config:dict) -> str|None:
+    """How a `quantization_config` stores a weight: int4 (AWQ, GPTQ: `bits`), nf4/fp4/int8 (bitsandbytes), the first
+    config group's (compressed-tensors: int4, float8); None where the method names it (fp8)."""
+    bits = config.get("bits") or config.get("w_bit")
+    if bits: return f"int{bits}"
+    if config.get("load_in_4bit"): return config.get("bnb_4bit_quant_type") or "fp4"
+    if config.get("load_in_8bit"): return "int8"
+    groups = [group.get("weights") or {} for group in (config.get("config_groups") or {}).values()]
+    first = groups[0] if groups else {}
+    return f"{first.get('type', 'int')}{first['num_bits']}" if first.get("num_bits") else None
+
+def quantisation(resolved:ResolvedModel, download:bool=True) -> dict|None:
+    """How a checkpoint stores its weights when quantised: `{method: gguf, type: q4_1}` for a GGUF entry (its type None
+    when the file is neither here nor fetched: `gguf_path`), `{method: awq, type: int4}`... from a config.json's
+    `quantization_config` (read where it is at hand, never downloaded); None for dense weights."""
+    if resolved.spec.gguf_file is not None:
+        path = gguf_path(resolved, download)
+        return {"method": "gguf", "type": gguf_type(path) if path else None}
+    config = _config_at_hand(resolved).get("quantization_config")
+    if not isinstance(config, dict): return None
+    return {"method": str(config.get("quant_method", "unknown")).lower(), "type": _quant_type(config)}
+
+def _installed(module:str) -> bool:
+    "Whether `module` can be imported here (found, not imported; one set to None in `sys.modules` counts as missing)."
+    if module in sys.modules: return sys.modules[module] is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+def check_quantised(resolved:ResolvedModel, quant:dict|None) -> None:
+    "Raise a UserError, before any weight is read, when transformers lacks a package `quant`'s method needs."
+    packages = QUANT_PACKAGES.get((quant or {}).get("method"), ())
+    missing = [package for package in packages if not _installed(package.replace("-", "_"))]
+    if missing:
+        raise UserError(f"model {resolved.name!r}: its weights are {quant['method'].upper()}-quantised "
+                        f"({resolved.source}), which transformers loads with {' and '.join(packages)}; missing here: "
+                        f"pip install {' '.join(missing)} (or run it on the vllm backend, which reads them itself)")
+
 # %% ../nbs/50_models.ipynb #61a7712e
 HEADS = ("sequence-classification", "question-answering", "seq2seq", "causal-lm")
 _HEADS_BY_FAMILY = {"encoder": ("sequence-classification", "question-answering"),
@@ -786,7 +899,8 @@ def load_tokenizer(resolved:ResolvedModel):
     check_available(resolved)   # a hub model neither cached nor reachable fails here, in seconds
     from transformers import AutoTokenizer
     try:
-        tok = AutoTokenizer.from_pretrained(resolved.source, **_load_kwargs(resolved), **_tokenizer_kwargs(resolved))
+        tok = AutoTokenizer.from_pretrained(resolved.source, **_gguf_kwargs(resolved), **_load_kwargs(resolved),
+                                            **_tokenizer_kwargs(resolved))
     except (OSError, ValueError) as e: raise _load_error(resolved, "tokenizer", e) from None
     _check_tokenizer_settings(resolved, tok)
     if resolved.spec.family == "decoder" and tok.pad_token is None:
@@ -799,9 +913,12 @@ def load_model(
     num_labels:int|None=None,   # sequence-classification only: number of classes / labels
     problem_type:str|None=None, # sequence-classification only: "multi_label_classification" for CLIP
     dtype:str="fp32",           # weights' dtype: fp32 for fine-tuning (autocast does the rest), bf16/fp16 for inference
+    device_map:str|None=None,   # where the weights load (quantised ones: "cuda", where their kernels run); None: CPU
 ):
-    "The model with the task head, refusing heads its family does not support."
+    """The model with the task head, refusing heads its family does not support; a GGUF file de-quantised into
+    `dtype`, a quantised checkpoint only when the packages transformers needs for it are here (`check_quantised`)."""
     check_available(resolved)   # before the imports: a hub model neither cached nor reachable fails in seconds
+    check_quantised(resolved, None if resolved.spec.gguf_file else quantisation(resolved))
     import torch
     from transformers import (AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoModelForSeq2SeqLM,
                               AutoModelForSequenceClassification)
@@ -825,13 +942,20 @@ def load_model(
     auto = {"sequence-classification": AutoModelForSequenceClassification,
             "question-answering": AutoModelForQuestionAnswering, "seq2seq": AutoModelForSeq2SeqLM,
             "causal-lm": AutoModelForCausalLM}[head]
+    placed = {"device_map": device_map} if device_map else {}
     try:
-        model = auto.from_pretrained(resolved.source, dtype=dtypes[dtype], **load_kwargs)
+        model = auto.from_pretrained(resolved.source, dtype=dtypes[dtype], **_gguf_kwargs(resolved, dequantize=True),
+                                     **placed, **load_kwargs)
+    except ImportError as e:   # a quantisation package transformers needs and `QUANT_PACKAGES` does not name
+        reason = str(e).splitlines()[0]
+        raise UserError(f"model {name!r}: transformers cannot load its weights here: {reason}") from None
     except ValueError as e:
         if "Unrecognized configuration class" in str(e):
             raise UserError(f"model {name!r}: transformers has no {head} head for its architecture") from None
         raise _load_error(resolved, f"{head} model", e) from None
     except OSError as e: raise _load_error(resolved, f"{head} model", e) from None
+    if resolved.spec.gguf_file:
+        _drop_gguf_quantizer(model, dtypes[dtype])   # de-quantised: an ordinary model (fine-tuning saves it)
     text_config = model.config.get_text_config()   # an image-text model's (Gemma 3) token ids: its language model's
     if family == "decoder" and getattr(text_config, "pad_token_id", None) is None:
         text_config.pad_token_id = text_config.eos_token_id  # as load_tokenizer does for the tokenizer
@@ -924,3 +1048,68 @@ def device_info() -> dict:
     return {"type": kind, "name": name, "capability": list(cap) if cap else None,
             "bf16": kind == "cuda" and cap >= (8, 0),
             "precision": {f: choose_precision(f, kind, cap) for f in FAMILIES}}
+
+# %% ../nbs/50_models.ipynb #e395463b
+GGUF_BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.5625, "q5_1": 6, "q5_0": 5.5, "q5_k": 5.5,
+             "q4_1": 5, "q4_0": 4.5, "q4_k": 4.5, "q3_k": 3.4375, "q2_k": 2.625}   # bits a weight of a GGUF type takes
+_FP16_KERNELS = {"awq": ("transformers", "vllm"), "gptq": ("transformers", "vllm"), "gguf": ("vllm",)}
+
+class Precision(NamedTuple):
+    "A recorded precision read back (`precision_parts`)."
+    weights: str|None     # the stored weights when quantised (awq-int4, gguf-q4_1), else None
+    compute: str          # the dtype the model computes in: fp32, bf16 or fp16
+    bits: float|None      # bits a stored weight takes; None: as the compute dtype (dense, or a width not known)
+    dequantised: bool     # quantised in the file, de-quantised at load (into `compute`)
+
+def compute_dtype(quant:dict|None, dtype:str, device_type:str, backend:str="transformers") -> str:
+    "The dtype a model computes in: the policy's `dtype`, fp16 on a GPU where its quantised kernels need it."
+    method = (quant or {}).get("method")
+    return "fp16" if device_type == "cuda" and backend in _FP16_KERNELS.get(method, ()) else dtype
+
+def precision_name(quant:dict|None, compute:str, dequantised:bool=False) -> str:
+    "A precision in its recorded form: `bf16`, `awq-int4/fp16`, `gguf-q4_1->fp32` (de-quantised at load)."
+    if quant is None: return compute
+    weights = "-".join(part for part in (quant["method"], quant.get("type")) if part)
+    return f"{weights}->{compute}" if dequantised else f"{weights}/{compute}"
+
+def _weight_bits(weights:str) -> float|None:
+    "Bits one stored weight takes: its GGUF type's (`GGUF_BITS`), or the width its name ends with (int4, fp8, nf4)."
+    if weights.startswith("gguf-"):
+        return GGUF_BITS.get(re.sub(r"_(xxs|xs|s|m|l)$", "", weights.removeprefix("gguf-")))
+    if weights.endswith(("nf4", "fp4")): return 4.0
+    width = re.search(r"(?:int|float|fp)(\d+)$", weights)
+    return float(width.group(1)) if width else None
+
+def precision_parts(precision:str) -> Precision:
+    "A recorded precision (`precision_name`) read back: stored weights, compute dtype, bits a weight takes."
+    dequantised = "->" in precision
+    weights, compute = precision.split("->" if dequantised else "/", 1) if dequantised or "/" in precision else (
+        None, precision)
+    if compute not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"precision {precision!r}: expected fp32, bf16 or fp16, alone or after `weights/` or "
+                        "`weights->` (e.g. awq-int4/fp16, gguf-q4_1->fp32)")
+    bits = _weight_bits(weights) if weights and not dequantised else None
+    return Precision(weights, compute, bits, dequantised)
+
+def weights_precision(resolved:ResolvedModel, device_type:str, capability:tuple[int, int]|None,
+                      backend:str="transformers",   # the inference engine: vLLM keeps a GGUF file quantised
+                      download:bool=True) -> str:   # fetch a hub GGUF file to read its type (`gguf_path`)
+    """The precision a model runs in on a device and engine, recorded (`precision_name`): dense weights in the
+    policy's dtype; quantised ones with their compute dtype (`compute_dtype`); a GGUF file on transformers
+    de-quantised at load."""
+    quant = quantisation(resolved, download)
+    policy = choose_precision(resolved.spec.family, device_type, capability)
+    dequantised = (quant or {}).get("method") == "gguf" and backend != "vllm"
+    return precision_name(quant, compute_dtype(quant, policy, device_type, backend), dequantised)
+
+def planned_precision(name:str, spec:ModelSpec, device_type:str, capability:tuple[int, int]|None,
+                      mode:str="icl", backend:str="transformers") -> str:
+    """A unit's `weights_precision` before it runs (a dry run's plan), from the files at hand, never downloaded nor
+    built: the policy's dtype for fine-tuning, demo models and a checkpoint that is not here."""
+    dense = choose_precision(spec.family, device_type, capability)
+    if mode != "icl" or spec.builtin is not None: return dense
+    try:
+        source = spec.hub_id or str(_expand_local_path(name, spec.local_path)[0])
+        return weights_precision(ResolvedModel(name, spec, source, True), device_type, capability, backend, False)
+    except UserError:
+        return dense

@@ -17,10 +17,11 @@ from .tasks import TASKS, MEDNLI_LABELS, CLIP_LABELS, check_task, get_task, icl_
 from .data import NLIRecord, QARecord, CLIPSentence
 
 # %% auto #0
-__all__ = ['PROMPT_LAYOUTS', 'PromptTemplate', 'PromptSet', 'read_prompts', 'load_prompts', 'prompt_version', 'verbalize',
-           'is_no_answer', 'map_no_answer', 'exemplar_stratum', 'draw_exemplars', 'exemplar_ids', 'record_fields',
-           'PromptParts', 'BuiltPrompt', 'build_prompt', 'prompt_layout', 'dev_sample', 'per_label_quota',
-           'dev_sample_per_label', 'choose_template', 'fixed_templates']
+__all__ = ['PROMPT_LAYOUTS', 'LAYOUT_ON_DEV', 'PromptTemplate', 'PromptSet', 'read_prompts', 'load_prompts', 'prompt_version',
+           'verbalize', 'is_no_answer', 'map_no_answer', 'exemplar_stratum', 'draw_exemplars', 'exemplar_ids',
+           'record_fields', 'PromptParts', 'BuiltPrompt', 'build_prompt', 'prompt_layout', 'layout_setting',
+           'layout_candidates', 'dev_sample', 'per_label_quota', 'dev_sample_per_label', 'choose_template',
+           'fixed_templates']
 
 # %% ../nbs/65_prompts.ipynb #ed95ee68
 class PromptTemplate(Spec):
@@ -444,6 +445,26 @@ def prompt_layout(family:str, layout:str|None=None) -> str:
         raise UserError(f"prompt layout {layout!r} is not one for a {family} model; expected one of "
                         f"{', '.join(allowed)}")
     return layout
+
+LAYOUT_ON_DEV = "dev"   # a unit's layout setting: its family's chat layouts are tried on the dev sample
+_DEV_LAYOUTS = {"decoder": ("chat_turns", "chat_inline")}   # tried on dev in this order (ties: the first)
+
+def layout_setting(family:str, layout:str|None, dev_choice:bool) -> str:
+    """A unit's layout setting: `layout` when given (checked by `prompt_layout`); else `LAYOUT_ON_DEV` when the unit
+    chooses a template on dev (`dev_choice`) and its family reads prompts in several layouts (chosen together with
+    the template); else the family's default."""
+    if layout is not None or not dev_choice or family not in _DEV_LAYOUTS:
+        return prompt_layout(family, layout)
+    return LAYOUT_ON_DEV
+
+def layout_candidates(family:str, setting:str|None=None) -> tuple[str, ...]:
+    "The layouts a unit tries on dev for its layout setting: the family's chat layouts for `LAYOUT_ON_DEV`, else one."
+    if setting != LAYOUT_ON_DEV:
+        return (prompt_layout(family, setting),)
+    if family not in _DEV_LAYOUTS:
+        raise UserError(f"a {family} model reads prompts in one layout ({prompt_layout(family)}): nothing to choose "
+                        "on dev")
+    return _DEV_LAYOUTS[family]
 
 
 # %% ../nbs/65_prompts.ipynb #497a410e

@@ -818,7 +818,7 @@ READER_COLUMNS = {  # column name in the views -> (header a reader sees, format)
     "gpu_hours_to_best": ("GPU-hours to best", "hours"),
     "total_train_seconds": ("Training time, whole run (s)", "seconds"),
     "row": ("Model", "text"), "variant": ("Outputs", "text"), "parse failures": ("Parse failures (%)", "percent"),
-    "verbatim answers": ("Answers quoted verbatim (%)", "percent"),
+    "verbatim answers": ("Answers quoted verbatim (%)", "percent"), "prompt layout": ("Prompt layout", "text"),
     "metric": ("Metric", "text"), "ours (project's protocol)": ("Ours (project's protocol)", "metric"),
     "ours (paper's protocol)": ("Ours (paper's protocol)", "metric"), "test items (paper's)": ("Test items", "count"),
     "paper's protocol": ("The paper's protocol", "text"),
@@ -1022,9 +1022,22 @@ def _generated_parts(record:dict) -> list[tuple[str, dict]]:
         return [("generated", scores)]
     return [(variant, part) for variant, part in scores.items() if counted(part)]
 
+def _layout_of(record:dict, variant:str) -> str|None:
+    "The prompt layout a unit read `variant` in (ICL records keep one per variant for CLIP); None for fine-tuning."
+    layout = record.get("prompt_layout")
+    return layout.get(variant) if isinstance(layout, Mapping) else layout
+
+def _layout_counts(layouts:pd.Series) -> str|None:
+    "The layouts a row's units read their prompts in: one name, or each with its number of units."
+    counts = layouts.dropna().value_counts()
+    if len(counts) <= 1:
+        return counts.index[0] if len(counts) else None
+    return ", ".join(f"{name} {n}" for name, n in counts.items())
+
 def _generated_row(record:dict, variant:str, scores:dict) -> dict:
     task = record["task"]
     row = {"row": _row_label(record["model"], record["mode"], record.get("shots")), "task": task, "variant": variant,
+           "prompt layout": _layout_of(record, variant),
            "parse failures": _as_float(_lookup(scores, "parse_failures", "rate", default=math.nan)),
            "verbatim answers": _as_float(_lookup(scores, "verbatim_span_rate", "rate", default=math.nan))}
     for metric, label in get_task(task).table_metrics().items():
@@ -1034,8 +1047,9 @@ def _generated_row(record:dict, variant:str, scores:dict) -> dict:
     return row
 
 def generated_outputs(df:pd.DataFrame) -> pd.DataFrame:
-    """Per Table 3 row, task and generated variant: parse-failure rate, RadQA's share of (non-empty) answers quoted
-    verbatim from the report, and scores (CLIP also worst case), unit means."""
+    """Per Table 3 row, task and generated variant: the prompt layout(s) read (in-context units), parse-failure rate,
+    RadQA's share of (non-empty) answers quoted verbatim from the report, and scores (CLIP also worst case), unit
+    means."""
     rows = [_generated_row(record, variant, scores)
             for path in _table_rows(df).path for record in [_read_record(path)]
             for variant, scores in _generated_parts(record)]
@@ -1045,7 +1059,9 @@ def generated_outputs(df:pd.DataFrame) -> pd.DataFrame:
     keys = ["row", "task", "variant"]
     means = table.groupby(keys, sort=False).mean(numeric_only=True)
     counts = table.groupby(keys, sort=False).size().rename("units")
-    return _sort_by_task(means.join(counts).reset_index().dropna(axis=1, how="all"), ["row", "variant"])
+    layouts = table.groupby(keys, sort=False)["prompt layout"].agg(_layout_counts)
+    joined = layouts.to_frame().join(means).join(counts).reset_index().dropna(axis=1, how="all")
+    return _sort_by_task(joined, ["row", "variant"])
 
 # %% ../nbs/90_report.ipynb #47a49623
 _PAIR_COLUMNS = ["a", "b", "task", "metric", "seeds", "n_items", "n_clusters", "a_mean", "b_mean", "diff", "low",
@@ -1895,7 +1911,9 @@ def _generated_section(generated:pd.DataFrame) -> tuple[str, list]:
         "Notes: outputs that are not a label are counted, never mapped to one (MedNLI: wrong; CLIP: no label). RadQA "
         "has no parse failure (N/A is no answer, any other text is the answer, scored as it is): its column is the "
         "share of non-empty answers found verbatim in their report, as the prompt asks. Rates per unit, averaged over "
-        "units; CLIP's worst case scores every failure as all labels wrong."])
+        "units; CLIP's worst case scores every failure as all labels wrong. Prompt layout: how the model read its "
+        "prompts (a chat decoder: chat turns or inline, chosen on dev with the template unless it was fixed; "
+        "the number of units of each where they differ)."])
 
 def _protocol_section(protocols:pd.DataFrame) -> tuple[str, list]:
     if not len(protocols):

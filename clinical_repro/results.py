@@ -60,15 +60,18 @@ def package_versions() -> dict:
 
 # %% ../nbs/68_results.ipynb #83b6e864
 PROVENANCE_KEYS = ("git_commit", "code_version", "packages", "data_files", "data_hash", "subsets_hash", "device",
-                   "precision", "model_source", "prompt_version", "template_id")  # the order in a results file
+                   "precision", "engine", "model_source", "prompt_version",
+                   "template_id")  # the order in a results file
 
 def provenance(task_data,          # the task's `data.TaskData` (its `files` and `data_hash` are recorded)
                model_source:str,   # where the model's weights came from (hub id or local folder)
+               engine:dict|None=None,  # ICL: the inference engine, its version and split (`icl.engine_provenance`)
                **extra,            # subsets_hash, device, precision, prompt_version, template_id, ...
               ) -> dict:
-    "The provenance block of a results file: code, packages, data, model, plus `extra`."
+    "The provenance block of a results file: code, packages, data, model, plus the inference `engine` and `extra`."
     found = {"git_commit": git_commit(), "code_version": code_version(), "packages": package_versions(),
-             "data_files": task_data.files, "data_hash": task_data.data_hash, "model_source": model_source, **extra}
+             "data_files": task_data.files, "data_hash": task_data.data_hash, "model_source": model_source,
+             **({"engine": engine} if engine is not None else {}), **extra}
     ordered = {key: found[key] for key in PROVENANCE_KEYS if key in found}
     return {**ordered, **found}
 

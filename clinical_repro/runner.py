@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 from .core import (UserError, atomic_write_json, atomic_write_text, get_logger, notebook_log,
                                  temporary_environ)
 from .config import code_version, resolve_train
-from .grid import (Experiment, Grid, expand, grid_path, load_grid, notebook_name, report_path,
-                                 with_data_size)
+from .grid import (Experiment, Grid, expand, grid_path, icl_engine_env, load_grid, notebook_name,
+                                 report_path, with_data_size)
+from .identity import DEFAULT_BACKEND
 from .governance import check_data_location, network_guard_env, scan_leaks
 from .data import check_data
 from .tasks import get_task
@@ -184,7 +185,8 @@ def kernel_env(grid:Grid, jobs:int=1) -> dict:
     # Trackers and telemetry always off; demo and local models only: the Hugging Face libraries offline as well.
     offline = all(registry[name].hub_id is None for name in names)
     env = {"CLINICAL_REPRO_RUNNER_PID": str(os.getpid()), **network_guard_env(offline=offline),
-           **models.hub_timeouts_env()}   # huggingface_hub reads its timeouts once, when a kernel imports it
+           **models.hub_timeouts_env(),   # huggingface_hub reads its timeouts once, when a kernel imports it
+           **icl_engine_env(grid)}        # vLLM over several nodes (`icl.nodes`)
     if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # several notebooks at once on CPU share the cores
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
     return env
@@ -427,8 +429,9 @@ def unit_settings(exp:Experiment, states:list[UnitState], registry:dict, device:
     "One record per unit of `exp`: what it is, the settings it will run with on `device`, and its planned state."
     spec = registry[exp.model]
     capability = tuple(device["capability"]) if device["capability"] else None
+    backend = next(iter(exp.units), {}).get("backend", DEFAULT_BACKEND)   # one engine per experiment
     shared = {"family": spec.family, "device": device["name"],
-              "precision": models.choose_precision(spec.family, device["type"], capability),
+              "precision": models.planned_precision(exp.model, spec, device["type"], capability, exp.mode, backend),
               "preprocessing": models.preprocessing(spec)}
     trains = {}   # learning rate -> settings: resolved once per rate of the experiment
     for state in states:

@@ -108,3 +108,25 @@ def test_every_benchmark_script_still_imports_the_package_it_measures(script):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage:" in done.stdout
+
+
+def test_a_random_shape_runs_without_any_weights_file(bench, tmp_path, capsys):
+    "--random-shape: seeded random weights in a checkpoint's shape over a given tokenizer; nothing downloaded."
+    tok_dir = tmp_path/"tokenizer"
+    chat_tokenizer().save_pretrained(tok_dir)
+    payload = bench.main(["--random-shape", "tiny", "--tokenizer", str(tok_dir), "--items", "2", "--warmup", "0",
+                          "--backend", "transformers", "--out", str(tmp_path/"out.json")])
+    config = bench.shape_config("tiny", chat_tokenizer())
+    assert payload["random_shape"] == "tiny" and payload["model"] == "random weights, tiny shape"
+    assert config.vocab_size == len(chat_tokenizer()) and config.hidden_size == 64
+    assert payload["n_params"] == sum(p.numel() for p in bench.transformers.LlamaForCausalLM(config).parameters())
+    assert set(payload["results"]["backends"]["transformers"]["modes"]) == {"rank", "generate", "generate_batch1"}
+    assert (tmp_path/"out.json").is_file() and "random weights, tiny shape" in capsys.readouterr().out
+    eight_b = bench.shape_config("llama-3.1-8b", chat_tokenizer())
+    with torch.device("meta"):
+        n = sum(p.numel() for p in bench.transformers.LlamaForCausalLM(eight_b).parameters())
+    assert round(n / 1e9, 2) == 8.03   # Llama-3.1-8B's 8.03 B parameters (its 128,256-token vocabulary)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--random-shape", "tiny", "--model", "smollm2-demo"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tokenizer", str(tok_dir)])

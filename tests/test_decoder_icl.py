@@ -259,9 +259,10 @@ def test_fixed_template_runs_no_dev_pass_and_says_so(tiny_release, tiny_llama, t
                              template=["list-labels", "paper-yes-no"])
     assert "dev" not in splits and splits.count("test") == 2          # per_label and list on test only
     assert saved["template"] == {variant: {"template": template_id, "scores": {}, "reason": icl.FIXED_TEMPLATE,
-                                           "fixed": True}
+                                           "fixed": True, "layout": "chat_turns"}
                                  for variant, template_id in (("per_label", "paper-yes-no"), ("list", "list-labels"))}
-    assert saved["counts"]["dev_sample"] == 0 and saved["prompt_layout"] == "chat_turns"
+    assert saved["counts"]["dev_sample"] == 0 and saved["config"]["prompt_layout"] == "chat_turns"
+    assert saved["prompt_layout"] == {"per_label": "chat_turns", "list": "chat_turns"}   # fixed: the default
     assert saved["primary_variant"] == "per_label" and saved["paper_protocol"]["applicable"]
     assert saved["config"]["template"] == ["list-labels", "paper-yes-no"]
     chosen = icl_identity("clip", "tiny-llama", data, shots=1, limit=3, dev_n=3, registry=registry)[2]
@@ -320,3 +321,55 @@ def test_smollm2_runs_k_shot_icl_from_the_cli_with_rank_generation_and_their_rat
         rate = test["verbatim_span_rate"]
         assert rate["answers"] <= 2 and (rate["rate"] is None or 0 <= rate["rate"] <= 1)
     assert (tmp_path/record["predictions"]).is_file() and (tmp_path/record["items"]).is_file()
+
+
+def test_layout_is_chosen_on_dev_with_the_template(tiny_release, tiny_llama, tmp_path, monkeypatch):
+    "Every template in both chat layouts on dev; test and the record in the chosen one (its best dev value)."
+    data, _ = tiny_release
+    _, _, registry = tiny_llama
+    seen = []
+    predict = icl.TemplatePredictor.predict
+    def spy(self, template, queries, windows, split="test"):
+        seen.append((split, template.id, self.layout))
+        return predict(self, template, queries, windows, split)
+    monkeypatch.setattr(icl.TemplatePredictor, "predict", spy)
+    saved = icl.run_icl_unit("mednli", "tiny-llama", data, tmp_path, shots=1, limit=3, dev_n=3, registry=registry)
+    templates = [t.id for t in prompts.load_prompts("mednli").templates]
+    assert sorted((t, layout) for split, t, layout in seen if split == "dev") == sorted(
+        (t, layout) for t in templates for layout in ("chat_turns", "chat_inline"))
+    chosen = saved["template"]
+    assert saved["config"]["prompt_layout"] == prompts.LAYOUT_ON_DEV and saved["prompt_layout"] == chosen["layout"]
+    assert list(chosen["layout_scores"]) == ["chat_turns", "chat_inline"]
+    best = {layout: max(scores.values()) for layout, scores in chosen["layout_scores"].items()}
+    assert best[chosen["layout"]] == max(best.values()) and chosen["scores"] == chosen["layout_scores"][chosen["layout"]]
+    assert [layout for split, _, layout in seen if split == "test"] == [chosen["layout"]]
+
+
+class _LayoutPredictor:
+    "A stand-in predictor: MedNLI dev predictions right on `right` items in chat_inline with `best`, else on none."
+    cloze, layouts = False, ("chat_turns", "chat_inline")
+    def __init__(self, best:str, right:int):
+        self.best, self.right, self.layout = best, right, None
+    def use_layout(self, layout):
+        self.layout = layout
+    def predict(self, template, queries, windows, split="dev"):
+        wrong = {"entailment": "contradiction", "contradiction": "neutral", "neutral": "entailment"}
+        n = self.right if (template.id, self.layout) == (self.best, "chat_inline") else 0
+        return {"rank": {q.id: q.label if k < n else wrong[q.label] for k, q in enumerate(queries)}}
+
+
+def test_choose_on_dev_takes_the_layout_of_the_best_dev_value(tiny_release):
+    data, _ = tiny_release
+    dev = load_task(data, "mednli").splits["dev"][:4]
+    queries = icl.ICLQueries(dev=dev, dev_windows=None, test=[], test_windows=None, test_ids=[], dev_draw={})
+    prompt_set = prompts.load_prompts("mednli")
+    candidates = list(prompt_set.templates)
+    best = candidates[-1].id
+    choice, per_template, _ = icl.choose_on_dev("mednli", None, candidates, _LayoutPredictor(best, 3), queries,
+                                                prompt_set)
+    assert (choice["template"], choice["layout"]) == (best, "chat_inline")
+    assert choice["layout_scores"]["chat_inline"][best] == pytest.approx(0.75)
+    assert set(choice["layout_scores"]["chat_turns"].values()) == {0.0}
+    assert per_template[best]["rank"]["accuracy"] == pytest.approx(0.75)
+    tie, _, _ = icl.choose_on_dev("mednli", None, candidates, _LayoutPredictor(best, 0), queries, prompt_set)
+    assert tie["layout"] == "chat_turns" and tie["reason"] == "tie: paper wording"   # ties: the first layout tried

@@ -89,3 +89,18 @@ def test_units_longer_than_a_session_are_listed_once_per_notebook_with_the_longe
     assert lines[1] == "does not fit one free Colab session: about 5 sessions of 12 h, resuming between them"
     assert lines[2:] == ["  too long for any free session: clip/a__icl.ipynb, 2 unit(s), the longest 20.0 h",
                          "  too long for any free session: clip/b__icl.ipynb, 1 unit(s), the longest 14.0 h"]
+
+
+def test_a_chat_decoder_choosing_on_dev_costs_both_layouts(data):
+    "Every template is tried in both chat layouts on dev: twice the dev prompts of a plain-text decoder."
+    table = estimates.load_cost_table()
+    speed = estimates.Speed(table.devices["cpu"], "fp32", 1)
+    splits = estimates.split_sequences("mednli", "decoder", data["mednli"], estimates.token_counter(None),
+                                       family_spec("mednli", "decoder"))
+    unit = {"task": "mednli", "family": "decoder", "shots": 1, "limit": 5}
+    def eval_s(dev_n, layout, **extra):
+        return estimates.icl_seconds({**unit, "dev_n": dev_n, **extra}, 135, splits, speed, table,
+                                     layout=layout)["eval_s"]
+    assert eval_s(4, None) == pytest.approx(eval_s(8, "text"))   # 4 items x 2 layouts = 8 items x 1 layout
+    assert eval_s(4, None) > eval_s(4, "text")
+    assert eval_s(4, None, template="paper") == eval_s(4, "text", template="paper")   # fixed: no dev pass at all

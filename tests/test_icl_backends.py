@@ -202,6 +202,10 @@ def test_vllm_backend_behind_a_whole_unit_predicts_what_transformers_does(tiny_r
     assert on_vllm["cost"]["tokens_in"] == on_transformers["cost"]["tokens_in"]
     assert on_vllm["cost"]["tokens_out"] == on_transformers["cost"]["tokens_out"]
     assert FakeLLM.created[0].kwargs["dtype"] == "bfloat16"   # the precision policy's, on a capability-8.0 GPU
+    engines = on_transformers["provenance"]["engine"], on_vllm["provenance"]["engine"]
+    assert engines[0]["name"] == "transformers" and engines[0]["version"] == __import__("transformers").__version__
+    assert engines[1] == {"name": "vllm", "version": "0.0-test-stand-in", "tensor_parallel_size": 1}
+    assert (on_transformers["provenance"]["precision"], on_vllm["provenance"]["precision"]) == ("fp32", "bf16")
 
 
 # ------------------------------------------------------------------------------------------------------------ (c)
@@ -313,3 +317,126 @@ def test_only_the_vllm_extra_names_vllm():
     extras = project["optional-dependencies"]
     assert naming(extras["vllm"]) and not naming(project["dependencies"])
     assert [name for name, requirements in extras.items() if naming(requirements)] == ["vllm"]
+
+
+# --------------------------------------------------------------------------------------- (e) vLLM over several nodes
+@pytest.fixture
+def ray_cluster(monkeypatch):
+    "A `ray` importable here (a stand-in: vLLM, not this project, talks to the cluster) and RAY_ADDRESS set."
+    import importlib.machinery
+    module = types.ModuleType("ray")
+    module.__spec__ = importlib.machinery.ModuleSpec("ray", None)
+    monkeypatch.setitem(sys.modules, "ray", module)
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    return module
+
+
+def test_vllm_over_several_nodes_splits_layers_by_pipeline_over_ray(tiny_llama, fake_vllm, ray_cluster, monkeypatch):
+    "icl.nodes > 1 (`$CLINICAL_REPRO_VLLM_NODES`): tensor parallel within a node, pipeline parallel across, on Ray."
+    resolved = models.resolve_model("tiny-llama", tiny_llama[3])
+    monkeypatch.setenv(icl.executors.VLLM_NODES_ENV, "2")
+    _, backend = icl.load_icl_backend("vllm", resolved, dict(CUDA), tensor_parallel_size=4)
+    engine = FakeLLM.created[-1].kwargs
+    assert (engine["tensor_parallel_size"], engine["pipeline_parallel_size"], engine["distributed_executor_backend"]) \
+        == (4, 2, "ray")
+    assert backend.engine == {"name": "vllm", "version": "0.0-test-stand-in", "tensor_parallel_size": 4,
+                              "pipeline_parallel_size": 2, "distributed_executor_backend": "ray"}
+    icl.load_icl_backend("vllm", resolved, dict(CUDA), nodes=1)   # one node: no pipeline, no Ray
+    assert "pipeline_parallel_size" not in FakeLLM.created[-1].kwargs
+
+
+def test_vllm_over_several_nodes_needs_ray_and_a_cluster_before_anything_is_written(tiny_release, tiny_llama,
+                                                                                   fake_vllm, ray_cluster, tmp_path,
+                                                                                   monkeypatch):
+    data, _ = tiny_release
+    monkeypatch.setattr(icl.models, "device_info", lambda: dict(CUDA))
+    monkeypatch.setenv(icl.executors.VLLM_NODES_ENV, "2")
+    monkeypatch.delenv("RAY_ADDRESS")
+    run = lambda: icl.run_icl_unit("mednli", "tiny-llama", data, tmp_path/"out", shots=1, limit=2, backend="vllm",
+                                   registry=tiny_llama[3])
+    with pytest.raises(UserError, match="icl.nodes: 2 splits the model over 2 nodes of a Ray cluster, but no cluster "
+                                        "is named here \\(RAY_ADDRESS is unset\\): run the grid with --executor ray"):
+        run()
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(UserError, match=r"Ray is not installed here: pip install 'clinical_repro\[ray\]'"):
+        run()
+    monkeypatch.setenv(icl.executors.VLLM_NODES_ENV, "two")
+    with pytest.raises(UserError, match="CLINICAL_REPRO_VLLM_NODES='two': expected a whole number of nodes"):
+        run()
+    assert not (tmp_path/"out").exists() and not FakeLLM.created
+
+
+def test_grid_nodes_need_the_vllm_backend_and_reach_the_notebooks_environment(tiny_release, tmp_path, monkeypatch):
+    from clinical_repro.grid import ICL_BACKEND_ENV, icl_engine_env
+    data, _ = tiny_release
+    path = _grid(tmp_path, data, extra=", nodes: 2")
+    with pytest.raises(DataError) as error:
+        load_grid(path)
+    assert str(error.value) == (f"{path}: icl.nodes: 2 nodes split one vLLM engine over a Ray cluster, but icl.backend "
+                                "is 'transformers': set backend: vllm (decoders on CUDA GPUs, run with --executor ray "
+                                "on the cluster), or nodes: 1")
+    grid = load_grid(_grid(tmp_path, data, extra=", backend: vllm, nodes: 2"))
+    assert icl_engine_env(grid) == {"CLINICAL_REPRO_VLLM_NODES": "2"}
+    assert icl_engine_env(load_grid(_grid(tmp_path, data, extra=", backend: vllm"))) == {}
+    monkeypatch.setenv(ICL_BACKEND_ENV, "transformers")   # `run --icl-backend transformers` over such a grid
+    with pytest.raises(DataError, match=r"but icl.backend \(given as --icl-backend"):
+        load_grid(_grid(tmp_path, data, extra=", backend: vllm, nodes: 2"))
+
+
+class _Remote:
+    "What `ray.remote(f).options(...)` returns in `StandInRay`: submits record their function, options and env."
+    def __init__(self, ray, function, options):
+        self.ray, self.function, self.options = ray, function, options
+
+    def remote(self, template, out_nb, params, env, log_file):
+        ref = f"ref{len(self.ray.submitted)}"
+        self.ray.submitted.append((ref, self.function.__name__, self.options, params, env))
+        self.ray.events.append(("start", params["i"]))
+        return ref
+
+
+class StandInRay:
+    "Enough of `ray` for `run_on_ray`: a cluster of GPU nodes whose tasks finish in the order they started."
+    def __init__(self):
+        self.submitted, self.events = [], []
+
+    def is_initialized(self): return True
+    def nodes(self): return [{"Resources": {"CPU": 8.0, "GPU": 2.0, "node:10.0.0.7": 1.0}}]
+    def cluster_resources(self): return {"CPU": 8.0, "GPU": 2.0}
+    def cancel(self, ref, force=False): pass
+
+    def remote(self, function):
+        return types.SimpleNamespace(options=lambda **options: _Remote(self, function, options))
+
+    def wait(self, refs, num_returns=1):
+        order = [ref for ref, *_ in self.submitted]
+        return [min(refs, key=order.index)], []
+
+    def get(self, ref):
+        params = next(params for r, _, _, params, _ in self.submitted if r == ref)
+        self.events.append(("done", params["i"]))
+        return {"error": None, "node": "n", "seconds": 0.0}
+
+
+def test_the_ray_executor_gives_a_notebook_spanning_nodes_no_gpu_and_runs_them_one_at_a_time(monkeypatch, tmp_path):
+    "Its vLLM's workers take the GPUs (a placement group): the notebook's task holds none, on a GPU node, alone."
+    from clinical_repro import executors
+    ray = StandInRay()
+    monkeypatch.setattr(executors, "_import_ray", lambda: ray)
+    spanning = {executors.VLLM_NODES_ENV: "2"}
+    calls = [{"template": "t.ipynb", "out_nb": str(tmp_path/f"{i}.ipynb"), "params": {"i": i, "mode": mode},
+              "env": env} for i, (mode, env) in enumerate([("icl", spanning), ("icl", spanning), ("finetune", {})])]
+    executors.run_on_ray(calls, lambda index, error: None)
+    tasks = {params["i"]: (function, options, env) for _, function, options, params, env in ray.submitted}
+    assert tasks[2][:2] == ("_run_call", {"num_gpus": 1, "num_cpus": 4, "max_retries": 0,
+                                          "name": "clinical-repro-notebook"})
+    assert tasks[0][0] == "_run_spanning_call" and tasks[0][1]["num_gpus"] == 0
+    assert tasks[0][1]["resources"] == {"node:10.0.0.7": 0.001}
+    assert tasks[0][2] == {**spanning, "RAY_ADDRESS": "auto"} and tasks[2][2] == {}
+    assert ray.events[:3] == [("start", 0), ("start", 2), ("done", 0)]   # the second spanning one waits for the first
+    assert ray.events.index(("start", 1)) > ray.events.index(("done", 0))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")   # what Ray sets for a task without GPUs
+    seen = []
+    monkeypatch.setattr(executors, "_run_call", lambda *args: seen.append(os.environ.get("CUDA_VISIBLE_DEVICES")))
+    executors._run_spanning_call("t", "o", {}, {})
+    assert seen == [None] and os.environ["CUDA_VISIBLE_DEVICES"] == ""   # the kernel sees its node's GPUs

@@ -656,3 +656,26 @@ def test_a_published_remote_row_is_validated_like_the_others(tmp_path):
     params = params_copy(tmp_path, lambda d: d["remote"]["gpt-3"]["scores"]["mednli"].update(accuracy=80.5))
     with pytest.raises(DataError, match=r"remote\.gpt-3\.scores\.mednli\.accuracy"):
         R.paper_icl_results(params)
+
+
+def test_generated_outputs_show_the_prompt_layouts_the_units_read(tmp_path):
+    items = {"ids": ["a", "b"], "exact": [1, 0], "f1": [1.0, 0.0], "has_answer": [1, 1], "answer_words": [1, 1],
+             "pred_empty": [0, 0]}
+    rate = {"answers": 2, "verbatim": 1, "rate": 0.5, "rate_normalized": 0.5}
+    for draw, layout in enumerate(("chat_inline", "chat_turns", "chat_turns")):   # chosen on dev per unit
+        write_unit(tmp_path, f"q{draw}", "radqa", "llm", items, mode="icl", shots=1, draw=draw, prompt_layout=layout,
+                   metrics_test={"exact": 50.0, "f1": 50.0, "verbatim_span_rate": rate})
+    write_unit(tmp_path, "q9", "radqa", "other", items, mode="icl", shots=1, prompt_layout="chat_inline",
+               metrics_test={"exact": 50.0, "f1": 50.0, "verbatim_span_rate": rate})
+    clip = {"ids": ["d:0", "d:1"], "gold": [1, 2], "pred": [1, 0]}
+    failures = {"n": 2, "failures": 1, "rate": 0.5}
+    write_unit(tmp_path, "c", "clip", "llm", clip, mode="icl", shots=1, metrics_test={"micro_f1": 0.6, "macro_f1": 0.3},
+               prompt_layout={"per_label": "chat_turns", "list": "chat_inline"})
+    record = json.loads((tmp_path/"c.json").read_text())
+    record["metrics"]["test"]["list"] = {"micro_f1": 0.2, "macro_f1": 0.1, "parse_failures": failures}
+    (tmp_path/"c.json").write_text(json.dumps(record))
+    table = R.generated_outputs(R.load_results(tmp_path)).set_index(["row", "task"])
+    assert table.columns[:2].tolist() == ["variant", "prompt layout"]
+    assert table.loc[("llm (ICL, 1-shot)", "radqa"), "prompt layout"] == "chat_turns 2, chat_inline 1"
+    assert table.loc[("other (ICL, 1-shot)", "radqa"), "prompt layout"] == "chat_inline"
+    assert table.loc[("llm (ICL, 1-shot)", "clip"), "prompt layout"] == "chat_inline"   # the list variant's
