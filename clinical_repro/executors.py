@@ -14,7 +14,8 @@ from .core import NOTEBOOK_LOG_ENV, UserError, get_logger, temporary_environ
 
 # %% auto #0
 __all__ = ['INSTALL_HINT', 'FORWARDED_ENV', 'CPU_TASK_ENV', 'VLLM_NODES_ENV', 'SPANNING_ENV', 'execute_notebook', 'ray_available',
-           'registry_env_names', 'driver_env', 'task_resources', 'spans_nodes', 'spanning_resources', 'run_on_ray']
+           'check_nodes_ready', 'registry_env_names', 'driver_env', 'task_resources', 'spans_nodes',
+           'spanning_resources', 'run_on_ray']
 
 # %% ../nbs/86_executors.ipynb #00f86b39
 def _logged_kernel_manager(log_file):
@@ -62,6 +63,19 @@ def ray_available() -> bool:
         return importlib.util.find_spec("ray") is not None
     except (ImportError, ValueError):
         return False
+
+def check_nodes_ready(nodes:int) -> None:
+    """Raise a UserError unless a vLLM engine can span `nodes` nodes (the grid's `icl.nodes`) from here: Ray installed
+    and a cluster named (RAY_ADDRESS), whose nodes its workers join."""
+    if nodes == 1:
+        return
+    if not ray_available():
+        raise UserError(f"icl.nodes: {nodes} runs vLLM's workers on a Ray cluster, but Ray is not installed here: "
+                        f"{INSTALL_HINT}")
+    if not os.environ.get("RAY_ADDRESS"):
+        raise UserError(f"icl.nodes: {nodes} splits the model over {nodes} nodes of a Ray cluster, but no cluster is "
+                        "named here (RAY_ADDRESS is unset): run the grid with --executor ray on the cluster (its "
+                        "notebooks join it), set RAY_ADDRESS (HOST:6379) for a local run, or set icl.nodes: 1")
 
 def _import_ray():
     "`ray`, or a `UserError` saying how to install it."

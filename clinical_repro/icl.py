@@ -34,11 +34,10 @@ __all__ = ['CALIBRATIONS', 'DECODER_SYSTEM', 'VLLM_INSTALL', 'VLLM_SCORINGS', 'F
            'import_vllm', 'vllm_layout', 'VLLMBackend', 'NoteWindows', 'TemplatePredictor', 'verbatim_span_rate',
            'score_predictions', 'dev_value', 'paper_mednli_label', 'paper_label_search', 'paper_radqa_answer',
            'paper_subset', 'paper_reading', 'paper_metrics', 'not_applicable_reason', 'check_icl_model',
-           'icl_precision', 'unit_precision', 'load_icl_model', 'vllm_nodes', 'check_nodes_ready',
-           'check_backend_ready', 'load_icl_backend', 'engine_provenance', 'ICLQueries', 'dev_sample_draw',
-           'icl_queries', 'test_gold', 'icl_variants', 'choose_cloze', 'choose_on_dev', 'choose_templates',
-           'paper_predictions', 'paper_protocol_section', 'paper_payload', 'variant_predictions', 'icl_outcomes',
-           'ICLScores', 'icl_record', 'run_icl_unit']
+           'icl_precision', 'unit_precision', 'load_icl_model', 'vllm_nodes', 'check_backend_ready', 'load_icl_backend',
+           'engine_provenance', 'ICLQueries', 'dev_sample_draw', 'icl_queries', 'test_gold', 'icl_variants',
+           'choose_cloze', 'choose_on_dev', 'choose_templates', 'paper_predictions', 'paper_protocol_section',
+           'paper_payload', 'variant_predictions', 'icl_outcomes', 'ICLScores', 'icl_record', 'run_icl_unit']
 
 # %% ../nbs/75_icl.ipynb #71a676ad
 def _check_seq2seq(model):
@@ -1104,21 +1103,9 @@ def vllm_nodes() -> int:
                         "icl.nodes)")
     return int(raw)
 
-def check_nodes_ready(nodes:int) -> None:
-    "Raise a UserError unless vLLM can span `nodes` nodes from here: Ray installed, and a cluster named (RAY_ADDRESS)."
-    if nodes == 1:
-        return
-    if not executors.ray_available():
-        raise UserError(f"icl.nodes: {nodes} runs vLLM's workers on a Ray cluster, but Ray is not installed here: "
-                        f"{executors.INSTALL_HINT}")
-    if not os.environ.get("RAY_ADDRESS"):
-        raise UserError(f"icl.nodes: {nodes} splits the model over {nodes} nodes of a Ray cluster, but no cluster is "
-                        "named here (RAY_ADDRESS is unset): run the grid with --executor ray on the cluster (its "
-                        "notebooks join it), set RAY_ADDRESS (HOST:6379) for a local run, or set icl.nodes: 1")
-
 def check_backend_ready(backend:str, device:dict, nodes:int|None=None) -> None:
     """Raise a UserError when `backend` cannot run on this machine (vLLM: a CUDA GPU and the vllm package; over
-    several nodes, `nodes` (default `vllm_nodes()`): Ray and a cluster to join)."""
+    several nodes, `nodes` (default `vllm_nodes()`): Ray and a cluster to join, `executors.check_nodes_ready`)."""
     if backend != "vllm":
         return
     if device["type"] != "cuda":
@@ -1126,7 +1113,7 @@ def check_backend_ready(backend:str, device:dict, nodes:int|None=None) -> None:
                         "use the transformers backend (grid icl.backend: transformers, or run --icl-backend "
                         "transformers)")
     import_vllm()
-    check_nodes_ready(vllm_nodes() if nodes is None else nodes)
+    executors.check_nodes_ready(vllm_nodes() if nodes is None else nodes)
 
 def _vllm_source(resolved) -> tuple[str, str|None]:
     "What vLLM reads: the registry's hub id or folder; a GGUF entry's file on this machine, as (its folder, its name)."

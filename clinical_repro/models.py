@@ -25,14 +25,15 @@ from .data import CLIPNote, CLIPSentence, NLIRecord, QARecord, TaskData
 # %% auto #0
 __all__ = ['FAMILIES', 'DOMAINS', 'MODES', 'BUILTINS', 'PLACEHOLDER_MODES', 'DEID_TAGS', 'DEID_FALLBACK_TAG', 'T5_TINY_DEMO',
            'SMOLLM2_DISTRIBUTION', 'HUB_PROBE_TIMEOUT', 'HUB_TIMEOUTS', 'PYTORCH_WEIGHTS', 'QUANT_PACKAGES', 'HEADS',
-           'FLAX_WEIGHTS', 'GGUF_BITS', 'Preprocessing', 'TokenizerSettings', 'ModelSpec', 'default_registry_path',
-           'load_registry', 'matched_pairs', 'model_facts', 'terms_lines', 'ResolvedModel', 'default_cache_dir',
-           'minilm_demo_dir', 'resolve_model', 'preprocessing', 'deid_tag', 'preprocess_text', 'preprocess_task_data',
-           'build_t5_tiny_demo', 'build_minilm_demo', 'build_minilm_random_demo', 'smollm2_gguf_path', 'convert_gguf',
-           'build_smollm2_demo', 'hub_endpoint', 'hub_timeouts_env', 'probe_hub', 'hub_cached', 'check_available',
-           'demo_folder', 'model_status', 'gguf_path', 'gguf_type', 'quantisation', 'check_quantised', 'load_tokenizer',
-           'load_model', 'convert_release_model', 'choose_precision', 'device_info', 'Precision', 'compute_dtype',
-           'precision_name', 'precision_parts', 'weights_precision', 'planned_precision']
+           'PROCESSOR_CHAT_TEMPLATE', 'FLAX_WEIGHTS', 'GGUF_BITS', 'Preprocessing', 'TokenizerSettings', 'ModelSpec',
+           'default_registry_path', 'load_registry', 'matched_pairs', 'model_facts', 'terms_lines', 'ResolvedModel',
+           'default_cache_dir', 'minilm_demo_dir', 'resolve_model', 'preprocessing', 'deid_tag', 'preprocess_text',
+           'preprocess_task_data', 'build_t5_tiny_demo', 'build_minilm_demo', 'build_minilm_random_demo',
+           'smollm2_gguf_path', 'convert_gguf', 'build_smollm2_demo', 'hub_endpoint', 'hub_timeouts_env', 'probe_hub',
+           'hub_cached', 'check_available', 'demo_folder', 'model_status', 'gguf_path', 'gguf_type', 'quantisation',
+           'check_quantised', 'load_tokenizer', 'load_model', 'convert_release_model', 'choose_precision',
+           'device_info', 'Precision', 'compute_dtype', 'precision_name', 'precision_parts', 'weights_precision',
+           'planned_precision']
 
 # %% ../nbs/50_models.ipynb #85d91869
 FAMILIES = ("encoder", "seq2seq", "decoder")
@@ -893,9 +894,32 @@ def _check_tokenizer_settings(resolved:ResolvedModel, tok) -> None:
             raise UserError(f"model {resolved.name!r}: the registry sets tokenizer.{key}: {wanted}, but the loaded "
                             f"{type(tok).__name__} has {key}={getattr(tok, key)!r}")
 
+PROCESSOR_CHAT_TEMPLATE = "chat_template.json"   # where an image-text checkpoint may keep its template (processor)
+
+def _processor_file(resolved:ResolvedModel, file:str) -> Path|None:
+    "A file of the checkpoint: in its folder, the Hugging Face cache, or fetched as its tokenizer was; None if absent."
+    if Path(resolved.source).is_absolute():
+        path = Path(resolved.source)/file
+        return path if path.is_file() else None
+    if (cached := _cached(resolved.source, file, None)) is not None: return Path(cached)
+    from huggingface_hub import hf_hub_download
+    try:
+        return Path(hf_hub_download(resolved.source, file, local_files_only=_load_kwargs(resolved)["local_files_only"]))
+    except Exception:   # noqa: BLE001 - not in the repo, not cached offline, or the hub unreachable: no template
+        return None
+
+def _processor_chat_template(resolved:ResolvedModel) -> str|None:
+    """The chat template a checkpoint keeps for its processor only (`chat_template.json`; some image-text releases,
+    e.g. Gemma 3 and MedGemma): what its tokenizer reads when it has none of its own."""
+    path = _processor_file(resolved, PROCESSOR_CHAT_TEMPLATE)
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("chat_template") if path else None
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"model {resolved.name!r}: {path}: expected a JSON object with a chat_template ({e})") from None
+
 def load_tokenizer(resolved:ResolvedModel):
     """The model's tokenizer, with the registry's `tokenizer:` settings (GatorTron: cased); decoders without a pad
-    token pad with their end-of-sequence token."""
+    token pad with their end-of-sequence token, and without a chat template read their processor's, if any."""
     check_available(resolved)   # a hub model neither cached nor reachable fails here, in seconds
     from transformers import AutoTokenizer
     try:
@@ -905,6 +929,8 @@ def load_tokenizer(resolved:ResolvedModel):
     _check_tokenizer_settings(resolved, tok)
     if resolved.spec.family == "decoder" and tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if resolved.spec.family == "decoder" and tok.chat_template is None and resolved.spec.prompt_layout != "text":
+        tok.chat_template = _processor_chat_template(resolved)
     return tok
 
 def load_model(

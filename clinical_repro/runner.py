@@ -636,6 +636,8 @@ def run_grid(grid_file, data_dir=None, reports="reports", *, dry_run:bool=False,
     check of each model and task, `preflight`)."""
     check_executor(executor, jobs)
     grid = with_data_size(load_grid(grid_path(str(grid_file))), data_size)
+    if not dry_run and executor == "local":   # the Ray executor joins (or starts) its cluster itself
+        executors.check_nodes_ready(grid.icl.nodes if grid.icl is not None else 1)
     reports = Path(reports).resolve()  # notebooks run in their own folders: every path they get is absolute
     data_dir = resolve_data_dir(grid, data_dir, write=not dry_run, dry_run=dry_run)
     if grid.data.synthetic is None:

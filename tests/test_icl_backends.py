@@ -440,3 +440,15 @@ def test_the_ray_executor_gives_a_notebook_spanning_nodes_no_gpu_and_runs_them_o
     monkeypatch.setattr(executors, "_run_call", lambda *args: seen.append(os.environ.get("CUDA_VISIBLE_DEVICES")))
     executors._run_spanning_call("t", "o", {}, {})
     assert seen == [None] and os.environ["CUDA_VISIBLE_DEVICES"] == ""   # the kernel sees its node's GPUs
+
+
+def test_a_local_run_of_a_grid_spanning_nodes_is_refused_before_any_notebook(tiny_release, tmp_path, monkeypatch):
+    from clinical_repro import executors
+    from clinical_repro.runner import run_grid
+    data, _ = tiny_release
+    path = _grid(tmp_path, data, extra=", backend: vllm, nodes: 2")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(executors, "ray_available", lambda: True)
+    with pytest.raises(UserError, match="icl.nodes: 2 splits the model over 2 nodes of a Ray cluster, but no cluster"):
+        run_grid(path, data, tmp_path/"reports", executor="local", progress=False)
+    assert not (tmp_path/"reports").exists()   # nothing planned, nothing written

@@ -3,6 +3,7 @@ here (no download): an instruct chat template without a system role (Mistral-7B-
 models without a chat template (Llama-2-7B, Meditron-7B: plain text), and Gemma 3's image-text checkpoint
 (Gemma3ForConditionalGeneration: MedGemma 4B-it, Gemma 3 4B-it), each through a whole in-context unit."""
 import json, os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -57,12 +58,16 @@ def registry(tmp_path_factory):
     "The registry with four tiny decoders shaped like the LLM grid's checkpoints."
     entries = {"tiny-no-system": (NO_SYSTEM, tiny_llama_model, {}),
                "tiny-base": (None, tiny_llama_model, {"prompt_layout": "text"}),
-               "tiny-base-as-chat": (None, tiny_llama_model, {}), "tiny-gemma3": (CHAT, _gemma3, {})}
+               "tiny-base-as-chat": (None, tiny_llama_model, {}), "tiny-gemma3": (CHAT, _gemma3, {}),
+               "tiny-processor-template": (None, _gemma3, {})}
     registry = models.load_registry()
     for name, (template, build, fields) in entries.items():
         folder = _saved(tmp_path_factory.mktemp(name), _tokenizer(template), build)
         registry[name] = ModelSpec(paper_name=name, local_path=folder, family="decoder", domain="general",
                                    size_m=0.1, modes=["icl"], has_mlm_head=False, **fields)
+    # an image-text release whose template is its processor's alone (chat_template.json), as some Gemma 3 ones ship
+    folder = registry["tiny-processor-template"].local_path
+    (Path(folder)/"chat_template.json").write_text(json.dumps({"chat_template": CHAT}))
     return registry
 
 
@@ -133,3 +138,19 @@ def test_gemma3_sliding_window_scores_and_replies_equal_direct_passes(registry):
             out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
             assert replies[row] == tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+
+
+def test_a_tokenizer_without_a_template_reads_its_processors(registry, tiny_release, tmp_path):
+    "Only chat_template.json holds the template: the tokenizer takes it, and a whole unit reads chat turns."
+    resolved = models.resolve_model("tiny-processor-template", registry)
+    assert models.load_tokenizer(resolved).chat_template == CHAT
+    assert models.load_tokenizer(models.resolve_model("tiny-base", registry)).chat_template is None   # none there
+    saved = icl.run_icl_unit("mednli", "tiny-processor-template", tiny_release[0], tmp_path, shots=1, limit=2,
+                             dev_n=2, registry=registry)
+    assert saved["status"] == "ok" and saved["prompt_layout"] in ("chat_turns", "chat_inline")
+    (Path(resolved.source)/"chat_template.json").write_text("[1, 2]")   # a broken file: named, not ignored
+    try:
+        with pytest.raises(UserError, match=r"chat_template.json: expected a JSON object with a chat_template"):
+            models.load_tokenizer(resolved)
+    finally:
+        (Path(resolved.source)/"chat_template.json").write_text(json.dumps({"chat_template": CHAT}))
