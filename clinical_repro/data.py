@@ -702,7 +702,9 @@ def load_subsets(path) -> dict:
                                                 "(was it edited?); delete it to redraw")])
     return obj
 
-def ensure_subsets(task_data:TaskData, out_dir, seed:int=0, fractions=None) -> dict:
+def ensure_subsets(task_data:TaskData, out_dir, seed:int=0, fractions=None,
+                   write:bool=True,   # False (a dry run): draw them as they would be saved, and save nothing
+                  ) -> dict:
     "Draw the subsets once and save them; later calls (any model) read the same file back."
     fractions = data_fractions() if fractions is None else fractions
     path = subsets_path(out_dir, task_data, seed)
@@ -714,7 +716,8 @@ def ensure_subsets(task_data:TaskData, out_dir, seed:int=0, fractions=None) -> d
         if not missing:
             return saved
     subsets = fraction_subsets(task_data, seed, fractions)
-    atomic_write_json(path, subsets)
+    if write:
+        atomic_write_json(path, subsets)
     return subsets
 
 def select_fraction(task_data:TaskData, subsets:dict, fraction:float) -> list:

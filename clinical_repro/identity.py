@@ -56,12 +56,13 @@ def resolve_unit(task:str, model:str, *, seed:int=0, fraction:float=1.0, mode:st
 
 # %% ../nbs/69_identity.ipynb #ba9971c9
 def unit_identity(task:str, model:str, data_dir, out, *, seed:int=0, fraction:float=1.0, train_overrides:dict|None=None,
-                  task_overrides:dict|None=None, overrides_source:str="command line", data:TaskData|None=None):
+                  task_overrides:dict|None=None, overrides_source:str="command line", data:TaskData|None=None,
+                  write_subsets:bool=True):   # False (a dry run): the subsets are drawn, not saved
     "What names a fine-tuning unit, without loading a model: (config, task data, subsets, run_id)."
     config = resolve_unit(task, model, seed=seed, fraction=fraction, train_overrides=train_overrides,
                           task_overrides=task_overrides, overrides_source=overrides_source)
     task_data = data if data is not None else load_task(data_dir, task)
-    subsets = ensure_subsets(task_data, Path(out)/"subsets", seed=seed)
+    subsets = ensure_subsets(task_data, Path(out)/"subsets", seed=seed, write=write_subsets)
     return config, task_data, subsets, make_run_id(config, f"{task_data.data_hash}:{subsets['content_hash']}")
 
 # %% ../nbs/69_identity.ipynb #bb1b6528

@@ -111,21 +111,24 @@ def overrides_of(exp:Experiment) -> dict:
     return dict(train_overrides=exp.train_overrides, task_overrides=exp.task_overrides,
                 overrides_source=exp.overrides_source)
 
-def experiment_states(grid:Grid, exp:Experiment, data_dir, reports, data=None) -> list[UnitState]:
-    "The state of each unit of one experiment (`data`: the task's records, loaded once by the caller)."
+def experiment_states(grid:Grid, exp:Experiment, data_dir, reports, data=None, write:bool=True) -> list[UnitState]:
+    """The state of each unit of one experiment (`data`: the task's records, loaded once by the caller; `write`
+    False: a dry run, which saves nothing, not even the fraction subsets that name its units)."""
     folder = grid_dir(grid, reports)
     return [unit_state(exp.task, exp.model, exp.mode, dict(unit), data_dir, folder/"results", grid_folder=folder,
-                       data=data, **overrides_of(exp))
+                       data=data, write_subsets=write, **overrides_of(exp))
             for unit in exp.units]
 
 def load_grid_data(grid:Grid, data_dir) -> dict:
     "Each task's records, loaded once per run (None for a task that is missing or invalid: its units report why)."
     return {task: load_task_or_none(data_dir, task) for task in grid.tasks}
 
-def plan_grid(grid:Grid, data_dir, reports, data:dict|None=None) -> list[tuple[Experiment, list[UnitState]]]:
+def plan_grid(grid:Grid, data_dir, reports, data:dict|None=None,
+              write:bool=True,   # False (a dry run): plan without saving anything (`experiment_states`)
+             ) -> list[tuple[Experiment, list[UnitState]]]:
     "Every experiment of the grid with the state of each of its units (`data`: from `load_grid_data`)."
     data = load_grid_data(grid, data_dir) if data is None else data
-    return [(exp, experiment_states(grid, exp, data_dir, reports, data[exp.task])) for exp in expand(grid)]
+    return [(exp, experiment_states(grid, exp, data_dir, reports, data[exp.task], write)) for exp in expand(grid)]
 
 def planned_units(states:list[UnitState]) -> list[dict]:
     "The units handed to a notebook: each unit's keyword arguments and the `run_id` planned for it."
@@ -549,7 +552,7 @@ def plan_run(grid:Grid, data_dir, reports, dry_run:bool, out=print,
     if dry_run and _demo_data_pending(grid, data_dir):
         out(f"the synthetic demo data will be written to {data_dir} first")
         return [(exp, [UnitState(dict(u), None, "todo", None) for u in exp.units]) for exp in expand(grid)]
-    return plan_grid(grid, data_dir, reports, data)
+    return plan_grid(grid, data_dir, reports, data, write=not dry_run)
 
 def to_run(plan:list, reports) -> list:
     "The experiments whose notebook must run: a unit not finished, or a notebook missing or incomplete."

@@ -71,13 +71,15 @@ def identify(task:str, model:str, mode:str,
              task_overrides:dict|None=None,    # fine-tuning only: TaskSpec overrides
              overrides_source:str="",          # named in errors about the overrides
              data=None,                        # the task's records (`load_task`), when the caller has them
+             write_subsets:bool=True,          # fine-tuning only: save the data-fraction subsets (False: a dry run)
             ) -> str:
     "The run_id of a unit (no model is loaded)."
     kwargs = unit_kwargs(unit)
     if mode == "finetune":
         kwargs, train_overrides = finetune_arguments(unit, train_overrides)
         identity = unit_identity(task, model, data_dir, results_dir, train_overrides=train_overrides,
-                                 task_overrides=task_overrides, overrides_source=overrides_source, data=data, **kwargs)
+                                 task_overrides=task_overrides, overrides_source=overrides_source, data=data,
+                                 write_subsets=write_subsets, **kwargs)
         return identity[3]
     return icl_identity(task, model, data_dir, data=data, **kwargs)[2]
 

@@ -97,6 +97,7 @@ def test_dry_run_result_carries_the_preflight_rows(grid_file, mednli_only, tmp_p
     assert [(row["kind"], row["name"]) for row in preflight_failures(rows)] == [
         ("model", "roberta-base"), ("model", "clinical-t5-base"), ("task", "radqa")]
     assert all(set(row) == {"kind", "name", "status", "detail"} for row in rows)
+    assert not (tmp_path / "reports").exists()   # a dry run writes nothing (not even the fraction subsets)
 
 
 def test_demo_grid_passes_before_its_data_is_written(tmp_path):
