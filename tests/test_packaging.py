@@ -48,14 +48,16 @@ def wheel(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def installed(wheel, tmp_path_factory) -> Path:
-    """A fresh venv holding only the wheel (installed --no-deps); a .pth file lends it this venv's site-packages for the
-    dependencies (torch, transformers, papermill, ...), after its own, so the wheel's copy is the one imported."""
+    """A fresh venv holding only the wheel (installed --no-deps); a .pth file lends it this venv's site-packages (and
+    the system's, when this venv sees them: a GPU server's torch) for the dependencies (torch, transformers, papermill,
+    ...), after its own, so the wheel's copy is the one imported."""
     venv = tmp_path_factory.mktemp("venv")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
     purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                              capture_output=True, text=True, check=True).stdout.strip()
-    Path(purelib, "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    lent = [path for path in sys.path if path.endswith("site-packages")]   # a venv's own, and the system's it sees
+    Path(purelib, "dependencies.pth").write_text("".join(f"{path}\n" for path in lent))
     # nbconvert's HTML templates are data files of a lent dependency (a real install puts them in the venv's share/);
     # the kernel spec is not lent: papermill starts the venv's own Python.
     (venv / "share" / "jupyter").mkdir(parents=True)
