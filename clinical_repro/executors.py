@@ -87,7 +87,8 @@ def _import_ray():
 
 # %% ../nbs/86_executors.ipynb #cbc0678e
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_HUB_CACHE",
-                 "HF_DATASETS_CACHE", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+                 "HF_DATASETS_CACHE", "HF_ENDPOINT",   # a lab's hub mirror: the workers ask the one the driver did
+                 "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 CPU_TASK_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 VLLM_NODES_ENV = "CLINICAL_REPRO_VLLM_NODES"   # nodes one vLLM engine of an ICL notebook spans (the grid's icl.nodes)
 SPANNING_ENV = {"RAY_ADDRESS": "auto"}         # such a notebook's vLLM workers join the cluster its node belongs to
