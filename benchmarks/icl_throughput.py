@@ -143,8 +143,7 @@ def random_shape_model(shape:str, tokenizer_dir:str|Path, device:dict, folder:Pa
     it with `load_format="dummy"`: random weights, no files)."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config = shape_config(shape, tokenizer)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[icl.icl_precision("decoder",
-                                                                                                      device)]
+    dtype = models.torch_dtype(icl.icl_precision("decoder", device))
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

@@ -232,10 +232,9 @@ def load_mlm(resolved, dtype:str="fp32"):
     if not resolved.spec.has_mlm_head:
         raise UserError(f"model {resolved.name!r} has no masked-LM head (registry: has_mlm_head false)")
     offline = resolved.offline or os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     try:
         model, info = AutoModelForMaskedLM.from_pretrained(resolved.source, local_files_only=offline,
-                                                           trust_remote_code=False, dtype=dtypes[dtype],
+                                                           trust_remote_code=False, dtype=models.torch_dtype(dtype),
                                                            output_loading_info=True)
     except (OSError, ValueError) as e:
         raise UserError(f"model {resolved.name!r}: could not load the masked-LM head from {resolved.source}: "
@@ -533,7 +532,7 @@ def causal_generate(
     return texts, tokens_in, tokens_out
 
 # %% ../nbs/75_icl.ipynb #b4c0de02
-_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_DTYPE_NAMES = {models.torch_dtype(name): name for name in models.DTYPE_NAMES}   # a loaded model's, by torch dtype
 
 def engine_info(module, **layout) -> dict:
     "An inference engine as provenance records it: its name and version (the imported module's), and how it splits."

@@ -25,15 +25,15 @@ from .data import CLIPNote, CLIPSentence, NLIRecord, QARecord, TaskData
 # %% auto #0
 __all__ = ['FAMILIES', 'DOMAINS', 'MODES', 'BUILTINS', 'PLACEHOLDER_MODES', 'DEID_TAGS', 'DEID_FALLBACK_TAG', 'T5_TINY_DEMO',
            'SMOLLM2_DISTRIBUTION', 'HUB_PROBE_TIMEOUT', 'HUB_TIMEOUTS', 'PYTORCH_WEIGHTS', 'QUANT_PACKAGES', 'HEADS',
-           'PROCESSOR_CHAT_TEMPLATE', 'FLAX_WEIGHTS', 'GGUF_BITS', 'Preprocessing', 'TokenizerSettings', 'ModelSpec',
-           'default_registry_path', 'load_registry', 'matched_pairs', 'model_facts', 'terms_lines', 'ResolvedModel',
-           'default_cache_dir', 'minilm_demo_dir', 'resolve_model', 'preprocessing', 'deid_tag', 'preprocess_text',
-           'preprocess_task_data', 'build_t5_tiny_demo', 'build_minilm_demo', 'build_minilm_random_demo',
-           'smollm2_gguf_path', 'convert_gguf', 'build_smollm2_demo', 'hub_endpoint', 'hub_timeouts_env', 'probe_hub',
-           'hub_cached', 'check_available', 'demo_folder', 'model_status', 'gguf_path', 'gguf_type', 'quantisation',
-           'check_quantised', 'load_tokenizer', 'load_model', 'convert_release_model', 'choose_precision',
-           'device_info', 'Precision', 'compute_dtype', 'precision_name', 'precision_parts', 'weights_precision',
-           'planned_precision']
+           'PROCESSOR_CHAT_TEMPLATE', 'DTYPE_NAMES', 'FLAX_WEIGHTS', 'GGUF_BITS', 'Preprocessing', 'TokenizerSettings',
+           'ModelSpec', 'default_registry_path', 'load_registry', 'matched_pairs', 'model_facts', 'terms_lines',
+           'ResolvedModel', 'default_cache_dir', 'minilm_demo_dir', 'resolve_model', 'preprocessing', 'deid_tag',
+           'preprocess_text', 'preprocess_task_data', 'build_t5_tiny_demo', 'build_minilm_demo',
+           'build_minilm_random_demo', 'smollm2_gguf_path', 'convert_gguf', 'build_smollm2_demo', 'hub_endpoint',
+           'hub_timeouts_env', 'probe_hub', 'hub_cached', 'check_available', 'demo_folder', 'model_status', 'gguf_path',
+           'gguf_type', 'quantisation', 'check_quantised', 'load_tokenizer', 'torch_dtype', 'load_model',
+           'convert_release_model', 'choose_precision', 'device_info', 'Precision', 'compute_dtype', 'precision_name',
+           'precision_parts', 'weights_precision', 'planned_precision']
 
 # %% ../nbs/50_models.ipynb #85d91869
 FAMILIES = ("encoder", "seq2seq", "decoder")
@@ -933,6 +933,14 @@ def load_tokenizer(resolved:ResolvedModel):
         tok.chat_template = _processor_chat_template(resolved)
     return tok
 
+DTYPE_NAMES = ("fp32", "bf16", "fp16")   # the precision policy's names of the dtypes weights load in
+
+def torch_dtype(name:str):
+    "The torch dtype of one of `DTYPE_NAMES`; a UserError for any other name."
+    import torch
+    if name not in DTYPE_NAMES: raise UserError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {name!r}")
+    return getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[name])
+
 def load_model(
     resolved:ResolvedModel,     # from `resolve_model`
     head:str,                   # one of HEADS
@@ -963,14 +971,13 @@ def load_model(
         load_kwargs.update(num_labels=num_labels, **({"problem_type": problem_type} if problem_type else {}))
     elif num_labels is not None or problem_type is not None:
         raise UserError(f"num_labels and problem_type apply to sequence-classification only, not {head}")
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if dtype not in dtypes: raise UserError(f"dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
+    weights_dtype = torch_dtype(dtype)
     auto = {"sequence-classification": AutoModelForSequenceClassification,
             "question-answering": AutoModelForQuestionAnswering, "seq2seq": AutoModelForSeq2SeqLM,
             "causal-lm": AutoModelForCausalLM}[head]
     placed = {"device_map": device_map} if device_map else {}
     try:
-        model = auto.from_pretrained(resolved.source, dtype=dtypes[dtype], **_gguf_kwargs(resolved, dequantize=True),
+        model = auto.from_pretrained(resolved.source, dtype=weights_dtype, **_gguf_kwargs(resolved, dequantize=True),
                                      **placed, **load_kwargs)
     except ImportError as e:   # a quantisation package transformers needs and `QUANT_PACKAGES` does not name
         reason = str(e).splitlines()[0]
@@ -981,7 +988,7 @@ def load_model(
         raise _load_error(resolved, f"{head} model", e) from None
     except OSError as e: raise _load_error(resolved, f"{head} model", e) from None
     if resolved.spec.gguf_file:
-        _drop_gguf_quantizer(model, dtypes[dtype])   # de-quantised: an ordinary model (fine-tuning saves it)
+        _drop_gguf_quantizer(model, weights_dtype)   # de-quantised: an ordinary model (fine-tuning saves it)
     text_config = model.config.get_text_config()   # an image-text model's (Gemma 3) token ids: its language model's
     if family == "decoder" and getattr(text_config, "pad_token_id", None) is None:
         text_config.pad_token_id = text_config.eos_token_id  # as load_tokenizer does for the tokenizer
